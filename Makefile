@@ -1,0 +1,45 @@
+# One-command set-up on a fresh machine (Debian, Python 3.11, no GPU):
+#   make demo   -> venv + deps + C++ extension + Fashion-MNIST, then the main job
+#   make test   -> venv + deps + C++ extension, then the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+DATA   := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+CSRC   := $(shell find csrc -type f 2>/dev/null) setup.py
+
+.PHONY: setup build data demo test bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch==2.13.0 is the CPU wheel that lies on this machine's disk; an unpinned torch
+# would pull a multi-GB CUDA build. Install it only when the venv has no torch yet.
+$(VENV)/.deps: pyproject.toml | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q setuptools wheel numpy pybind11 ninja tqdm matplotlib pytest hypothesis triton
+	touch $@
+
+# --no-build-isolation: compile against the torch installed above.
+$(VENV)/.built: $(VENV)/.deps $(CSRC)
+	flock /tmp/ann_kernels_build.lock $(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+setup build: $(VENV)/.built
+
+$(DATA):
+	apt-get update -q && apt-get install -y -q dataset-fashion-mnist
+
+data: $(DATA)
+
+demo: build data
+	$(PY) bench/bench_multi_exit_ce.py
+
+test: build
+	$(PY) -m pytest -q tests
+
+bench: build
+	$(PY) bench/bench_multi_exit_ce.py
+
+clean:
+	rm -rf build *.egg-info ann_kernels/_C*.so $(VENV)

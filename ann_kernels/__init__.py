@@ -1,0 +1,23 @@
+"""ann_kernels: fused kernels, training and budgeted early-exit inference for anytime
+neural networks (networks with several exit heads).
+
+``HAS_CPP_EXT`` tells whether the C++ extension loaded; without it every op runs through
+its pure-torch reference (with a one-time warning).
+"""
+
+from ann_kernels._ext import HAS_CPP_EXT, HAS_TRITON
+from ann_kernels.ops.multi_exit_ce import (
+    ExitLoss,
+    multi_exit_cross_entropy,
+    multi_exit_cross_entropy_reference,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HAS_CPP_EXT",
+    "HAS_TRITON",
+    "ExitLoss",
+    "multi_exit_cross_entropy",
+    "multi_exit_cross_entropy_reference",
+]

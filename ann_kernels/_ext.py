@@ -1,0 +1,48 @@
+"""Loading of the compiled extension ``ann_kernels._C`` and the fallback policy.
+
+``HAS_CPP_EXT`` tells whether the extension loaded. Without it every op runs through its
+pure-torch reference, and the first such call warns once. With
+``ANN_KERNELS_REQUIRE_EXT=1`` (set in CI) a missing extension is an ImportError instead.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+HAS_CPP_EXT = False
+EXT_IMPORT_ERROR: BaseException | None = None
+
+try:
+    from ann_kernels import _C  # noqa: F401  (registers the torch.ops.ann_kernels.* ops)
+
+    HAS_CPP_EXT = True
+except ImportError as error:  # pragma: no cover - depends on the build
+    EXT_IMPORT_ERROR = error
+    if os.environ.get("ANN_KERNELS_REQUIRE_EXT", "0") not in ("", "0"):
+        raise ImportError(
+            "ANN_KERNELS_REQUIRE_EXT=1 but the C++ extension ann_kernels._C failed to load "
+            f"({error}); build it with `pip install --no-build-isolation -e .`"
+        ) from error
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - triton is an optional dependency
+    HAS_TRITON = False
+
+_warned: set[str] = set()
+
+
+def warn_fallback(op_name: str, reason: str) -> None:
+    """Warn once per (op, reason) that ``op_name`` runs through its pure-torch reference."""
+    key = f"{op_name}:{reason}"
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(
+            f"ann_kernels.{op_name}: {reason}; using the pure-torch reference implementation "
+            "(correct but slower).",
+            RuntimeWarning,
+            stacklevel=3,
+        )

@@ -1,0 +1,102 @@
+"""Shared benchmark plumbing: timing with percentiles, peak-memory probes, long-format CSV."""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+CSV_FIELDS = ["op", "provider", "shape", "metric", "p20", "p50", "p80", "peak_mb", "torch", "commit", "timestamp"]
+
+
+@dataclass
+class Timing:
+    p20: float
+    p50: float
+    p80: float
+
+    def scaled(self, factor: float) -> Timing:
+        return Timing(self.p20 * factor, self.p50 * factor, self.p80 * factor)
+
+
+def time_fn(fn: Callable[[], object], *, warmup: int, reps: int, min_seconds: float = 0.0) -> Timing:
+    """Per-call wall time in seconds (p20/p50/p80 over `reps` calls after `warmup` calls)."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    start = time.perf_counter()
+    while len(samples) < reps or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    samples.sort()
+
+    def pct(q: float) -> float:
+        return samples[min(len(samples) - 1, int(q * len(samples)))]
+
+    return Timing(pct(0.2), pct(0.5), pct(0.8))
+
+
+def _read_status_kb(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_extra_mb(fn: Callable[[], object]) -> float:
+    """Extra resident memory (MB) at the peak of one call of `fn`, above the resident set
+    before it: resets the kernel's high-water mark (VmHWM) through /proc/self/clear_refs."""
+    import gc
+
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        return float("nan")
+    before = _read_status_kb("VmRSS")
+    fn()
+    return (_read_status_kb("VmHWM") - before) / 1024.0
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+class CsvWriter:
+    """Appends long-format rows (one metric per row) to bench/results/<name>.csv."""
+
+    def __init__(self, name: str):
+        os.makedirs(RESULTS_DIR, exist_ok=True)
+        self.path = os.path.join(RESULTS_DIR, f"{name}.csv")
+        self.commit = git_commit()
+        self.timestamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        self.rows: list[dict] = []
+
+    def add(self, op: str, provider: str, shape: str, metric: str, timing: Timing | None = None,
+            value: float | None = None, peak_mb: float = float("nan")) -> None:
+        p20, p50, p80 = (timing.p20, timing.p50, timing.p80) if timing else (value, value, value)
+        self.rows.append(dict(op=op, provider=provider, shape=shape, metric=metric, p20=p20, p50=p50, p80=p80,
+                              peak_mb=peak_mb, torch=torch.__version__, commit=self.commit, timestamp=self.timestamp))
+
+    def write(self) -> str:
+        new_file = not os.path.exists(self.path)
+        with open(self.path, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+            if new_file:
+                writer.writeheader()
+            writer.writerows(self.rows)
+        return self.path

@@ -1,0 +1,30 @@
+// Every op schema of ann_kernels, in one place (torchao style). Implementations:
+//   CPU       csrc/cpu/<op>.cpp            (TORCH_LIBRARY_IMPL(ann_kernels, CPU, ...))
+//   CUDA      csrc/cuda/<op>_kernel.cu + binding, or Triton registered from Python
+//   Autograd  C++ (per-call overhead matters, see DESIGN.md), beside the CPU kernel
+//   Fake      ann_kernels/ops/<op>.py (torch.library.register_fake)
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(ann_kernels, m) {
+  // Fused multi-exit cross-entropy, the op users call (differentiable in `logits`).
+  // Returns (loss [] f32, per_exit [K] f32, per_sample [K,N] f32, confidence [K,N] f32,
+  // prediction [K,N] i64); updates the AdaLoss running average `ema` [K] in place.
+  m.def(
+      "multi_exit_ce(Tensor[] logits, Tensor target, Tensor weights, int ignore_index, "
+      "float label_smoothing, Tensor(a!)? ema, float momentum) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The backend kernel behind it: the same outputs plus, when compute_grad, the gradient
+  // of the loss w.r.t. the logits as one [K, N, C] tensor in the logits dtype (already
+  // scaled by w_k / N_valid; an empty [0] tensor otherwise). One tensor, not Tensor[]:
+  // functionalization (torch.compile) rejects list outputs beside a mutated input.
+  m.def(
+      "multi_exit_ce_fwd(Tensor[] logits, Tensor target, Tensor weights, int ignore_index, "
+      "float label_smoothing, Tensor(a!)? ema, float momentum, bool compute_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+// The module only needs to exist so `import ann_kernels._C` loads the registrations above.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "ann_kernels C++ ops; use them through torch.ops.ann_kernels.*";
+}
