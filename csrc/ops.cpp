@@ -6,6 +6,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/buffer_pool.h"
+
 TORCH_LIBRARY(ann_kernels, m) {
   // Fused multi-exit cross-entropy, the op users call (differentiable in `logits`).
   // Returns (loss [] f32, per_exit [K] f32, per_sample [K,N] f32, confidence [K,N] f32,
@@ -27,4 +29,8 @@ TORCH_LIBRARY(ann_kernels, m) {
 // The module only needs to exist so `import ann_kernels._C` loads the registrations above.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ann_kernels C++ ops; use them through torch.ops.ann_kernels.*";
+  m.def("empty_grad_cache", [] { ann_kernels::BufferPool::instance().clear(); },
+        "Free the idle gradient buffers the CPU loss kernel keeps for reuse.");
+  m.def("grad_cache_bytes", [] { return ann_kernels::BufferPool::instance().idle_bytes(); },
+        "Bytes held by idle cached gradient buffers.");
 }

@@ -327,3 +327,24 @@ def test_extension_flag():
     assert hasattr(torch.ops.ann_kernels, "multi_exit_ce")
 
 
+
+
+def test_pooled_gradient_buffers_are_reused_safely():
+    from ann_kernels import _C
+    from ann_kernels.ops.multi_exit_ce import empty_grad_cache
+
+    heads = make_logits(2, 4, 40000, seed=11)  # 2 x 4 x 40000 fp32 = 1.28 MB: pooled
+    target = make_target(4, 40000)
+    first = grads_of(multi_exit_cross_entropy(heads, target).loss, heads)
+    kept = [g.clone() for g in first]
+    second = grads_of(multi_exit_cross_entropy(heads, target).loss, heads)  # `first` still alive
+    for index, expected in enumerate(kept):
+        assert torch.equal(first[index], expected) and torch.equal(second[index], expected)
+        assert first[index].data_ptr() != second[index].data_ptr()
+    del first, second
+    assert _C.grad_cache_bytes() >= 2 * 4 * 40000 * 4
+    third = grads_of(multi_exit_cross_entropy(heads, target).loss, heads)  # reuses a freed buffer
+    assert all(torch.equal(t, k) for t, k in zip(third, kept))
+    del third
+    empty_grad_cache()
+    assert _C.grad_cache_bytes() == 0

@@ -57,8 +57,10 @@ def _as_heads(logits) -> list[torch.Tensor]:
     return heads
 
 
-def _validate(logits, target, weights, ema, label_smoothing, momentum):
-    """Check every argument; return (heads, weights tensor). Raises naming the argument."""
+def _validate(logits, target, weights, ema, label_smoothing, momentum, *, check_values: bool = True):
+    """Check every argument; return (heads, weights tensor). Raises naming the argument.
+    ``check_values=False`` skips the one check that reads tensor data (negative weights),
+    for fake tensors."""
     heads = _as_heads(logits)
     first = heads[0]
     for k, z in enumerate(heads):
@@ -105,7 +107,7 @@ def _validate(logits, target, weights, ema, label_smoothing, momentum):
         if not weights.dtype.is_floating_point:
             weights = weights.float()
         # A host read: only for CPU tensors outside tracing (a CUDA check would sync).
-        if weights.device.type == "cpu" and not torch.compiler.is_compiling() and bool((weights < 0).any()):
+        if check_values and weights.device.type == "cpu" and not torch.compiler.is_compiling() and bool((weights < 0).any()):
             raise ValueError(f"weights: must be non-negative, got {weights.tolist()}")
     if ema is not None:
         if not isinstance(ema, torch.Tensor) or ema.dtype != torch.float32 or ema.shape != (num_exits,):
@@ -198,14 +200,28 @@ def multi_exit_cross_entropy(
     (0 for an exit when every row is ignored). CPU tensors run the C++ kernel, CUDA
     tensors the Triton kernel, anything else the pure-torch reference.
     """
+    # Fast path: the C++ op checks every argument itself (same messages as _validate),
+    # so the Python glue on the hot path stays a few attribute reads.
+    if _MULTI_EXIT_CE is not None:
+        if isinstance(logits, (list, tuple)):
+            heads = logits
+        elif isinstance(logits, torch.Tensor) and logits.dim() == 3:
+            heads = logits.unbind(0)
+        else:
+            heads = None
+        if heads:
+            first = heads[0]
+            device_type = first.device.type if isinstance(first, torch.Tensor) else None
+            if device_type == "cpu" or (device_type == "cuda" and HAS_TRITON):
+                if weights is None:
+                    weights = _ones(len(heads), first.device)
+                elif not isinstance(weights, torch.Tensor):
+                    weights = torch.as_tensor(weights, dtype=torch.float32, device=first.device)
+                return ExitLoss(
+                    *_MULTI_EXIT_CE(heads, target, weights, ignore_index, float(label_smoothing), ema, float(momentum))
+                )
     heads, weights = _validate(logits, target, weights, ema, label_smoothing, momentum)
     device_type = heads[0].device.type
-    if HAS_CPP_EXT and (device_type == "cpu" or (device_type == "cuda" and HAS_TRITON)):
-        return ExitLoss(
-            *torch.ops.ann_kernels.multi_exit_ce(
-                heads, target, weights, ignore_index, float(label_smoothing), ema, float(momentum)
-            )
-        )
     reason = "the C++ extension is not built" if not HAS_CPP_EXT else f"no kernel for device {device_type!r}"
     warn_fallback("multi_exit_cross_entropy", reason)
     return multi_exit_cross_entropy_reference(
@@ -213,8 +229,32 @@ def multi_exit_cross_entropy(
     )
 
 
+_ONES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _ones(num_exits: int, device: torch.device) -> torch.Tensor:
+    """Cached all-ones weights [K] (the op never writes its weights)."""
+    key = (num_exits, device)
+    ones = _ONES.get(key)
+    if ones is None:
+        ones = _ONES[key] = torch.ones(num_exits, device=device)
+    return ones
+
+
+def empty_grad_cache() -> None:
+    """Free the idle gradient buffers the CPU kernel keeps for reuse (buffers >= 1 MiB are
+    recycled across steps to avoid page faults; at most ``ANN_KERNELS_GRAD_CACHE_MB``,
+    default 2048, is kept idle)."""
+    if HAS_CPP_EXT:
+        from ann_kernels import _C
+
+        _C.empty_grad_cache()
+
+
 # ---------------------------------------------------------------------------------------
 # torch.library registrations (schemas live in csrc/ops.cpp).
+
+_MULTI_EXIT_CE = torch.ops.ann_kernels.multi_exit_ce.default if HAS_CPP_EXT else None
 
 if HAS_CPP_EXT:
 
@@ -229,6 +269,8 @@ if HAS_CPP_EXT:
 
     @torch.library.register_fake("ann_kernels::multi_exit_ce")
     def _multi_exit_ce_fake(logits, target, weights, ignore_index, label_smoothing, ema, momentum):
+        # Meta / fake tensors get the same errors as real ones.
+        _validate(logits, target, weights, ema, label_smoothing, momentum, check_values=False)
         num_exits = len(logits)
         n = logits[0].shape[0]
         f32 = dict(dtype=torch.float32, device=logits[0].device)

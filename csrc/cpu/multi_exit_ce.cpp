@@ -12,10 +12,10 @@
 
 #include <ann_kernels/row_math.h>
 
+#include "buffer_pool.h"
+#include "ce_row_kernels.h"
+
 #include <algorithm>
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -25,133 +25,6 @@ namespace ann_kernels {
 namespace {
 
 using at::Tensor;
-
-struct RowStats {
-  float max;       // max_c z_c
-  float sum_x;     // sum_c z_c        (label smoothing's mean term)
-  float sum_exp;   // sum_c exp(z_c - max)
-  int64_t argmax;  // first index of the maximum (torch.argmax's tie rule)
-};
-
-#if defined(__AVX2__) && defined(__FMA__)
-// 8-wide exp of the Cephes scheme in row_math.h's fast_exp (same constants, same steps),
-// so the vector and scalar paths agree to the last bit except for FMA contraction.
-inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3365447505f)), _mm256_set1_ps(88.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
-}
-
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// Lanes c..c+7 that exist in a row of C (the tail of a row is read with a mask).
-inline __m256i tail_mask(int64_t remaining) {
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(remaining)), lane);
-}
-
-// Steps 1-3 of a row, 8 lanes at a time (tails masked, so C = 10 vectorises too):
-//   1. max, its first index and the sum of the row in one pass (per-lane max/argmax with a
-//      strict >, so each lane keeps its first maximum; lanes merge by value, then index);
-//   2. e_c = exp(z_c - max) into `e` (the fp32 gradient row itself, or scratch) and its sum.
-void row_softmax_numerator(const float* __restrict x, int64_t C, float* __restrict e, RowStats* stats) {
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  __m256 vmax = _mm256_set1_ps(neg_inf), vsum = _mm256_setzero_ps();
-  __m256i vidx = _mm256_setzero_si256(), cur = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i step = _mm256_set1_epi32(8);
-  int64_t c = 0;
-  for (; c + 8 <= C; c += 8) {
-    const __m256 v = _mm256_loadu_ps(x + c);
-    const __m256 gt = _mm256_cmp_ps(v, vmax, _CMP_GT_OQ);
-    vmax = _mm256_blendv_ps(vmax, v, gt);
-    vidx = _mm256_blendv_epi8(vidx, cur, _mm256_castps_si256(gt));
-    vsum = _mm256_add_ps(vsum, v);
-    cur = _mm256_add_epi32(cur, step);
-  }
-  if (c < C) {
-    const __m256i m = tail_mask(C - c);
-    const __m256 v = _mm256_blendv_ps(_mm256_set1_ps(neg_inf), _mm256_maskload_ps(x + c, m), _mm256_castsi256_ps(m));
-    const __m256 gt = _mm256_cmp_ps(v, vmax, _CMP_GT_OQ);
-    vmax = _mm256_blendv_ps(vmax, v, gt);
-    vidx = _mm256_blendv_epi8(vidx, cur, _mm256_castps_si256(gt));
-    vsum = _mm256_add_ps(vsum, _mm256_and_ps(v, _mm256_castsi256_ps(m)));
-  }
-  alignas(32) float lane_max[8];
-  alignas(32) int32_t lane_idx[8];
-  _mm256_store_ps(lane_max, vmax);
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lane_idx), vidx);
-  float row_max = lane_max[0];
-  int64_t argmax = lane_idx[0];
-  for (int l = 1; l < 8; ++l) {
-    if (lane_max[l] > row_max || (lane_max[l] == row_max && lane_idx[l] < argmax)) {
-      row_max = lane_max[l];
-      argmax = lane_idx[l];
-    }
-  }
-  const __m256 vrow_max = _mm256_set1_ps(row_max);
-  __m256 vexp0 = _mm256_setzero_ps(), vexp1 = _mm256_setzero_ps();  // two chains hide add latency
-  c = 0;
-  for (; c + 16 <= C; c += 16) {
-    const __m256 e0 = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + c), vrow_max));
-    const __m256 e1 = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + c + 8), vrow_max));
-    _mm256_storeu_ps(e + c, e0);
-    _mm256_storeu_ps(e + c + 8, e1);
-    vexp0 = _mm256_add_ps(vexp0, e0);
-    vexp1 = _mm256_add_ps(vexp1, e1);
-  }
-  for (; c < C; c += 8) {
-    const __m256i m = tail_mask(C - c);
-    const __m256 ev = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_maskload_ps(x + c, m), vrow_max)), _mm256_castsi256_ps(m));
-    _mm256_maskstore_ps(e + c, m, ev);
-    vexp0 = _mm256_add_ps(vexp0, ev);
-  }
-  stats->max = row_max;
-  stats->sum_x = hsum8(vsum);
-  stats->sum_exp = hsum8(_mm256_add_ps(vexp0, vexp1));
-  stats->argmax = argmax;
-}
-#else
-// Portable path: the same steps, scalar (the compiler may still vectorise the exp loop).
-void row_softmax_numerator(const float* __restrict x, int64_t C, float* __restrict e, RowStats* stats) {
-  float row_max = -std::numeric_limits<float>::infinity();
-  float sum_x = 0.f;
-  int64_t argmax = 0;
-  for (int64_t c = 0; c < C; ++c) {
-    if (x[c] > row_max) {
-      row_max = x[c];
-      argmax = c;
-    }
-    sum_x += x[c];
-  }
-  float sum_exp = 0.f;
-  for (int64_t c = 0; c < C; ++c) {
-    e[c] = fast_exp(x[c] - row_max);
-    sum_exp += e[c];
-  }
-  *stats = RowStats{row_max, sum_x, sum_exp, argmax};
-}
-#endif
-
-// Step 5 of a row: g_c = a * e_c - b (a = scale / sum_exp, b = scale * e / C).
-void row_affine(float* __restrict g, int64_t C, float a, float b) {
-  for (int64_t c = 0; c < C; ++c) g[c] = g[c] * a - b;
-}
 
 struct CeRowsArgs {
   int64_t K, N, C;
@@ -183,6 +56,33 @@ void ce_rows(const std::vector<Tensor>& rows, const Tensor& grads, const CeRowsA
   // Grain: ~16K logits per task keeps OpenMP's fork cost (~5 us) below the work.
   const int64_t grain = std::max<int64_t>(1, 16384 / C);
   at::parallel_for(0, K * N, grain, [&](int64_t begin, int64_t end) {
+#if defined(ANN_KERNELS_AVX2)
+    if (C <= kSmallClasses) {
+      // Few classes: eight rows per vector, one row per lane (ce_row_kernels.h).
+      for (int64_t r0 = begin; r0 < end; r0 += 8) {
+        const int num_lanes = static_cast<int>(std::min<int64_t>(8, end - r0));
+        BlockLane<scalar_t> lanes[8];
+        BlockResult results[8];
+        for (int l = 0; l < num_lanes; ++l) {
+          const int64_t r = r0 + l, k = r / N, i = r - k * N, y = a.y[i];
+          const bool valid = y != a.ignore_index;
+          lanes[l] = {x_ptr[k] + i * x_row_stride[k], a.compute_grad ? g_ptr[k] + i * C : nullptr, y,
+                      valid ? a.w[k] * a.inv_n_valid : 0.f};
+        }
+        block8_small_classes(lanes, num_lanes, C, a.eps, a.ignore_index, a.compute_grad, results);
+        for (int l = 0; l < num_lanes; ++l) {
+          const BlockResult& res = results[l];
+          const bool valid = lanes[l].target != a.ignore_index;
+          a.loss_row[r0 + l] = valid ? (1.f - a.eps) * (res.lse - res.x_target) +
+                                           a.eps * (res.lse - res.sum_x / static_cast<float>(C))
+                                     : 0.f;
+          a.conf_row[r0 + l] = res.conf;
+          a.pred_row[r0 + l] = res.argmax;
+        }
+      }
+      return;
+    }
+#endif
     std::vector<float> scratch;
     if (!kFloatIn || !a.compute_grad) scratch.resize(kFloatIn ? C : 2 * C);
     for (int64_t r = begin; r < end; ++r) {
@@ -228,38 +128,65 @@ void ce_rows(const std::vector<Tensor>& rows, const Tensor& grads, const CeRowsA
   });
 }
 
-void check_inputs(at::TensorList logits, const Tensor& target, const Tensor& weights,
-                  const std::optional<Tensor>& ema) {
-  TORCH_CHECK(!logits.empty(), "multi_exit_cross_entropy: logits: expected at least one exit, got 0");
+// True for a plain eager CPU tensor; false under tracing (fake / functional tensors carry
+// the Python key), where reading the value would be a data-dependent branch.
+bool is_plain_cpu(const Tensor& t) {
+  return t.defined() && t.device().is_cpu() && !t.key_set().has(c10::DispatchKey::Python) &&
+         !t.key_set().has(c10::DispatchKey::Functionalize);
+}
+
+// Every argument check, with the messages of the Python validation (ValueError / TypeError
+// naming the argument), so the Python fast path can leave them all to this function.
+// Device-independent: it also guards the CUDA (Triton) kernel through the autograd op.
+void check_inputs(at::TensorList logits, const Tensor& target, const Tensor& weights, double label_smoothing,
+                  const std::optional<Tensor>& ema, double momentum) {
+  const char* op = "multi_exit_cross_entropy: ";
+  TORCH_CHECK_VALUE(!logits.empty(), op, "logits: expected at least one exit, got 0");
   const auto& first = logits[0];
-  TORCH_CHECK(first.dim() == 2, "multi_exit_cross_entropy: logits[0]: expected [N, C], got shape ",
-              first.sizes());
-  for (size_t k = 0; k < logits.size(); ++k) {
+  const int64_t K = static_cast<int64_t>(logits.size());
+  for (int64_t k = 0; k < K; ++k) {
     const auto& z = logits[k];
-    TORCH_CHECK(z.sizes() == first.sizes(), "multi_exit_cross_entropy: logits[", k, "] has shape ",
-                z.sizes(), " but logits[0] has ", first.sizes());
-    TORCH_CHECK(z.scalar_type() == first.scalar_type(), "multi_exit_cross_entropy: logits[", k,
-                "] has dtype ", z.scalar_type(), " but logits[0] has ", first.scalar_type());
-    TORCH_CHECK(z.device() == first.device(), "multi_exit_cross_entropy: logits[", k, "] is on ",
-                z.device(), " but logits[0] is on ", first.device());
+    TORCH_CHECK_TYPE(z.scalar_type() == at::kFloat || z.scalar_type() == at::kBFloat16 ||
+                         z.scalar_type() == at::kHalf,
+                     op, "logits[", k, "]: expected float32, bfloat16 or float16, got ", z.scalar_type());
+    TORCH_CHECK_VALUE(z.dim() == 2, op, "logits[", k, "]: expected shape [N, C], got ", z.sizes());
+    TORCH_CHECK_VALUE(z.sizes() == first.sizes(), op, "logits[", k, "] has shape ", z.sizes(),
+                      " but logits[0] has ", first.sizes(),
+                      ": every exit needs the same batch size N and class count C");
+    TORCH_CHECK_TYPE(z.scalar_type() == first.scalar_type(), op, "logits[", k, "] has dtype ",
+                     z.scalar_type(), " but logits[0] has ", first.scalar_type());
+    TORCH_CHECK_VALUE(z.device() == first.device(), op, "logits[", k, "] is on ", z.device(),
+                      " but logits[0] is on ", first.device());
   }
-  TORCH_CHECK(at::isFloatingType(first.scalar_type()),
-              "multi_exit_cross_entropy: logits: expected float32, bfloat16 or float16, got ",
-              first.scalar_type());
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == first.size(0),
-              "multi_exit_cross_entropy: target: expected shape [", first.size(0), "], got ",
-              target.sizes());
-  TORCH_CHECK(target.scalar_type() == at::kLong,
-              "multi_exit_cross_entropy: target: expected int64 class indices, got ", target.scalar_type());
-  TORCH_CHECK(weights.dim() == 1 && weights.size(0) == static_cast<int64_t>(logits.size()),
-              "multi_exit_cross_entropy: weights: expected shape [", logits.size(), "], got ",
-              weights.sizes());
+  TORCH_CHECK_VALUE(first.size(0) > 0, op, "logits: empty batch (N = 0)");
+  TORCH_CHECK_VALUE(first.size(1) > 0, op, "logits: no classes (C = 0)");
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, op, "target: expected int64 class indices, got ",
+                   target.scalar_type());
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == first.size(0), op, "target: expected shape [",
+                    first.size(0), "] (one class per row), got ", target.sizes());
+  TORCH_CHECK_VALUE(target.device() == first.device(), op, "target is on ", target.device(),
+                    " but logits are on ", first.device());
+  TORCH_CHECK_VALUE(weights.dim() == 1 && weights.size(0) == K, op, "weights: expected ", K,
+                    " values (one per exit), got shape ", weights.sizes());
+  TORCH_CHECK_VALUE(weights.device() == first.device(), op, "weights is on ", weights.device(),
+                    " but logits are on ", first.device());
+  if (is_plain_cpu(weights)) {  // a host read: only where it costs no synchronisation
+    const Tensor w = weights.to(at::kFloat).contiguous();
+    for (int64_t k = 0; k < K; ++k) {
+      TORCH_CHECK_VALUE(w.data_ptr<float>()[k] >= 0.f, op, "weights: must be non-negative, got weights[", k,
+                        "] = ", w.data_ptr<float>()[k]);
+    }
+  }
   if (ema.has_value()) {
-    TORCH_CHECK(ema->dim() == 1 && ema->size(0) == static_cast<int64_t>(logits.size()) &&
-                    ema->scalar_type() == at::kFloat,
-                "multi_exit_cross_entropy: ema: expected float32 of shape [", logits.size(), "], got ",
-                ema->scalar_type(), " of shape ", ema->sizes());
+    TORCH_CHECK_VALUE(ema->dim() == 1 && ema->size(0) == K && ema->scalar_type() == at::kFloat, op,
+                      "ema: expected a float32 tensor of shape [", K, "], got ", ema->scalar_type(),
+                      " of shape ", ema->sizes());
+    TORCH_CHECK_VALUE(ema->device() == first.device(), op, "ema is on ", ema->device(), " but logits are on ",
+                      first.device());
   }
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
+                    "label_smoothing: expected a value in [0, 1], got ", label_smoothing);
+  TORCH_CHECK_VALUE(momentum >= 0.0 && momentum < 1.0, op, "momentum: expected a value in [0, 1), got ", momentum);
 }
 
 using FwdResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
@@ -267,13 +194,10 @@ using FwdResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 FwdResult multi_exit_ce_fwd_cpu(at::TensorList logits, const Tensor& target, const Tensor& weights,
                                 int64_t ignore_index, double label_smoothing,
                                 const std::optional<Tensor>& ema, double momentum, bool compute_grad) {
-  check_inputs(logits, target, weights, ema);
+  check_inputs(logits, target, weights, label_smoothing, ema, momentum);
   const int64_t K = static_cast<int64_t>(logits.size());
   const int64_t N = logits[0].size(0);
   const int64_t C = logits[0].size(1);
-  TORCH_CHECK_VALUE(N > 0, "multi_exit_cross_entropy: logits: empty batch (N = 0)");
-  TORCH_CHECK_VALUE(C > 0, "multi_exit_cross_entropy: logits: no classes (C = 0)");
-  for (const auto& t : {target, weights}) TORCH_CHECK(t.device().is_cpu(), "multi_exit_cross_entropy: target and weights must be on the CPU with CPU logits, got ", t.device());
 
   // 1. Targets: range check and N_valid, serially (N << N*C).
   const Tensor target_c = target.contiguous();
@@ -299,7 +223,8 @@ FwdResult multi_exit_ce_fwd_cpu(at::TensorList logits, const Tensor& target, con
   Tensor per_sample = at::empty({K, N}, f32);
   Tensor confidence = at::empty({K, N}, f32);
   Tensor prediction = at::empty({K, N}, logits[0].options().dtype(at::kLong));
-  Tensor grads = compute_grad ? at::empty({K, N, C}, logits[0].options()) : at::empty({0}, logits[0].options());
+  Tensor grads = compute_grad ? BufferPool::instance().empty({K, N, C}, logits[0].options())
+                              : at::empty({0}, logits[0].options());
   float* loss_row = per_sample.data_ptr<float>();
   float* conf_row = confidence.data_ptr<float>();
   int64_t* pred_row = prediction.data_ptr<int64_t>();
@@ -326,7 +251,6 @@ FwdResult multi_exit_ce_fwd_cpu(at::TensorList logits, const Tensor& target, con
   //    non-finite L_k never enters the state.
   if (ema.has_value()) {
     Tensor state = *ema;
-    TORCH_CHECK(state.device().is_cpu(), "multi_exit_cross_entropy: ema: expected a CPU tensor, got ", state.device());
     auto acc = state.accessor<float, 1>();
     const float m = static_cast<float>(momentum);
     for (int64_t k = 0; k < K; ++k) {
@@ -352,13 +276,6 @@ fwd_op() {
                              .typed<FwdResult(at::TensorList, const Tensor&, const Tensor&, int64_t, double,
                                               const std::optional<Tensor>&, double, bool)>();
   return op;
-}
-
-// True for a plain eager CPU tensor; false under tracing (fake / functional tensors carry
-// the Python key), where reading the value would be a data-dependent branch.
-bool is_plain_cpu(const Tensor& t) {
-  return t.defined() && t.device().is_cpu() && !t.key_set().has(c10::DispatchKey::Python) &&
-         !t.key_set().has(c10::DispatchKey::Functionalize);
 }
 
 class MultiExitCE : public torch::autograd::Function<MultiExitCE> {
@@ -416,6 +333,7 @@ class MultiExitCE : public torch::autograd::Function<MultiExitCE> {
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> multi_exit_ce_autograd(
     at::TensorList logits, const Tensor& target, const Tensor& weights, int64_t ignore_index,
     double label_smoothing, const std::optional<Tensor>& ema, double momentum) {
+  check_inputs(logits, target, weights, label_smoothing, ema, momentum);
   auto out = MultiExitCE::apply(logits, target, weights, ignore_index, label_smoothing, ema, momentum);
   return {out[0], out[1], out[2], out[3], out[4]};
 }
@@ -424,6 +342,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> multi_exit_ce_autograd(
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> multi_exit_ce_no_grad(
     at::TensorList logits, const Tensor& target, const Tensor& weights, int64_t ignore_index,
     double label_smoothing, const std::optional<Tensor>& ema, double momentum) {
+  check_inputs(logits, target, weights, label_smoothing, ema, momentum);
   auto [loss, per_exit, per_sample, confidence, prediction, grads] =
       fwd_op().call(logits, target, weights, ignore_index, label_smoothing, ema, momentum, false);
   return {loss, per_exit, per_sample, confidence, prediction};
