@@ -7,11 +7,14 @@ pure-torch reference, and the first such call warns once. With
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 
 HAS_CPP_EXT = False
 EXT_IMPORT_ERROR: BaseException | None = None
+
+import torch  # noqa: E402,F401  (first: loads libc10 / libtorch, which _C links against)
 
 try:
     from ann_kernels import _C  # noqa: F401  (registers the torch.ops.ann_kernels.* ops)
@@ -25,12 +28,9 @@ except ImportError as error:  # pragma: no cover - depends on the build
             f"({error}); build it with `pip install --no-build-isolation -e .`"
         ) from error
 
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - triton is an optional dependency
-    HAS_TRITON = False
+# Found, not imported: importing triton here would fix its mode before a test sets
+# TRITON_INTERPRET=1 (the interpreter is chosen when triton's modules load).
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 _warned: set[str] = set()
 

@@ -132,6 +132,26 @@ def test_zero_weights_and_extreme_logits():
     assert torch.isfinite(fused.loss) and all(torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("num_classes", [5, 40])  # the eight-rows path (C <= 16) and the row path
+def test_masked_logits_without_smoothing_stay_finite(num_classes):
+    """A -inf logit (a masked class) off the target: torch gives a finite loss; the kernel
+    must not form 0 * inf from the unused smoothing term."""
+    heads = make_logits(2, 9, num_classes, requires_grad=False)
+    target = make_target(9, num_classes)
+    rows = torch.arange(9)
+    for z in heads:
+        z[rows, (target + 1) % num_classes] = float("-inf")  # never the target class
+    heads = [z.requires_grad_() for z in heads]
+    fused = multi_exit_cross_entropy(heads, target)
+    ref = multi_exit_cross_entropy_reference(heads, target)
+    assert torch.isfinite(fused.loss) and torch.isfinite(fused.per_sample).all()
+    torch.testing.assert_close(fused.per_sample, ref.per_sample, rtol=1e-5, atol=1e-5)
+    grads = grads_of(fused.loss, heads)
+    ref_grads = grads_of(ref.loss, heads)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
 def test_side_outputs():
     heads = make_logits(2, 5, 4)
     heads[0].data[2] = torch.tensor([1.0, 3.0, 3.0, 0.0])  # tie: first index wins (torch.argmax)

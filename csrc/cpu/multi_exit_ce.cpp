@@ -38,6 +38,15 @@ struct CeRowsArgs {
   bool compute_grad;
 };
 
+// Step 3's loss: (1-e)(lse - z_y) + e(lse - mean_c z_c). The smoothing term is added only
+// when e > 0: with a -inf logit, mean_c z_c = -inf and 0 * inf would turn the loss into NaN
+// although torch (and the math) give a finite value.
+static inline float smoothed_row_loss(float lse, float x_target, float sum_x, int64_t C, float eps) {
+  const float nll = lse - x_target;
+  if (eps == 0.f) return nll;
+  return (1.f - eps) * nll + eps * (lse - sum_x / static_cast<float>(C));
+}
+
 // Steps 2-5 for every (exit, row) pair, in parallel. Each row's results depend on that
 // row only and the per-exit sums happen serially afterwards, so nothing depends on the
 // thread count.
@@ -73,9 +82,7 @@ void ce_rows(const std::vector<Tensor>& rows, const Tensor& grads, const CeRowsA
         for (int l = 0; l < num_lanes; ++l) {
           const BlockResult& res = results[l];
           const bool valid = lanes[l].target != a.ignore_index;
-          a.loss_row[r0 + l] = valid ? (1.f - a.eps) * (res.lse - res.x_target) +
-                                           a.eps * (res.lse - res.sum_x / static_cast<float>(C))
-                                     : 0.f;
+          a.loss_row[r0 + l] = valid ? smoothed_row_loss(res.lse, res.x_target, res.sum_x, C, a.eps) : 0.f;
           a.conf_row[r0 + l] = res.conf;
           a.pred_row[r0 + l] = res.argmax;
         }
@@ -106,8 +113,7 @@ void ce_rows(const std::vector<Tensor>& rows, const Tensor& grads, const CeRowsA
       const int64_t yi = a.y[i];
       const bool valid = yi != a.ignore_index;
       // 3. l = (1-e)(lse - z_y) + e(lse - mean_c z_c); ignored rows contribute 0.
-      a.loss_row[r] =
-          valid ? (1.f - a.eps) * (lse - xf[yi]) + a.eps * (lse - s.sum_x / static_cast<float>(C)) : 0.f;
+      a.loss_row[r] = valid ? smoothed_row_loss(lse, xf[yi], s.sum_x, C, a.eps) : 0.f;
       // 4. max softmax probability = exp(max - lse) = 1 / sum_exp.
       a.conf_row[r] = 1.f / s.sum_exp;
       a.pred_row[r] = s.argmax;
