@@ -1,0 +1,394 @@
+"""L2W-DEN (Han et al., "Learning to Weight Samples for Dynamic Early-exiting Networks",
+ECCV 2022, arXiv 2209.08310): a small meta-learned network weights every sample's loss at
+every exit, so that training matches how inputs actually leave the network at test time.
+
+Shapes: K exits, N samples, C classes. Internally sample weights are laid out like the
+fused op's ``per_sample`` losses, ``W`` [K, N] float32 (the paper's W [N, K] transposed).
+
+Weights (one real training step, no second pass over the logits):
+  1. the fused op runs once with unit exit weights and ``compute_grad=True``: per-sample
+     losses l [K, N], confidences [K, N] and d l_ik / d z_ik / N_valid [K, N, C];
+  2. the weight network (MLP F -> 500 -> K, ReLU, tanh; F = K for ``inputs="loss"`` or
+     ``"confidence"``, 2K for ``"both"``) maps each sample's detached features to g [N, K];
+  3. W = 1 + eps (g - mean(g)), the mean taken per sample (over its K exits), per exit (over
+     the batch's valid samples) or over the whole matrix (``mean_over``); every such mean
+     of W is exactly 1, and with eps <= 0.5 every W > 0 (g is in (-1, 1));
+  4. loss = sum_{k,i} W_ik l_ik / N_valid; its gradient w.r.t. z_ik is W_ik times the op's
+     own gradient (exact: with unit weights that gradient is d l_ik / d z_ik / N_valid).
+
+Meta step (before the real step, every ``meta_interval`` steps; :meth:`L2W.pre_step`):
+  1. split the batch: the first half A (look-ahead), the second half B (meta);
+  2. per-sample losses of the model on A (pure torch: the look-ahead needs the loss's
+     gradient to be differentiable again, which the fused op's saved gradient is not) and
+     W(phi) from the weight network;
+  3. theta' = one step of the real optimiser on sum W l / N_valid, reusing its learning
+     rate, momentum buffers, dampening, Nesterov flag and weight decay (torch.optim.SGD's
+     exact update), built with ``create_graph=True`` so theta' is differentiable in phi;
+  4. the model with theta' (``torch.func.functional_call``, buffers cloned so batch-norm
+     running statistics are untouched) on B; mimic early exiting: exit j takes the
+     floor(n q_j) most confident samples not yet taken (q_k proportional to
+     ``exit_ratio`` ** k, k = 1..K, summing to 1), the last exit takes the rest; the meta
+     loss is the mean cross-entropy of each sample at its assigned exit;
+  5. d meta / d phi (second order through theta'), all-reduced under torch.distributed,
+     and one Adam step on the weight network.
+The real update then uses the new weights (step 1-4 above, in ``compute``).
+
+Optimisers: only ``torch.optim.SGD`` is reproduced by the look-ahead (AdamW's would need
+its second-moment state differentiated through; it raises a clear error instead).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ann_kernels._ext import HAS_CPP_EXT, HAS_TRITON, warn_fallback
+from ann_kernels.losses.schemes import Weighting, register_weighting
+from ann_kernels.ops.multi_exit_ce import ExitLoss, _validate
+
+__all__ = [
+    "L2W", "WeightNet", "center_weights", "early_exit_assignment", "early_exit_fractions",
+    "per_sample_cross_entropy", "sample_weighted_cross_entropy", "sgd_lookahead",
+]
+
+INPUTS = ("loss", "confidence", "both")
+MEAN_OVER = ("sample", "exit", "all")
+
+_FWD = torch.ops.ann_kernels.multi_exit_ce_fwd.default if HAS_CPP_EXT else None
+
+
+# --- 1. the sample-weighted fused loss ---------------------------------------------------
+
+class _WeightedFromGrads(torch.autograd.Function):
+    """loss = sum_{k,i} W_ik l_ik / N_valid from the fused op's outputs; backward reuses the
+    op's saved gradient ``grads`` [K, N, C] (= d l_ik / d z_ik / N_valid), scaled by W."""
+
+    @staticmethod
+    def forward(ctx, weights, per_sample, grads, n_valid, *heads):
+        ctx.save_for_backward(weights, per_sample, grads, n_valid)
+        return (weights * per_sample).sum() / n_valid
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        weights, per_sample, grads, n_valid = ctx.saved_tensors
+        grad_w = grad_out * per_sample / n_valid if ctx.needs_input_grad[0] else None
+        scale = (grad_out * weights).unsqueeze(-1)  # [K, N, 1] float32
+        head_grads = tuple((scale[k] * grads[k]).to(grads.dtype) if ctx.needs_input_grad[4 + k] else None
+                           for k in range(grads.shape[0]))
+        return (grad_w, None, None, None) + head_grads
+
+
+def per_sample_cross_entropy(heads: Sequence[Tensor], target: Tensor, *, ignore_index: int = -100,
+                             label_smoothing: float = 0.0) -> Tensor:
+    """Pure-torch l_ik [K, N] (0 on ignored rows), differentiable to any order; float32
+    (float64 for float64 logits)."""
+    return torch.stack([F.cross_entropy(_upcast(z), target, ignore_index=ignore_index,
+                                        label_smoothing=label_smoothing, reduction="none") for z in heads])
+
+
+def _upcast(z: Tensor) -> Tensor:
+    return z if z.dtype in (torch.float32, torch.float64) else z.float()
+
+
+def sample_weighted_cross_entropy(
+    heads: Sequence[Tensor],
+    target: Tensor,
+    weights: Tensor | Callable[[Tensor, Tensor, Tensor], Tensor],
+    *,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> tuple[ExitLoss, Tensor]:
+    """Per-sample weighted multi-exit cross-entropy, one pass over the logits.
+
+    Args:
+        heads: K logits [N, C] (fp32/bf16/fp16). target: [N] int64.
+        weights: W [K, N] float32, or a function ``(per_sample [K, N], confidence [K, N],
+            valid [N] bool) -> W [K, N]`` called on the fused op's detached outputs (so W
+            may depend on the very losses it weights). W may require grad.
+
+    Returns:
+        ``(ExitLoss, W)``: ``loss`` = sum_{k,i} W_ik l_ik / N_valid (differentiable w.r.t.
+        the heads and W), ``per_exit`` the unweighted L_k, the rest as the fused op's.
+    """
+    heads = list(heads)
+    first = heads[0] if heads else None
+    valid = target != ignore_index if isinstance(target, Tensor) else None
+    device_type = first.device.type if isinstance(first, Tensor) else None
+    if _FWD is not None and (device_type == "cpu" or (device_type == "cuda" and HAS_TRITON)):
+        # 1. one fused pass: losses, confidences, predictions and unit-weight gradients.
+        ones = torch.ones(len(heads), device=first.device)
+        _, per_exit, per_sample, confidence, prediction, grads = _FWD(
+            [z.detach() for z in heads], target, ones, ignore_index, float(label_smoothing), None, 0.99, True)
+        w = _resolve_weights(weights, per_sample, confidence, valid)
+        n_valid = valid.sum().clamp(min=1).to(torch.float32)
+        loss = _WeightedFromGrads.apply(w, per_sample, grads, n_valid, *heads)
+        return ExitLoss(loss, per_exit, per_sample, confidence, prediction), w
+    # Fallback (no extension, or no kernel for the device): the pure-torch reference.
+    heads, _ = _validate(heads, target, None, None, label_smoothing, 0.99)
+    reason = "the C++ extension is not built" if not HAS_CPP_EXT else f"no kernel for device {device_type!r}"
+    warn_fallback("sample_weighted_cross_entropy", reason)
+    per_sample = per_sample_cross_entropy(heads, target, ignore_index=ignore_index, label_smoothing=label_smoothing)
+    with torch.no_grad():
+        probs = torch.stack([z.float().softmax(dim=-1) for z in heads])
+        confidence, prediction = probs.amax(dim=-1), torch.stack([z.argmax(dim=-1) for z in heads])
+    w = _resolve_weights(weights, per_sample.detach(), confidence, valid)
+    n_valid = valid.sum().clamp(min=1).to(torch.float32)
+    loss = (w * per_sample).sum() / n_valid
+    per_exit = per_sample.detach().sum(dim=1) / n_valid
+    return ExitLoss(loss, per_exit, per_sample.detach(), confidence, prediction), w
+
+
+def _resolve_weights(weights, per_sample: Tensor, confidence: Tensor, valid: Tensor) -> Tensor:
+    w = weights(per_sample, confidence, valid) if callable(weights) else weights
+    if not isinstance(w, Tensor) or w.shape != per_sample.shape:
+        got = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
+        raise ValueError(f"weights: expected sample weights of shape {tuple(per_sample.shape)} [K, N], got {got}")
+    return w.to(torch.float32)
+
+
+# --- 2. weights from the weight-prediction network ----------------------------------------
+
+class WeightNet(nn.Module):
+    """g = tanh(fc2(relu(fc1(f)))): features f [N, F] -> g [N, K] in (-1, 1)."""
+
+    def __init__(self, in_features: int, num_exits: int, hidden: int = 500):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.fc2 = nn.Linear(hidden, num_exits)
+
+    def forward(self, f: Tensor) -> Tensor:
+        return torch.tanh(self.fc2(torch.relu(self.fc1(f))))
+
+
+def center_weights(g: Tensor, eps: float, mean_over: str, valid: Tensor | None = None) -> Tensor:
+    """W = 1 + eps (g - mean(g)) for g [K, N]; ``mean_over``: ``"sample"`` (each column's
+    mean over the K exits), ``"exit"`` (each row's mean over the valid samples) or
+    ``"all"`` (the mean over every valid entry). The same mean of W is exactly 1."""
+    if mean_over not in MEAN_OVER:
+        raise ValueError(f"mean_over: expected one of {MEAN_OVER}, got {mean_over!r}")
+    if mean_over == "sample":
+        mean = g.mean(dim=0, keepdim=True)
+    else:
+        m = torch.ones(g.shape[1], dtype=g.dtype, device=g.device) if valid is None else valid.to(g.dtype)
+        count = m.sum().clamp(min=1)
+        mean = (g * m).sum(dim=1, keepdim=True) / count if mean_over == "exit" else (g * m).sum() / (count * g.shape[0])
+    return 1.0 + eps * (g - mean)
+
+
+# --- 3. early-exit mimicking assignment ---------------------------------------------------
+
+def early_exit_fractions(num_exits: int, ratio: float = 0.75) -> Tensor:
+    """q [K] float64, q_k proportional to ratio^k (k = 1..K), summing to 1."""
+    return torch.softmax(math.log(ratio) * torch.arange(1, num_exits + 1, dtype=torch.float64), dim=0)
+
+
+def early_exit_assignment(confidence: Tensor, fractions: Tensor) -> Tensor:
+    """Exit index [N] int64 of each sample under simulated early exiting.
+
+    For j = 0..K-2 in order, the floor(n q_j) most confident samples at exit j
+    (``confidence`` [K, N]) among those not yet assigned go to exit j (ties: lower index
+    first); the last exit takes every sample left."""
+    num_exits, n = confidence.shape
+    exit_of = torch.full((n,), num_exits - 1, dtype=torch.int64, device=confidence.device)
+    taken = torch.zeros(n, dtype=torch.bool, device=confidence.device)
+    counts = torch.floor(n * fractions.double().cpu() + 1e-9).to(torch.int64).tolist()
+    for j in range(num_exits - 1):
+        want = min(counts[j], int((~taken).sum()))
+        if want <= 0:
+            continue
+        key = confidence[j].detach().double().masked_fill(taken, -math.inf)
+        chosen = torch.sort(key, descending=True, stable=True).indices[:want]
+        exit_of[chosen] = j
+        taken[chosen] = True
+    return exit_of
+
+
+# --- 4. the optimiser's look-ahead step --------------------------------------------------
+
+def _check_sgd(optimizer) -> None:
+    if not isinstance(optimizer, torch.optim.SGD):
+        raise TypeError(
+            f"optimizer: L2W's look-ahead reproduces torch.optim.SGD (momentum, dampening, Nesterov, weight "
+            f"decay) only, got {type(optimizer).__name__}; train with --optimizer sgd")
+    for group in optimizer.param_groups:
+        if group.get("maximize", False):
+            raise ValueError("optimizer: L2W's look-ahead does not support SGD(maximize=True)")
+
+
+def sgd_lookahead(params: dict[str, Tensor], grads: Sequence[Tensor | None], optimizer) -> dict[str, Tensor]:
+    """theta' = the step ``optimizer`` (torch.optim.SGD) would take from ``params`` with
+    ``grads``, as a differentiable function of the grads (no state is written):
+    d = g + wd theta; b = mu b_old + (1 - damp) d (b = d without a momentum buffer);
+    d = d + mu b (Nesterov) or b; theta' = theta - lr d. Params with no grad stay put."""
+    _check_sgd(optimizer)
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    new = {}
+    for (name, p), g in zip(params.items(), grads):
+        group = group_of.get(id(p))
+        if g is None or group is None:
+            new[name] = p
+            continue
+        lr, mu, wd = float(group["lr"]), group["momentum"], group["weight_decay"]
+        d = g + wd * p if wd != 0 else g
+        if mu != 0:
+            buf = optimizer.state.get(p, {}).get("momentum_buffer")
+            buf = d if buf is None else mu * buf + (1 - group["dampening"]) * d
+            d = d + mu * buf if group["nesterov"] else buf
+        new[name] = p - lr * d
+    return new
+
+
+# --- 5. the weighting scheme --------------------------------------------------------------
+
+class L2W(Weighting):
+    """``AnytimeLoss(K, weighting="l2w", ...)``: meta-learned per-sample weights.
+
+    Options: ``eps`` (0, 0.5] (W in (1 - 2 eps, 1 + 2 eps)); ``inputs`` in ``loss`` /
+    ``confidence`` / ``both``; ``mean_over`` in ``sample`` / ``exit`` / ``all``; ``hidden``
+    (500); ``meta_lr`` / ``meta_weight_decay`` (Adam on the weight network); ``meta_interval``
+    (a meta step every n training steps); ``exit_ratio`` (q_k proportional to ratio^k).
+
+    The Trainer calls :meth:`pre_step` (the meta step) before each forward; ``compute``
+    is the real step. The weight network, the meta step counter (buffers) and Adam's state
+    (``get_extra_state``) are all in ``state_dict``, so checkpoints resume exactly.
+    """
+
+    def __init__(self, num_exits: int, *, eps: float = 0.5, inputs: str = "loss", mean_over: str = "sample",
+                 hidden: int = 500, meta_lr: float = 1e-3, meta_weight_decay: float = 1e-4,
+                 meta_interval: int = 1, exit_ratio: float = 0.75):
+        super().__init__(num_exits)
+        self.needs_pre_step = True
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps <= 0.5:
+            raise ValueError(f"eps: expected a value in (0, 0.5] (keeps every weight positive), got {eps!r}")
+        if inputs not in INPUTS:
+            raise ValueError(f"inputs: expected one of {INPUTS}, got {inputs!r}")
+        if mean_over not in MEAN_OVER:
+            raise ValueError(f"mean_over: expected one of {MEAN_OVER}, got {mean_over!r}")
+        for name, value in (("hidden", hidden), ("meta_interval", meta_interval)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if not isinstance(meta_lr, (int, float)) or not meta_lr > 0:
+            raise ValueError(f"meta_lr: expected a positive learning rate, got {meta_lr!r}")
+        if not isinstance(meta_weight_decay, (int, float)) or meta_weight_decay < 0:
+            raise ValueError(f"meta_weight_decay: expected >= 0, got {meta_weight_decay!r}")
+        if not isinstance(exit_ratio, (int, float)) or not (exit_ratio > 0 and math.isfinite(exit_ratio)):
+            raise ValueError(f"exit_ratio: expected a finite positive number, got {exit_ratio!r}")
+        self.eps, self.inputs, self.mean_over = float(eps), inputs, mean_over
+        self.meta_interval, self.exit_ratio = meta_interval, float(exit_ratio)
+        self.meta_lr, self.meta_weight_decay = float(meta_lr), float(meta_weight_decay)
+        features = 2 * num_exits if inputs == "both" else num_exits
+        self.net = WeightNet(features, num_exits, hidden)
+        self.meta_optimizer = torch.optim.Adam(self.net.parameters(), lr=self.meta_lr,
+                                               weight_decay=self.meta_weight_decay)
+        self.register_buffer("meta_steps_seen", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("last_meta_loss", torch.full((), float("nan")))
+        self.last_sample_weights: Tensor | None = None
+
+    # ---- weights
+    def features(self, per_sample: Tensor, confidence: Tensor) -> Tensor:
+        """[K, N] losses / confidences -> the weight network's input [N, F] in its dtype."""
+        parts = {"loss": [per_sample], "confidence": [confidence], "both": [per_sample, confidence]}[self.inputs]
+        return torch.cat([p.detach().t() for p in parts], dim=1).to(self.net.fc1.weight.dtype)
+
+    def sample_weights(self, per_sample: Tensor, confidence: Tensor, valid: Tensor | None = None) -> Tensor:
+        """W [K, N] (in the weight network's dtype; differentiable w.r.t. its parameters)."""
+        g = self.net(self.features(per_sample, confidence)).t()
+        return center_weights(g, self.eps, self.mean_over, valid)
+
+    def weights_for_step(self) -> Tensor:  # exit weights before any step: all ones
+        return torch.ones(self.num_exits)
+
+    def compute(self, heads, target, *, ignore_index, label_smoothing):
+        def weight_fn(per_sample, confidence, valid):
+            with torch.no_grad():
+                return self.sample_weights(per_sample, confidence, valid)
+
+        out, w = sample_weighted_cross_entropy(heads, target, weight_fn, ignore_index=ignore_index,
+                                               label_smoothing=label_smoothing)
+        valid = (target != ignore_index).to(w.dtype)
+        self.last_sample_weights = w
+        return out, (w * valid).sum(dim=1) / valid.sum().clamp(min=1)  # effective exit weights [K]
+
+    # ---- meta step
+    def meta_loss(self, model: nn.Module, optimizer, x: Tensor, y: Tensor, *, ignore_index: int = -100,
+                  label_smoothing: float = 0.0) -> Tensor:
+        """Steps 1-4 of the meta step (module docstring): the early-exit-mimicking loss of the
+        looked-ahead model on the second half of (x [N, ...], y [N]); a scalar
+        differentiable w.r.t. the weight network's parameters."""
+        _check_sgd(optimizer)
+        n = x.shape[0]
+        if n < 2:
+            raise ValueError(f"x: L2W's meta step splits the batch in two halves, needs >= 2 samples, got {n}")
+        # 1. the two halves
+        half = n // 2
+        xa, ya, xb, yb = x[:half], y[:half], x[half:], y[half:]
+        params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        buffers = {name: b.clone() for name, b in model.named_buffers()}
+        # 2. weighted per-sample loss of the current model on A (double-backward capable)
+        logits_a = list(functional_call(model, (params, buffers), (xa,)))
+        per_sample = per_sample_cross_entropy(logits_a, ya, ignore_index=ignore_index, label_smoothing=label_smoothing)
+        valid_a = ya != ignore_index
+        with torch.no_grad():
+            conf_a = torch.stack([_upcast(z).softmax(-1).amax(-1) for z in logits_a])
+        w = self.sample_weights(per_sample.detach(), conf_a, valid_a)
+        inner = (w.to(per_sample.dtype) * per_sample).sum() / valid_a.sum().clamp(min=1)
+        # 3. theta' by the real optimiser's rule, differentiable in phi
+        grads = torch.autograd.grad(inner, list(params.values()), create_graph=True, allow_unused=True)
+        new_params = sgd_lookahead(params, grads, optimizer)
+        # 4. the looked-ahead model on B; each sample's loss at its simulated exit
+        logits_b = torch.stack(list(functional_call(model, (new_params, buffers), (xb,))))  # [K, n_b, C]
+        valid_b = yb != ignore_index
+        logits_b, yb = logits_b[:, valid_b], yb[valid_b]
+        if yb.numel() == 0:
+            return (w * 0).sum()
+        with torch.no_grad():
+            conf_b = _upcast(logits_b).softmax(-1).amax(-1)
+        exit_of = early_exit_assignment(conf_b, early_exit_fractions(self.num_exits, self.exit_ratio))
+        chosen = logits_b[exit_of, torch.arange(yb.numel(), device=yb.device)]
+        return F.cross_entropy(_upcast(chosen), yb, label_smoothing=label_smoothing)
+
+    def pre_step(self, model: nn.Module, optimizer, x: Tensor, y: Tensor, *, ignore_index: int = -100,
+                 label_smoothing: float = 0.0) -> Tensor | None:
+        """The meta step (every ``meta_interval`` calls): step 5 on :meth:`meta_loss`.
+        Returns the meta loss (detached) or None when this step skips it."""
+        due = int(self.meta_steps_seen) % self.meta_interval == 0
+        self.meta_steps_seen += 1
+        if not due:
+            return None
+        loss = self.meta_loss(model, optimizer, x, y, ignore_index=ignore_index, label_smoothing=label_smoothing)
+        # 5. second-order gradient w.r.t. phi, averaged over ranks, one Adam step
+        params = list(self.net.parameters())
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        distributed = dist.is_available() and dist.is_initialized()
+        for p, g in zip(params, grads):
+            g = torch.zeros_like(p) if g is None else g.detach()
+            if distributed:
+                dist.all_reduce(g)
+                g /= dist.get_world_size()
+            p.grad = g
+        self.meta_optimizer.step()
+        self.meta_optimizer.zero_grad(set_to_none=True)
+        self.last_meta_loss.fill_(float(loss.detach()))
+        return loss.detach()
+
+    # ---- checkpoints: Adam's state rides along in state_dict
+    def get_extra_state(self):
+        return {"meta_optimizer": copy.deepcopy(self.meta_optimizer.state_dict())}
+
+    def set_extra_state(self, state) -> None:
+        self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+
+    def extra_repr(self) -> str:
+        return (f"num_exits={self.num_exits}, eps={self.eps}, inputs={self.inputs!r}, mean_over={self.mean_over!r}, "
+                f"meta_lr={self.meta_lr}, meta_interval={self.meta_interval}, exit_ratio={self.exit_ratio}")
+
+
+register_weighting("l2w", L2W)
