@@ -24,11 +24,28 @@ TORCH_LIBRARY(ann_kernels, m) {
       "multi_exit_ce_fwd(Tensor[] logits, Tensor target, Tensor weights, int ignore_index, "
       "float label_smoothing, Tensor(a!)? ema, float momentum, bool compute_grad) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // One early-exit decision (inference; not differentiable). From the M active samples'
+  // logits [M, C] (original positions active_index [M] int64): confidence by `criterion`
+  // (0 max_prob, 1 entropy, 2 margin); rows with confidence >= threshold exit (every row
+  // when threshold = -inf), or, when exit_count >= 0, the exit_count most confident rows.
+  // Writes argmax / exit_id / confidence of the exiting rows into prediction [N] i64,
+  // exit_index [N] i64, confidence [N] f32 at their original positions. Returns
+  // (survivor_index [R] i64 original positions, keep_local [R] i64 row numbers in this
+  // call, hidden rows of the survivors [R, ...] (a new tensor; [0] when hidden is None)).
+  m.def(
+      "early_exit_step(Tensor logits, Tensor active_index, Tensor? hidden, Tensor(a!) prediction, "
+      "Tensor(b!) exit_index, Tensor(c!) confidence, float threshold, int criterion, int exit_id, "
+      "int exit_count) -> (Tensor, Tensor, Tensor)");
+}
+
+namespace ann_kernels {
+void bind_early_exit(pybind11::module_& m);  // csrc/early_exit_binding.cpp
 }
 
 // The module only needs to exist so `import ann_kernels._C` loads the registrations above.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ann_kernels C++ ops; use them through torch.ops.ann_kernels.*";
+  ann_kernels::bind_early_exit(m);
   m.def("empty_grad_cache", [] { ann_kernels::BufferPool::instance().clear(); },
         "Free the idle gradient buffers the CPU loss kernel keeps for reuse.");
   m.def("grad_cache_bytes", [] { return ann_kernels::BufferPool::instance().idle_bytes(); },

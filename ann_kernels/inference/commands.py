@@ -1,0 +1,269 @@
+"""CLI commands ``calibrate`` and ``infer`` (registered in :mod:`ann_kernels.cli`).
+
+- ``ann-kernels calibrate --checkpoint runs/x/last.pt --budgets 0.3 0.5 0.8``: thresholds
+  from the validation split (held out of training) for each budget, the accuracy-budget
+  table on the test split, ``budgeted.png`` (test accuracy vs mean FLOPs, with every
+  single exit for reference) and ``calibration.json``.
+- ``ann-kernels infer --checkpoint runs/x/last.pt --budget 0.5``: real early exit with
+  :class:`~ann_kernels.EarlyExitEngine` on the test split: accuracy, mean FLOPs and measured
+  throughput against the full network (all stages + the last head) on the same batches.
+
+Budgets: a value <= 1 is a fraction of the full network's FLOPs per sample, a value > 1 is
+FLOPs per sample. The model is rebuilt with :func:`ann_kernels.train.runs.load_trained`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = ["add_parser", "cmd_calibrate", "cmd_infer", "resolve_budget"]
+
+
+def resolve_budget(value: float, full_flops: float) -> float:
+    """FLOPs per sample of a CLI budget (<= 1: a fraction of the full network)."""
+    if not value > 0:
+        raise ValueError(f"budget: expected a positive fraction or FLOP count, got {value}")
+    return value * full_flops if value <= 1.0 else value
+
+
+def _load(args):
+    from ann_kernels.inference.engine import EarlyExitEngine
+    from ann_kernels.train.runs import load_data, load_trained
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    model, spec, _ = load_trained(args.checkpoint)
+    spec = dict(spec)
+    if args.data_dir is not None:
+        spec["data_dir"] = args.data_dir
+    if args.limit is not None:
+        spec["limit_eval"] = args.limit
+    data = load_data(spec)
+    return EarlyExitEngine(model, criterion=args.criterion), spec, data
+
+
+def cmd_calibrate(args) -> int:
+    from ann_kernels.inference.calibration import simulate_thresholds
+
+    engine, spec, data = _load(args)
+    val = engine.calibrate(data.val, batch_size=args.batch_size)  # thresholds come from here
+    test = engine.exit_outputs(data.test, batch_size=args.batch_size)  # only evaluated
+    flops = val.exit_flops
+    full = float(flops[-1])
+    budgets = (
+        [resolve_budget(b, full) for b in args.budgets]
+        if args.budgets
+        else torch.linspace(float(flops[0]), full, 8).tolist()
+    )
+    rows = []
+    for budget in budgets:
+        planned = engine.calibrate_budget(budget)
+        accuracy, cost, counts = simulate_thresholds(test.confidence, test.correct, flops, planned.thresholds)
+        rows.append(
+            {
+                "budget": budget,
+                "thresholds": planned.thresholds.tolist(),
+                "val_acc": planned.accuracy,
+                "val_flops": planned.mean_flops,
+                "test_acc": float(accuracy),
+                "test_flops": float(cost),
+                "test_exit_counts": counts.tolist(),
+            }
+        )
+    exit_acc = test.correct.double().mean(dim=1).tolist()
+
+    print(
+        f"{args.checkpoint}: {spec['model']} on {spec['dataset']}; criterion {engine.criterion}; thresholds "
+        f"from {val.confidence.shape[1]} validation images, accuracy on {test.confidence.shape[1]} test images"
+    )
+    header = (
+        f"{'budget MFLOPs':>13} {'rel':>5}  {'val acc %':>9} {'test acc %':>10} {'test MFLOPs':>11} "
+        f"{'rel':>5}  exits (test)"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r['budget'] / 1e6:>13.3f} {r['budget'] / full:>5.2f}  {100 * r['val_acc']:>9.2f} "
+            f"{100 * r['test_acc']:>10.2f} {r['test_flops'] / 1e6:>11.3f} {r['test_flops'] / full:>5.2f}  "
+            f"{r['test_exit_counts']}"
+        )
+    print(
+        "single exits (test): "
+        + ", ".join(
+            f"exit {k}: {100 * a:.2f}% @ {float(f) / 1e6:.3f} MFLOPs"
+            for k, (a, f) in enumerate(zip(exit_acc, flops))
+        )
+    )
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "calibration.json").write_text(
+        json.dumps(
+            {
+                "checkpoint": str(args.checkpoint),
+                "criterion": engine.criterion,
+                "exit_flops": flops.tolist(),
+                "exit_test_accuracy": exit_acc,
+                "budgets": rows,
+            },
+            indent=2,
+            default=float,
+        )
+    )
+    png = _plot(rows, exit_acc, flops.tolist(), out / "budgeted.png", f"{spec['model']} on {spec['dataset']}")
+    print(f"wrote {out / 'calibration.json'} and {png}")
+    return 0
+
+
+def _plot(rows, exit_acc, exit_flops, path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(
+        [r["test_flops"] / 1e6 for r in rows],
+        [100 * r["test_acc"] for r in rows],
+        "o-",
+        label="budgeted early exit (test)",
+    )
+    ax.plot(
+        [f / 1e6 for f in exit_flops],
+        [100 * a for a in exit_acc],
+        "s--",
+        alpha=0.7,
+        label="single exit k (test)",
+    )
+    ax.set_xlabel("mean MFLOPs per image")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"Budgeted accuracy: {title}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _full_network(model, x):
+    h = x
+    for k in range(model.num_exits):
+        h = model.forward_stage(k, h)
+    return model.forward_head(model.num_exits - 1, h)
+
+
+def cmd_infer(args) -> int:
+    engine, spec, data = _load(args)
+    engine.calibrate(data.val, batch_size=args.batch_size)
+    full = float(engine.calibration.exit_flops[-1])
+    budget = resolve_budget(args.budget, full)
+    planned = engine.calibrate_budget(budget)
+    x_all, y_all = data.test.tensors
+    batches = list(torch.split(x_all, args.batch_size))
+    n = x_all.shape[0]
+    with torch.inference_mode():
+        for _ in range(args.warmup):  # first calls allocate, measure FLOPs, warm caches
+            engine.predict(batches[0], thresholds=planned.thresholds)
+            _full_network(engine.model, batches[0])
+        start = time.perf_counter()
+        if args.stream:
+            results = list(engine.stream(batches, thresholds=planned.thresholds))
+        else:
+            results = [engine.predict(xb, thresholds=planned.thresholds) for xb in batches]
+        early_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        full_predictions = [_full_network(engine.model, xb).argmax(dim=1) for xb in batches]
+        full_seconds = time.perf_counter() - start
+    prediction = torch.cat([r.prediction for r in results])
+    exits = torch.cat([r.exit_index for r in results])
+    accuracy = float((prediction == y_all).double().mean())
+    full_accuracy = float((torch.cat(full_predictions) == y_all).double().mean())
+    counts = torch.bincount(exits, minlength=engine.num_exits).tolist()
+    mean_flops = sum(r.stats.mean_flops * r.prediction.shape[0] for r in results) / n
+    executed = sum(r.stats.executed_flops * r.prediction.shape[0] for r in results) / n
+    mode = "stream (queue per stage)" if args.stream else "predict per batch"
+    print(
+        f"{args.checkpoint}: {spec['model']} on {spec['dataset']} test split ({n} images, batch "
+        f"{args.batch_size}, {torch.get_num_threads()} thread(s), {mode}); criterion {engine.criterion}"
+    )
+    print(
+        f"budget {budget / 1e6:.3f} MFLOPs/image ({budget / full:.2f} of the full network); validation "
+        f"plan: {100 * planned.accuracy:.2f}% at {planned.mean_flops / 1e6:.3f} MFLOPs"
+    )
+    print(
+        f"early exit : accuracy {100 * accuracy:6.2f}%  mean {mean_flops / 1e6:8.3f} MFLOPs/image "
+        f"({mean_flops / full:.2f} of full; {executed / 1e6:.3f} executed incl. intermediate heads)  "
+        f"{n / early_seconds:10.1f} images/s"
+    )
+    print(
+        f"full net   : accuracy {100 * full_accuracy:6.2f}%  mean {full / 1e6:8.3f} MFLOPs/image "
+        f"(1.00)  {n / full_seconds:10.1f} images/s"
+    )
+    print(
+        f"speedup {full_seconds / early_seconds:.2f}x measured, {full / mean_flops:.2f}x in FLOPs; "
+        f"exits per stage {counts}"
+    )
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    """Register ``calibrate`` and ``infer`` on ``subparsers``."""
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--checkpoint", required=True, help="a last.pt written by ann-kernels train")
+        p.add_argument(
+            "--criterion",
+            choices=("max_prob", "entropy", "margin"),
+            default="max_prob",
+            help="exit confidence measure",
+        )
+        p.add_argument(
+            "--data-dir", default=None, help="override the data directory stored in the checkpoint"
+        )
+        p.add_argument(
+            "--limit", type=int, default=None, help="use only the first N validation and test images"
+        )
+        p.add_argument("--batch-size", type=int, default=256)
+        p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+
+    p = subparsers.add_parser(
+        "calibrate",
+        help="MSDNet thresholds per budget: validation -> test table + plot",
+        description="Calibrate exit thresholds for mean-FLOP budgets on the validation "
+        "split; print the accuracy-budget table on the test split and write "
+        "budgeted.png and calibration.json. " + _BUDGET_HELP,
+    )
+    common(p)
+    p.add_argument(
+        "--budgets",
+        type=float,
+        nargs="+",
+        default=None,
+        help="budgets (default: 8 from the cheapest exit to the full network)",
+    )
+    p.add_argument("--out", default=None, help="output directory (default: the checkpoint's directory)")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = subparsers.add_parser(
+        "infer",
+        help="real early exit on the test split: accuracy, FLOPs, throughput",
+        description="Calibrate thresholds for --budget on the validation split, then run "
+        "EarlyExitEngine on the test split and compare its throughput with the "
+        "full network. " + _BUDGET_HELP,
+    )
+    common(p)
+    p.add_argument("--budget", type=float, required=True)
+    p.add_argument(
+        "--stream", action="store_true", help="use stream() rebatching instead of predict per batch"
+    )
+    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up batches")
+    p.set_defaults(func=cmd_infer)
+
+
+_BUDGET_HELP = "A budget <= 1 is a fraction of the full network's FLOPs per image; > 1 is FLOPs per image."

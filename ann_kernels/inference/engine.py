@@ -1,0 +1,462 @@
+"""``EarlyExitEngine``: real budgeted early exit for a :class:`~ann_kernels.nn.MultiExitNetwork`.
+
+The engine runs the network stage by stage on the still-active samples only. After stage
+k it evaluates head k and makes one call of the fused op ``ann_kernels::early_exit_step``
+(:mod:`ann_kernels.ops.early_exit`): confidence, decision, scatter of the exiting samples'
+prediction / exit index / confidence into [N] buffers allocated once per call, and the
+compacted hidden state of the rest. Per stage that is one op call and a few Python
+statements; nothing per sample.
+
+Modes (at most one of ``thresholds``, ``budget``, ``quota``; ``deadline_s`` combines with any):
+
+- ``thresholds`` [K]: exit k takes the samples with confidence >= thresholds[k]; the last
+  exit always accepts (its threshold is ignored). Exits with threshold +inf skip their head
+  entirely (nobody can leave there), so all +inf gives exactly the full-depth predictions.
+- ``budget``: target mean cost per sample in FLOPs; thresholds from the calibration stored
+  by :meth:`EarlyExitEngine.calibrate` (:func:`~ann_kernels.inference.calibration.calibrate_for_budget`).
+- ``quota`` [K] fractions (sum <= 1): exit k takes the floor(N * (q_0 + ... + q_k)) minus
+  the already-exited most confident samples of the batch (a hard per-batch cost); the last
+  exit takes everyone left.
+- ``deadline_s``: wall-clock seconds from the call. Stage 0 and head 0 always run; after
+  each head, once the deadline has passed, every remaining sample returns that head's
+  prediction (its latest). ``deadline_s=0`` gives exit 0 for everyone.
+- none of them: full depth (with the deadline, an anytime prediction).
+
+Thread safety: a call allocates its own buffers; the engine's caches (exit FLOPs per input
+shape, thresholds per budget) are filled under a lock. The model must stay in eval mode
+(the constructor sets it) and is only read. Calls run under ``torch.inference_mode``.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ann_kernels.inference.calibration import BudgetCalibration, calibrate_for_budget
+from ann_kernels.nn.multi_exit import MultiExitNetwork
+from ann_kernels.ops.early_exit import CRITERIA, buffers_function, exit_confidence, step_function
+
+__all__ = ["EarlyExitEngine", "EarlyExitResult", "EarlyExitStats", "ExitCalibration"]
+
+_FLOOR_EPS = 1e-9
+
+
+class EarlyExitStats(NamedTuple):
+    """Statistics of one :meth:`EarlyExitEngine.predict` call (N samples, K exits).
+
+    - ``samples_per_exit``: K ints, how many samples left at each exit.
+    - ``mean_flops``: mean cost per sample, by DESIGN.md's exit accounting (exit k costs
+      stages 0..k plus head k: ``MultiExitNetwork.exit_flops``); what budgets target.
+    - ``executed_flops``: mean FLOPs actually run per sample: every stage a sample reached
+      plus every head evaluated on it (heads of +inf exits are skipped).
+    - ``full_flops``: the cost of the last exit (the full network), for ratios.
+    - ``stage_seconds``: K wall-clock seconds of stage k + head k + the decision (0 if the
+      stage did not run); ``total_seconds``: the whole call.
+    - ``deadline_exit``: the exit at which the deadline sent everyone out, or None.
+    """
+
+    samples_per_exit: tuple[int, ...]
+    mean_flops: float
+    executed_flops: float
+    full_flops: float
+    stage_seconds: tuple[float, ...]
+    total_seconds: float
+    deadline_exit: int | None = None
+
+
+class EarlyExitResult(NamedTuple):
+    """``prediction`` [N] int64 (argmax of the exit taken), ``exit_index`` [N] int64 (0-based
+    exit), ``confidence`` [N] float32 (at that exit, by the engine's criterion), ``stats``."""
+
+    prediction: torch.Tensor
+    exit_index: torch.Tensor
+    confidence: torch.Tensor
+    stats: EarlyExitStats
+
+
+@dataclass(frozen=True)
+class ExitCalibration:
+    """Held-out data stored by :meth:`EarlyExitEngine.calibrate`: ``confidence`` [K, N]
+    float32 (the kernel's, by ``criterion``), ``correct`` [K, N] bool, ``exit_flops`` [K]
+    float64 per-sample cost of each exit."""
+
+    confidence: torch.Tensor
+    correct: torch.Tensor
+    exit_flops: torch.Tensor
+    criterion: str
+
+
+class _Plan(NamedTuple):
+    thresholds: tuple[float, ...]  # K, last = -inf
+    exit_counts: tuple[int, ...]  # K, -1 = threshold mode
+
+
+class _Costs(NamedTuple):
+    exit_flops: tuple[float, ...]
+    stage_flops: tuple[float, ...]
+    head_flops: tuple[float, ...]
+
+
+class EarlyExitEngine:
+    """Budget-aware early-exit inference for a ``MultiExitNetwork`` (see the module docstring).
+
+    Args:
+        model: a :class:`ann_kernels.nn.MultiExitNetwork`; put in eval mode here.
+        criterion: confidence measure, ``max_prob`` (default), ``entropy`` or ``margin``.
+    """
+
+    def __init__(self, model: MultiExitNetwork, criterion: str = "max_prob") -> None:
+        if not isinstance(model, MultiExitNetwork):
+            raise TypeError(f"model: expected an ann_kernels.nn.MultiExitNetwork, got {type(model).__name__}")
+        if criterion not in CRITERIA:
+            raise ValueError(f"criterion: expected one of {sorted(CRITERIA)}, got {criterion!r}")
+        self.model = model.eval()
+        self.criterion = criterion
+        self.num_exits = model.num_exits
+        self._criterion_code = CRITERIA[criterion]
+        self._lock = threading.Lock()
+        self._costs: dict[tuple[int, ...], _Costs] = {}
+        self._budget_cache: dict[float, BudgetCalibration] = {}
+        self._calibration: ExitCalibration | None = None
+        self._kernels: dict[str, tuple] = {}  # device type -> (step, buffers) callables
+
+    # ------------------------------------------------------------------ calibration
+    @property
+    def calibration(self) -> ExitCalibration | None:
+        """The held-out data of the last :meth:`calibrate` call (None before)."""
+        return self._calibration
+
+    def calibrate(
+        self, data, targets: torch.Tensor | None = None, *, batch_size: int = 512
+    ) -> ExitCalibration:
+        """Run the full network on held-out data and store its per-exit confidences and
+        correctness, for ``predict(budget=...)``. Never pass the test split.
+
+        Args:
+            data: inputs [N, ...] (then ``targets`` [N] int64 is required), a Dataset of
+                (x, y) pairs, or an iterable of (x [n, ...], y [n]) batches (a DataLoader).
+            batch_size: batch size for a tensor or a Dataset.
+        """
+        calibration = self.exit_outputs(data, targets, batch_size=batch_size)
+        with self._lock:
+            self._calibration = calibration
+            self._budget_cache = {}
+        return calibration
+
+    def exit_outputs(
+        self, data, targets: torch.Tensor | None = None, *, batch_size: int = 512
+    ) -> ExitCalibration:
+        """What :meth:`calibrate` measures (same arguments), without storing it: e.g. test
+        confidences to evaluate thresholds with
+        :func:`~ann_kernels.inference.calibration.simulate_thresholds`."""
+        batches = _labelled_batches(data, targets, batch_size)
+        confidences, corrects, first_input = [], [], None
+        with torch.inference_mode():
+            for x, y in batches:
+                if first_input is None:
+                    first_input = x[:1]
+                logits = self.model(x)
+                conf_pred = [exit_confidence(z, self.criterion) for z in logits]
+                confidences.append(torch.stack([c for c, _ in conf_pred]).cpu())
+                y = y.to(conf_pred[0][1].device)
+                corrects.append(torch.stack([p == y for _, p in conf_pred]).cpu())
+        if first_input is None:
+            raise ValueError("data: empty set (no samples)")
+        return ExitCalibration(
+            confidence=torch.cat(confidences, dim=1),
+            correct=torch.cat(corrects, dim=1),
+            exit_flops=torch.tensor(self._costs_for(first_input).exit_flops, dtype=torch.float64),
+            criterion=self.criterion,
+        )
+
+    def calibrate_budget(self, budget: float) -> BudgetCalibration:
+        """Thresholds (and held-out accuracy / cost) for a mean-FLOPs budget, from the stored
+        calibration; cached per budget."""
+        with self._lock:
+            calibration = self._calibration
+            cached = self._budget_cache.get(float(budget)) if isinstance(budget, (int, float)) else None
+        if calibration is None:
+            raise RuntimeError(
+                "budget: the engine has no calibration; call engine.calibrate(val_x, val_y) "
+                "(or a validation loader) first"
+            )
+        if cached is not None:
+            return cached
+        result = calibrate_for_budget(
+            calibration.confidence, calibration.correct, calibration.exit_flops, budget
+        )
+        with self._lock:
+            self._budget_cache[float(budget)] = result
+        return result
+
+    def thresholds_for_budget(self, budget: float) -> torch.Tensor:
+        """[K] thresholds of :meth:`calibrate_budget`."""
+        return self.calibrate_budget(budget).thresholds.clone()
+
+    # ------------------------------------------------------------------ costs
+    def exit_flops(self, example_input: torch.Tensor) -> torch.Tensor:
+        """[K] float64 per-sample cost of each exit for inputs shaped like ``example_input``."""
+        return torch.tensor(self._costs_for(example_input[:1]).exit_flops, dtype=torch.float64)
+
+    def _costs_for(self, x: torch.Tensor) -> _Costs:
+        key = tuple(x.shape[1:])
+        costs = self._costs.get(key)
+        if costs is None:
+            with self._lock:
+                costs = self._costs.get(key)
+                if costs is None:
+                    example = x[:1]
+                    with torch.inference_mode():
+                        costs = _Costs(
+                            tuple(self.model.exit_flops(example).tolist()),
+                            tuple(self.model.stage_flops(example).tolist()),
+                            tuple(self.model.head_flops(example).tolist()),
+                        )
+                    self._costs[key] = costs
+        return costs
+
+    # ------------------------------------------------------------------ planning
+    def _plan(self, n: int, thresholds, budget, quota) -> _Plan:
+        given = [
+            name
+            for name, value in (("thresholds", thresholds), ("budget", budget), ("quota", quota))
+            if value is not None
+        ]
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join(given)}: give at most one of thresholds, budget and quota")
+        num_exits = self.num_exits
+        no_counts = (-1,) * num_exits
+        if budget is not None:
+            thresholds = self.calibrate_budget(budget).thresholds
+        if thresholds is not None:
+            values = _as_float_list(thresholds, "thresholds")
+            if len(values) != num_exits:
+                raise ValueError(f"thresholds: expected {num_exits} values (one per exit), got {len(values)}")
+            if any(map(math.isnan, values)):
+                raise ValueError(f"thresholds: must not contain NaN, got {values}")
+            return _Plan(tuple(values[:-1]) + (-math.inf,), no_counts)
+        if quota is not None:
+            fractions = _as_float_list(quota, "quota")
+            if len(fractions) != num_exits:
+                raise ValueError(
+                    f"quota: expected {num_exits} fractions (one per exit), got {len(fractions)}"
+                )
+            if any(not math.isfinite(f) or f < 0 for f in fractions):
+                raise ValueError(f"quota: expected finite fractions >= 0, got {fractions}")
+            if sum(fractions) > 1 + 1e-6:
+                raise ValueError(
+                    f"quota: fractions must sum to at most 1, got {sum(fractions):.6g} ({fractions})"
+                )
+            counts, cumulative, previous = [], 0.0, 0
+            for f in fractions[:-1]:
+                cumulative += f
+                target = min(n, math.floor(n * cumulative + _FLOOR_EPS))
+                counts.append(max(0, target - previous))
+                previous = max(previous, target)
+            return _Plan((math.inf,) * (num_exits - 1) + (-math.inf,), tuple(counts) + (-1,))
+        return _Plan((math.inf,) * (num_exits - 1) + (-math.inf,), no_counts)
+
+    # ------------------------------------------------------------------ inference
+    def _kernels_for(self, device_type: str) -> tuple:
+        kernels = self._kernels.get(device_type)
+        if kernels is None:  # a benign race: every thread computes the same pair
+            kernels = (step_function(device_type), buffers_function(device_type))
+            self._kernels[device_type] = kernels
+        return kernels
+
+    def predict(
+        self,
+        x: torch.Tensor,
+        *,
+        thresholds=None,
+        budget: float | None = None,
+        quota=None,
+        deadline_s: float | None = None,
+    ) -> EarlyExitResult:
+        """Early-exit predictions for the batch ``x`` [N, ...] (see the module docstring).
+
+        Returns:
+            :class:`EarlyExitResult` with prediction [N] int64, exit_index [N] int64,
+            confidence [N] float32 (on x's device) and :class:`EarlyExitStats`.
+        """
+        start = time.perf_counter()
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a tensor [N, ...], got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[0] == 0:
+            raise ValueError(f"x: empty batch (shape {tuple(x.shape)}); need at least one sample")
+        if deadline_s is not None and (
+            isinstance(deadline_s, bool)
+            or not isinstance(deadline_s, (int, float))
+            or math.isnan(deadline_s)
+            or deadline_s < 0
+        ):
+            raise ValueError(f"deadline_s: expected seconds >= 0 or None, got {deadline_s!r}")
+        if self.model.training:
+            raise RuntimeError("model: is in training mode; early-exit inference needs model.eval()")
+        plan = self._plan(x.shape[0], thresholds, budget, quota)
+        deadline = None if deadline_s is None else start + float(deadline_s)
+        if torch.is_inference_mode_enabled():
+            return self._run(x, plan, deadline, start)
+        with torch.inference_mode():
+            return self._run(x, plan, deadline, start)
+
+    def _run(self, x: torch.Tensor, plan: _Plan, deadline: float | None, start: float) -> EarlyExitResult:
+        """The stage loop (under inference_mode); ``start`` is the call's perf_counter()."""
+        n, num_exits = x.shape[0], self.num_exits
+        step, make_buffers = self._kernels_for(x.device.type)
+        model, code = self.model, self._criterion_code
+        prediction, exit_index, confidence, active = make_buffers(x, n)
+        samples_per_exit = [0] * num_exits
+        stage_seconds = [0.0] * num_exits
+        reached = [0] * num_exits  # samples that ran stage k
+        evaluated = [0] * num_exits  # samples whose head k ran
+        deadline_exit = None
+        remaining, h = n, x
+        # Locals for the hot loop: per stage it is one stage call, one head call, one op call.
+        forward_stage, forward_head = model.forward_stage, model.forward_head
+        thresholds, counts = plan.thresholds, plan.exit_counts
+        clock, pos_inf, neg_inf, tensor_type = time.perf_counter, math.inf, -math.inf, torch.Tensor
+        t_prev = clock()
+        for k in range(num_exits):
+            h = forward_stage(k, h)
+            reached[k] = remaining
+            threshold, count = thresholds[k], counts[k]
+            if deadline is not None and deadline_exit is None and clock() >= deadline:
+                threshold, count, deadline_exit = neg_inf, -1, k
+            if count == 0 or (count < 0 and threshold == pos_inf):  # nobody leaves: skip head + decision
+                t_now = clock()
+                stage_seconds[k], t_prev = t_now - t_prev, t_now
+                continue
+            evaluated[k] = remaining
+            is_tensor = isinstance(h, tensor_type)
+            primary = None if (count < 0 and threshold == neg_inf) else (h if is_tensor else h[0])
+            active, keep, gathered = step(
+                forward_head(k, h),
+                active,
+                primary,
+                prediction,
+                exit_index,
+                confidence,
+                threshold,
+                code,
+                k,
+                count,
+            )
+            survivors = active.shape[0]
+            samples_per_exit[k], remaining = remaining - survivors, survivors
+            t_now = clock()
+            stage_seconds[k], t_prev = t_now - t_prev, t_now
+            if remaining == 0:
+                break
+            if is_tensor:
+                h = gathered
+            else:
+                rest = [t.index_select(0, keep) for t in h[1:]]
+                h = [gathered, *rest] if isinstance(h, list) else (gathered, *rest)
+        total_seconds = time.perf_counter() - start
+        costs = self._costs_for(x)  # after the clock: the first call per input shape measures FLOPs
+        exit_flops = costs.exit_flops
+        mean_flops = sum(map(operator.mul, samples_per_exit, exit_flops)) / n
+        executed = sum(map(operator.mul, reached, costs.stage_flops))
+        executed += sum(map(operator.mul, evaluated, costs.head_flops))
+        stats = EarlyExitStats(
+            tuple(samples_per_exit),
+            mean_flops,
+            executed / n,
+            exit_flops[-1],
+            tuple(stage_seconds),
+            total_seconds,
+            deadline_exit,
+        )
+        return EarlyExitResult(prediction, exit_index, confidence, stats)
+
+    def stream(
+        self,
+        batches: Iterable[torch.Tensor],
+        *,
+        thresholds=None,
+        budget: float | None = None,
+        quota=None,
+        deadline_s: float | None = None,
+        batch_size: int | None = None,
+    ):
+        """Early exit over a stream of input batches with one queue per stage: stage k runs
+        only on ``batch_size`` queued samples (default: the first batch's size), so late
+        stages do not run at tiny batch sizes; the rest is flushed at the end.
+
+        Returns an iterator of :class:`EarlyExitResult`, one per input batch, in input
+        order, each yielded as soon as all its samples have exited. Predictions and exits
+        equal those of :meth:`predict` with the same thresholds (decisions are per sample);
+        ``stats.stage_seconds[k]`` is the batch's rows that ran stage k times the stream's
+        mean time per row at stage k so far, and ``stats.total_seconds`` the batch's latency
+        in the stream. ``quota`` (a per-batch
+        cost) and ``deadline_s`` are not defined for a rebatched stream and raise.
+        """
+        from ann_kernels.inference.stream import StageQueues
+
+        if quota is not None:
+            raise ValueError(
+                "quota: a per-batch exit quota is not defined when batches are regrouped; "
+                "use thresholds or budget with stream(), or quota with predict()"
+            )
+        if deadline_s is not None:
+            raise ValueError("deadline_s: not supported by stream(); use predict(..., deadline_s=...)")
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        ):
+            raise ValueError(f"batch_size: expected a positive int or None, got {batch_size!r}")
+        if self.model.training:
+            raise RuntimeError("model: is in training mode; early-exit inference needs model.eval()")
+        plan = self._plan(1, thresholds, budget, None)
+        return StageQueues(self, plan, batch_size).run(batches)
+
+
+def _as_float_list(values, name: str) -> list[float]:
+    """Floats of a list / tuple / 1-D tensor (a fast path: predict() runs this per call)."""
+    if isinstance(values, (list, tuple)):
+        try:
+            return list(map(float, values))
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"{name}: expected numbers, got {list(values)!r}") from error
+    if isinstance(values, torch.Tensor):
+        if values.dim() != 1:
+            raise ValueError(f"{name}: expected a 1-D sequence, got shape {tuple(values.shape)}")
+        return values.tolist()
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(
+            f"{name}: expected a sequence of numbers or a 1-D tensor, got {type(values).__name__}"
+        )
+    return _as_float_list(list(values), name)
+
+
+def _labelled_batches(data, targets, batch_size: int):
+    """(x, y) batches from a tensor + targets, a Dataset of pairs, or an iterable of pairs."""
+    if isinstance(data, torch.Tensor):
+        if targets is None:
+            raise ValueError("targets: required when data is a tensor of inputs")
+        targets = torch.as_tensor(targets)
+        if targets.shape != (data.shape[0],):
+            raise ValueError(
+                f"targets: expected shape [{data.shape[0]}] (one label per input), got {tuple(targets.shape)}"
+            )
+        return (
+            (data[i : i + batch_size], targets[i : i + batch_size])
+            for i in range(0, data.shape[0], batch_size)
+        )
+    if targets is not None:
+        raise ValueError("targets: only with a tensor of inputs; datasets and loaders carry their labels")
+    if isinstance(data, Dataset):
+        return iter(DataLoader(data, batch_size=batch_size, shuffle=False))
+    if isinstance(data, Iterable):
+        return iter(data)
+    raise TypeError(
+        f"data: expected a tensor, a Dataset or an iterable of (x, y) batches, got {type(data).__name__}"
+    )

@@ -1,0 +1,249 @@
+"""Stream rebatching for :meth:`ann_kernels.EarlyExitEngine.stream`.
+
+Early exit shrinks a batch stage by stage, so on a stream of batches the late stages would
+run at tiny batch sizes (poor utilisation, per-call overhead). Here every stage k has a FIFO
+queue of (hidden state, buffer positions); stage k runs only when its queue holds
+``batch_size`` samples, on exactly that many, and its survivors join queue k+1. When the
+input ends, the queues are flushed in stage order (partial batches).
+
+Results are written by the exit op straight into stream-wide output buffers (grown by
+doubling, and shifted down once finished batches are handed out); a batch's results are
+views of them. Every queue piece is tagged with the earliest input batch its rows may come
+from; each stage consumes its queue in order and the op keeps row order, so the tags never
+decrease along a queue, and batch b is complete once every queue head's tag exceeds b.
+Completed batches are yielded in input order.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from typing import NamedTuple
+
+import torch
+
+from ann_kernels.ops.early_exit import step_function
+
+__all__ = ["StageQueues"]
+
+_MIN_CAPACITY = 1024
+
+
+class _PendingBatch(NamedTuple):
+    number: int  # its index in the input stream
+    start: int  # global position of the batch's first sample
+    end: int  # one past its last
+    arrived: float  # perf_counter() when it entered the stream
+
+
+def _concat(pieces):
+    if len(pieces) == 1:
+        return pieces[0]
+    if isinstance(pieces[0], torch.Tensor):
+        return torch.cat(pieces)
+    parts = [torch.cat([p[i] for p in pieces]) for i in range(len(pieces[0]))]
+    return parts if isinstance(pieces[0], list) else tuple(parts)
+
+
+def _split(hidden, rows: int):
+    if isinstance(hidden, torch.Tensor):
+        return hidden[:rows], hidden[rows:]
+    head, tail = [t[:rows] for t in hidden], [t[rows:] for t in hidden]
+    return (head, tail) if isinstance(hidden, list) else (tuple(head), tuple(tail))
+
+
+class StageQueues:
+    """One stream run: ``StageQueues(engine, plan, batch_size).run(batches)`` yields an
+    :class:`~ann_kernels.inference.engine.EarlyExitResult` per input batch, in order."""
+
+    def __init__(self, engine, plan, batch_size: int | None) -> None:
+        self.engine, self.plan, self.batch_size = engine, plan, batch_size
+        num_exits = engine.num_exits
+        # Queue items: (hidden, positions [n] int64, number of the earliest input batch the rows may
+        # come from). The tags only grow along a queue, so completion needs no tensor reads.
+        self.queues: list[deque] = [deque() for _ in range(num_exits)]
+        self.queued = [0] * num_exits
+        self.pending: deque[_PendingBatch] = deque()
+        self.base = 0  # global position of buffer index 0
+        self.next_start = 0  # global position of the next input sample
+        self.capacity = 0
+        self.prediction = self.exit_index = self.confidence = None
+        self.step = self.costs = self.device = None
+        self.stage_seconds = [0.0] * num_exits  # wall time of every run of stage k so far
+        self.stage_rows = [0] * num_exits  # rows those runs processed
+
+    # ------------------------------------------------------------------ driver
+    def run(self, batches):
+        # inference_mode only around the compute: a generator must not leak it to the consumer.
+        for number, x in enumerate(batches):
+            with torch.inference_mode():
+                self._push_input(number, x)
+                self._run_stages(flush=False)
+            yield from self._completed()
+        with torch.inference_mode():
+            self._run_stages(flush=True)
+        yield from self._completed()
+
+    def _push_input(self, number: int, x) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] == 0:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"batches: batch {number} must be a non-empty tensor [n, ...], got {got}")
+        if self.step is None:
+            self.device = x.device
+            self.step = step_function(x.device.type)
+            self.costs = self.engine._costs_for(x)
+            self.batch_size = self.batch_size or x.shape[0]
+        n = x.shape[0]
+        self._ensure_capacity(self.next_start + n - self.base)
+        positions = torch.arange(
+            self.next_start - self.base, self.next_start - self.base + n, device=self.device
+        )
+        self.queues[0].append((x, positions, number))
+        self.queued[0] += n
+        self.pending.append(_PendingBatch(number, self.next_start, self.next_start + n, time.perf_counter()))
+        self.next_start += n
+
+    def _run_stages(self, flush: bool) -> None:
+        for k in range(self.engine.num_exits):
+            while self.queued[k] >= self.batch_size or (flush and self.queued[k] > 0):
+                self._run_stage(k, min(self.batch_size, self.queued[k]))
+
+    # ------------------------------------------------------------------ one stage run
+    def _take(self, k: int, rows: int):
+        """The first ``rows`` queued samples of stage k: (hidden, positions, batch tag)."""
+        queue, hidden_pieces, position_pieces, taken = self.queues[k], [], [], 0
+        tag = queue[0][2]
+        while taken < rows:
+            hidden, positions, piece_tag = queue.popleft()
+            n = positions.shape[0]
+            if taken + n > rows:
+                want = rows - taken
+                hidden, rest = _split(hidden, want)
+                queue.appendleft((rest, positions[want:], piece_tag))
+                positions, n = positions[:want], want
+            hidden_pieces.append(hidden)
+            position_pieces.append(positions)
+            taken += n
+        self.queued[k] -= rows
+        return _concat(hidden_pieces), _concat(position_pieces), tag
+
+    def _run_stage(self, k: int, rows: int) -> None:
+        start = time.perf_counter()
+        model = self.engine.model
+        hidden, positions, tag = self._take(k, rows)
+        hidden = model.forward_stage(k, hidden)
+        threshold = self.plan.thresholds[k]
+        survivors, survivor_hidden = positions, hidden
+        if threshold != math.inf:  # +inf: nobody leaves here, skip head and decision
+            logits = model.forward_head(k, hidden)
+            is_tensor = isinstance(hidden, torch.Tensor)
+            primary = None if threshold == -math.inf else (hidden if is_tensor else hidden[0])
+            survivors, keep, gathered = self.step(
+                logits,
+                positions,
+                primary,
+                self.prediction,
+                self.exit_index,
+                self.confidence,
+                threshold,
+                self.engine._criterion_code,
+                k,
+                -1,
+            )
+            if survivors.shape[0] and not is_tensor:
+                rest = [t.index_select(0, keep) for t in hidden[1:]]
+                gathered = [gathered, *rest] if isinstance(hidden, list) else (gathered, *rest)
+            survivor_hidden = gathered
+        if survivors.shape[0]:
+            self.queues[k + 1].append((survivor_hidden, survivors, tag))
+            self.queued[k + 1] += survivors.shape[0]
+        self._attribute(k, rows, time.perf_counter() - start)
+
+    def _attribute(self, k: int, rows: int, seconds: float) -> None:
+        self.stage_seconds[k] += seconds
+        self.stage_rows[k] += rows
+
+    # ------------------------------------------------------------------ buffers and results
+    def _ensure_capacity(self, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        capacity = max(needed, 2 * self.capacity, _MIN_CAPACITY)
+        buffers = (
+            torch.empty(capacity, dtype=torch.int64, device=self.device),
+            torch.empty(capacity, dtype=torch.int64, device=self.device),
+            torch.empty(capacity, dtype=torch.float32, device=self.device),
+        )
+        if self.prediction is not None:
+            for new, old in zip(buffers, (self.prediction, self.exit_index, self.confidence)):
+                new[: self.capacity] = old
+        self.prediction, self.exit_index, self.confidence = buffers
+        self.capacity = capacity
+
+    def _earliest_queued_batch(self) -> float:
+        """Number of the earliest input batch that may still have a queued sample (inf if none)."""
+        return min((queue[0][2] for queue in self.queues if queue), default=math.inf)
+
+    def _completed(self):
+        from ann_kernels.inference.engine import EarlyExitResult, EarlyExitStats
+
+        done_before = self._earliest_queued_batch()
+        results = []
+        while self.pending and self.pending[0].number < done_before:
+            batch = self.pending.popleft()
+            lo, hi = batch.start - self.base, batch.end - self.base
+            # Views, not copies: finished positions are never written again, and buffers are
+            # replaced (never modified in place) when they grow or shift.
+            exits = self.exit_index[lo:hi]
+            counts = torch.bincount(exits, minlength=self.engine.num_exits).tolist()
+            # A batch's share of stage k: its rows that ran stage k x the stream's mean time per row there.
+            reached = [sum(counts[k:]) for k in range(len(counts))]
+            shares = tuple(
+                r * t / n if n else 0.0 for r, t, n in zip(reached, self.stage_seconds, self.stage_rows)
+            )
+            stats = EarlyExitStats(
+                tuple(counts),
+                self._mean(counts, self.costs.exit_flops),
+                self._mean(counts, self._executed_costs()),
+                self.costs.exit_flops[-1],
+                shares,
+                time.perf_counter() - batch.arrived,
+                None,
+            )
+            results.append(EarlyExitResult(self.prediction[lo:hi], exits, self.confidence[lo:hi], stats))
+        if results:
+            with torch.inference_mode():
+                self._shift_buffers()
+        return results
+
+    def _executed_costs(self) -> list[float]:
+        """Per exit e: FLOPs run for a sample leaving there (stages 0..e, heads that ran)."""
+        costs, total = [], 0.0
+        for k, (stage, head) in enumerate(zip(self.costs.stage_flops, self.costs.head_flops)):
+            total += stage
+            costs.append(total + head)
+            if self.plan.thresholds[k] != math.inf:
+                total += head
+        return costs
+
+    @staticmethod
+    def _mean(counts, costs) -> float:
+        n = sum(counts)
+        return sum(c * f for c, f in zip(counts, costs)) / n if n else 0.0
+
+    def _shift_buffers(self) -> None:
+        """Drop the buffer prefix of batches already handed out, once it is at least half."""
+        first_live = self.pending[0].start if self.pending else self.next_start
+        shift = first_live - self.base
+        if shift < _MIN_CAPACITY or 2 * shift < self.capacity:
+            return
+        live = self.next_start - first_live
+        for name in ("prediction", "exit_index", "confidence"):
+            old = getattr(self, name)
+            new = torch.empty_like(old)
+            new[:live] = old[shift : shift + live]
+            setattr(self, name, new)
+        for queue in self.queues:
+            for _, positions, _ in queue:
+                positions.sub_(shift)
+        self.base = first_live

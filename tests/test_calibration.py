@@ -1,0 +1,141 @@
+"""MSDNet threshold calibration: a hand-worked example, the budget search, bad input."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from ann_kernels import calibrate_for_budget, calibrate_thresholds
+from ann_kernels.inference.calibration import (
+    candidate_exit_fractions,
+    geometric_exit_fractions,
+    simulate_thresholds,
+)
+
+INF = math.inf
+
+# Three exits, six held-out samples (rows = exits).
+CONFIDENCE = torch.tensor(
+    [
+        [0.90, 0.20, 0.80, 0.40, 0.60, 0.10],
+        [0.50, 0.70, 0.30, 0.95, 0.60, 0.65],
+        [0.99, 0.99, 0.99, 0.99, 0.99, 0.99],
+    ]
+)
+
+
+def test_hand_worked_equal_fractions():
+    # p = 1/3 each: floor(6/3) = 2 per exit.
+    # exit 0: sorted 0.9 (s0), 0.8 (s2) -> T0 = 0.8; s0, s2 exit.
+    # exit 1: remaining s1 .7, s3 .95, s4 .6, s5 .65 -> 2nd most confident: 0.7; s1, s3 exit.
+    # exit 2: -inf (takes s4, s5).
+    thresholds = calibrate_thresholds(CONFIDENCE, [1 / 3, 1 / 3, 1 / 3])
+    assert thresholds.tolist() == pytest.approx([0.8, 0.7, -INF])
+    assert thresholds.dtype == CONFIDENCE.dtype
+
+
+def test_hand_worked_zero_fraction_gives_inf():
+    # p0 = 0: nobody leaves at exit 0 (+inf); exit 1: floor(6 * 0.5) = 3 of all six -> 0.65.
+    thresholds = calibrate_thresholds(CONFIDENCE, [0.0, 0.5, 0.5])
+    assert thresholds.tolist() == pytest.approx([INF, 0.65, -INF])
+
+
+def test_ties_exit_together_and_too_few_remaining_gives_inf():
+    confidence = torch.tensor([[0.5, 0.5, 0.5, 0.5, 0.1, 0.1], [0.9, 0.8, 0.7, 0.6, 0.5, 0.4], [0.0] * 6])
+    # exit 0: count 1 -> T0 = 0.5, but all four tied samples leave (>=).
+    # exit 1: count floor(6 * 4/6) = 4 > 2 remaining -> +inf (MSDNet's rule).
+    thresholds = calibrate_thresholds(confidence, [1 / 6, 4 / 6, 1 / 6])
+    assert thresholds.tolist() == pytest.approx([0.5, INF, -INF])
+
+
+def test_floor_is_robust_to_binary_rounding():
+    # 100 * 0.29 = 28.999999999999996 in binary floating point; MSDNet's floor means 29.
+    confidence = torch.linspace(1.0, 0.01, 100).unsqueeze(0).repeat(2, 1)
+    thresholds = calibrate_thresholds(confidence, [0.29, 0.71])
+    assert thresholds[0] == confidence[0, 28]
+
+
+def test_simulation_matches_hand_count():
+    correct = torch.tensor([[1, 0, 1, 0, 0, 0], [0, 1, 0, 1, 0, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    flops = torch.tensor([1.0, 2.0, 4.0])
+    thresholds = torch.tensor([0.8, 0.7, -INF])
+    accuracy, cost, counts = simulate_thresholds(CONFIDENCE, correct, flops, thresholds)
+    # s0, s2 at exit 0 (both right); s1, s3 at exit 1 (right); s4, s5 at exit 2 (right).
+    assert counts.tolist() == [2, 2, 2]
+    assert float(accuracy) == pytest.approx(1.0)
+    assert float(cost) == pytest.approx((2 * 1 + 2 * 2 + 2 * 4) / 6)
+
+
+def test_geometric_family():
+    p = geometric_exit_fractions(4, 0.5)
+    expected = torch.tensor([0.5, 0.25, 0.125, 0.0625], dtype=torch.float64)
+    assert torch.allclose(p, expected / expected.sum())
+    assert torch.allclose(geometric_exit_fractions(3, 1.0), torch.full((3,), 1 / 3, dtype=torch.float64))
+    candidates = candidate_exit_fractions(5)
+    assert torch.allclose(candidates.sum(dim=1), torch.ones(len(candidates), dtype=torch.float64))
+
+
+def synthetic_held_out(k=5, n=2000, seed=0):
+    """Later exits more confident and more often right, like a trained ANN."""
+    gen = torch.Generator().manual_seed(seed)
+    difficulty = torch.rand(n, generator=gen)
+    skill = torch.linspace(0.3, 0.9, k).unsqueeze(1)
+    confidence = (skill - difficulty + 0.1 * torch.randn(k, n, generator=gen)).sigmoid()
+    correct = (skill + 0.2 * torch.randn(k, n, generator=gen)) > difficulty
+    flops = torch.tensor([float(2**j) for j in range(k)])
+    return confidence, correct, flops
+
+
+@pytest.mark.parametrize("fraction_of_full", [0.1, 0.3, 0.6, 1.0])
+def test_budget_is_met_and_beats_every_msdnet_member(fraction_of_full):
+    confidence, correct, flops = synthetic_held_out()
+    budget = max(float(flops[0]), fraction_of_full * float(flops[-1]))
+    result = calibrate_for_budget(confidence, correct, flops, budget)
+    assert result.mean_flops <= budget + 1e-9
+    accuracy, cost, _ = simulate_thresholds(confidence, correct, flops, result.thresholds)
+    assert float(accuracy) == pytest.approx(result.accuracy) and float(cost) == pytest.approx(
+        result.mean_flops
+    )
+    assert result.thresholds[-1] == -INF
+    for i in range(1, 40):  # MSDNet's own search grid
+        thresholds = calibrate_thresholds(confidence, geometric_exit_fractions(5, i / 20))
+        acc, c, _ = simulate_thresholds(confidence, correct, flops, thresholds)
+        if float(c) <= budget:
+            assert result.accuracy >= float(acc) - 1e-12
+
+
+def test_accuracy_grows_with_budget_and_edges():
+    confidence, correct, flops = synthetic_held_out(seed=1)
+    budgets = torch.linspace(float(flops[0]), float(flops[-1]), 7).tolist()
+    accuracies = [calibrate_for_budget(confidence, correct, flops, b).accuracy for b in budgets]
+    assert all(b >= a - 1e-12 for a, b in itertools.pairwise(accuracies))
+    cheapest = calibrate_for_budget(confidence, correct, flops, float(flops[0]))
+    assert cheapest.mean_flops == pytest.approx(float(flops[0]))
+    assert cheapest.exit_counts[0] == confidence.shape[1]
+
+
+def test_bad_inputs_name_the_argument():
+    confidence, correct, flops = synthetic_held_out(k=3, n=50)
+    with pytest.raises(ValueError, match="budget.*below the cheapest exit"):
+        calibrate_for_budget(confidence, correct, flops, 0.5 * float(flops[0]))
+    with pytest.raises(ValueError, match="budget.*above the full network"):
+        calibrate_for_budget(confidence, correct, flops, 2 * float(flops[-1]))
+    with pytest.raises(ValueError, match="budget"):
+        calibrate_for_budget(confidence, correct, flops, math.nan)
+    with pytest.raises(ValueError, match="exit_flops"):
+        calibrate_for_budget(confidence, correct, flops[:2], 2.0)
+    with pytest.raises(ValueError, match="correct"):
+        calibrate_for_budget(confidence, correct[:, :10], flops, 2.0)
+    with pytest.raises(ValueError, match="exit_fractions"):
+        calibrate_thresholds(confidence, [0.5, 0.5])
+    with pytest.raises(ValueError, match="exit_fractions"):
+        calibrate_thresholds(confidence, [0.6, 0.6, 0.1])
+    with pytest.raises(ValueError, match="exit_fractions"):
+        calibrate_thresholds(confidence, [-0.1, 0.5, 0.5])
+    with pytest.raises(ValueError, match="confidence"):
+        calibrate_thresholds(confidence[0], [1.0])
+    with pytest.raises(ValueError, match="confidence"):
+        calibrate_thresholds(torch.empty(3, 0), [0.2, 0.2, 0.6])

@@ -1,0 +1,439 @@
+"""EarlyExitEngine: invariants (+inf = full depth, -inf = exit 0, per-sample decisions equal
+a full-network simulation), tuple hidden states, quota, deadline, budget, stream == predict,
+threads, bad input."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from ann_kernels import EarlyExitEngine
+from ann_kernels.inference import engine as engine_module
+from ann_kernels.nn import MultiExitNetwork, mlp_ann
+from ann_kernels.ops.early_exit import early_exit_step_reference, exit_confidence_reference
+from tests.utils import requires_ext
+
+pytestmark = requires_ext
+INF = math.inf
+K = 4
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small matmuls on a shared 2-core machine: one intra-op thread is faster and steadier."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def small_mlp(seed: int = 0) -> MultiExitNetwork:
+    torch.manual_seed(seed)
+    return mlp_ann(in_features=16, hidden=32, num_exits=K, num_classes=5)
+
+
+class TwoScale(nn.Module):
+    """A stage with a tuple hidden state (two tensors of different trailing shapes)."""
+
+    def __init__(self, first: bool):
+        super().__init__()
+        self.first = first
+        self.a = nn.Linear(16 if first else 8, 8)
+        self.b = nn.Conv2d(1 if first else 2, 2, 3, padding=1)
+
+    def forward(self, h):
+        if self.first:
+            return torch.relu(self.a(h)), torch.relu(self.b(h[:, :9].reshape(-1, 1, 3, 3)))
+        a, b = h
+        return torch.relu(self.a(a)), torch.relu(self.b(b))
+
+
+class TwoScaleHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8 + 18, 5)
+
+    def forward(self, h):
+        a, b = h
+        return self.linear(torch.cat([a, b.flatten(1)], dim=1))
+
+
+def tuple_net(seed: int = 0) -> MultiExitNetwork:
+    torch.manual_seed(seed)
+    return MultiExitNetwork(
+        [TwoScale(k == 0) for k in range(3)], [TwoScaleHead() for _ in range(3)], num_classes=5
+    )
+
+
+def inputs(n: int, seed: int = 1) -> torch.Tensor:
+    return 2 * torch.randn(n, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def simulate(model, x, thresholds, criterion="max_prob"):
+    """Oracle: run the whole network, then take for each sample the first exit whose
+    (reference) confidence reaches its threshold; the last exit always accepts."""
+    with torch.no_grad():
+        logits = model(x)
+    conf = torch.stack([exit_confidence_reference(z, criterion)[0] for z in logits])
+    passes = conf >= torch.tensor(thresholds, dtype=torch.float32).unsqueeze(1)
+    passes[-1] = True
+    exit_at = passes.to(torch.int8).argmax(dim=0)
+    preds = torch.stack([z.argmax(dim=1) for z in logits])
+    rows = torch.arange(x.shape[0])
+    return preds[exit_at, rows], exit_at, conf[exit_at, rows], conf
+
+
+def safe_thresholds(conf: torch.Tensor, quantile: float, gap: float = 1e-4) -> list[float]:
+    """Per exit, a threshold near the quantile lying in a gap between observed confidences."""
+    out = []
+    for row in conf:
+        values = torch.unique(row.double()).tolist()
+        mids = [(a + b) / 2 for a, b in itertools.pairwise(values) if b - a > gap] or [values[-1] + gap]
+        target = float(torch.quantile(row.double(), quantile))
+        out.append(min(mids, key=lambda t: abs(t - target)))
+    return out
+
+
+def test_infinite_thresholds_give_full_depth_exactly():
+    model, x = small_mlp(), inputs(100)
+    result = EarlyExitEngine(model).predict(x, thresholds=[INF] * K)
+    with torch.no_grad():
+        last = model(x)[-1]
+    assert torch.equal(result.prediction, last.argmax(dim=1))
+    assert (result.exit_index == K - 1).all()
+    assert result.stats.samples_per_exit == (0,) * (K - 1) + (100,)
+    assert result.stats.mean_flops == pytest.approx(result.stats.full_flops)
+    assert torch.allclose(result.confidence, exit_confidence_reference(last)[0], atol=2e-6)
+
+
+def test_minus_inf_thresholds_exit_everyone_at_the_first_exit():
+    model, x = small_mlp(), inputs(50)
+    result = EarlyExitEngine(model).predict(x, thresholds=[-INF] * K)
+    with torch.no_grad():
+        first = model(x)[0]
+    assert (result.exit_index == 0).all() and torch.equal(result.prediction, first.argmax(dim=1))
+    assert result.stats.samples_per_exit == (50,) + (0,) * (K - 1)
+    assert result.stats.stage_seconds[1:] == (0.0,) * (K - 1)
+
+
+@pytest.mark.parametrize("criterion", ["max_prob", "entropy", "margin"])
+@pytest.mark.parametrize("quantile", [0.2, 0.6, 0.9])
+def test_decisions_equal_full_network_simulation(criterion, quantile):
+    model, x = small_mlp(seed=2), inputs(300, seed=3)
+    _, _, _, conf = simulate(model, x, [0.0] * K, criterion)
+    thresholds = safe_thresholds(conf, quantile)
+    result = EarlyExitEngine(model, criterion=criterion).predict(x, thresholds=thresholds)
+    prediction, exit_at, confidence, _ = simulate(model, x, thresholds, criterion)
+    assert torch.equal(result.exit_index, exit_at)
+    assert torch.equal(result.prediction, prediction)
+    assert torch.allclose(result.confidence, confidence, atol=1e-5)
+    counts = torch.bincount(exit_at, minlength=K).tolist()
+    assert list(result.stats.samples_per_exit) == counts
+    flops = EarlyExitEngine(model).exit_flops(x)
+    assert result.stats.mean_flops == pytest.approx(float((flops[exit_at]).mean()))
+    assert result.stats.executed_flops >= result.stats.mean_flops
+
+
+def test_tuple_hidden_state():
+    model, x = tuple_net(), inputs(120, seed=4)
+    _, _, _, conf = simulate(model, x, [0.0] * 3)
+    thresholds = safe_thresholds(conf, 0.5)
+    result = EarlyExitEngine(model).predict(x, thresholds=thresholds)
+    prediction, exit_at, _, _ = simulate(model, x, thresholds)
+    assert torch.equal(result.exit_index, exit_at) and torch.equal(result.prediction, prediction)
+    assert 0 < int((exit_at == 0).sum()) < 120, "the test needs samples that continue past exit 0"
+
+
+def test_quota_takes_the_most_confident_remaining_samples():
+    model, x = small_mlp(seed=5), inputs(100, seed=6)
+    quota = [0.25, 0.3, 0.0, 0.2]
+    result = EarlyExitEngine(model).predict(x, quota=quota)
+    # floor(N * cumulative) - already exited: 25, 30, 0, then the last exit takes the rest.
+    assert result.stats.samples_per_exit == (25, 30, 0, 45)
+    with torch.no_grad():
+        conf0 = exit_confidence_reference(model(x)[0])[0]
+    left_first = result.exit_index == 0
+    assert float(conf0[left_first].min()) >= float(conf0[~left_first].max()) - 1e-6
+
+
+def test_quota_errors():
+    engine, x = EarlyExitEngine(small_mlp()), inputs(10)
+    with pytest.raises(ValueError, match="quota.*sum to at most 1"):
+        engine.predict(x, quota=[0.5, 0.4, 0.2, 0.0])
+    with pytest.raises(ValueError, match="quota"):
+        engine.predict(x, quota=[0.5, 0.5])
+    with pytest.raises(ValueError, match="quota"):
+        engine.predict(x, quota=[-0.1, 0.5, 0.1, 0.1])
+
+
+class SlowStage(nn.Module):
+    def __init__(self, inner: nn.Module, seconds: float):
+        super().__init__()
+        self.inner, self.seconds = inner, seconds
+
+    def forward(self, h):
+        time.sleep(self.seconds)
+        return self.inner(h)
+
+
+def test_deadline_zero_returns_exit_zero_predictions():
+    model, x = small_mlp(), inputs(40)
+    result = EarlyExitEngine(model).predict(x, thresholds=[INF] * K, deadline_s=0)
+    with torch.no_grad():
+        first = model(x)[0]
+    assert (result.exit_index == 0).all() and torch.equal(result.prediction, first.argmax(dim=1))
+    assert result.stats.deadline_exit == 0
+
+
+def test_deadline_mid_network_returns_latest_predictions():
+    base = small_mlp(seed=7)
+    stages = list(base.stages)
+    stages[1] = SlowStage(stages[1], 0.05)
+    model = MultiExitNetwork(stages, list(base.heads), num_classes=5)
+    x = inputs(30)
+    result = EarlyExitEngine(model).predict(x, deadline_s=0.02)  # passes during stage 1
+    with torch.no_grad():
+        second = model(x)[1]
+    assert (result.exit_index == 1).all() and torch.equal(result.prediction, second.argmax(dim=1))
+    assert result.stats.deadline_exit == 1
+    relaxed = EarlyExitEngine(model).predict(x, deadline_s=60.0)
+    assert (relaxed.exit_index == K - 1).all() and relaxed.stats.deadline_exit is None
+
+
+def test_budget_from_calibration():
+    model = small_mlp(seed=8)
+    engine = EarlyExitEngine(model)
+    with pytest.raises(RuntimeError, match="calibrate"):
+        engine.predict(inputs(10), budget=1e5)
+    val_x = inputs(400, seed=9)
+    with torch.no_grad():
+        val_y = model(val_x)[-1].argmax(dim=1)  # the last exit is "right" by construction
+    calibration = engine.calibrate(val_x, val_y, batch_size=128)
+    assert calibration.confidence.shape == (K, 400) and calibration.correct.dtype == torch.bool
+    flops = calibration.exit_flops
+    budget = float(flops[0] + 0.4 * (flops[-1] - flops[0]))
+    planned = engine.calibrate_budget(budget)
+    result = engine.predict(val_x, budget=budget)
+    # Same samples as calibration: the realised cost is the held-out cost (up to boundary
+    # samples whose confidence differs in the last bit between batch sizes).
+    assert result.stats.mean_flops == pytest.approx(planned.mean_flops, rel=0.02)
+    assert result.stats.mean_flops <= budget * 1.02
+    with pytest.raises(ValueError, match="budget.*below the cheapest exit"):
+        engine.predict(val_x, budget=0.5 * float(flops[0]))
+    with pytest.raises(ValueError, match="budget.*above the full network"):
+        engine.predict(val_x, budget=2 * float(flops[-1]))
+    loader = [(val_x[i : i + 100], val_y[i : i + 100]) for i in range(0, 400, 100)]
+    again = engine.calibrate(loader)
+    assert torch.equal(again.correct, calibration.correct)
+    assert torch.allclose(again.confidence, calibration.confidence, atol=1e-6)
+
+
+@pytest.mark.parametrize("net", ["mlp", "tuple"])
+def test_stream_equals_predict(net):
+    model = small_mlp(seed=10) if net == "mlp" else tuple_net(seed=10)
+    x = inputs(157, seed=11)
+    engine = EarlyExitEngine(model)
+    _, _, _, conf = simulate(model, x, [0.0] * model.num_exits)
+    thresholds = safe_thresholds(conf, 0.5)
+    expected = engine.predict(x, thresholds=thresholds)
+    sizes = [40, 1, 33, 50, 33]
+    batches = list(torch.split(x, sizes))
+    results = list(engine.stream(iter(batches), thresholds=thresholds, batch_size=16))
+    assert [r.prediction.shape[0] for r in results] == sizes
+    assert torch.equal(torch.cat([r.prediction for r in results]), expected.prediction)
+    assert torch.equal(torch.cat([r.exit_index for r in results]), expected.exit_index)
+    assert torch.allclose(torch.cat([r.confidence for r in results]), expected.confidence, atol=1e-6)
+    for r in results:
+        assert sum(r.stats.samples_per_exit) == r.prediction.shape[0]
+    assert not torch.is_inference_mode_enabled()
+
+
+def test_stream_long_run_shifts_buffers():
+    model, engine = small_mlp(seed=12), None
+    engine = EarlyExitEngine(model)
+    x = inputs(3000, seed=13)
+    thresholds = [0.5, 0.5, 0.5, -INF]
+    expected = engine.predict(x, thresholds=thresholds)
+    results = list(engine.stream(torch.split(x, 100), thresholds=thresholds))
+    assert torch.equal(torch.cat([r.exit_index for r in results]), expected.exit_index)
+    assert torch.equal(torch.cat([r.prediction for r in results]), expected.prediction)
+
+
+def test_stream_rejects_quota_and_bad_batches():
+    engine = EarlyExitEngine(small_mlp())
+    with pytest.raises(ValueError, match="quota"):
+        engine.stream([inputs(4)], quota=[0.5, 0.5, 0, 0])
+    with pytest.raises(ValueError, match="deadline_s"):
+        engine.stream([inputs(4)], deadline_s=1.0)
+    with pytest.raises(ValueError, match="batches: batch 1"):
+        list(engine.stream([inputs(4), inputs(0)], thresholds=[INF] * K))
+
+
+def test_threads_give_serial_results():
+    model = small_mlp(seed=14)
+    engine = EarlyExitEngine(model)
+    xs = [inputs(64 + 8 * i, seed=20 + i) for i in range(6)]
+    modes = [
+        {"thresholds": [0.45, 0.5, 0.55, 0.0]},
+        {"quota": [0.2, 0.2, 0.2, 0.2]},
+        {"thresholds": [INF] * K},
+    ]
+    serial = [[engine.predict(x, **mode) for mode in modes] for x in xs]
+    outputs: dict[int, list] = {}
+    errors: list[BaseException] = []
+
+    def work(i):
+        try:
+            outputs[i] = [[engine.predict(x, **mode) for mode in modes] for x in xs[i:] + xs[:i]]
+        except Exception as error:  # noqa: BLE001  (surfaced below)
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i, per_thread in outputs.items():
+        for j, got in enumerate(per_thread):
+            for a, b in zip(got, serial[(i + j) % len(xs)]):
+                assert torch.equal(a.prediction, b.prediction) and torch.equal(a.exit_index, b.exit_index)
+
+
+def test_reference_fallback_gives_the_same_results(monkeypatch):
+    model, x = small_mlp(seed=15), inputs(80)
+    thresholds = [0.45, 0.5, 0.55, 0.0]
+    fast = EarlyExitEngine(model).predict(x, thresholds=thresholds)
+    monkeypatch.setattr(engine_module, "step_function", lambda device_type: early_exit_step_reference)
+    slow = EarlyExitEngine(model).predict(x, thresholds=thresholds)
+    assert torch.equal(fast.exit_index, slow.exit_index) and torch.equal(fast.prediction, slow.prediction)
+
+
+def test_bad_inputs_name_the_argument():
+    engine, x = EarlyExitEngine(small_mlp()), inputs(8)
+    with pytest.raises(TypeError, match="model"):
+        EarlyExitEngine(nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="criterion"):
+        EarlyExitEngine(small_mlp(), criterion="softmax")
+    with pytest.raises(ValueError, match="thresholds.*4 values"):
+        engine.predict(x, thresholds=[0.5, 0.5])
+    with pytest.raises(ValueError, match="thresholds.*NaN"):
+        engine.predict(x, thresholds=[0.5, math.nan, 0.5, 0.5])
+    with pytest.raises(ValueError, match="x: empty batch"):
+        engine.predict(x[:0], thresholds=[INF] * K)
+    with pytest.raises(ValueError, match="thresholds and quota"):
+        engine.predict(x, thresholds=[INF] * K, quota=[0.25] * K)
+    with pytest.raises(ValueError, match="deadline_s"):
+        engine.predict(x, deadline_s=-1.0)
+    with pytest.raises(TypeError, match="x"):
+        engine.predict([1, 2, 3])
+    engine.model.train()
+    with pytest.raises(RuntimeError, match="training mode"):
+        engine.predict(x)
+
+
+# ---------------------------------------------------------------- CLI: calibrate / infer
+
+
+@pytest.fixture
+def mlp_checkpoint(tmp_path):
+    """A checkpoint in the trainer's format: a small (untrained) MLP ANN on synthetic data."""
+    from ann_kernels.train.runs import build_model, make_spec
+    from ann_kernels.train.trainer import CHECKPOINT_FORMAT
+
+    spec = make_spec(
+        dataset="synthetic",
+        model="mlp",
+        limit_train=64,
+        limit_eval=300,
+        model_kwargs={"num_exits": 3, "hidden": 32},
+    )
+    spec.update(num_classes=10, input_shape=[1, 28, 28])
+    torch.manual_seed(0)
+    model = build_model("mlp", 10, (1, 28, 28), **spec["model_kwargs"])
+    path = tmp_path / "run" / "last.pt"
+    path.parent.mkdir()
+    torch.save({"format": CHECKPOINT_FORMAT, "spec": spec, "model": model.state_dict(), "epoch": 0}, path)
+    return path
+
+
+def test_cli_calibrate_and_infer(mlp_checkpoint, tmp_path, capsys):
+    from ann_kernels import cli
+
+    out = tmp_path / "calib"
+    assert (
+        cli.main(
+            [
+                "calibrate",
+                "--checkpoint",
+                str(mlp_checkpoint),
+                "--budgets",
+                "0.95",
+                "0.99",
+                "--out",
+                str(out),
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "test acc %" in printed and (out / "budgeted.png").stat().st_size > 0
+    import json
+
+    saved = json.loads((out / "calibration.json").read_text())
+    assert len(saved["budgets"]) == 2
+    for row in saved["budgets"]:
+        assert row["val_flops"] <= row["budget"] * (1 + 1e-9) and row["thresholds"][-1] == -INF
+    assert (
+        cli.main(
+            [
+                "infer",
+                "--checkpoint",
+                str(mlp_checkpoint),
+                "--budget",
+                "0.97",
+                "--batch-size",
+                "64",
+                "--threads",
+                "1",
+                "--warmup",
+                "1",
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "early exit : accuracy" in printed and "images/s" in printed and "speedup" in printed
+    assert (
+        cli.main(
+            [
+                "infer",
+                "--checkpoint",
+                str(mlp_checkpoint),
+                "--budget",
+                "0.97",
+                "--stream",
+                "--threads",
+                "1",
+                "--warmup",
+                "0",
+            ]
+        )
+        == 0
+    )
+
+
+def test_cli_budget_out_of_range_is_a_one_line_error(mlp_checkpoint, capsys):
+    from ann_kernels import cli
+
+    assert cli.main(["infer", "--checkpoint", str(mlp_checkpoint), "--budget", "1e15", "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "budget" in err and "above the full network" in err
