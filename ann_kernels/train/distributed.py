@@ -1,0 +1,68 @@
+"""Multi-process data-parallel training on CPU (``torch.distributed``, gloo backend).
+
+:class:`~ann_kernels.train.trainer.Trainer` notices an initialised process group by
+itself: it wraps the model in ``DistributedDataParallel``, shards the training set with a
+``DistributedSampler`` and, after every optimiser step, calls
+``loss_fn.weighting.synchronize_()`` (AdaLoss: all-reduce-average the running loss
+averages ``ema`` [K]) so every rank computes the same exit weights. Rank 0 alone
+evaluates, logs, checkpoints and plots.
+
+This module starts the processes: :func:`launch` spawns ``world_size`` local workers,
+each running ``fn(rank, world_size, *args)`` inside an initialised gloo group.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    """An unused local TCP port for the rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group(rank: int, world_size: int, port: int, *, threads: int | None = 1) -> None:
+    """Join a gloo group on localhost:``port`` as ``rank`` of ``world_size``.
+    ``threads``: intra-op threads per process (1 keeps 2 processes on 2 cores from
+    oversubscribing; None leaves torch's default)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank: expected 0 <= rank < world_size={world_size}, got {rank}")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+
+
+def _worker(rank: int, world_size: int, port: int, threads, fn: Callable, args: tuple) -> None:
+    init_process_group(rank, world_size, port, threads=threads)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(fn: Callable, world_size: int, *args, threads: int | None = 1) -> None:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned local processes, each
+    in an initialised gloo process group; wait for all of them. ``fn`` must be picklable
+    (a module-level function). A failing rank raises here (``ProcessRaisedException``)."""
+    if world_size < 1:
+        raise ValueError(f"world_size: expected >= 1 processes, got {world_size}")
+    mp.spawn(_worker, args=(world_size, free_port(), threads, fn, args), nprocs=world_size, join=True)
+
+
+def all_equal(tensor: torch.Tensor) -> bool:
+    """True iff ``tensor`` is bit-identical on every rank (compares against rank 0's copy)."""
+    ref = tensor.detach().clone()
+    dist.broadcast(ref, src=0)
+    same = torch.tensor([int(torch.equal(ref, tensor.detach()))])
+    dist.all_reduce(same, op=dist.ReduceOp.MIN)
+    return bool(same.item())

@@ -1,0 +1,190 @@
+"""Trainer on synthetic data: learning, checkpoints that resume bit-for-bit, metrics, plots."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from ann_kernels.losses import AnytimeLoss
+from ann_kernels.nn import MultiExitNetwork, mlp_ann
+from ann_kernels.train import (
+    TrainConfig,
+    Trainer,
+    exit_table,
+    load_splits,
+    plot_anytime,
+    plot_weights,
+    read_jsonl,
+    seed_everything,
+)
+from ann_kernels.train.metrics import format_flops, mean_std
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from 2 threads, and lose a lot when other processes load the CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    return load_splits("synthetic", limit_train=240, limit_eval=100, seed=0)
+
+
+def dropout_net(num_exits: int = 3, hidden: int = 24) -> MultiExitNetwork:
+    """A tiny MLP anytime network with dropout, so training consumes the global torch RNG."""
+    stages = [nn.Sequential(nn.Flatten(), nn.Linear(784, hidden), nn.ReLU(), nn.Dropout(0.2))]
+    stages += [nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(0.2)) for _ in range(num_exits - 1)]
+    heads = [nn.Linear(hidden, 10) for _ in range(num_exits)]
+    return MultiExitNetwork(stages, heads, num_classes=10)
+
+
+def make_trainer(data, out_dir, weighting="adaloss", *, resume=False, model_fn=dropout_net, **cfg):
+    cfg = {"epochs": 2, "batch_size": 40, "seed": 0, "progress": False, "lr": 0.05, **cfg}
+    seed_everything(cfg["seed"])
+    model = model_fn()
+    loss = AnytimeLoss(model.num_exits, weighting=weighting)
+    return Trainer(model, loss, data.train, val_set=data.val, test_set=data.test, config=TrainConfig(**cfg),
+                   out_dir=out_dir, spec={"weighting": weighting}, resume=resume)
+
+
+def test_trainer_learns_and_writes_everything(tiny_data, tmp_path):
+    trainer = make_trainer(tiny_data, tmp_path, epochs=3,
+                           model_fn=lambda: mlp_ann(in_features=784, hidden=32, num_exits=3))
+    history = trainer.fit()
+    assert [r["epoch"] for r in history] == [1, 2, 3] and trainer.step == 3 * 6
+    last = history[-1]
+    assert last["train_loss"] < history[0]["train_loss"]
+    # 10 classes: chance is 0.1; three epochs on 240 images get the last exit well above it.
+    assert last["test_acc"][-1] > 0.3 and last["val_acc"][-1] > 0.3
+    assert len(last["test_acc"]) == len(last["val_loss"]) == len(last["weights"]) == 3
+    flops = last["exit_flops"]
+    assert flops == sorted(flops) and flops[0] == pytest.approx(2 * (784 * 32 + 32 * 10))
+    # AdaLoss: weights sum to K (CONST base) and are not all equal once the losses differ.
+    assert sum(last["weights_last"]) == pytest.approx(3.0, rel=1e-5)
+    assert max(last["weights_last"]) - min(last["weights_last"]) > 1e-3
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert len(records) == 3 and records[-1]["test_acc"] == last["test_acc"]
+    assert records[0]["weights_trace"]["step"][0] == 0
+    for name in ("anytime.png", "weights.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert ckpt["epoch"] == 3 and ckpt["step"] == 18
+    assert set(ckpt["rng"]) == {"torch", "numpy", "python", "loader"}
+    assert set(ckpt) >= {"model", "loss", "optimizer", "scheduler", "config", "spec"}
+
+
+@pytest.mark.parametrize("weighting", ["adaloss", "oscillating"])
+def test_resume_is_bit_exact(tiny_data, tmp_path, weighting):
+    """2 epochs straight == 1 epoch, a 'crash', then resume for the 2nd epoch: every parameter,
+    buffer, optimiser state and loss-module state is bit-identical."""
+    straight = make_trainer(tiny_data, tmp_path / "a", weighting)
+    straight.fit()
+    first = make_trainer(tiny_data, tmp_path / "b", weighting)
+    first.fit(until_epoch=1)
+    del first
+    torch.manual_seed(12345)  # the resumed process starts with different RNG states
+    resumed = make_trainer(tiny_data, tmp_path / "b", weighting, resume=True)
+    assert resumed.epoch == 1 and resumed.step == 6
+    resumed.fit()
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    for (name, a), b in zip(straight.loss_fn.state_dict().items(), resumed.loss_fn.state_dict().values()):
+        assert torch.equal(a, b), name
+    opt_a, opt_b = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert all(torch.equal(opt_a[i]["momentum_buffer"], opt_b[i]["momentum_buffer"]) for i in opt_a)
+    rec_a, rec_b = read_jsonl(tmp_path / "a" / "metrics.jsonl"), read_jsonl(tmp_path / "b" / "metrics.jsonl")
+    assert len(rec_b) == 2
+    for key in ("train_loss", "weights", "test_acc", "val_loss", "lr"):
+        assert rec_a[-1][key] == rec_b[-1][key], key
+
+
+def test_resume_depends_on_restored_state(tiny_data, tmp_path):
+    """The exactness above is not vacuous: a fresh run with another seed ends elsewhere."""
+    a = make_trainer(tiny_data, None, "const", epochs=1)
+    a.fit()
+    b = make_trainer(tiny_data, None, "const", epochs=1, seed=1)
+    b.fit()
+    assert not torch.equal(a.model.heads[0].weight, b.model.heads[0].weight)
+
+
+def test_resume_refuses_other_settings(tiny_data, tmp_path):
+    make_trainer(tiny_data, tmp_path, "const", epochs=1).fit()
+    with pytest.raises(ValueError, match=r"last\.pt: was trained with epochs=1 but this run has epochs=2"):
+        make_trainer(tiny_data, tmp_path, "const", epochs=2, resume=True)
+
+
+def test_fresh_run_forgets_old_metrics(tiny_data, tmp_path):
+    make_trainer(tiny_data, tmp_path, "const", epochs=1).fit()
+    make_trainer(tiny_data, tmp_path, "const", epochs=1).fit()
+    assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 1
+
+
+@pytest.mark.parametrize("weighting,opt,bf16", [("const", "adamw", False), ("linear", "sgd", True)])
+def test_other_optimisers_weightings_and_bf16(tiny_data, weighting, opt, bf16):
+    trainer = make_trainer(tiny_data, None, weighting, epochs=1, optimizer=opt, bf16=bf16,
+                           lr=None if opt == "adamw" else 0.05)
+    record = trainer.fit()[-1]
+    assert isinstance(trainer.optimizer, torch.optim.AdamW if opt == "adamw" else torch.optim.SGD)
+    assert all(0.0 <= a <= 1.0 for a in record["test_acc"])
+    assert torch.isfinite(torch.tensor(record["train_loss"]))
+    assert trainer.scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)  # cosine reached 0
+
+
+def test_config_errors_name_the_argument(tiny_data):
+    with pytest.raises(ValueError, match="optimizer: expected one of .* got 'rmsprop'"):
+        TrainConfig(optimizer="rmsprop")
+    with pytest.raises(ValueError, match="epochs: expected a positive integer, got 0"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ValueError, match="lr: expected a positive learning rate, got -1"):
+        TrainConfig(lr=-1)
+    with pytest.raises(ValueError, match="batch_size: 1000 .* larger than the training set"):
+        make_trainer(tiny_data, None, batch_size=1000)
+    with pytest.raises(ValueError, match="until_epoch: expected 0..2, got 5"):
+        make_trainer(tiny_data, None).fit(until_epoch=5)
+
+
+def test_plots_write_pngs(tmp_path):
+    flops = [1e6, 2e6, 4e6]
+    p = plot_anytime({"const": (flops, [0.5, 0.6, 0.7]), "adaloss": (flops, [[0.6, 0.65, 0.7], [0.62, 0.66, 0.69]])},
+                     tmp_path / "sub" / "anytime.png")
+    assert p.read_bytes()[:8] == PNG_MAGIC and p.stat().st_size > 5000
+    q = plot_weights([0, 10, 20], [[1, 1, 1], [1.2, 1, 0.8], [1.3, 0.9, 0.8]], tmp_path / "w.png")
+    assert q.read_bytes()[:8] == PNG_MAGIC
+    with pytest.raises(ValueError, match="runs\\['x'\\]: 2 accuracies for 3 exits"):
+        plot_anytime({"x": (flops, [0.1, 0.2])}, tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="steps / weights"):
+        plot_weights([0], [], tmp_path / "bad.png")
+
+
+def test_exit_table_mean_std_and_delta():
+    table = exit_table([1.5e6, 3e6], {"const": [[0.5, 0.8], [0.7, 0.8]], "adaloss": [0.7, 0.79]},
+                       delta=("const", "adaloss"))
+    lines = table.splitlines()
+    assert "const acc %" in lines[0] and "adaloss - const" in lines[0]
+    assert lines[2].split() == ["1", "1.50M", "60.00", "±", "14.14", "70.00", "+10.00"]
+    assert lines[3].split() == ["2", "3.00M", "80.00", "±", "0.00", "79.00", "-1.00"]
+    md = exit_table([1e3], {"a": [0.25]}, markdown=True)
+    assert md.splitlines()[2] == "| 1 | 1.00k | 25.00 |"
+    with pytest.raises(ValueError, match="columns\\['a'\\]: expected 2 values"):
+        exit_table([1, 2], {"a": [0.1]})
+    assert format_flops(2.5e9) == "2.50G" and format_flops(12) == "12"
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5))
+
+
+def test_metrics_jsonl_is_one_json_object_per_epoch(tiny_data, tmp_path):
+    make_trainer(tiny_data, tmp_path, "const", epochs=2).fit()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    rec = json.loads(lines[1])
+    assert {"epoch", "step", "lr", "train_loss", "train_exit_loss", "weights", "val_acc", "test_acc",
+            "exit_flops", "time_s"} <= set(rec)
+    assert rec["weights"] == [1.0, 1.0, 1.0]  # CONST
