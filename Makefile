@@ -33,7 +33,7 @@ $(DATA):
 data: $(DATA)
 
 demo: build data
-	$(PY) bench/bench_multi_exit_ce.py
+	$(PY) -m ann_kernels demo
 
 test: build
 	$(PY) -m pytest -q tests

@@ -6,6 +6,10 @@ its pure-torch reference (with a one-time warning).
 """
 
 from ann_kernels._ext import HAS_CPP_EXT, HAS_TRITON
+from ann_kernels.losses import AdaLoss, AnytimeLoss
+from ann_kernels.inference import EarlyExitEngine, calibrate_for_budget, calibrate_thresholds
+from ann_kernels.nn import MultiExitNetwork
+from ann_kernels.sequence import EANN, EANNEngine, eann
 from ann_kernels.ops.multi_exit_ce import (
     ExitLoss,
     multi_exit_cross_entropy,
@@ -15,9 +19,18 @@ from ann_kernels.ops.multi_exit_ce import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoss",
+    "AnytimeLoss",
+    "EarlyExitEngine",
+    "calibrate_for_budget",
+    "calibrate_thresholds",
     "HAS_CPP_EXT",
     "HAS_TRITON",
     "ExitLoss",
     "multi_exit_cross_entropy",
     "multi_exit_cross_entropy_reference",
+    "MultiExitNetwork",
+    "EANN",
+    "EANNEngine",
+    "eann",
 ]
