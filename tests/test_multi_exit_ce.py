@@ -152,6 +152,31 @@ def test_masked_logits_without_smoothing_stay_finite(num_classes):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("num_classes", [5, 40, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_and_inf_logits_propagate_like_torch(num_classes, dtype):
+    """A NaN logit (or a +inf maximum) makes that row's loss, confidence and gradient
+    non-finite, as in torch, instead of being skipped by the kernel's clamped exp; the
+    prediction is torch.argmax's (the first NaN); other rows are untouched."""
+    heads = make_logits(2, 6, num_classes, dtype, requires_grad=False)
+    target = make_target(6, num_classes)
+    heads[0][1, 2] = float("nan")
+    heads[1][4, 3] = float("inf")
+    heads = [z.requires_grad_() for z in heads]
+    fused = multi_exit_cross_entropy(heads, target)
+    ref = multi_exit_cross_entropy_reference(heads, target)
+    bad = torch.zeros(2, 6, dtype=torch.bool)
+    bad[0, 1] = bad[1, 4] = True
+    assert torch.equal(torch.isfinite(fused.per_sample), torch.isfinite(ref.per_sample))
+    assert torch.isnan(fused.per_sample[0, 1]) and torch.isnan(fused.confidence[bad]).all()
+    assert torch.isnan(fused.loss) and torch.isnan(fused.per_exit).all()
+    assert torch.equal(fused.prediction, torch.stack([z.argmax(-1) for z in heads]))
+    torch.testing.assert_close(fused.per_sample[~bad], ref.per_sample[~bad], rtol=2e-2, atol=2e-2)
+    grads = grads_of(fused.loss, heads)
+    assert torch.isnan(grads[0][1]).all() and torch.isnan(grads[1][4]).all()
+    assert torch.isfinite(grads[0][0]).all() and torch.isfinite(grads[1][5]).all()
+
+
 def test_side_outputs():
     heads = make_logits(2, 5, 4)
     heads[0].data[2] = torch.tensor([1.0, 3.0, 3.0, 0.0])  # tie: first index wins (torch.argmax)

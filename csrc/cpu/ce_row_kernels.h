@@ -30,12 +30,21 @@ struct RowStats {
 };
 
 #if defined(ANN_KERNELS_AVX2)
-// 8-wide exp of the Cephes scheme in row_math.h's fast_exp (same constants, same steps),
-// so the vector and scalar paths agree to the last bit except for FMA contraction.
+// 8-wide exp of the Cephes scheme in row_math.h's fast_exp (same constants, same steps):
+//   1. clamp x (below: where 2^n stays normal; above, only when kClampHigh: callers that
+//      pass x - row_max <= 0 skip that instruction);
+//   2. n = round(x / ln 2) by adding 1.5 * 2^23 (one FMA; the sum's low mantissa bits are
+//      n itself, so 2^n needs no float -> int conversion), r = x - n ln 2 in two parts;
+//   3. the degree-6 Cephes polynomial on |r| <= ln2/2 (~1 ulp);
+//   4. scale by 2^n, built in the exponent bits from the rounded sum's bit pattern.
+// NaN inputs come out as exp(-87.3): callers detect non-finite rows beforehand.
+template <bool kClampHigh = true>
 inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3365447505f)), _mm256_set1_ps(88.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3365447505f));
+  if constexpr (kClampHigh) x = _mm256_min_ps(x, _mm256_set1_ps(88.0f));
+  const __m256 magic = _mm256_set1_ps(12582912.0f);  // 1.5 * 2^23
+  const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic);
+  const __m256 n = _mm256_sub_ps(t, magic);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
   r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
   __m256 p = _mm256_set1_ps(1.9875691500e-4f);
@@ -45,7 +54,9 @@ inline __m256 exp8(__m256 x) {
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
   const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  // t's bit pattern is 0x4B400000 + n; after adding the bias 127 and shifting left by 23
+  // the 0x4B4 part falls off the top, leaving the exponent field n + 127.
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
 }
 
@@ -62,50 +73,54 @@ inline __m256i tail_mask(int64_t remaining) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(remaining)), lane);
 }
 
-// Steps 1-3 of a row, 8 lanes at a time (tails masked, so C = 10 vectorises too):
-//   1. max, its first index and the sum of the row in one pass (per-lane max/argmax with a
-//      strict >, so each lane keeps its first maximum; lanes merge by value, then index);
-//   2. e_c = exp(z_c - max) into `e` (the fp32 gradient row itself, or scratch) and its sum.
-inline void row_softmax_numerator(const float* __restrict x, int64_t C, float* __restrict e, RowStats* stats) {
+// Steps 1-3 of a row, 8 lanes at a time (tails masked, so C = 10 vectorises too).
+// Returns false, leaving `e` and `stats` unspecified, when the row is not finite (a NaN
+// logit, or a maximum of +-inf): the caller then takes nonfinite_row.
+//   1. max and sum of the row in one pass, two vectors per iteration (two accumulator
+//      chains hide the add latency); the sum also flags NaN (any NaN makes it NaN);
+//   2. argmax = the first index equal to the maximum (torch.argmax's tie rule), found by a
+//      scan that stops at it, so the first pass needs no per-vector index bookkeeping;
+//   3. e_c = exp(z_c - max) into `e` (the fp32 gradient row itself, or scratch) and its sum.
+inline bool row_softmax_numerator(const float* __restrict x, int64_t C, float* __restrict e, RowStats* stats) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  __m256 vmax = _mm256_set1_ps(neg_inf), vsum = _mm256_setzero_ps();
-  __m256i vidx = _mm256_setzero_si256(), cur = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i step = _mm256_set1_epi32(8);
+  __m256 vmax0 = _mm256_set1_ps(neg_inf), vmax1 = vmax0;
+  __m256 vsum0 = _mm256_setzero_ps(), vsum1 = vsum0;
   int64_t c = 0;
-  for (; c + 8 <= C; c += 8) {
-    const __m256 v = _mm256_loadu_ps(x + c);
-    const __m256 gt = _mm256_cmp_ps(v, vmax, _CMP_GT_OQ);
-    vmax = _mm256_blendv_ps(vmax, v, gt);
-    vidx = _mm256_blendv_epi8(vidx, cur, _mm256_castps_si256(gt));
-    vsum = _mm256_add_ps(vsum, v);
-    cur = _mm256_add_epi32(cur, step);
+  for (; c + 16 <= C; c += 16) {  // 1.
+    const __m256 v0 = _mm256_loadu_ps(x + c), v1 = _mm256_loadu_ps(x + c + 8);
+    vmax0 = _mm256_max_ps(vmax0, v0);
+    vmax1 = _mm256_max_ps(vmax1, v1);
+    vsum0 = _mm256_add_ps(vsum0, v0);
+    vsum1 = _mm256_add_ps(vsum1, v1);
   }
-  if (c < C) {
+  for (; c < C; c += 8) {
     const __m256i m = tail_mask(C - c);
-    const __m256 v = _mm256_blendv_ps(_mm256_set1_ps(neg_inf), _mm256_maskload_ps(x + c, m), _mm256_castsi256_ps(m));
-    const __m256 gt = _mm256_cmp_ps(v, vmax, _CMP_GT_OQ);
-    vmax = _mm256_blendv_ps(vmax, v, gt);
-    vidx = _mm256_blendv_epi8(vidx, cur, _mm256_castps_si256(gt));
-    vsum = _mm256_add_ps(vsum, _mm256_and_ps(v, _mm256_castsi256_ps(m)));
+    const __m256 v = _mm256_maskload_ps(x + c, m);
+    vmax0 = _mm256_max_ps(vmax0, _mm256_blendv_ps(_mm256_set1_ps(neg_inf), v, _mm256_castsi256_ps(m)));
+    vsum0 = _mm256_add_ps(vsum0, v);  // masked-off lanes load as 0
   }
   alignas(32) float lane_max[8];
-  alignas(32) int32_t lane_idx[8];
-  _mm256_store_ps(lane_max, vmax);
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lane_idx), vidx);
+  _mm256_store_ps(lane_max, _mm256_max_ps(vmax0, vmax1));
   float row_max = lane_max[0];
-  int64_t argmax = lane_idx[0];
-  for (int l = 1; l < 8; ++l) {
-    if (lane_max[l] > row_max || (lane_max[l] == row_max && lane_idx[l] < argmax)) {
-      row_max = lane_max[l];
-      argmax = lane_idx[l];
+  for (int l = 1; l < 8; ++l) row_max = lane_max[l] > row_max ? lane_max[l] : row_max;
+  const float sum_x = hsum8(_mm256_add_ps(vsum0, vsum1));
+  if (std::isnan(sum_x) || !std::isfinite(row_max)) return false;
+  const __m256 vrow_max = _mm256_set1_ps(row_max);
+  int64_t argmax = -1;  // 2.
+  for (c = 0; c + 8 <= C; c += 8) {
+    const int hits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + c), vrow_max, _CMP_EQ_OQ));
+    if (hits != 0) {
+      argmax = c + __builtin_ctz(hits);
+      break;
     }
   }
-  const __m256 vrow_max = _mm256_set1_ps(row_max);
-  __m256 vexp0 = _mm256_setzero_ps(), vexp1 = _mm256_setzero_ps();  // two chains hide add latency
-  c = 0;
-  for (; c + 16 <= C; c += 16) {
-    const __m256 e0 = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + c), vrow_max));
-    const __m256 e1 = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + c + 8), vrow_max));
+  for (; argmax < 0 && c < C; ++c) {
+    if (x[c] == row_max) argmax = c;
+  }
+  __m256 vexp0 = _mm256_setzero_ps(), vexp1 = _mm256_setzero_ps();  // 3.
+  for (c = 0; c + 16 <= C; c += 16) {
+    const __m256 e0 = exp8<false>(_mm256_sub_ps(_mm256_loadu_ps(x + c), vrow_max));
+    const __m256 e1 = exp8<false>(_mm256_sub_ps(_mm256_loadu_ps(x + c + 8), vrow_max));
     _mm256_storeu_ps(e + c, e0);
     _mm256_storeu_ps(e + c + 8, e1);
     vexp0 = _mm256_add_ps(vexp0, e0);
@@ -113,18 +128,20 @@ inline void row_softmax_numerator(const float* __restrict x, int64_t C, float* _
   }
   for (; c < C; c += 8) {
     const __m256i m = tail_mask(C - c);
-    const __m256 ev = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_maskload_ps(x + c, m), vrow_max)), _mm256_castsi256_ps(m));
+    const __m256 ev =
+        _mm256_and_ps(exp8<false>(_mm256_sub_ps(_mm256_maskload_ps(x + c, m), vrow_max)), _mm256_castsi256_ps(m));
     _mm256_maskstore_ps(e + c, m, ev);
     vexp0 = _mm256_add_ps(vexp0, ev);
   }
   stats->max = row_max;
-  stats->sum_x = hsum8(vsum);
+  stats->sum_x = sum_x;
   stats->sum_exp = hsum8(_mm256_add_ps(vexp0, vexp1));
   stats->argmax = argmax;
+  return true;
 }
 #else
 // Portable path: the same steps, scalar (the compiler may still vectorise the exp loop).
-inline void row_softmax_numerator(const float* __restrict x, int64_t C, float* __restrict e, RowStats* stats) {
+inline bool row_softmax_numerator(const float* __restrict x, int64_t C, float* __restrict e, RowStats* stats) {
   float row_max = -std::numeric_limits<float>::infinity();
   float sum_x = 0.f;
   int64_t argmax = 0;
@@ -135,14 +152,62 @@ inline void row_softmax_numerator(const float* __restrict x, int64_t C, float* _
     }
     sum_x += x[c];
   }
+  if (std::isnan(sum_x) || !std::isfinite(row_max)) return false;
   float sum_exp = 0.f;
   for (int64_t c = 0; c < C; ++c) {
     e[c] = fast_exp(x[c] - row_max);
     sum_exp += e[c];
   }
   *stats = RowStats{row_max, sum_x, sum_exp, argmax};
+  return true;
 }
 #endif
+
+// Step 3's loss: (1-e)(lse - z_y) + e(lse - mean_c z_c). The smoothing term is added only
+// when e > 0: with a -inf logit, mean_c z_c = -inf and 0 * inf would turn the loss into NaN
+// although torch (and the math) give a finite value.
+inline float smoothed_row_loss(float lse, float x_target, float sum_x, int64_t C, float eps) {
+  const float nll = lse - x_target;
+  if (eps == 0.f) return nll;
+  return (1.f - eps) * nll + eps * (lse - sum_x / static_cast<float>(C));
+}
+
+// Steps 1-5 for a row that is not finite (a NaN logit, or a maximum of +-inf), in plain
+// IEEE arithmetic with std::exp, so that such a row gives what torch gives (NaN / inf
+// loss, NaN probabilities and gradient, argmax at the first NaN) instead of the fast
+// path's clamped exp quietly skipping the NaN. Rare, so scalar. `g` may be null.
+template <typename scalar_t>
+void nonfinite_row(const scalar_t* x, int64_t C, int64_t y, bool valid, float eps, float scale, scalar_t* g,
+                   float* loss, float* conf, int64_t* pred) {
+  float row_max = -std::numeric_limits<float>::infinity(), sum_x = 0.f;
+  int64_t argmax = 0;
+  bool seen_nan = false;
+  for (int64_t c = 0; c < C; ++c) {
+    const float v = static_cast<float>(x[c]);
+    sum_x += v;
+    if (seen_nan) continue;
+    if (std::isnan(v)) {
+      seen_nan = true;
+      row_max = v;
+      argmax = c;
+    } else if (v > row_max) {
+      row_max = v;
+      argmax = c;
+    }
+  }
+  float sum_exp = 0.f;
+  for (int64_t c = 0; c < C; ++c) sum_exp += std::exp(static_cast<float>(x[c]) - row_max);
+  const float lse = row_max + std::log(sum_exp);
+  *loss = valid ? smoothed_row_loss(lse, static_cast<float>(x[y]), sum_x, C, eps) : 0.f;
+  *conf = 1.f / sum_exp;
+  *pred = argmax;
+  if (g == nullptr) return;
+  for (int64_t c = 0; c < C; ++c) {
+    const float p = std::exp(static_cast<float>(x[c]) - row_max) / sum_exp;
+    const float t = (c == y ? 1.f - eps : 0.f) + eps / static_cast<float>(C);
+    g[c] = static_cast<scalar_t>(scale == 0.f ? 0.f : scale * (p - t));
+  }
+}
 
 // Step 5 of a row: g_c = a * e_c - b (a = scale / sum_exp, b = scale * e / C).
 inline void row_affine(float* __restrict g, int64_t C, float a, float b) {
@@ -167,6 +232,7 @@ struct BlockLane {
 struct BlockResult {
   float lse, conf, x_target, sum_x;
   int64_t argmax;
+  bool finite;  // false: a NaN logit or a non-finite maximum; the caller redoes the row
 };
 
 // Steps 1-5 for up to eight rows with C <= kSmallClasses classes:
@@ -196,7 +262,7 @@ void block8_small_classes(const BlockLane<scalar_t>* lanes, int num_lanes, int64
   }
   __m256 vexp = _mm256_setzero_ps();
   for (int64_t c = 0; c < C; ++c) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_load_ps(x_tile[c]), vmax));
+    const __m256 e = exp8<false>(_mm256_sub_ps(_mm256_load_ps(x_tile[c]), vmax));
     _mm256_store_ps(e_tile[c], e);
     vexp = _mm256_add_ps(vexp, e);
   }
@@ -213,6 +279,7 @@ void block8_small_classes(const BlockLane<scalar_t>* lanes, int num_lanes, int64
     out[l].argmax = lane_idx[l];
     out[l].sum_x = lane_sum_x[l];
     out[l].x_target = y != ignore_index ? x_tile[y][l] : 0.f;
+    out[l].finite = !std::isnan(lane_sum_x[l]) && std::isfinite(lane_max[l]);
     grad_a[l] = lanes[l].scale / lane_sum_exp[l];
     grad_b[l] = lanes[l].scale * eps / static_cast<float>(C);
   }

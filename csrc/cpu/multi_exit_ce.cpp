@@ -38,15 +38,6 @@ struct CeRowsArgs {
   bool compute_grad;
 };
 
-// Step 3's loss: (1-e)(lse - z_y) + e(lse - mean_c z_c). The smoothing term is added only
-// when e > 0: with a -inf logit, mean_c z_c = -inf and 0 * inf would turn the loss into NaN
-// although torch (and the math) give a finite value.
-static inline float smoothed_row_loss(float lse, float x_target, float sum_x, int64_t C, float eps) {
-  const float nll = lse - x_target;
-  if (eps == 0.f) return nll;
-  return (1.f - eps) * nll + eps * (lse - sum_x / static_cast<float>(C));
-}
-
 // Steps 2-5 for every (exit, row) pair, in parallel. Each row's results depend on that
 // row only and the per-exit sums happen serially afterwards, so nothing depends on the
 // thread count.
@@ -82,6 +73,11 @@ void ce_rows(const std::vector<Tensor>& rows, const Tensor& grads, const CeRowsA
         for (int l = 0; l < num_lanes; ++l) {
           const BlockResult& res = results[l];
           const bool valid = lanes[l].target != a.ignore_index;
+          if (!res.finite) {
+            nonfinite_row(lanes[l].x, C, lanes[l].target, valid, a.eps, lanes[l].scale, lanes[l].g,
+                          &a.loss_row[r0 + l], &a.conf_row[r0 + l], &a.pred_row[r0 + l]);
+            continue;
+          }
           a.loss_row[r0 + l] = valid ? smoothed_row_loss(res.lse, res.x_target, res.sum_x, C, a.eps) : 0.f;
           a.conf_row[r0 + l] = res.conf;
           a.pred_row[r0 + l] = res.argmax;
@@ -107,11 +103,15 @@ void ce_rows(const std::vector<Tensor>& rows, const Tensor& grads, const CeRowsA
         xf = xs;
         e = scratch.data();
       }
-      RowStats s;
-      row_softmax_numerator(xf, C, e, &s);
-      const float lse = s.max + std::log(s.sum_exp);
       const int64_t yi = a.y[i];
       const bool valid = yi != a.ignore_index;
+      RowStats s;
+      if (!row_softmax_numerator(xf, C, e, &s)) {  // a NaN or infinite maximum: the IEEE path
+        nonfinite_row(x, C, yi, valid, a.eps, valid ? a.w[k] * a.inv_n_valid : 0.f,
+                      a.compute_grad ? g_ptr[k] + i * C : nullptr, &a.loss_row[r], &a.conf_row[r], &a.pred_row[r]);
+        continue;
+      }
+      const float lse = s.max + std::log(s.sum_exp);
       // 3. l = (1-e)(lse - z_y) + e(lse - mean_c z_c); ignored rows contribute 0.
       a.loss_row[r] = valid ? smoothed_row_loss(lse, xf[yi], s.sum_x, C, a.eps) : 0.f;
       // 4. max softmax probability = exp(max - lse) = 1 / sum_exp.
