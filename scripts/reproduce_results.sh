@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduce docs/results.md: CONST vs AdaLoss on Fashion-MNIST, the demo's ResANN and
 # budget (full 55,000-image training split, 3 epochs, SGD + Nesterov, cosine LR), 3 seeds.
-# Two runs train side by side (1 thread each); about 10 minutes on a quiet 2-core CPU.
+# Two runs train side by side (1 thread each); 11 CPU-minutes in all (measured), so about
+# 6-7 minutes on a quiet 2-core CPU (23 minutes at nice 10 on a busy one).
 # Runs already complete in the output directory are reused (delete it to start over).
 #
 #   bash scripts/reproduce_results.sh [OUT_DIR]       (default runs/results)
