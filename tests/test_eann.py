@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 
 import pytest
@@ -29,41 +30,6 @@ def _mlp_eann(num_members=3, hidden=16, exits=None, seed=0, in_features=32):
 # ---------------------------------------------------------------------------- builder
 
 
-@pytest.mark.parametrize("growth", [2.0, 3.0])
-def test_builder_width_costs_grow_by_growth(growth):
-    x = torch.randn(2, 64)
-    model = eann(mlp_ann, 4, growth, example_input=x, scale="hidden", hidden=32, in_features=64)
-    info = model.build_info
-    flops = model.member_flops(x)
-    assert flops.tolist() == list(info.member_flops)
-    # Each member's measured FLOPs are its own exit_flops (FlopCounterMode) of the last exit.
-    for member, f in zip(model.members, flops):
-        assert float(member.exit_flops(x)[-1]) == f
-    ratios = model.cost_ratios(x)
-    assert ratios.tolist() == pytest.approx(list(info.cost_ratios))
-    assert all(abs(math.log(r / growth)) < math.log(1.1) for r in ratios), ratios
-    # Cumulative growth stays on target (no drift): member j costs ~ growth^j x member 0.
-    assert all(abs(math.log(flops[j] / flops[0] / growth ** j)) < math.log(1.1) for j in range(4))
-    assert list(info.values) == sorted(set(info.values))
-    text = repr(model)
-    assert "measured_cost_ratios=[" in text and "scale=hidden=" in text
-
-
-def test_builder_depth_scaling_resann_and_rng():
-    x = torch.randn(1, 1, 28, 28)
-    torch.manual_seed(3)
-    model = eann(resann, 3, 2.0, example_input=x, width=4, num_exits=2)
-    assert model.build_info.scale == "num_exits"  # the default: a depth
-    assert [m.num_exits for m in model.members] == list(model.build_info.values)
-    assert all(1.6 < r < 2.5 for r in model.build_info.cost_ratios)
-    # Cost measurements do not consume the caller's RNG: the members equal direct builds.
-    torch.manual_seed(3)
-    direct = [resann(width=4, num_exits=v) for v in model.build_info.values]
-    for a, b in zip(model.members, direct):
-        for pa, pb in zip(a.parameters(), b.parameters()):
-            assert torch.equal(pa, pb)
-
-
 def _flop_counter_cost(member: MultiExitNetwork, x: torch.Tensor) -> float:
     """Oracle: per-sample FLOPs of member's last exit (all stages + the last head), counted by
     ``FlopCounterMode`` around the forward path itself, on a batch of len(x) samples."""
@@ -79,36 +45,67 @@ def _flop_counter_cost(member: MultiExitNetwork, x: torch.Tensor) -> float:
     return counter.get_total_flops() / x.shape[0]
 
 
-def test_builder_reported_ratios_match_flop_counter():
-    # resann grown in depth (its default scale): costs measured independently with
-    # FlopCounterMode around the actual forward, on a batch of 3 (the builder measures 1).
-    x = torch.randn(3, 1, 28, 28)
+@pytest.mark.parametrize("growth", [2.0, 3.0])
+def test_builder_width_costs_grow_by_growth(growth):
+    x = torch.randn(2, 64)
+    model = eann(mlp_ann, 4, growth, example_input=x, scale="hidden", hidden=32, in_features=64)
+    info = model.build_info
+    flops = model.member_flops(x)
+    assert flops.tolist() == list(info.member_flops)
+    # Each member's measured FLOPs are its own exit_flops (FlopCounterMode) of the last exit.
+    for member, f in zip(model.members, flops):
+        assert float(member.exit_flops(x)[-1]) == f
+    ratios = model.cost_ratios(x)
+    assert ratios.tolist() == pytest.approx(list(info.cost_ratios))
+    assert all(abs(math.log(r / growth)) < math.log(1.1) for r in ratios), ratios
+    # The reported costs agree with FlopCounterMode around the actual forward path, and each
+    # member's width is the closest to its target cost: both neighbours are further from it.
+    oracle = [_flop_counter_cost(m, x) for m in model.members]
+    assert list(info.member_flops) == pytest.approx(oracle, rel=1e-9)
+    for j in range(1, 4):
+        target = oracle[0] * growth ** j
+        error = abs(math.log(oracle[j] / target))
+        for other in (info.values[j] - 1, info.values[j] + 1):
+            if other > info.values[j - 1]:
+                cost = _flop_counter_cost(mlp_ann(hidden=other, in_features=64), x)
+                assert abs(math.log(cost / target)) >= error - 1e-12, (j, other)
+    # Cumulative growth stays on target (no drift): member j costs ~ growth^j x member 0.
+    assert all(abs(math.log(flops[j] / flops[0] / growth ** j)) < math.log(1.1) for j in range(4))
+    assert list(info.values) == sorted(set(info.values))
+    text = repr(model)
+    assert "measured_cost_ratios=[" in text and "scale=hidden=" in text
+
+
+def test_builder_depth_scaling_resann_and_rng():
+    x = torch.randn(1, 1, 28, 28)
+    torch.manual_seed(3)
     model = eann(resann, 3, 2.0, example_input=x, width=4, num_exits=2)
+    assert model.build_info.scale == "num_exits"  # the default: a depth
+    assert [m.num_exits for m in model.members] == list(model.build_info.values)
+    assert all(1.6 < r < 2.5 for r in model.build_info.cost_ratios)
+    # Reported costs and ratios = FlopCounterMode around the forward path (batch of 1 here;
+    # per-sample costs must not depend on the batch: check with a batch of 3 as well).
     oracle = [_flop_counter_cost(m, x) for m in model.members]
     assert list(model.build_info.member_flops) == pytest.approx(oracle, rel=1e-9)
+    assert oracle[0] == pytest.approx(_flop_counter_cost(model.members[0], x.expand(3, -1, -1, -1)), rel=1e-9)
     measured = [b / a for a, b in zip(oracle, oracle[1:])]
     assert list(model.build_info.cost_ratios) == pytest.approx(measured, rel=1e-9)
     print(f"resann depth scaling: num_exits {list(model.build_info.values)}, "
-          f"FlopCounterMode ratios {[round(r, 3) for r in measured]}")
-    assert all(abs(math.log(r / 2.0)) < math.log(1.25) for r in measured), measured
-    # Each ratio is the closest one achievable: the neighbouring depths are further from 2x.
-    for j in (1, 2):
-        value, prev_cost = model.build_info.values[j], oracle[j - 1]
-        target = oracle[0] * 2.0 ** j
-        for other in (value - 1, value + 1):
-            if other <= model.build_info.values[j - 1]:
-                continue
-            cost = _flop_counter_cost(resann(width=4, num_exits=other), x)
-            assert abs(math.log(cost / target)) >= abs(math.log(oracle[j] / target)) - 1e-12, (j, other)
-        assert oracle[j] > prev_cost
+          f"FlopCounterMode cost ratios {[round(r, 3) for r in measured]}")
+    # Cost measurements do not consume the caller's RNG: the members equal direct builds.
+    torch.manual_seed(3)
+    direct = [resann(width=4, num_exits=v) for v in model.build_info.values]
+    for a, b in zip(model.members, direct):
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            assert torch.equal(pa, pb)
 
 
 def test_builder_bad_input():
     x = torch.randn(2, 16)
     for growth in (1.0, 0.5, -2.0, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="growth"):
+        with pytest.raises(ValueError, match=rf"growth: .*> 1.*got {re.escape(repr(growth))}$"):
             eann(mlp_ann, 3, growth, example_input=x, in_features=16)
-    with pytest.raises(ValueError, match="num_members"):
+    with pytest.raises(ValueError, match="num_members: .*got 0"):
         eann(mlp_ann, 0, 2.0, example_input=x, in_features=16)
     with pytest.raises(ValueError, match="scale"):
         eann(mlp_ann, 2, 2.0, example_input=x, scale="no_such_arg", in_features=16)
@@ -123,9 +120,9 @@ def test_builder_bad_input():
 
 def test_eann_bad_members():
     a = mlp_ann(in_features=8, hidden=8, num_classes=10)
-    with pytest.raises(ValueError, match="members"):
+    with pytest.raises(ValueError, match="members: .*empty"):
         EANN([])
-    with pytest.raises(ValueError, match=r"members.*num_classes.*members\[1\] has 5"):
+    with pytest.raises(ValueError, match=r"members: .*num_classes, got \[10, 5\].*members\[1\] has 5"):
         EANN([a, mlp_ann(in_features=8, hidden=8, num_classes=5)])
     with pytest.raises(TypeError, match=r"members\[1\]"):
         EANN([a, nn.Linear(8, 10)])
@@ -267,8 +264,16 @@ def test_early_exit_over_sequence_matches_calibration():
     test_logits = model(x_test)
     test_conf = torch.stack([exit_confidence(z)[0] for z in test_logits])
     test_pred = torch.stack([z.argmax(1) for z in test_logits])
+    from ann_kernels.inference.calibration import calibrate_for_budget
+
+    # The held-out confidences are the sequence exits' own (member j's exit k, in order).
+    val_logits = model(x_val)
+    torch.testing.assert_close(calibration.confidence, torch.stack([exit_confidence(z)[0] for z in val_logits]))
     for budget in (float(costs[0]), float(costs[2]), float(costs[5]), float(costs[-1])):
         cal = engine.calibrate_budget(budget)
+        # Same calibration code as single networks, on the [G, N] sequence arrays.
+        direct = calibrate_for_budget(calibration.confidence, calibration.correct, costs, budget)
+        assert torch.equal(torch.as_tensor(cal.thresholds), torch.as_tensor(direct.thresholds))
         # On the calibration split itself the run reproduces the held-out numbers.
         on_val = engine.predict(x_val, budget=budget)
         assert on_val.stats.mean_flops == pytest.approx(cal.mean_flops)
@@ -346,7 +351,9 @@ def test_train_checkpoint_round_trip_and_cli(tmp_path, capsys):
 
     out = tmp_path / "run"
     results = tmp_path / "results.md"
-    results.write_text("# Results\n\nother sections stay\n")
+    head = "# Results\n\n## EANN (mine)\n\n"
+    tail = "\n## Next\n\nother sections stay\n"
+    results.write_text(head + "<!-- eann:begin -->\nold numbers\n<!-- eann:end -->\n" + tail)
     assert cli_main(_train_args(out, "--results-md", str(results))) == 0
     manifest = json.loads((out / "eann.json").read_text())
     assert [m["weighting"] for m in manifest["members"]] == ["sieve", "eann_sieve"]
@@ -369,15 +376,28 @@ def test_train_checkpoint_round_trip_and_cli(tmp_path, capsys):
         if "eann_run_accuracy" in row:  # the real run reproduces the simulation
             assert row["eann_run_accuracy"] == pytest.approx(row["eann_accuracy"])
             assert row["eann_run_flops"] == pytest.approx(row["eann_flops"])
+        if "pruned_run_accuracy" in row:  # the same for the val-pruned sequence
+            assert row["pruned_run_accuracy"] == pytest.approx(row["pruned_accuracy"])
+            assert row["pruned_run_flops"] == pytest.approx(row["pruned_flops"])
+    assert any("pruned_run_accuracy" in row for row in evaluation["early_exit"])
     assert (out / "eann_anytime.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = results.read_text()
-    assert text.startswith("# Results\n\nother sections stay\n") and text.count("<!-- eann:begin -->") == 1
+    # The block between the markers is replaced in place; the rest of the file is untouched.
+    assert text.startswith(head + "<!-- eann:begin -->\nSetup: synthetic") and text.endswith("<!-- eann:end -->\n" + tail)
+    assert "old numbers" not in text and text.count("<!-- eann:begin -->") == 1
+    assert "| seq. exit | member.exit |" in text and "cost inflation" in text
     # --resume keeps finished members; eval rewrites the section in place.
     stamp = (out / "member1" / "last.pt").stat().st_mtime_ns
     assert cli_main(_train_args(out, "--resume", "--no-eval")) == 0
     assert (out / "member1" / "last.pt").stat().st_mtime_ns == stamp
     assert cli_main(["eann", "eval", "--run", str(out), "--results-md", str(results), "--num-budgets", "2"]) == 0
-    assert results.read_text().count("<!-- eann:begin -->") == 1
+    assert results.read_text().count("<!-- eann:begin -->") == 1 and results.read_text().endswith(tail)
+    # A file without markers gets the block appended under its own heading.
+    fresh = tmp_path / "fresh.md"
+    fresh.write_text("# Other\n")
+    assert cli_main(["eann", "eval", "--run", str(out), "--results-md", str(fresh), "--num-budgets", "1",
+                     "--no-progress"]) == 0
+    assert fresh.read_text().startswith("# Other\n\n## EANN\n\n<!-- eann:begin -->\nSetup: ")
     capsys.readouterr()
     assert cli_main(_train_args(tmp_path / "bad", "--growth", "1")) == 2
     assert "growth" in capsys.readouterr().err

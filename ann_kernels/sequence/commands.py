@@ -1,14 +1,16 @@
 """CLI group ``ann-kernels eann``: ``train`` (every member, then the evaluation) and ``eval``.
 
-Example (the run in docs/results.md)::
+Example (the run in docs/results.md, ``scripts/reproduce_eann.sh``)::
 
     ann-kernels eann train --dataset fashion-mnist --members 3 --growth 2 --model resann \\
-        --model-arg width=8 --num-exits 3 --epochs 2 --limit-train 20000 --out runs/eann
+        --model-arg width=8 --num-exits 3 --epochs 2 --limit-train 15000 --batch-size 128 \\
+        --lr 0.1 --channels-last --out runs/eann
 
 writes ``OUT/member<j>/`` (one training run each), ``OUT/eann.json``, ``OUT/evaluation.json``,
 ``OUT/eann_anytime.png`` and ``OUT/report.md``; ``--results-md FILE`` also puts the report
-in FILE between ``<!-- eann:begin -->`` / ``<!-- eann:end -->`` markers (appended the
-first time; other content is left alone).
+in FILE between ``<!-- eann:begin -->`` / ``<!-- eann:end -->`` markers: replaced in place
+if FILE has them (put them under your own heading), else appended under "## EANN"; other
+content is left alone.
 """
 
 from __future__ import annotations
@@ -75,11 +77,10 @@ def _evaluate_and_report(run_dir: Path, *, split: str, limit: int | None, budget
 def _results_section(report: str, manifest: dict, command: str, run_dir: Path, split: str, n: int) -> str:
     spec = manifest["members"][0]["spec"]
     train_s = [s for s in manifest.get("train_seconds", []) if s is not None]
+    fixed = {k: v for k, v in spec["model_kwargs"].items() if k != manifest["scale"]}
     lines = [
-        "## EANN: exponentially deepening sequence of anytime networks",
-        "",
         f"Setup: {spec['dataset']}, {spec['model']} members grown in `{manifest['scale']}` "
-        f"(values {manifest['values']}, other builder args {json.dumps({k: v for k, v in spec['model_kwargs'].items() if k != manifest['scale']})}), "
+        f"(values {manifest['values']}, other builder args {json.dumps(fixed)}), "
         f"growth target {manifest['growth']:g}, {manifest['epochs']} epochs per member on "
         f"{spec['limit_train'] or 'all'} training images, weighting `{manifest['weighting']}` "
         f"(per member: {', '.join(m['weighting'] for m in manifest['members'])}); "
@@ -107,10 +108,11 @@ def _upsert_section(path: Path, section: str) -> None:
     text = path.read_text() if path.is_file() else ""
     if BEGIN in text and END in text:
         head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
+        tail = rest.split(END, 1)[1]
+        tail = tail[1:] if tail.startswith("\n") else tail  # the block ends with that newline
         text = head + block + tail
     else:
-        text = text + ("\n" if text and not text.endswith("\n\n") else "") + block
+        text = text + ("\n" if text and not text.endswith("\n\n") else "") + "## EANN\n\n" + block
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
 
