@@ -60,6 +60,36 @@ inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
 }
 
+// 8-wide natural log of positive normal floats (Cephes logf, ~1 ulp), for the block
+// path's eight log-sum-exps at once:
+//   1. x = m * 2^e with m in [sqrt(1/2), sqrt(2)) (exponent bits, then one halving step);
+//   2. f = m - 1 and log(1 + f) = f - f^2/2 + f^3 P(f) with Cephes' degree-8 P;
+//   3. + e ln 2, with ln 2 split in two parts as in exp8.
+inline __m256 log8(__m256 x) {
+  const __m256i xi = _mm256_castps_si256(x);
+  __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(xi, 23), _mm256_set1_epi32(127)));
+  __m256 m = _mm256_castsi256_ps(
+      _mm256_or_si256(_mm256_and_si256(xi, _mm256_set1_epi32(0x007FFFFF)), _mm256_set1_epi32(0x3F800000)));
+  const __m256 big = _mm256_cmp_ps(m, _mm256_set1_ps(1.41421356237f), _CMP_GT_OQ);  // 1.
+  m = _mm256_blendv_ps(m, _mm256_mul_ps(m, _mm256_set1_ps(0.5f)), big);
+  e = _mm256_add_ps(e, _mm256_and_ps(big, _mm256_set1_ps(1.0f)));
+  const __m256 f = _mm256_sub_ps(m, _mm256_set1_ps(1.0f));  // 2.
+  const __m256 z = _mm256_mul_ps(f, f);
+  __m256 p = _mm256_set1_ps(7.0376836292e-2f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(-1.1514610310e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.1676998740e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(-1.2420140846e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.4249322787e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(-1.6668057665e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.0000714765e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(-2.4999993993e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(3.3333331174e-1f));
+  __m256 y = _mm256_mul_ps(_mm256_mul_ps(p, f), z);
+  y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);  // 3.
+  y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5f), y);
+  return _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(f, y));
+}
+
 inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -266,25 +296,31 @@ void block8_small_classes(const BlockLane<scalar_t>* lanes, int num_lanes, int64
     _mm256_store_ps(e_tile[c], e);
     vexp = _mm256_add_ps(vexp, e);
   }
-  alignas(32) float lane_max[8], lane_sum_x[8], lane_sum_exp[8], grad_a[8], grad_b[8];
+  // Per-lane scalars, eight at a time: lse = max + log(sum), conf = 1 / sum, and the
+  // gradient's affine coefficients a = scale / sum, b = scale * eps / C (0 on padding lanes).
+  alignas(32) float lane_scale[8];
+  for (int l = 0; l < 8; ++l) lane_scale[l] = l < num_lanes ? lanes[l].scale : 0.f;
+  const __m256 vscale = _mm256_load_ps(lane_scale);
+  const __m256 vinv = _mm256_div_ps(_mm256_set1_ps(1.0f), vexp);
+  alignas(32) float lane_max[8], lane_sum_x[8], lane_lse[8], lane_conf[8], grad_a[8], grad_b[8];
   alignas(32) int32_t lane_idx[8];
   _mm256_store_ps(lane_max, vmax);
   _mm256_store_ps(lane_sum_x, vsum);
-  _mm256_store_ps(lane_sum_exp, vexp);
+  _mm256_store_ps(lane_lse, _mm256_add_ps(vmax, log8(vexp)));
+  _mm256_store_ps(lane_conf, vinv);
+  _mm256_store_ps(grad_a, _mm256_mul_ps(vscale, vinv));
+  _mm256_store_ps(grad_b, _mm256_mul_ps(vscale, _mm256_set1_ps(eps / static_cast<float>(C))));
   _mm256_store_si256(reinterpret_cast<__m256i*>(lane_idx), vidx);
   for (int l = 0; l < num_lanes; ++l) {
     const int64_t y = lanes[l].target;
-    out[l].lse = lane_max[l] + std::log(lane_sum_exp[l]);
-    out[l].conf = 1.f / lane_sum_exp[l];
+    out[l].lse = lane_lse[l];
+    out[l].conf = lane_conf[l];
     out[l].argmax = lane_idx[l];
     out[l].sum_x = lane_sum_x[l];
     out[l].x_target = y != ignore_index ? x_tile[y][l] : 0.f;
     out[l].finite = !std::isnan(lane_sum_x[l]) && std::isfinite(lane_max[l]);
-    grad_a[l] = lanes[l].scale / lane_sum_exp[l];
-    grad_b[l] = lanes[l].scale * eps / static_cast<float>(C);
   }
   if (!compute_grad) return;
-  for (int l = num_lanes; l < 8; ++l) grad_a[l] = grad_b[l] = 0.f;
   const __m256 va = _mm256_load_ps(grad_a), vb = _mm256_load_ps(grad_b);
   for (int64_t c = 0; c < C; ++c) _mm256_store_ps(e_tile[c], _mm256_fmsub_ps(_mm256_load_ps(e_tile[c]), va, vb));
   for (int l = 0; l < num_lanes; ++l) {
