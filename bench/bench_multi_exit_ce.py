@@ -76,23 +76,24 @@ def run(shapes, providers, csv_writer: common.CsvWriter) -> list[dict]:
         logits_mb = num_exits * n * c * 4 / 2**20
         warmup, reps = reps_for(num_exits * n * c)
         row = {"shape": shape, "logits_mb": logits_mb}
+        src = torch.cat([z.detach().reshape(-1) for z in logits])
+        dst = torch.empty_like(src)
+        steps = {p: make_step(p, logits, target, weights_list, weights_tensor, compiled) for p in providers}
+        steps["copy_floor"] = lambda: dst.copy_(src)
+        # Interleaved rounds: every candidate sees the same machine load (ratios from one run).
+        timings = common.time_interleaved(steps, warmup=warmup, reps=reps, min_seconds=1.0)
         for provider in providers:
-            step = make_step(provider, logits, target, weights_list, weights_tensor, compiled)
-            timing = common.time_fn(step, warmup=warmup, reps=reps, min_seconds=0.5)
             # Peak memory of one step from a cold start: no gradients held and the kernel's
             # gradient-buffer pool emptied, so the gradient buffers count as new memory.
             for z in logits:
                 z.grad = None
             ann_kernels.ops.multi_exit_ce.empty_grad_cache()
-            peak = common.peak_extra_mb(step)
-            csv_writer.add("multi_exit_ce", provider, shape, "fwd_bwd_s", timing, peak_mb=peak)
-            row[provider] = timing.p50
+            peak = common.peak_extra_mb(steps[provider])
+            csv_writer.add("multi_exit_ce", provider, shape, "fwd_bwd_s", timings[provider], peak_mb=peak)
+            row[provider] = timings[provider].p50
             row[provider + "_peak_mb"] = peak
-        src = torch.cat([z.detach().reshape(-1) for z in logits])
-        dst = torch.empty_like(src)
-        floor = common.time_fn(lambda: dst.copy_(src), warmup=warmup, reps=reps, min_seconds=0.3)
-        csv_writer.add("multi_exit_ce", "copy_floor", shape, "fwd_bwd_s", floor, peak_mb=0.0)
-        row["copy_floor"] = floor.p50
+        csv_writer.add("multi_exit_ce", "copy_floor", shape, "fwd_bwd_s", timings["copy_floor"], peak_mb=0.0)
+        row["copy_floor"] = timings["copy_floor"].p50
         summary.append(row)
     return summary
 

@@ -44,6 +44,33 @@ def time_fn(fn: Callable[[], object], *, warmup: int, reps: int, min_seconds: fl
     return Timing(pct(0.2), pct(0.5), pct(0.8))
 
 
+def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int, reps: int, rounds: int = 7,
+                     min_seconds: float = 0.0) -> dict[str, Timing]:
+    """Like :func:`time_fn` for several candidates at once, interleaved: ``rounds`` rounds,
+    each running every candidate for ``reps / rounds`` calls (and at least
+    ``min_seconds / rounds`` seconds), so a change of machine load during the run hits
+    every candidate alike and ratios taken from one run stay meaningful."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    per_round = max(1, -(-reps // rounds))
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            done = 0
+            while done < per_round or time.perf_counter() - start < min_seconds / rounds:
+                t0 = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - t0)
+                done += 1
+    out = {}
+    for name, values in samples.items():
+        values.sort()
+        out[name] = Timing(*(values[min(len(values) - 1, int(q * len(values)))] for q in (0.2, 0.5, 0.8)))
+    return out
+
+
 def _read_status_kb(field: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:
