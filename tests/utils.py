@@ -58,3 +58,24 @@ def low_precision_bound(kernel_out: torch.Tensor, torch_out: torch.Tensor, truth
 
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "0") not in ("", "0")
+
+
+def tiny_mlp_exit_net(*, in_features: int, hidden: int, num_exits: int, num_classes: int,
+                      batch_norm: bool = False, flatten: bool = False):
+    """A tiny ``MultiExitNetwork`` of Linear (+ BatchNorm1d) + Tanh stages with Linear heads
+    (smooth, so finite differences and second-order gradients behave)."""
+    from torch import nn
+
+    from ann_kernels.nn import MultiExitNetwork
+
+    def stage(n_in):
+        layers = [nn.Flatten()] if flatten and n_in == in_features else []
+        layers.append(nn.Linear(n_in, hidden))
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(hidden))
+        layers.append(nn.Tanh())
+        return nn.Sequential(*layers)
+
+    stages = [stage(in_features)] + [stage(hidden) for _ in range(num_exits - 1)]
+    heads = [nn.Linear(hidden, num_classes) for _ in range(num_exits)]
+    return MultiExitNetwork(stages, heads, num_classes=num_classes)

@@ -61,7 +61,8 @@ class SDNSchedule(Weighting):
 
     def set_epoch(self, epoch: int, total_epochs: int) -> None:
         if total_epochs < 1 or not 0 <= epoch:
-            raise ValueError(f"epoch: expected 0 <= epoch with total_epochs >= 1, got {epoch} of {total_epochs}")
+            raise ValueError(f"epoch: expected 0 <= epoch with total_epochs >= 1, "
+                             f"got {epoch} of {total_epochs}")
         self.current.copy_(sdn_weights(self.caps, epoch, total_epochs, self.start))
 
     def weights_for_step(self) -> torch.Tensor:
@@ -90,7 +91,8 @@ class IMTADistillation(Weighting):
     def weights_for_step(self) -> torch.Tensor:
         return self.ce_weights
 
-    def distillation(self, heads: list[torch.Tensor], target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    def distillation(self, heads: list[torch.Tensor], target: torch.Tensor,
+                     ignore_index: int) -> torch.Tensor:
         """sum_{k<K} B_k alpha T^2 KL(p_K^T || p_k^T), mean over the non-ignored rows; float32 []."""
         t = self.temperature
         valid = target != ignore_index

@@ -135,7 +135,8 @@ def sample_weighted_cross_entropy(
     heads, _ = _validate(heads, target, None, None, label_smoothing, 0.99)
     reason = "the C++ extension is not built" if not HAS_CPP_EXT else f"no kernel for device {device_type!r}"
     warn_fallback("sample_weighted_cross_entropy", reason)
-    per_sample = per_sample_cross_entropy(heads, target, ignore_index=ignore_index, label_smoothing=label_smoothing)
+    per_sample = per_sample_cross_entropy(heads, target, ignore_index=ignore_index,
+                                          label_smoothing=label_smoothing)
     with torch.no_grad():
         probs = torch.stack([z.float().softmax(dim=-1) for z in heads])
         confidence, prediction = probs.amax(dim=-1), torch.stack([z.argmax(dim=-1) for z in heads])
@@ -150,7 +151,8 @@ def _resolve_weights(weights, per_sample: Tensor, confidence: Tensor, valid: Ten
     w = weights(per_sample, confidence, valid) if callable(weights) else weights
     if not isinstance(w, Tensor) or w.shape != per_sample.shape:
         got = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
-        raise ValueError(f"weights: expected sample weights of shape {tuple(per_sample.shape)} [K, N], got {got}")
+        raise ValueError(f"weights: expected sample weights of shape {tuple(per_sample.shape)} [K, N], "
+                         f"got {got}")
     return w.to(torch.float32)
 
 
@@ -179,7 +181,10 @@ def center_weights(g: Tensor, eps: float, mean_over: str, valid: Tensor | None =
     else:
         m = torch.ones(g.shape[1], dtype=g.dtype, device=g.device) if valid is None else valid.to(g.dtype)
         count = m.sum().clamp(min=1)
-        mean = (g * m).sum(dim=1, keepdim=True) / count if mean_over == "exit" else (g * m).sum() / (count * g.shape[0])
+        if mean_over == "exit":
+            mean = (g * m).sum(dim=1, keepdim=True) / count
+        else:
+            mean = (g * m).sum() / (count * g.shape[0])
     return 1.0 + eps * (g - mean)
 
 
@@ -215,7 +220,7 @@ def early_exit_assignment(confidence: Tensor, fractions: Tensor) -> Tensor:
 
 def _check_sgd(optimizer) -> None:
     if not isinstance(optimizer, torch.optim.SGD):
-        raise TypeError(
+        raise ValueError(
             f"optimizer: L2W's look-ahead reproduces torch.optim.SGD (momentum, dampening, Nesterov, weight "
             f"decay) only, got {type(optimizer).__name__}; train with --optimizer sgd")
     for group in optimizer.param_groups:
@@ -295,7 +300,8 @@ class L2W(Weighting):
     # ---- weights
     def features(self, per_sample: Tensor, confidence: Tensor) -> Tensor:
         """[K, N] losses / confidences -> the weight network's input [N, F] in its dtype."""
-        parts = {"loss": [per_sample], "confidence": [confidence], "both": [per_sample, confidence]}[self.inputs]
+        parts = {"loss": [per_sample], "confidence": [confidence],
+                 "both": [per_sample, confidence]}[self.inputs]
         return torch.cat([p.detach().t() for p in parts], dim=1).to(self.net.fc1.weight.dtype)
 
     def sample_weights(self, per_sample: Tensor, confidence: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -326,7 +332,8 @@ class L2W(Weighting):
         _check_sgd(optimizer)
         n = x.shape[0]
         if n < 2:
-            raise ValueError(f"x: L2W's meta step splits the batch in two halves, needs >= 2 samples, got {n}")
+            raise ValueError(f"x: L2W's meta step splits the batch in two halves, needs >= 2 samples, "
+                             f"got {n}")
         # 1. the two halves
         half = n // 2
         xa, ya, xb, yb = x[:half], y[:half], x[half:], y[half:]
@@ -334,7 +341,8 @@ class L2W(Weighting):
         buffers = {name: b.clone() for name, b in model.named_buffers()}
         # 2. weighted per-sample loss of the current model on A (double-backward capable)
         logits_a = list(functional_call(model, (params, buffers), (xa,)))
-        per_sample = per_sample_cross_entropy(logits_a, ya, ignore_index=ignore_index, label_smoothing=label_smoothing)
+        per_sample = per_sample_cross_entropy(logits_a, ya, ignore_index=ignore_index,
+                                              label_smoothing=label_smoothing)
         valid_a = ya != ignore_index
         with torch.no_grad():
             conf_a = torch.stack([_upcast(z).softmax(-1).amax(-1) for z in logits_a])
@@ -363,7 +371,8 @@ class L2W(Weighting):
         self.meta_steps_seen += 1
         if not due:
             return None
-        loss = self.meta_loss(model, optimizer, x, y, ignore_index=ignore_index, label_smoothing=label_smoothing)
+        loss = self.meta_loss(model, optimizer, x, y, ignore_index=ignore_index,
+                              label_smoothing=label_smoothing)
         # 5. second-order gradient w.r.t. phi, averaged over ranks, one Adam step
         params = list(self.net.parameters())
         grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -384,10 +393,13 @@ class L2W(Weighting):
         return {"meta_optimizer": copy.deepcopy(self.meta_optimizer.state_dict())}
 
     def set_extra_state(self, state) -> None:
-        self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        # Adam's load_state_dict keeps same-device tensors as they are: copy, so that this
+        # scheme and the dict it was loaded from never share (and mutate) one buffer.
+        self.meta_optimizer.load_state_dict(copy.deepcopy(state["meta_optimizer"]))
 
     def extra_repr(self) -> str:
-        return (f"num_exits={self.num_exits}, eps={self.eps}, inputs={self.inputs!r}, mean_over={self.mean_over!r}, "
+        return (f"num_exits={self.num_exits}, eps={self.eps}, inputs={self.inputs!r}, "
+                f"mean_over={self.mean_over!r}, "
                 f"meta_lr={self.meta_lr}, meta_interval={self.meta_interval}, exit_ratio={self.exit_ratio}")
 
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GradientRescale", "gradient_rescale", "enable_gradient_equilibrium", "disable_gradient_equilibrium"]
+__all__ = ["GradientRescale", "gradient_rescale", "enable_gradient_equilibrium",
+           "disable_gradient_equilibrium"]
 
 _HANDLES = "_gradient_equilibrium_handles"
 

@@ -71,6 +71,8 @@ def _add_optim_args(p: argparse.ArgumentParser, *, epochs: int = 3, batch_size: 
     g.add_argument("--warmup-steps", type=int, default=0)
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass")
     g.add_argument("--channels-last", action="store_true", help="NHWC activations (faster CPU convolutions)")
+    g.add_argument("--gradient-equilibrium", action="store_true",
+                   help="IMTA's gradient equilibrium between stages (any weighting; implied by --weighting ge)")
     g.add_argument("--label-smoothing", type=float, default=0.0)
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
@@ -94,6 +96,7 @@ def _config(args):
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                        momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay,
                        warmup_steps=args.warmup_steps, bf16=args.bf16, channels_last=args.channels_last, seed=getattr(args, "seed", 0),
+                       gradient_equilibrium=getattr(args, "gradient_equilibrium", False),
                        progress=args.progress)
 
 
@@ -222,7 +225,8 @@ def add_parser(subparsers) -> None:
     _add_data_args(p)
     _add_model_args(p)
     p.add_argument("--weighting", default="adaloss",
-                   help="loss weighting: adaloss, const, linear, half_end, sieve, eann_sieve, oscillating, opt")
+                   help="loss weighting: adaloss, const, linear, half_end, sieve, eann_sieve, oscillating, opt, "
+                        "l2w (L2W-DEN, SGD only), sdn, imta_kd, ge")
     _add_optim_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="run directory")

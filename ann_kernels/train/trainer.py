@@ -166,7 +166,7 @@ class Trainer:
 
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
-        if cfg.gradient_equilibrium or getattr(getattr(loss_fn, "weighting", None), "gradient_equilibrium", False):
+        if cfg.gradient_equilibrium or getattr(self.weighting, "gradient_equilibrium", False):
             from ann_kernels.nn.gradient_equilibrium import enable_gradient_equilibrium
 
             enable_gradient_equilibrium(model)
