@@ -18,12 +18,7 @@ TINY = ["--dataset", "synthetic", "--model", "mlp", "--num-exits", "3", "--model
         "--limit-train", "200", "--limit-eval", "100", "--batch-size", "40", "--no-progress"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

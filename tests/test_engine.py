@@ -19,18 +19,9 @@ from ann_kernels.nn import MultiExitNetwork, mlp_ann
 from ann_kernels.ops.early_exit import early_exit_step_reference, exit_confidence_reference
 from tests.utils import requires_ext
 
-pytestmark = requires_ext
+pytestmark = [requires_ext, pytest.mark.usefixtures("one_thread")]
 INF = math.inf
 K = 4
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small matmuls on a shared 2-core machine: one intra-op thread is faster and steadier."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def small_mlp(seed: int = 0) -> MultiExitNetwork:

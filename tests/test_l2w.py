@@ -20,12 +20,7 @@ from ann_kernels.train import TrainConfig, Trainer, load_splits, seed_everything
 from tests.utils import make_logits, make_target, max_abs_err, requires_ext, tiny_mlp_exit_net
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- the sample-weighted fused loss -------------------------------------------------------

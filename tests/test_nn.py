@@ -18,13 +18,7 @@ from ann_kernels.nn.resann import downsample_groups
 IMAGE_SHAPES = [(1, 28), (3, 32)]  # (channels, side)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models run faster on one thread (no OpenMP hand-off) on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_network(name: str, channels: int, side: int, num_classes: int = 7) -> MultiExitNetwork:
