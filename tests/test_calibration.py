@@ -139,3 +139,27 @@ def test_bad_inputs_name_the_argument():
         calibrate_thresholds(confidence[0], [1.0])
     with pytest.raises(ValueError, match="confidence"):
         calibrate_thresholds(torch.empty(3, 0), [0.2, 0.2, 0.6])
+
+
+@pytest.mark.parametrize("fraction_of_full", [0.05, 0.2, 0.5])
+def test_search_covers_every_prefix_of_the_exits(fraction_of_full):
+    """At any budget the calibration is at least as accurate as calibrating the first m exits
+    alone (as if the network ended at exit m): what makes a sequence of many exits (an
+    EANN) no worse at low budgets than its first member."""
+    confidence, correct, flops = synthetic_held_out(k=8, n=1500, seed=3)
+    budget = max(float(flops[0]), fraction_of_full * float(flops[-1]))
+    full = calibrate_for_budget(confidence, correct, flops, budget)
+    for m in range(1, 8):
+        if float(flops[0]) > budget or budget > float(flops[m - 1]) * (1 + 1e-9):
+            continue
+        prefix = calibrate_for_budget(confidence[:m], correct[:m], flops[:m], budget)
+        assert full.accuracy >= prefix.accuracy - 1e-12
+    # and the thresholds it returns run as such: exits after the chosen prefix are never reached
+    accuracy, cost, counts = simulate_thresholds(confidence, correct, flops, full.thresholds)
+    assert float(accuracy) == pytest.approx(full.accuracy) and float(cost) <= budget * (1 + 1e-12)
+    last_used = int(counts.nonzero().max())
+    assert torch.all(counts[last_used + 1:] == 0)
+    # a superset of MSDNet's own search (all K exits) can only do better
+    msdnet_only = calibrate_for_budget(confidence, correct, flops, budget,
+                                       exit_fractions=candidate_exit_fractions(8))
+    assert full.accuracy >= msdnet_only.accuracy - 1e-12
