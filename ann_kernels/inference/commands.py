@@ -38,12 +38,7 @@ def _load(args):
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     model, spec, _ = load_trained(args.checkpoint)
-    spec = dict(spec)
-    if args.data_dir is not None:
-        spec["data_dir"] = args.data_dir
-    if args.limit is not None:
-        spec["limit_eval"] = args.limit
-    data = load_data(spec)
+    data = load_data(spec, data_dir=args.data_dir, limit_eval=args.limit)
     return EarlyExitEngine(model, criterion=args.criterion), spec, data
 
 

@@ -48,12 +48,7 @@ def _evaluate_and_report(run_dir: Path, *, split: str, limit: int | None, budget
 
     t0 = time.perf_counter()
     model, manifest = load_eann(run_dir)
-    spec = dict(manifest["members"][0]["spec"])
-    if data_dir is not None:
-        spec["data_dir"] = data_dir
-    if limit is not None:
-        spec["limit_eval"] = limit
-    data = load_data(spec)
+    data = load_data(manifest["members"][0]["spec"], data_dir=data_dir, limit_eval=limit)
     eval_set = {"test": data.test, "val": data.val}[split]
     calib_set = data.val if split == "test" else None
     budgets = [b * 1e6 for b in budgets] if budgets else None

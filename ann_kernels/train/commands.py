@@ -149,12 +149,7 @@ def cmd_eval(args) -> int:
     from ann_kernels.train.runs import load_data, load_trained
 
     model, spec, ckpt = load_trained(args.checkpoint)
-    spec = dict(spec)
-    if args.data_dir is not None:
-        spec["data_dir"] = args.data_dir
-    if args.limit is not None:
-        spec["limit_eval"] = args.limit
-    data = load_data(spec)
+    data = load_data(spec, data_dir=args.data_dir, limit_eval=args.limit)
     dataset = {"test": data.test, "val": data.val, "train": data.train}[args.split]
     out = collect_exit_outputs(model, dataset, batch_size=args.batch_size)
     flops = ckpt.get("exit_flops") or [float(f) for f in model.exit_flops(dataset[0][0].unsqueeze(0))]

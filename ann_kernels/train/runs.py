@@ -79,9 +79,12 @@ def build_loss(spec: dict, num_exits: int) -> torch.nn.Module:
                        **spec.get("weighting_kwargs", {}))
 
 
-def load_data(spec: dict) -> DataSplits:
-    return load_splits(spec["dataset"], spec.get("data_dir"), val_size=spec.get("val_size", DEFAULT_VAL_SIZE),
-                       limit_train=spec.get("limit_train"), limit_eval=spec.get("limit_eval"),
+def load_data(spec: dict, *, data_dir: str | os.PathLike | None = None, limit_eval: int | None = None) -> DataSplits:
+    """The splits a run spec describes; ``data_dir`` / ``limit_eval`` (when not None) override
+    the spec's, as ``eval`` and ``calibrate`` allow on the command line."""
+    return load_splits(spec["dataset"], data_dir if data_dir is not None else spec.get("data_dir"),
+                       val_size=spec.get("val_size", DEFAULT_VAL_SIZE), limit_train=spec.get("limit_train"),
+                       limit_eval=limit_eval if limit_eval is not None else spec.get("limit_eval"),
                        seed=spec.get("seed", 0))
 
 
