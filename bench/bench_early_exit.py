@@ -43,29 +43,10 @@ from ann_kernels import (
 from ann_kernels.inference.calibration import geometric_exit_fractions
 from ann_kernels.nn import mlp_ann, resann
 from ann_kernels.ops.early_exit import exit_confidence
-from bench.common import RESULTS_DIR, CsvWriter, Timing, peak_extra_mb, time_fn
+from bench.common import RESULTS_DIR, CsvWriter, peak_extra_mb, time_fn, time_interleaved
 
 BATCH = 256
 DISTRIBUTIONS = {"early": 0.5, "uniform": 1.0, "late": 2.0, "none": None}
-
-
-def time_interleaved(fns: dict, rounds: int, warmup: int = 2) -> dict[str, Timing]:
-    """p20/p50/p80 seconds per candidate; each round calls every candidate once."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    samples = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - t0)
-    out = {}
-    for name, values in samples.items():
-        values.sort()
-        p20, p50, p80 = (values[min(len(values) - 1, int(q * len(values)))] for q in (0.2, 0.5, 0.8))
-        out[name] = Timing(p20, p50, p80)
-    return out
 
 
 def _rows(hidden, rows):
@@ -156,7 +137,7 @@ def bench_network(name, model, x, rounds, csv, summary, stream_size):
                 )
                 fns[f"head{k}@{rows}"] = lambda k=k, r=rows: model.forward_head(k, _rows(stage_outputs[k], r))
     with torch.inference_mode():
-        timings = time_interleaved(fns, rounds)
+        timings = time_interleaved(fns, warmup=2, reps=rounds, rounds=rounds)  # one call each per round
     threads = torch.get_num_threads()
     t_full = timings["full_depth"].p50
     csv.add(

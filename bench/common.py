@@ -26,6 +26,12 @@ class Timing:
         return Timing(self.p20 * factor, self.p50 * factor, self.p80 * factor)
 
 
+def _percentiles(samples: list[float]) -> Timing:
+    """p20 / p50 / p80 of per-call times (seconds)."""
+    samples = sorted(samples)
+    return Timing(*(samples[min(len(samples) - 1, int(q * len(samples)))] for q in (0.2, 0.5, 0.8)))
+
+
 def time_fn(fn: Callable[[], object], *, warmup: int, reps: int, min_seconds: float = 0.0) -> Timing:
     """Per-call wall time in seconds (p20/p50/p80 over `reps` calls after `warmup` calls)."""
     for _ in range(warmup):
@@ -36,12 +42,7 @@ def time_fn(fn: Callable[[], object], *, warmup: int, reps: int, min_seconds: fl
         t0 = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - t0)
-    samples.sort()
-
-    def pct(q: float) -> float:
-        return samples[min(len(samples) - 1, int(q * len(samples)))]
-
-    return Timing(pct(0.2), pct(0.5), pct(0.8))
+    return _percentiles(samples)
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int, reps: int, rounds: int = 7,
@@ -64,11 +65,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int, reps:
                 fn()
                 samples[name].append(time.perf_counter() - t0)
                 done += 1
-    out = {}
-    for name, values in samples.items():
-        values.sort()
-        out[name] = Timing(*(values[min(len(values) - 1, int(q * len(values)))] for q in (0.2, 0.5, 0.8)))
-    return out
+    return {name: _percentiles(values) for name, values in samples.items()}
 
 
 def _read_status_kb(field: str) -> int:
