@@ -210,18 +210,16 @@ class StaticWeighting(Weighting):
 class Oscillating(Weighting):
     """Each step, one exit drawn from Cat(B / sum B) gets (sum B)/2 on top of the base B.
     The draw uses torch's global RNG (saved and restored by the Trainer's checkpoints);
-    the weights of the latest step sit in the buffer ``current``."""
+    the weights of the latest step are ``AnytimeLoss.weights``."""
 
     def __init__(self, num_exits: int, base=None):
         super().__init__(num_exits)
         self.register_buffer("base", _base_vector(base, self.num_exits))
-        self.register_buffer("current", self.base.clone())
 
     def weights_for_step(self) -> torch.Tensor:
         s = torch.multinomial(self.base, 1)
         w = self.base.clone()
         w.index_add_(0, s, (self.base.sum() / 2).reshape(1))
-        self.current.copy_(w)
         return w
 
 
