@@ -5,6 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.utils import DEVICES
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """Each test that takes ``device`` runs on CPU and, where there is one, on CUDA."""
+    return torch.device(request.param)
+
 
 @pytest.fixture(scope="module")
 def one_thread():

@@ -9,6 +9,15 @@ import torch
 
 import ann_kernels
 
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+
+# Device parametrisation for every test that can run on CUDA: ``@pytest.mark.parametrize(
+# "device", DEVICES)`` or the ``device`` fixture (tests/conftest.py). The CUDA case carries
+# the ``cuda`` marker, so ``pytest -m cuda`` is the GPU subset (scripts/gpu_check.sh), and
+# skips with the reason "no CUDA device" where there is none (visible with ``-ra``).
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, requires_cuda], id="cuda")]
+
 requires_ext = pytest.mark.skipif(
     not ann_kernels.HAS_CPP_EXT,
     reason="the C++ extension ann_kernels._C is not built (pip install --no-build-isolation -e .)",
