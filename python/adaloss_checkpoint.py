@@ -80,11 +80,11 @@ def save(path: Path, model, loss_fn, optimizer, step: int) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 400, smoke 30)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 300, smoke 30)")
     p.add_argument("--out", type=Path, default=None, help="where the checkpoint goes (default: a temp dir)")
     args = p.parse_args(argv)
     smoke = args.smoke or os.environ.get("ANN_EXAMPLES_SMOKE") == "1"
-    steps = args.steps or (30 if smoke else 400)
+    steps = args.steps or (30 if smoke else 300)
     width, batch_size = (8, 32) if smoke else (16, 64)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     name, data = load_data(limit_train=2000 if smoke else 20000)

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     smoke = args.smoke or os.environ.get("ANN_EXAMPLES_SMOKE") == "1"
     epochs = args.epochs or (1 if smoke else 2)
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    name, data = load_data(limit_train=1500 if smoke else 15000, limit_eval=500 if smoke else 5000)
+    name, data = load_data(limit_train=1500 if smoke else 10000, limit_eval=500 if smoke else 5000)
     print(f"data: {name}: {len(data.train)} train, {len(data.val)} validation (calibration), "
           f"{len(data.test)} test images")
 
