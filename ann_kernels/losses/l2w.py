@@ -202,7 +202,8 @@ def _resolve_weights(weights, per_sample: Tensor, confidence: Tensor, valid: Ten
 # --- 2. weights from the weight-prediction network ----------------------------------------
 
 class WeightNet(nn.Module):
-    """g = tanh(fc2(relu(fc1(f)))): features f [N, F] -> g [N, K] in (-1, 1)."""
+    """g = tanh(fc2(relu(fc1(f)))): features f [N, F] -> g [N, K] in (-1, 1)
+    (``models/weight_predict.py`` ``MLP_tanh`` with ``num_layers=1``)."""
 
     def __init__(self, in_features: int, num_exits: int, hidden: int = 500):
         super().__init__()
@@ -216,7 +217,8 @@ class WeightNet(nn.Module):
 def center_weights(g: Tensor, eps: float, mean_over: str, valid: Tensor | None = None) -> Tensor:
     """W = 1 + eps (g - mean(g)) for g [K, N]; ``mean_over``: ``"sample"`` (each column's
     mean over the K exits), ``"exit"`` (each row's mean over the valid samples) or
-    ``"all"`` (the mean over every valid entry). The same mean of W is exactly 1."""
+    ``"all"`` (the mean over every valid entry); the original's ``constraint_dimension``
+    ``col`` / ``row`` / ``mat``. The same mean of W is exactly 1."""
     if mean_over not in MEAN_OVER:
         raise ValueError(f"mean_over: expected one of {MEAN_OVER}, got {mean_over!r}")
     if mean_over == "sample":
@@ -301,7 +303,8 @@ def sgd_lookahead(params: dict[str, Tensor], grads: Sequence[Tensor | None], opt
     """theta' = the step ``optimizer`` (torch.optim.SGD) would take from ``params`` with
     ``grads``, as a differentiable function of the grads (no state is written):
     d = g + wd theta; b = mu b_old + (1 - damp) d (b = d without a momentum buffer);
-    d = d + mu b (Nesterov) or b; theta' = theta - lr d. Params with no grad stay put."""
+    d = d + mu b (Nesterov) or b; theta' = theta - lr d. Params with no grad stay put.
+    (``tools/meta.py`` ``MetaSGD.meta_step`` after ``load_state_dict(optimizer.state_dict())``.)"""
     _check_sgd(optimizer)
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     new = {}
