@@ -9,7 +9,9 @@ FLOPs are FLOPs (2 x multiply-accumulates), as ``MultiExitNetwork.exit_flops`` c
 
     python scripts/budgeted_comparison.py runs/l2w --budgets 0.3 0.5 0.8 1.0
 
-Budgets <= 1 are fractions of the full network's FLOPs per image.
+Budgets <= 1 are fractions of the full network's FLOPs per image. ``--also DIR LABEL``
+adds the runs of another compare directory (same network and data), as column ``LABEL``
+(e.g. a control run with another batch size).
 """
 
 from __future__ import annotations
@@ -63,12 +65,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path, help="an ann-kernels compare output directory")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.8, 1.0])
+    p.add_argument("--also", nargs=2, action="append", default=[], metavar=("DIR", "LABEL"),
+                   help="another compare directory whose runs join the table as column LABEL")
     args = p.parse_args(argv)
     summary = json.loads((args.out / "summary.json").read_text())
     torch.set_num_threads(1)
     results: dict[str, dict[str, dict]] = {}
     cache: dict = {}
     runs = [(w, s, r) for w, by_seed in summary["runs"].items() for s, r in by_seed.items()]
+    for other, label in args.also:
+        other_runs = json.loads((Path(other) / "summary.json").read_text())["runs"]
+        runs += [(label if len(other_runs) == 1 else f"{w} {label}", s, r)
+                 for w, by_seed in other_runs.items() for s, r in by_seed.items()]
     for weighting, seed, run in tqdm(runs, desc="calibrate + test"):
         results.setdefault(weighting, {})[seed] = evaluate_run(Path(run["dir"]) / "last.pt", args.budgets, cache)
     (args.out / "budgeted.json").write_text(json.dumps(results, indent=1))
@@ -88,7 +96,7 @@ def main(argv=None) -> int:
         f"{_ms([statistics.fmean(r['exit_test_acc']) for r in results[w].values()])} "
         f"({_ms([r['exit_test_acc'][0] for r in results[w].values()])} / "
         f"{_ms([r['exit_test_acc'][-1] for r in results[w].values()])})" for w in weightings) + " |")
-    lines.append("| training time per run, s (1 thread) | " + " | ".join(
+    lines.append("| training wall time per run, s (1 thread, shared CPU) | " + " | ".join(
         f"{statistics.fmean(r.get('train_time_s', 0.0) for r in results[w].values()):.0f}" for w in weightings) + " |")
     table = "\n".join(lines)
     (args.out / "budgeted.md").write_text(table + "\n")

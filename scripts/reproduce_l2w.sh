@@ -8,7 +8,9 @@
 # exits), data (the first 15,000 training images, the 5,000-image validation split held out
 # of them, the 10,000 test images), epochs and seeds (0, 1, 2). Then budgeted accuracy:
 # thresholds calibrated on the validation split for each mean-FLOP budget, accuracy on the
-# test split (scripts/budgeted_comparison.py). One run at a time, one thread each (small
+# test split (scripts/budgeted_comparison.py). L2W-DEN makes two model updates per batch (one
+# per half), so a control "const b32" trains CONST with batch 32: the same number of updates
+# on the same number of images each. One run at a time, one thread each (small
 # convolutions scale badly across threads when other processes load the CPU).
 # Complete runs in the output directory are reused (delete it to start over).
 #
@@ -16,6 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's ann_kernels, also for scripts/*.py
 OUT="${1:-runs/l2w-den}"
 EPOCHS="${2:-2}"
 mkdir -p "$OUT"
@@ -25,5 +28,11 @@ OMP_NUM_THREADS=1 nice -n 10 "$PY" -m ann_kernels compare \
     --weightings const l2w adaloss imta_kd --seeds 0 1 2 \
     --epochs "$EPOCHS" --batch-size 64 --lr 0.1 --momentum 0.9 --no-nesterov --weight-decay 1e-4 \
     --channels-last --jobs 1 --out "$OUT"
-OMP_NUM_THREADS=1 nice -n 10 "$PY" scripts/budgeted_comparison.py "$OUT" --budgets 0.3 0.4 0.5 0.6 0.8 1.0
+OMP_NUM_THREADS=1 nice -n 10 "$PY" -m ann_kernels compare \
+    --dataset fashion-mnist --model resann --num-exits 6 --model-arg width=16 --limit-train 15000 \
+    --weightings const --seeds 0 1 2 \
+    --epochs "$EPOCHS" --batch-size 32 --lr 0.1 --momentum 0.9 --no-nesterov --weight-decay 1e-4 \
+    --channels-last --jobs 1 --out "$OUT/const-b32"
+OMP_NUM_THREADS=1 nice -n 10 "$PY" scripts/budgeted_comparison.py "$OUT" --also "$OUT/const-b32" "const b32" \
+    --budgets 0.3 0.4 0.5 0.6 0.8 1.0
 echo "wall time: $(( $(date +%s) - start )) s" | tee "$OUT/wall_time.txt"
