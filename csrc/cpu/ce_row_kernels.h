@@ -244,6 +244,35 @@ inline void row_affine(float* __restrict g, int64_t C, float a, float b) {
   for (int64_t c = 0; c < C; ++c) g[c] = g[c] * a - b;
 }
 
+// Backward of a finite row from its saved log-sum-exp (the deferred low-precision path):
+//   g_c = a * exp(z_c - lse) - b,  a = scale, b = scale * e / C,
+// then the caller subtracts scale * (1 - e) at the target. z_c - lse <= 0 up to rounding,
+// so exp needs no high clamp. `x` is the fp32 row (converted by the caller), `g` fp32.
+inline void row_grad_from_lse(const float* __restrict x, int64_t C, float lse, float a, float b,
+                              float* __restrict g) {
+#if defined(ANN_KERNELS_AVX2)
+  const __m256 vlse = _mm256_set1_ps(lse), va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) {
+    const __m256 e = exp8<false>(_mm256_sub_ps(_mm256_loadu_ps(x + c), vlse));
+    _mm256_storeu_ps(g + c, _mm256_fmsub_ps(e, va, vb));
+  }
+  if (c < C) {
+    const __m256i m = tail_mask(C - c);
+    const __m256 e = exp8<false>(_mm256_sub_ps(_mm256_maskload_ps(x + c, m), vlse));
+    _mm256_maskstore_ps(g + c, m, _mm256_fmsub_ps(e, va, vb));
+  }
+#else
+  for (int64_t c = 0; c < C; ++c) g[c] = a * fast_exp(x[c] - lse) - b;
+#endif
+}
+
+// Step 5 in place on an fp32 gradient that is already w_k s_ik / N_valid * (p - t):
+// multiply by grad_out (backward with grad_out != 1; one more rounding in fp32).
+inline void scale_in_place(float* __restrict g, int64_t n, float factor) {
+  for (int64_t i = 0; i < n; ++i) g[i] *= factor;
+}
+
 #if defined(ANN_KERNELS_AVX2)
 // Largest class count handled by the eight-rows-per-vector layout (its tiles live on the
 // stack: 2 x 16 x 8 floats = 1 KiB).
