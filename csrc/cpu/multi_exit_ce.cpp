@@ -48,6 +48,34 @@ inline float row_scale(const CeRowsArgs& a, int64_t k, int64_t i, bool valid) {
   return a.s == nullptr ? base : base * a.s[k * a.s_stride_k + i];
 }
 
+// A logits row -> fp32 and an fp32 gradient row -> the logits dtype (vectorised for bf16
+// and, with F16C, fp16; otherwise c10's scalar conversions).
+template <typename scalar_t>
+inline void row_to_float(const scalar_t* x, int64_t C, float* out) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    bf16_row_to_float(reinterpret_cast<const uint16_t*>(x), C, out);
+#if defined(ANN_KERNELS_F16C)
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    f16_row_to_float(reinterpret_cast<const uint16_t*>(x), C, out);
+#endif
+  } else {
+    for (int64_t c = 0; c < C; ++c) out[c] = static_cast<float>(x[c]);
+  }
+}
+
+template <typename scalar_t>
+inline void float_to_row(const float* x, int64_t C, scalar_t* out) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    float_row_to_bf16(x, C, reinterpret_cast<uint16_t*>(out));
+#if defined(ANN_KERNELS_F16C)
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    float_row_to_f16(x, C, reinterpret_cast<uint16_t*>(out));
+#endif
+  } else {
+    for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(x[c]);
+  }
+}
+
 // Steps 2-5 for every (exit, row) pair, in parallel. Each row's results depend on that
 // row only and the per-exit sums happen serially afterwards, so nothing depends on the
 // thread count.
@@ -112,7 +140,7 @@ void ce_rows(const std::vector<Tensor>& rows, const Tensor& grads, const CeRowsA
         e = a.compute_grad ? g_ptr[k] + i * C : scratch.data();
       } else {
         float* xs = scratch.data() + C;
-        for (int64_t c = 0; c < C; ++c) xs[c] = static_cast<float>(x[c]);
+        row_to_float(x, C, xs);
         xf = xs;
         e = scratch.data();
       }
@@ -141,10 +169,7 @@ void ce_rows(const std::vector<Tensor>& rows, const Tensor& grads, const CeRowsA
         row_affine(e, C, scale / st.sum_exp, scale * a.eps / static_cast<float>(C));
         e[yi] -= scale * (1.f - a.eps);
       }
-      if constexpr (!kFloatIn) {
-        scalar_t* g = g_ptr[k] + i * C;
-        for (int64_t c = 0; c < C; ++c) g[c] = static_cast<scalar_t>(e[c]);
-      }
+      if constexpr (!kFloatIn) float_to_row(e, C, g_ptr[k] + i * C);
     }
   });
 }
@@ -190,15 +215,13 @@ void ce_grad_rows(const std::vector<Tensor>& rows, const Tensor& grads, const Ce
         gf = g;
       } else {
         float* xs = scratch.data();
-        for (int64_t c = 0; c < C; ++c) xs[c] = static_cast<float>(x[c]);
+        row_to_float(x, C, xs);
         xf = xs;
         gf = scratch.data() + C;
       }
       row_grad_from_lse(xf, C, lse, scale, scale * a.eps / static_cast<float>(C), gf);
       gf[yi] -= scale * (1.f - a.eps);
-      if constexpr (!kFloatIn) {
-        for (int64_t c = 0; c < C; ++c) g[c] = static_cast<scalar_t>(gf[c]);
-      }
+      if constexpr (!kFloatIn) float_to_row(gf, C, g);
     }
   });
 }
