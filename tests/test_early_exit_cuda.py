@@ -92,12 +92,30 @@ def test_side_stream_gives_the_same_result():
 
 def test_graph_capture_is_refused_with_an_error():
     """The op sizes its outputs by the survivor count (one device-to-host copy), which a CUDA
-    graph cannot capture: capture must fail loudly, not record a wrong graph."""
-    logits = torch.randn(64, 10, device="cuda")
-    active = torch.arange(64, device="cuda")
-    bufs = buffers(64, "cuda")
-    early_exit_step(logits, active, None, *bufs, threshold=0.5)  # warm-up outside capture
-    graph = torch.cuda.CUDAGraph()
-    with pytest.raises(RuntimeError):
-        with torch.cuda.graph(graph):
-            early_exit_step(logits, active, None, *bufs, threshold=0.5)
+    graph cannot capture: capture must fail loudly, not record a wrong graph. In a fresh
+    process, so a failed capture cannot disturb the CUDA context of the other tests."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import torch, ann_kernels
+from ann_kernels.ops.early_exit import early_exit_step
+logits = torch.randn(64, 10, device="cuda")
+active = torch.arange(64, device="cuda")
+bufs = [torch.empty(64, dtype=torch.int64, device="cuda"), torch.empty(64, dtype=torch.int64, device="cuda"),
+        torch.empty(64, device="cuda")]
+early_exit_step(logits, active, None, *bufs, threshold=0.5)  # warm-up outside capture
+graph = torch.cuda.CUDAGraph()
+try:
+    with torch.cuda.graph(graph):
+        early_exit_step(logits, active, None, *bufs, threshold=0.5)
+except RuntimeError as error:
+    print("refused:", str(error).splitlines()[0])
+else:
+    print("captured")
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("refused:"), done.stdout
