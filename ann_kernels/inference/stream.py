@@ -5,8 +5,9 @@ run at tiny batch sizes (poor utilisation, per-call overhead). Here every stage 
 queue of (hidden state, buffer positions); stage k runs only when its queue holds
 ``batch_size`` samples, on exactly that many, and its survivors join queue k+1. With
 ``max_wait_s``, a stage also runs (on what it has) once its oldest queued row has waited
-that long, checked whenever the stream gets control (each new input batch), so on a slow
-or endless stream no row waits for a full batch forever. When the input ends, the queues are
+that long, checked whenever the stream gets control (each new input batch), or at once when
+no row is queued before it (nothing could join it before the next input), so on a slow or
+endless stream no row waits for a full batch forever. When the input ends, the queues are
 flushed in stage order (partial batches).
 
 One consumer: ``stream()`` is a generator driven by the thread that iterates it, fed by one
@@ -119,8 +120,13 @@ class StageQueues:
                 self._run_stage(k, min(self.batch_size, self.queued[k]))
 
     def _overdue(self, k: int) -> bool:
-        """Stage k's oldest queued row has waited ``max_wait_s``."""
-        return self.max_wait_s is not None and time.perf_counter() - self.queues[k][0][3] >= self.max_wait_s
+        """With ``max_wait_s``: stage k's oldest queued row has waited that long, or no row is
+        queued before stage k (none could join it before the next input batch)."""
+        if self.max_wait_s is None:
+            return False
+        if not any(self.queued[:k]):
+            return True
+        return time.perf_counter() - self.queues[k][0][3] >= self.max_wait_s
 
     # ------------------------------------------------------------------ one stage run
     def _take(self, k: int, rows: int):
