@@ -191,8 +191,9 @@ def test_deadline_mid_network_returns_latest_predictions():
     x = inputs(30)
     result = EarlyExitEngine(model).predict(x, deadline_s=0.02)  # passes during stage 1
     with torch.no_grad():
-        second = model(x)[1]
-    assert (result.exit_index == 1).all() and torch.equal(result.prediction, second.argmax(dim=1))
+        first = model(x)[0]
+    # Exit 1 finished late: everyone takes exit 0, the latest finished in time.
+    assert (result.exit_index == 0).all() and torch.equal(result.prediction, first.argmax(dim=1))
     assert result.stats.deadline_exit == 1
     relaxed = EarlyExitEngine(model).predict(x, deadline_s=60.0)
     assert (relaxed.exit_index == K - 1).all() and relaxed.stats.deadline_exit is None
@@ -465,7 +466,7 @@ def test_deadline_does_not_start_a_stage_measured_to_overrun(thresholds):
     assert slow.calls == calls, "the deadline check let the sleeping stage start"
     with torch.no_grad():
         logits = model(x)
-    # Rows left before stage 2 take exit 1, their latest computed exit (head 1 is evaluated
+    # Rows left before stage 2 take exit 1, the latest reached in time (head 1 is evaluated
     # for them even where a +inf threshold skipped it).
     full = engine.predict(x, thresholds=thresholds)
     late = full.exit_index >= 2
@@ -473,21 +474,26 @@ def test_deadline_does_not_start_a_stage_measured_to_overrun(thresholds):
     assert torch.equal(result.prediction[late], logits[1].argmax(dim=1)[late])
     assert torch.equal(result.exit_index[~late], full.exit_index[~late])
     assert torch.equal(result.prediction[~late], full.prediction[~late])
-    assert result.stats.deadline_exit == (1 if late.any() else None)
+    assert result.stats.deadline_exit == (2 if late.any() else None)
     assert result.stats.samples_per_exit[2:] == (0, 0)
     assert result.stats.total_seconds < 0.2  # did not sleep (a structural bound, not a timing one)
 
 
-def test_deadline_unmeasured_stage_overrunning_ends_at_its_own_exit():
-    model, slow = sleepy_model(stage=1, seconds=0.05)
+def test_deadline_unmeasured_stage_overrunning_then_measured():
+    model, slow = sleepy_model(stage=2, seconds=0.1)
     engine, x = EarlyExitEngine(model), inputs(16)
     engine.exit_flops(x)  # FLOP counting runs the stages once
+    engine.predict(x[:1], thresholds=[INF] * K)  # stages 0 and 1 measured, at another size
     calls = slow.calls
-    result = engine.predict(x, deadline_s=1e-3)
-    assert slow.calls == calls + 1 and (result.exit_index == 1).all() and result.stats.deadline_exit == 1
-    # Measured now: the next call does not start stage 1 at all.
-    again = engine.predict(x, deadline_s=1e-3)
-    assert slow.calls == calls + 1 and (again.exit_index == 0).all() and again.stats.deadline_exit == 0
+    with torch.no_grad():
+        second = model(x)[1].argmax(dim=1)
+    result = engine.predict(x, deadline_s=0.05)  # stage 2 not measured: it runs and overruns
+    assert slow.calls == calls + 1 and result.stats.deadline_exit == 2
+    assert (result.exit_index == 1).all() and torch.equal(result.prediction, second)
+    # Measured now: the next call does not start stage 2 at all, with the same answer.
+    again = engine.predict(x, deadline_s=0.05)
+    assert slow.calls == calls + 1 and again.stats.deadline_exit == 2
+    assert (again.exit_index == 1).all() and torch.equal(again.prediction, second)
 
 
 def test_stage_times_interpolate_and_extrapolate_conservatively():
@@ -603,3 +609,35 @@ def test_stream_max_wait_bounds_the_wait_for_a_full_batch():
     assert torch.equal(torch.cat([first.prediction] + [r.prediction for r in rest]), expected.prediction)
     with pytest.raises(ValueError, match="max_wait_s"):
         engine.stream([x], max_wait_s=-1)
+
+
+@pytest.mark.parametrize("thresholds", [None, [0.99] * 3 + [0.0]])
+def test_eann_deadlines_follow_the_same_rule(thresholds):
+    """EANNEngine and EANN.anytime_predict: a segment measured to overrun is not started."""
+    from ann_kernels import EANN, EANNEngine
+
+    first = small_mlp(seed=50)
+    second, slow = sleepy_model(stage=0, seconds=0.2, seed=51)  # member 1's first stage sleeps
+    members = [
+        MultiExitNetwork(list(first.stages[:2]), list(first.heads[:2]), num_classes=5),
+        MultiExitNetwork(list(second.stages[:2]), list(second.heads[:2]), num_classes=5),
+    ]
+    model = EANN(members).eval()
+    engine, x = EANNEngine(model), inputs(12)
+    model.exit_flops(x)
+    with torch.no_grad():
+        exit1 = model(x)[1].argmax(dim=1)
+    engine.predict(x, thresholds=thresholds)  # measures every segment
+    calls = slow.calls
+    full = engine.predict(x, thresholds=thresholds)
+    calls_full = slow.calls - calls
+    result = engine.predict(x, thresholds=thresholds, deadline_s=0.1)
+    assert slow.calls == calls + calls_full, "a segment measured at 0.2 s started under a 0.1 s deadline"
+    late = full.exit_index >= 2
+    assert late.any()
+    assert (result.exit_index[late] == 1).all() and torch.equal(result.prediction[late], exit1[late])
+    assert torch.equal(result.exit_index[~late], full.exit_index[~late])
+    assert result.stats.deadline_exit == 2
+    anytime = model.anytime_predict(x, deadline_s=0.1)  # its segments: measured by the same table
+    assert slow.calls == calls + calls_full
+    assert anytime.exit_index == 1 and anytime.deadline_met and torch.equal(anytime.prediction, exit1)

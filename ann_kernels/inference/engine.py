@@ -91,7 +91,9 @@ class EarlyExitStats(NamedTuple):
     - ``full_flops``: the cost of the last exit (the full network), for ratios.
     - ``stage_seconds``: K wall-clock seconds of stage k + head k + the decision (0 if the
       stage did not run); ``total_seconds``: the whole call.
-    - ``deadline_exit``: the exit at which the deadline sent everyone out, or None.
+    - ``deadline_exit``: the first exit the deadline cut off (its stage not started, or
+      finished late), or None; the samples still running took the exit before it (exit 0
+      when it is 0).
     """
 
     samples_per_exit: tuple[int, ...]
@@ -381,21 +383,26 @@ class EarlyExitEngine:
             if k and deadline is not None:
                 estimate = times.estimate(k, h_rows, not skip_head)
                 if estimate is not None and t_prev + estimate > deadline:
-                    # Stage k would overrun: everyone left takes exit k - 1 (the latest computed).
-                    logits = forward_head(k - 1, h)
-                    if rows_in_h is not None:
-                        logits = logits.index_select(0, rows_in_h)
-                    step(logits, active, None, prediction, exit_index, confidence, neg_inf, code, k - 1, -1)
+                    # Stage k would overrun: not started; everyone left takes exit k - 1.
+                    self._take_exit(k - 1, h, rows_in_h, active, prediction, exit_index, confidence)
                     evaluated[k - 1] += h_rows
                     samples_per_exit[k - 1] += remaining
-                    remaining, deadline_exit = 0, k - 1
-                    t_now = clock()
-                    stage_seconds[k - 1] += t_now - t_prev
+                    remaining, deadline_exit = 0, k
+                    stage_seconds[k - 1] += clock() - t_prev
                     break
-            h = forward_stage(k, h)
+            h_in, h = h, forward_stage(k, h)
             reached[k] = h_rows
-            if deadline is not None and clock() >= deadline:  # stage k overran: its exit is the latest
-                threshold, count, deadline_exit, skip_head = neg_inf, -1, k, False
+            if deadline is not None and clock() >= deadline:  # stage k finished late
+                deadline_exit = k
+                if k:  # the latest exit finished in time is k - 1
+                    record(k, h_rows, clock() - t_prev, False)
+                    self._take_exit(k - 1, h_in, rows_in_h, active, prediction, exit_index, confidence)
+                    evaluated[k - 1] += h_rows
+                    samples_per_exit[k - 1] += remaining
+                    remaining = 0
+                    stage_seconds[k] = clock() - t_prev
+                    break
+                threshold, count, skip_head = neg_inf, -1, False  # exit 0 always counts
             if skip_head:
                 t_now = clock()
                 stage_seconds[k], t_prev = t_now - t_prev, t_now
@@ -447,6 +454,14 @@ class EarlyExitEngine:
             deadline_exit,
         )
         return EarlyExitResult(prediction, exit_index, confidence, stats)
+
+    def _take_exit(self, k, h, rows_in_h, active, prediction, exit_index, confidence) -> None:
+        """Every active sample leaves at exit k (head k on ``h``, the output of stage k)."""
+        logits = self.model.forward_head(k, h)
+        if rows_in_h is not None:
+            logits = logits.index_select(0, rows_in_h)
+        step = self._kernels_for(logits.device.type)[0]
+        step(logits, active, None, prediction, exit_index, confidence, -math.inf, self._criterion_code, k, -1)
 
     def _masks_next(self, k: int, h_rows: int, remaining: int, thresholds) -> bool:
         """The cost model's choice after exit k: True = run stage k + 1 on all ``h_rows`` rows

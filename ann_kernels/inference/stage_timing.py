@@ -46,6 +46,15 @@ class StageTimes:
         self._points: list[tuple[dict, dict]] = [({}, {}) for _ in range(num_stages)]
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict:  # picklable / deep-copyable (models holding one can be saved)
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def record(self, stage: int, rows: int, seconds: float, head: bool = True) -> None:
         """One run of ``stage`` on ``rows`` rows took ``seconds`` (``head``: its head ran)."""
         if rows <= 0 or not seconds >= 0:
