@@ -135,18 +135,19 @@ def _check_targets(target: torch.Tensor, vocab: int, ignore_index: int) -> None:
 
 def multi_exit_linear_cross_entropy_reference(
     hidden, weight, target, weights=None, *, bias=None, ignore_index: int = -100, label_smoothing: float = 0.0,
-    sample_weights=None, ema=None, momentum: float = 0.99, z_loss: float = 0.0, active=None,
-    dtype: torch.dtype | None = None,
+    sample_weights=None, ema=None, momentum: float = 0.99, z_loss: float = 0.0,
+    skip_zero_weight_exits: bool = True, memory_budget_mb: float | None = None, dtype: torch.dtype | None = None,
 ) -> ExitLoss:
     """Pure-torch oracle: ``F.linear`` + ``F.cross_entropy`` per exit (materialises the
-    logits). ``dtype`` (e.g. float64) runs the math in that precision. Exits not in
-    ``active`` (default: all) are not computed: per_exit / confidence NaN, prediction -1."""
+    logits; ``memory_budget_mb`` is accepted and ignored). ``dtype`` (e.g. float64) runs
+    the math in that precision. Skipped exits (weight exactly 0, host-known) as the op:
+    per_exit / confidence NaN, per_sample 0, prediction -1."""
+    active = _active_exits(weights, len(_as_exits(hidden)), skip_zero_weight_exits)
     exits, weights = _validate(hidden, weight, target, weights, bias, sample_weights, label_smoothing, z_loss,
                                ema, momentum)
     vocab = weight.shape[-2]
     _check_targets(target, vocab, ignore_index)
     num_exits, n = len(exits), exits[0].shape[0]
-    active = list(range(num_exits)) if active is None else list(active)
     math_dtype = dtype or torch.float32
     valid = target != ignore_index
     n_valid = valid.sum().clamp(min=1).to(math_dtype)
@@ -257,7 +258,8 @@ def multi_exit_linear_cross_entropy(
     warn_fallback("multi_exit_linear_cross_entropy", reason)
     return multi_exit_linear_cross_entropy_reference(
         exits, weight, target, weights, bias=bias, ignore_index=ignore_index, label_smoothing=label_smoothing,
-        sample_weights=sample_weights, ema=ema, momentum=momentum, z_loss=z_loss, active=active)
+        sample_weights=sample_weights, ema=ema, momentum=momentum, z_loss=z_loss,
+        skip_zero_weight_exits=skip_zero_weight_exits)
 
 
 # ---------------------------------------------------------------------------------------
