@@ -54,6 +54,24 @@ TORCH_LIBRARY(ann_kernels, m) {
       "early_exit_step(Tensor logits, Tensor active_index, Tensor? hidden, Tensor(a!) prediction, "
       "Tensor(b!) exit_index, Tensor(c!) confidence, float threshold, int criterion, int exit_id, "
       "int exit_count) -> (Tensor, Tensor, Tensor)");
+  // Fused linear + multi-exit cross-entropy (csrc/cpu/multi_exit_linear_ce.cpp): K exits'
+  // hidden states [N, H] through one head weight [V, H] (or one per exit, [K, V, H]) with
+  // optional bias [V] / [K, V], never materialising the K x N x V logits. Differentiable in
+  // hidden, weight, bias, weights (dLoss/dw_k = L_k) and sample_weights ([N] or [K, N]).
+  // Only the exits in `active` are computed (the others: per_exit NaN, no work).
+  // budget_bytes: the logits tile's memory (0 = default). Returns (loss, per_exit [K],
+  // per_sample [K,N], confidence [K,N], prediction [K,N]); updates `ema` [K] in place.
+  m.def(
+      "multi_exit_linear_ce(Tensor[] hidden, Tensor weight, Tensor target, Tensor weights, Tensor? bias, "
+      "Tensor? sample_weights, int ignore_index, float label_smoothing, float z_loss, Tensor(a!)? ema, "
+      "float momentum, int[] active, int budget_bytes) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Its backend kernel: the same outputs plus, when compute_grad, fp32 gradients for
+  // grad_out = 1: hidden [K, N, H], weight (weight's shape), bias (bias's shape; [0] without).
+  m.def(
+      "multi_exit_linear_ce_fwd(Tensor[] hidden, Tensor weight, Tensor target, Tensor weights, Tensor? bias, "
+      "Tensor? sample_weights, int ignore_index, float label_smoothing, float z_loss, Tensor(a!)? ema, "
+      "float momentum, int[] active, int budget_bytes, bool compute_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace ann_kernels {
