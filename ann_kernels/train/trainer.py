@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ann_kernels.train.metrics import append_jsonl, evaluate_exits, format_flops, read_jsonl, truncate_jsonl
 from ann_kernels.train.plots import plot_anytime, plot_weights
+from ann_kernels.train.weight_decay import WEIGHT_DECAY_MODES, weight_decay_groups
 
 CHECKPOINT_FORMAT = 1
 OPTIMIZERS = ("sgd", "adamw")
@@ -49,6 +50,9 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float | None = None
+    # "all": every parameter; "reference": the original AdaLoss code's groups (conv + FC
+    # weights, FC decay times the exit's static weight, no BN): ann_kernels.train.weight_decay
+    weight_decay_mode: str = "all"
     warmup_steps: int = 0
     grad_clip: float | None = None
     bf16: bool = False
@@ -75,6 +79,9 @@ class TrainConfig:
             raise ValueError(f"lr: expected a positive learning rate, got {self.lr}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay: expected >= 0, got {self.weight_decay}")
+        if self.weight_decay_mode not in WEIGHT_DECAY_MODES:
+            raise ValueError(f"weight_decay_mode: expected one of {WEIGHT_DECAY_MODES}, "
+                             f"got {self.weight_decay_mode!r}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum: expected a value in [0, 1), got {self.momentum}")
         if self.warmup_steps < 0 or self.num_workers < 0:
@@ -173,12 +180,14 @@ class Trainer:
         self.ddp_model = (
             torch.nn.parallel.DistributedDataParallel(model) if self.distributed else model
         )
+        decay_weights = getattr(self.weighting, "decay_weights", None)
+        groups = weight_decay_groups(model, cfg.weight_decay, cfg.weight_decay_mode,
+                                     decay_weights() if decay_weights is not None else None)
         if cfg.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                             nesterov=cfg.nesterov and cfg.momentum > 0,
-                                             weight_decay=cfg.weight_decay)
+            self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                                             nesterov=cfg.nesterov and cfg.momentum > 0)
         else:
-            self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, cosine_lambda(self.total_steps, cfg.warmup_steps)
         )
