@@ -44,8 +44,9 @@ def test_examples_exist():
     assert set(EXPECTED) <= names, f"missing examples: {sorted(set(EXPECTED) - names)}"
 
 
-@pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
-def test_example_smoke_run(script: Path):
+def _check_example(script: Path) -> str:
+    """Run ``script --smoke`` as CI does; fail (AssertionError) or skip per the convention.
+    Returns its stdout."""
     env = {**os.environ, "ANN_EXAMPLES_SMOKE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     proc = subprocess.run([sys.executable, str(script), "--smoke"], cwd=ROOT, env=env, capture_output=True,
@@ -61,3 +62,28 @@ def test_example_smoke_run(script: Path):
     for pattern in EXPECTED.get(script.name, []):
         assert re.search(pattern, proc.stdout, flags=re.M), f"{script.name}: no line matching {pattern!r}:\n" \
                                                              f"{proc.stdout[-3000:]}"
+    return proc.stdout
+
+
+@pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
+def test_example_smoke_run(script: Path):
+    _check_example(script)
+
+
+@pytest.mark.parametrize("body,match", [
+    ("print('trained, looks fine')", "printed no 'CHECK <what> ok' line"),
+    ("print('CHECK something ok'); raise SystemExit(3)", "exited 3"),
+    ("import sys; print('CHECK a ok'); sys.stderr.write('Traceback (most recent call last):')", "Traceback"),
+])
+def test_the_check_rejects_a_bad_example(tmp_path, body, match):
+    bad = tmp_path / "bad_example.py"
+    bad.write_text(body + "\n")
+    with pytest.raises(AssertionError, match=re.escape(match)):
+        _check_example(bad)
+
+
+def test_the_check_skips_an_example_that_says_skip(tmp_path):
+    script = tmp_path / "needs_extra.py"
+    script.write_text("print('SKIP fastapi is not installed')\n")
+    with pytest.raises(pytest.skip.Exception, match="fastapi is not installed"):
+        _check_example(script)
