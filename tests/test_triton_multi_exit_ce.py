@@ -496,9 +496,12 @@ def test_sample_weights_and_no_weights(shape, blocks):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("grad_out", [-3.0, 2.0 ** -10, 65536.0])
-@pytest.mark.parametrize("num_classes", [7, 33])  # one chunk / three chunks
+_DEFERRED_CASES = [(dtype, grad_out, 7) for dtype in (torch.float32, torch.bfloat16, torch.float16)
+                   for grad_out in (-3.0, 2.0 ** -10, 65536.0)]
+_DEFERRED_CASES += [(torch.float16, 65536.0, 33), (torch.bfloat16, -3.0, 33)]  # three chunks (BLOCK_C = 16)
+
+
+@pytest.mark.parametrize(("dtype", "grad_out", "num_classes"), _DEFERRED_CASES)
 def test_deferred_backward_any_grad_out(dtype, grad_out, num_classes):
     """grad_out read on the device and folded into the fp32 scale before rounding (the
     fp16-GradScaler defect); error within twice torch's autocast-style error (enough rows
