@@ -370,3 +370,27 @@ def _opcheck_cases():
 def test_opcheck_every_op_and_argument(case):
     _, op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_compiled_step_with_sample_weights_and_scaled_backward(dtype):
+    """torch.compile of a model's forward through the op (fake kernels of the new backend ops,
+    the deferred fp16 backward, grad_out != 1) matches eager."""
+    torch.manual_seed(0)
+    model = torch.nn.ModuleList([torch.nn.Linear(6, 9) for _ in range(2)])
+    x, y = torch.randn(8, 6), torch.randint(0, 9, (8,))
+    s = torch.rand(2, 8) + 0.5
+
+    def forward(inp):
+        return multi_exit_cross_entropy([head(inp).to(dtype) for head in model], y, sample_weights=s).loss
+
+    results = []
+    for fn in (forward, torch.compile(forward, dynamic=False)):
+        model.zero_grad(set_to_none=True)
+        loss = fn(x)
+        (loss * 8.0).backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for p, q in zip(ga, gb):
+        torch.testing.assert_close(p, q, rtol=1e-3 if dtype == torch.float16 else 1e-5, atol=1e-5)
