@@ -141,7 +141,7 @@ def test_zero_weight_exits_are_skipped(device):
     hidden, weight, b, target = make_case(3, 9, 8, 40, device=device, seed=6)
     out = fused(hidden, weight, target, [0.0, 0.5, 1.0])
     assert torch.isnan(out.per_exit[0]) and torch.all(out.prediction[0] == -1)
-    assert torch.isnan(out.confidence[0]).all()
+    assert torch.isnan(out.confidence[0]).all() and torch.all(out.per_sample[0] == 0)
     g = torch.autograd.grad(out.loss, hidden)
     assert torch.all(g[0] == 0)
     full = fused(hidden, weight, target, [0.0, 0.5, 1.0], skip_zero_weight_exits=False)

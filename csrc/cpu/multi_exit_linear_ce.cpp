@@ -405,10 +405,9 @@ FwdResult linear_ce_fwd_cpu(at::TensorList hidden, const Tensor& weight, const T
   const auto f32 = hidden[0].options().dtype(at::kFloat);
   const float nan = std::numeric_limits<float>::quiet_NaN();
   Outputs out;
-  out.per_sample = at::full({K, N}, nan, f32);
+  out.per_sample = at::zeros({K, N}, f32);  // exits not computed: 0 (per_exit NaN)
   out.confidence = at::full({K, N}, nan, f32);
   out.prediction = at::full({K, N}, -1, hidden[0].options().dtype(at::kLong));
-  for (int64_t k : a.active) out.per_sample.select(0, k).zero_();
   if (compute_grad) {
     out.grad_hidden = at::zeros({K, N, H}, f32);
     out.grad_weight = at::zeros(weight.sizes(), f32);
