@@ -155,7 +155,11 @@ def peak_child(provider, shape, dtype, device) -> float:
 def measure_peak(provider, shape, dtype, device) -> float:
     cmd = [sys.executable, os.path.abspath(__file__), "--peak-child", provider, "--device", device,
            "--child-shape", ",".join(map(str, shape)), "--dtypes", str(dtype).replace("torch.", "")]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=ROOT)
+    # A fixed mmap threshold: every buffer >= 128 KiB is its own mapping, returned to the OS
+    # when freed, so the warm-up step's freed buffers cannot hide the measured step's peak
+    # (glibc's default threshold grows to 32 MiB and keeps such blocks in the heap).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=ROOT, env=env)
     if out.returncode != 0:
         print(f"  peak of {provider} failed: {out.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
         return float("nan")

@@ -9,6 +9,11 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton and the kernel module are imported
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -73,3 +78,59 @@ def test_all_ignored_and_no_grad():
                                                torch.ones(2), b.detach(), None, -100, 0.2, 0.1, None, 0.9,
                                                [0, 1], 0, False)
     assert out[0].item() == 0.0 and torch.all(out[2] == 0) and all(t.numel() == 0 for t in out[5:])
+
+
+_COMPILE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    try:
+        import triton, triton.language as tl
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        import triton.backends.nvidia  # noqa: F401
+    except Exception as error:  # no NVIDIA backend in this triton build
+        print(f"SKIP: {error}")
+        sys.exit(77)
+    from ann_kernels.triton.multi_exit_linear_ce import _linear_ce_grad_kernel, _linear_ce_logits_stats_kernel
+
+    stats_ptrs = ["h_ptr", "w_ptr", "b_ptr", "z_ptr", "lse_ptr", "loss_ptr", "conf_ptr"]
+    jobs = [
+        (_linear_ce_logits_stats_kernel,
+         {**{p: "*fp32" for p in stats_ptrs}, "y_ptr": "*i64", "pred_ptr": "*i64", "R": "i32", "V": "i32",
+          "H": "i32", "stride_wv": "i32", "ignore_index": "i32", "eps": "fp32", "zcoef": "fp32"},
+         dict(HAS_BIAS=True, BLOCK_M=64, BLOCK_V=128, BLOCK_H=32, ALLOW_TF32=True)),
+        (_linear_ce_logits_stats_kernel,
+         {**{p: "*fp32" for p in stats_ptrs}, "y_ptr": "*i64", "pred_ptr": "*i64", "R": "i32", "V": "i32",
+          "H": "i32", "stride_wv": "i32", "ignore_index": "i32", "eps": "fp32", "zcoef": "fp32"},
+         dict(HAS_BIAS=False, BLOCK_M=64, BLOCK_V=128, BLOCK_H=32, ALLOW_TF32=False)),
+        (_linear_ce_grad_kernel,
+         {"z_ptr": "*fp32", "lse_ptr": "*fp32", "y_ptr": "*i64", "scale_ptr": "*fp32", "R": "i32", "V": "i32",
+          "eps": "fp32", "zcoef": "fp32"},
+         dict(BLOCK_M=64, BLOCK_V=128)),
+    ]
+    for arch in (80, 90):
+        for kernel, sig, consts in jobs:
+            names = kernel.arg_names
+            signature = {**sig, **{k: "constexpr" for k in consts}}
+            assert set(signature) == set(names), set(names) ^ set(signature)
+            src = ASTSource(fn=kernel, signature=signature,
+                            constexprs={(names.index(k),): v for k, v in consts.items()})
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4))
+            assert compiled.asm.get("cubin"), "ptxas produced no cubin"
+            if consts.get("ALLOW_TF32"):
+                assert "mma" in compiled.asm["ptx"], "tl.dot (TF32) did not become tensor-core MMA"
+            print(f"sm_{arch} {kernel.fn.__name__}: ok")
+    """
+)
+
+
+def test_compiles_for_sm80_and_sm90():
+    """The real compiler (no GPU needed): PTX + cubin for sm_80 / sm_90, in a fresh process."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "0",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], cwd=root, env=env, capture_output=True,
+                            text=True, timeout=240)
+    if result.returncode == 77:
+        pytest.skip(result.stdout.strip())
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]

@@ -14,7 +14,8 @@ logits [R, V] fit the memory budget (a shared head stacks several exits per chun
      gradient g = scale ((1 + 2 z lse) softmax - e/V - (1-e) onehot) in place;
   3. grad_h_chunk = g @ W and grad_W += g^T @ h_chunk (cuBLAS, fp32), grad_b += sum_r g.
 
-So each chunk reads W twice (once in tl.dot, once per backward GEMM), like the CPU path's
+The logits GEMM uses TF32 exactly when torch's fp32 matmuls do
+(``torch.backends.cuda.matmul.allow_tf32``), else IEEE fp32. So each chunk reads W twice (once in tl.dot, once per backward GEMM), like the CPU path's
 one-tile plan. Per-exit sums are torch reductions; no host synchronisation anywhere (the
 active exits come from the host). Differences from the C++ kernel: an out-of-range
 target is reported by ``torch._assert_async`` (an asynchronous device assert), not a
@@ -37,11 +38,6 @@ def _add(a, b):
 
 
 @triton.jit
-def _max(a, b):
-    return tl.maximum(a, b)
-
-
-@triton.jit
 def _max_first_index(value1, index1, value2, index2):
     first = (value1 > value2) | ((value1 == value2) & (index1 < index2))
     return tl.where(first, value1, value2), tl.where(first, index1, index2)
@@ -52,6 +48,7 @@ def _linear_ce_logits_stats_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, z_ptr, lse_ptr, loss_ptr, conf_ptr, pred_ptr,
     R, V, H, stride_wv, ignore_index, eps, zcoef,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    ALLOW_TF32: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -72,7 +69,10 @@ def _linear_ce_logits_stats_kernel(
             a = tl.load(h_ptr + rows[:, None] * H + hh[None, :], mask=row_ok[:, None] & h_ok[None, :], other=0.0)
             wt = tl.load(w_ptr + cols[None, :] * stride_wv + hh[:, None], mask=col_ok[None, :] & h_ok[:, None],
                          other=0.0)
-            acc += tl.dot(a, wt)
+            if ALLOW_TF32:
+                acc += tl.dot(a, wt, input_precision="tf32")
+            else:
+                acc += tl.dot(a, wt, input_precision="ieee")
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0)[None, :]
         ok = row_ok[:, None] & col_ok[None, :]
@@ -155,6 +155,8 @@ def multi_exit_linear_ce_fwd_triton(hidden, weight, target, weights, bias, sampl
     BM, BV, BH = _blocks(on_gpu, H)
     split = per_exit_head or (bias is not None and bias.dim() == 2)
     eps, zc = float(label_smoothing), float(z_loss)
+    # Same precision as torch's own fp32 matmuls (F.linear): TF32 only where torch allows it.
+    tf32 = on_gpu and torch.backends.cuda.matmul.allow_tf32
     # Flattened active rows: (slot a, token i) -> row a * N + i.
     if active:
         h_all = torch.stack([hidden[k].detach() for k in active]).reshape(-1, H).float()
@@ -180,7 +182,8 @@ def multi_exit_linear_ce_fwd_triton(hidden, weight, target, weights, bias, sampl
             pred = torch.empty(R, dtype=torch.int64, device=dev)
             _linear_ce_logits_stats_kernel[(triton.cdiv(R, BM),)](
                 h, Wk, bk if bk is not None else Wk, y, z, lse, loss, conf, pred, R, V, H, Wk.stride(0),
-                ignore_index, eps, zc, HAS_BIAS=bk is not None, BLOCK_M=BM, BLOCK_V=BV, BLOCK_H=BH)
+                ignore_index, eps, zc, HAS_BIAS=bk is not None, BLOCK_M=BM, BLOCK_V=BV, BLOCK_H=BH,
+                ALLOW_TF32=tf32)
             rows = torch.arange(r0, r0 + R, device=dev)
             ks, iis = act[rows // N], rows % N
             per_sample[ks, iis] = loss
