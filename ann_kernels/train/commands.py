@@ -237,7 +237,7 @@ def add_parser(subparsers) -> None:
                    help="loss weighting: adaloss, const, linear, half_end, sieve, eann_sieve, oscillating, opt, "
                         "l2w (L2W-DEN, SGD only), sdn, imta_kd, ge")
     _add_optim_args(p)
-    from ann_kernels.train.lm import add_text_args
+    from ann_kernels.train.text import add_text_args
 
     add_text_args(p)
     p.add_argument("--seed", type=int, default=0)

@@ -23,7 +23,7 @@ from ann_kernels.losses.linear_loss import AnytimeLinearLoss
 from ann_kernels.nn.causal_lm import causal_exit_lm
 from ann_kernels.ops.multi_exit_linear_ce import multi_exit_linear_cross_entropy
 from ann_kernels.train.metrics import append_jsonl, format_flops, read_jsonl, truncate_jsonl
-from ann_kernels.train.text import load_text_data
+from ann_kernels.train.text import add_text_args, load_text_data  # noqa: F401  (re-exported)
 from ann_kernels.train.trainer import cosine_lambda, seed_everything
 
 __all__ = ["LM_FORMAT", "add_text_args", "train_lm", "evaluate_lm", "cmd_train_lm", "cmd_eval_lm", "demo_lm",
@@ -35,15 +35,6 @@ DEFAULT_MODEL = {"dim": 128, "layers": 4, "heads": 4}
 # vocabulary 2048 and 2000 sequences (125 steps) keep the demo to a few minutes.
 DEMO = {"vocab_size": 2048, "seq_len": 64, "batch_size": 16, "limit_train": 2000, "limit_eval": 100, "epochs": 1,
         "lr": 5e-3, "model": {"dim": 96, "layers": 4, "heads": 4}}
-
-
-def add_text_args(p) -> None:
-    g = p.add_argument_group("text (--dataset text)")
-    g.add_argument("--text-glob", default=None,
-                   help="text files to train on (recursive **); default: the CPython standard library's source")
-    g.add_argument("--vocab-size", type=int, default=8192, help="byte-level BPE vocabulary (<= 50000)")
-    g.add_argument("--seq-len", type=int, default=128, help="tokens per training sequence")
-    g.add_argument("--z-loss", type=float, default=0.0, help="z * lse^2 per token (PaLM / Liger)")
 
 
 def is_lm_checkpoint(path) -> bool:

@@ -24,10 +24,20 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["TextData", "corpus_files", "split_files", "train_tokenizer", "load_text_data", "BlockDataset"]
+__all__ = ["add_text_args", "TextData", "corpus_files", "split_files", "train_tokenizer", "load_text_data", "BlockDataset"]
 
 EOT = "<|endoftext|>"
 MAX_VOCAB = 50_000
+
+
+def add_text_args(p) -> None:
+    """The ``--dataset text`` options of ``ann-kernels train`` (argparse parser ``p``)."""
+    g = p.add_argument_group("text (--dataset text)")
+    g.add_argument("--text-glob", default=None,
+                   help="text files to train on (recursive **); default: the CPython standard library's source")
+    g.add_argument("--vocab-size", type=int, default=8192, help="byte-level BPE vocabulary (<= 50000)")
+    g.add_argument("--seq-len", type=int, default=128, help="tokens per training sequence")
+    g.add_argument("--z-loss", type=float, default=0.0, help="z * lse^2 per token (PaLM / Liger)")
 
 
 def corpus_files(text_glob: str | None = None) -> list[Path]:
