@@ -97,6 +97,16 @@ def test_weighting_is_zero_off_the_curriculum_and_state_round_trips():
     assert torch.equal(clone.weights_for_step(), w.weights_for_step())
 
 
+def test_curriculum_layers_start_mask():
+    w = LayerSkipWeighting(3, curriculum="rot", curriculum_layers=[0])
+    seq = []
+    for _ in range(3):
+        seq.append(w.weights_for_step().tolist())
+        w.after_step(None)
+    # masks [T,F,F] -> [F,T,F] -> [F,F,T], last always on; uniform scales over the active exits
+    assert seq == [[0.5, 0.0, 0.5], [0.0, 0.5, 0.5], [0.0, 0.0, 1.0]]
+
+
 def _lm(K=3, N=12, H=8, V=37, seed=0):
     gen = torch.Generator().manual_seed(seed)
     head = nn.Linear(H, V)

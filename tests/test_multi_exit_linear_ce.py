@@ -141,7 +141,7 @@ def test_zero_weight_exits_are_skipped(device):
     hidden, weight, b, target = make_case(3, 9, 8, 40, device=device, seed=6)
     out = fused(hidden, weight, target, [0.0, 0.5, 1.0])
     assert torch.isnan(out.per_exit[0]) and torch.all(out.prediction[0] == -1)
-    assert torch.isnan(out.confidence[0]).all()
+    assert torch.isnan(out.confidence[0]).all() and torch.all(out.per_sample[0] == 0)
     g = torch.autograd.grad(out.loss, hidden)
     assert torch.all(g[0] == 0)
     full = fused(hidden, weight, target, [0.0, 0.5, 1.0], skip_zero_weight_exits=False)
@@ -275,3 +275,37 @@ def test_inside_torch_compile_fullgraph():
     want = [p.grad for p in (*body.parameters(), *head.parameters())]
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_many_threads_at_once():
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = [make_case(2, 7, 8, 45, bias=True, seed=s) for s in range(6)]
+
+    def run(c):
+        hidden, weight, b, target = c
+        out = fused(hidden, weight, target, [0.3, 1.0], bias=b, memory_budget_mb=0.004)
+        return out.loss.detach(), torch.autograd.grad(out.loss, [*hidden, weight, b])
+
+    serial = [run(c) for c in cases]
+    with ThreadPoolExecutor(4) as pool:
+        parallel = list(pool.map(run, cases))
+    for (l1, g1), (l2, g2) in zip(serial, parallel):
+        assert torch.equal(l1, l2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def test_gradient_accumulation_under_autocast_and_grad_scaler():
+    hidden, weight, b, target = make_case(2, 8, 8, 30, bias=True, seed=12)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    for half in (slice(0, 4), slice(4, 8)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the op itself runs in the input dtype
+            out = fused([h[half] for h in hidden], weight, target[half], [0.5, 1.0], bias=b)
+        scaler.scale(out.loss / 2).backward()
+    grads = [t.grad / scaler.get_scale() for t in (*hidden, weight, b)]
+    want = [torch.zeros_like(t) for t in (*hidden, weight, b)]
+    for half in (slice(0, 4), slice(4, 8)):
+        ref = reference([h[half] for h in hidden], weight, target[half], [0.5, 1.0], bias=b, dtype=torch.float64)
+        for w, g in zip(want, torch.autograd.grad(ref.loss / 2, [*hidden, weight, b])):
+            w += g.float()
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)

@@ -140,11 +140,14 @@ class LayerSkipWeighting(Weighting):
         e_scale: factor on every exit before the last layer (torchtune default 1.0).
         curriculum: ``none``, ``rot``/``rotational``, ``gradual``; max_steps,
             train_last_layer, fraction_scale as torchtune's curricula.
+        curriculum_layers: the layers the curriculum's mask starts with (torchtune's
+            ``do_output_hidden_states``); default: every layer with an exit.
     """
 
     def __init__(self, num_exits: int, exit_layers: Sequence[int] | None = None, num_layers: int | None = None, *,
                  scale: str = "uniform", e_scale: float = 1.0, curriculum: str = "none",
-                 max_steps: int | None = None, train_last_layer: bool = True, fraction_scale: float = 0.5):
+                 max_steps: int | None = None, train_last_layer: bool = True, fraction_scale: float = 0.5,
+                 curriculum_layers: Sequence[int] | None = None):
         super().__init__(num_exits)
         if exit_layers is None:
             exit_layers = list(range(num_exits))
@@ -157,7 +160,10 @@ class LayerSkipWeighting(Weighting):
         if scale not in LAYERSKIP_SCALES:
             raise ValueError(f"scale: expected one of {sorted(LAYERSKIP_SCALES)}, got {scale!r}")
         self.exit_layers, self.num_layers, self.scale, self.e_scale = exit_layers, num_layers, scale, float(e_scale)
-        initial = [i in exit_layers for i in range(num_layers)]
+        # torchtune's do_output_hidden_states: the layers enabled at the start (default: every
+        # layer with an exit; a subset makes the rotational curriculum rotate).
+        start = exit_layers if curriculum_layers is None else [int(i) for i in curriculum_layers]
+        initial = [i in start for i in range(num_layers)]
         self.curriculum = LayerSkipCurriculum(initial, curriculum, max_steps=max_steps,
                                               train_last_layer=train_last_layer, fraction_scale=fraction_scale)
 

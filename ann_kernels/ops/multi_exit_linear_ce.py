@@ -250,6 +250,8 @@ def multi_exit_linear_cross_entropy(
             weights = torch.ones(num_exits, device=first.device)
         elif not isinstance(weights, torch.Tensor):
             weights = torch.as_tensor(weights, dtype=torch.float32, device=first.device)
+        elif weights.device != first.device and weights.device.type == "cpu" and not weights.requires_grad:
+            weights = weights.to(first.device, non_blocking=True)  # host-known weights (schemes, curricula)
         if isinstance(target, torch.Tensor) and target.dtype.is_floating_point:
             raise TypeError(f"multi_exit_linear_cross_entropy: target: expected int64 class indices, got {target.dtype}")
         return ExitLoss(*_LINEAR_CE(exits, weight, target, weights, bias, sample_weights, int(ignore_index),

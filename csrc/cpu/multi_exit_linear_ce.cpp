@@ -30,6 +30,8 @@
 
 #include <ann_kernels/row_math.h>
 
+#include "ce_row_kernels.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -79,9 +81,59 @@ struct RowState {
 
 // Merge one tile row x[0..vt) (columns v0..) into the running row state (online lse).
 // When keep_exp, x is overwritten with exp(x - tile max) (reused by a one-tile pass B).
+// AVX2 (ce_row_kernels.h's exp8 / hsum8 / tail_mask, 8 lanes): max and sum in one pass,
+// the first index of the maximum by a scan that stops at it, then exp with its sum. The
+// summation order depends only on vt. Portable scalar loops otherwise.
 inline void merge_tile_row(float* __restrict x, int64_t vt, int64_t v0, int64_t y, RowState& s, bool keep_exp) {
-  float m = -std::numeric_limits<float>::infinity(), sx = 0.f;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  float m = neg_inf, sx = 0.f, se = 0.f;
   int64_t am = 0;
+#if defined(ANN_KERNELS_AVX2)
+  __m256 vmax = _mm256_set1_ps(neg_inf), vsum = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 8 <= vt; c += 8) {
+    const __m256 v = _mm256_loadu_ps(x + c);
+    vmax = _mm256_max_ps(vmax, v);
+    vsum = _mm256_add_ps(vsum, v);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  for (int l = 0; l < 8; ++l) m = lanes[l] > m ? lanes[l] : m;
+  sx = hsum8(vsum);
+  for (; c < vt; ++c) {
+    m = x[c] > m ? x[c] : m;
+    sx += x[c];
+  }
+  if (std::isnan(sx) || !std::isfinite(m)) {
+    s.finite = false;
+    return;
+  }
+  const __m256 vm = _mm256_set1_ps(m);
+  am = -1;
+  for (c = 0; c + 8 <= vt; c += 8) {
+    const int hits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + c), vm, _CMP_EQ_OQ));
+    if (hits != 0) {
+      am = c + __builtin_ctz(hits);
+      break;
+    }
+  }
+  for (; am < 0 && c < vt; ++c) {
+    if (x[c] == m) am = c;
+  }
+  if (y >= v0 && y < v0 + vt) s.x_target = x[y - v0];
+  __m256 vse = _mm256_setzero_ps();
+  for (c = 0; c + 8 <= vt; c += 8) {
+    const __m256 e = exp8<false>(_mm256_sub_ps(_mm256_loadu_ps(x + c), vm));
+    if (keep_exp) _mm256_storeu_ps(x + c, e);
+    vse = _mm256_add_ps(vse, e);
+  }
+  se = hsum8(vse);
+  for (; c < vt; ++c) {
+    const float e = fast_exp(x[c] - m);
+    if (keep_exp) x[c] = e;
+    se += e;
+  }
+#else
   for (int64_t c = 0; c < vt; ++c) {
     sx += x[c];
     if (x[c] > m) {
@@ -94,15 +146,12 @@ inline void merge_tile_row(float* __restrict x, int64_t vt, int64_t v0, int64_t 
     return;
   }
   if (y >= v0 && y < v0 + vt) s.x_target = x[y - v0];
-  float se = 0.f;
-  if (keep_exp) {
-    for (int64_t c = 0; c < vt; ++c) {
-      x[c] = fast_exp(x[c] - m);
-      se += x[c];
-    }
-  } else {
-    for (int64_t c = 0; c < vt; ++c) se += fast_exp(x[c] - m);
+  for (int64_t c = 0; c < vt; ++c) {
+    const float e = fast_exp(x[c] - m);
+    if (keep_exp) x[c] = e;
+    se += e;
   }
+#endif
   s.sum_x += sx;
   if (m > s.max) {
     s.sum_exp = s.sum_exp * fast_exp(s.max - m) + se;
@@ -111,6 +160,20 @@ inline void merge_tile_row(float* __restrict x, int64_t vt, int64_t v0, int64_t 
   } else {
     s.sum_exp += se * fast_exp(m - s.max);
   }
+}
+
+// g = x * a - b over a row, or g = exp(x - l) * a - b when from_logits (vectorised).
+inline void grad_row(float* __restrict x, int64_t vt, float a, float b, bool from_logits, float l) {
+  int64_t c = 0;
+#if defined(ANN_KERNELS_AVX2)
+  const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b), vl = _mm256_set1_ps(l);
+  for (; c + 8 <= vt; c += 8) {
+    __m256 v = _mm256_loadu_ps(x + c);
+    if (from_logits) v = exp8<true>(_mm256_sub_ps(v, vl));
+    _mm256_storeu_ps(x + c, _mm256_fmsub_ps(v, va, vb));
+  }
+#endif
+  for (; c < vt; ++c) x[c] = (from_logits ? fast_exp(x[c] - l) : x[c]) * a - b;
 }
 
 struct Args {
@@ -137,8 +200,8 @@ void run_chunk(int64_t r0, int64_t R, const Plan& plan, const std::vector<Tensor
   // 1. Gather the chunk's hidden rows as fp32 [R, H].
   Tensor h = h_buf.narrow(0, 0, R * H).view({R, H});
   float* hp = h.data_ptr<float>();
-  at::parallel_for(0, R, std::max<int64_t>(1, 4096 / H), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
+  {  // serial: R x H is tiny next to the GEMMs, and a parallel region costs a fork-join
+    for (int64_t r = 0; r < R; ++r) {
       const int64_t g = r0 + r, k = a.active[g / N], i = g % N;
       const Tensor& src = hidden[k];
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "gather", [&] {
@@ -147,7 +210,7 @@ void run_chunk(int64_t r0, int64_t R, const Plan& plan, const std::vector<Tensor
         for (int64_t c = 0; c < H; ++c) hp[r * H + c] = static_cast<float>(s[c * st]);
       });
     }
-  });
+  }
   std::vector<RowState> st(R, RowState{-std::numeric_limits<float>::infinity(), 0.f, 0.f, 0.f, 0, true});
   std::vector<int64_t> ty(R);
   for (int64_t r = 0; r < R; ++r) ty[r] = y[(r0 + r) % N];
@@ -240,11 +303,9 @@ void run_chunk(int64_t r0, int64_t R, const Plan& plan, const std::vector<Tensor
         const float amp = scale * (1.f + 2.f * a.z * lse[r]);
         const float off = scale * a.eps / static_cast<float>(V);
         if (one_tile) {  // x holds exp(x - max); softmax = x / sum_exp
-          const float c1 = amp / st[r].sum_exp;
-          for (int64_t c = 0; c < vt; ++c) x[c] = x[c] * c1 - off;
+          grad_row(x, vt, amp / st[r].sum_exp, off, false, 0.f);
         } else {
-          const float l = lse[r];
-          for (int64_t c = 0; c < vt; ++c) x[c] = fast_exp(x[c] - l) * amp - off;
+          grad_row(x, vt, amp, off, true, lse[r]);
         }
         const int64_t yy = ty[r];
         if (yy >= v0 && yy < v0 + vt) x[yy - v0] -= scale * (1.f - a.eps);
@@ -265,12 +326,10 @@ void run_chunk(int64_t r0, int64_t R, const Plan& plan, const std::vector<Tensor
   // 5. Scatter grad_h rows back to [K, N, H].
   float* ghp = gh.data_ptr<float>();
   float* dst = out.grad_hidden.data_ptr<float>();
-  at::parallel_for(0, R, std::max<int64_t>(1, 4096 / H), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const int64_t g = r0 + r, k = a.active[g / N], i = g % N;
-      std::copy(ghp + r * H, ghp + (r + 1) * H, dst + (k * N + i) * H);
-    }
-  });
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t g = r0 + r, k = a.active[g / N], i = g % N;
+    std::copy(ghp + r * H, ghp + (r + 1) * H, dst + (k * N + i) * H);
+  }
 }
 
 void check_inputs(at::TensorList hidden, const Tensor& weight, const Tensor& target, const Tensor& weights,
@@ -405,10 +464,9 @@ FwdResult linear_ce_fwd_cpu(at::TensorList hidden, const Tensor& weight, const T
   const auto f32 = hidden[0].options().dtype(at::kFloat);
   const float nan = std::numeric_limits<float>::quiet_NaN();
   Outputs out;
-  out.per_sample = at::full({K, N}, nan, f32);
+  out.per_sample = at::zeros({K, N}, f32);  // exits not computed: 0 (per_exit NaN)
   out.confidence = at::full({K, N}, nan, f32);
   out.prediction = at::full({K, N}, -1, hidden[0].options().dtype(at::kLong));
-  for (int64_t k : a.active) out.per_sample.select(0, k).zero_();
   if (compute_grad) {
     out.grad_hidden = at::zeros({K, N, H}, f32);
     out.grad_weight = at::zeros(weight.sizes(), f32);
