@@ -124,7 +124,7 @@ def test_a_failing_stage_fails_only_its_requests():
     bad = x[:2].clone()
     bad[1, 0] = 1e4
     # max_wait_s large and batches of 4 rows: the poisoned request shares its run with one other.
-    with EarlyExitServer(engine, thresholds=[INF] * K, max_batch_size=4, max_wait_s=5.0) as server:
+    with EarlyExitServer(engine, thresholds=[INF] * K, max_batch_size=4, max_wait_s=0.5) as server:
         futures = [server.submit(x[i:i + 2]) for i in range(0, 20, 2)]
         poisoned = server.submit(bad)
         more = [server.submit(x[i:i + 2]) for i in range(20, 40, 2)]
