@@ -62,7 +62,8 @@ from ann_kernels.ops.early_exit import CRITERIA, buffers_function, exit_confiden
 __all__ = ["EarlyExitEngine", "EarlyExitResult", "EarlyExitStats", "ExitCalibration"]
 
 _FLOOR_EPS = 1e-9
-_MASK_SLACK = 1.03  # mask when the whole batch costs at most 3% more than the survivors
+_MASK_SLACK = 1.0  # mask when the whole batch measured no slower than the survivors
+_MIN_SAMPLES = 3  # measurements of both batch sizes before the cost model trusts them
 BUDGET_CACHE_SIZE = 256  # budgets whose thresholds stay cached (least recently used dropped)
 
 
@@ -467,9 +468,10 @@ class EarlyExitEngine:
         """The cost model's choice after exit k: True = run stage k + 1 on all ``h_rows`` rows
         (masking: no gather), False = compact the survivors. From measured stage times
         (:class:`StageTimes`) at the batch sizes seen and the survival rate of the previous
-        call at exit k; masks when the whole batch costs at most ``_MASK_SLACK`` more than
-        the expected survivors (small batches not cheaper: the gather is saved). An unmeasured
-        batch size is tried once (exploration), compaction first."""
+        call at exit k: masks when the whole batch measured no slower than the expected
+        survivors (small batches not cheaper, so the gather is pure loss). A whole-batch size
+        not measured yet for stage k + 1 is tried once (exploration); compaction needs
+        ``_MIN_SAMPLES`` measurements of both sizes before masking is chosen again."""
         if not self.adaptive_masking or k + 1 >= self.num_exits:
             return False
         survival = self._survival[k]
@@ -479,65 +481,15 @@ class EarlyExitEngine:
         if expected.bit_length() == h_rows.bit_length():
             return False  # same bucket: the measurements cannot tell them apart
         times, head = self.stage_times, thresholds[k + 1] != math.inf
-        if not times.measured(k + 1, expected, head):
+        compact_samples = times.samples(k + 1, expected, head)
+        if not compact_samples:
             return False
-        if not times.measured(k + 1, h_rows, head):
+        mask_samples = times.samples(k + 1, h_rows, head)
+        if not mask_samples:
             return True
+        if min(compact_samples, mask_samples) < _MIN_SAMPLES:
+            return False
         return times.estimate(k + 1, h_rows, head) <= _MASK_SLACK * times.estimate(k + 1, expected, head)
-
-    def stream(
-        self,
-        batches: Iterable[torch.Tensor],
-        *,
-        thresholds=None,
-        budget: float | None = None,
-        quota=None,
-        deadline_s: float | None = None,
-        batch_size: int | None = None,
-        max_wait_s: float | None = None,
-    ):
-        """Early exit over a stream of input batches with one queue per stage: stage k runs
-        only on ``batch_size`` queued samples (default: the first batch's size), so late
-        stages do not run at tiny batch sizes; the rest is flushed at the end.
-
-        Returns an iterator of :class:`EarlyExitResult`, one per input batch, in input
-        order, each yielded as soon as all its samples have exited. Predictions and exits
-        equal those of :meth:`predict` with the same thresholds (decisions are per sample);
-        ``stats.stage_seconds[k]`` is the batch's rows that ran stage k times the stream's
-        mean time per row at stage k so far, and ``stats.total_seconds`` the batch's latency
-        in the stream. ``quota`` (a per-batch
-        cost) and ``deadline_s`` are not defined for a rebatched stream and raise.
-
-        ``max_wait_s`` (seconds, default None = no bound): a stage also runs on fewer than
-        ``batch_size`` rows once its oldest queued row has waited that long (checked at each
-        new input batch), so rows of a slow or endless stream come back without waiting for
-        full batches. The generator serves one consumer thread; for many producer threads use
-        :class:`~ann_kernels.inference.server.EarlyExitServer`.
-        """
-        from ann_kernels.inference.stream import StageQueues
-
-        if quota is not None:
-            raise ValueError(
-                "quota: a per-batch exit quota is not defined when batches are regrouped; "
-                "use thresholds or budget with stream(), or quota with predict()"
-            )
-        if deadline_s is not None:
-            raise ValueError("deadline_s: not supported by stream(); use predict(..., deadline_s=...)")
-        if batch_size is not None and (
-            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-        ):
-            raise ValueError(f"batch_size: expected a positive int or None, got {batch_size!r}")
-        if max_wait_s is not None and (
-            isinstance(max_wait_s, bool)
-            or not isinstance(max_wait_s, (int, float))
-            or not max_wait_s >= 0
-            or math.isinf(max_wait_s)
-        ):
-            raise ValueError(f"max_wait_s: expected finite seconds >= 0 or None, got {max_wait_s!r}")
-        if self.model.training:
-            raise RuntimeError("model: is in training mode; early-exit inference needs model.eval()")
-        plan = self._plan(1, thresholds, budget, None)
-        return StageQueues(self, plan, batch_size, max_wait_s).run(batches)
 
 
 def _as_float_list(values, name: str) -> list[float]:
