@@ -187,8 +187,10 @@ class EarlyExitServer:
         self._next_position = 0
         self._step = None
         self._costs = None
+        self._finished: list[_Request] = []  # completed in the current stage run
         # statistics
         self._submitted = self._completed = self._failed = self._rows_completed = 0
+        self._deadline_requests = 0
         self._rows_per_exit = [0] * num_exits
         self._flops_sum = 0.0
         self._stage_runs = [0] * num_exits
@@ -267,6 +269,8 @@ class EarlyExitServer:
                     f"got a batch of shape {list(x.shape)}"))
                 return future
             self._submitted += 1
+            if deadline != math.inf:
+                self._deadline_requests += 1  # from now on, pieces compute their earliest deadline
             self._push(0, _Piece(x, None, [(request, request.rows)], submitted, deadline, request.rows))
             self._cond.notify()
         return future
@@ -342,9 +346,11 @@ class EarlyExitServer:
     def _take(self, k: int):
         """Up to max_batch_size rows from the head of queue k: (hidden, positions, segments)."""
         queue, rows = self._queues[k], min(self.max_batch_size, self._queued[k])
-        hidden_parts, position_parts, segments, taken = [], [], [], 0
+        hidden_parts, position_parts, segments, taken, deadline = [], [], [], 0, math.inf
         while taken < rows:
             piece = queue.popleft()
+            if piece.deadline < deadline:
+                deadline = piece.deadline
             if piece.deadline != math.inf:
                 self._deadline_pieces[k] -= 1
             if taken + piece.rows > rows:  # split: the rest stays at the head
@@ -373,7 +379,7 @@ class EarlyExitServer:
             taken += piece.rows
         self._queued[k] -= rows
         positions = None if k == 0 else _concat(position_parts)
-        return _concat(hidden_parts), positions, segments, rows
+        return _concat(hidden_parts), positions, segments, rows, deadline
 
     # ------------------------------------------------------------------ worker
     def _serve(self) -> None:
@@ -387,9 +393,12 @@ class EarlyExitServer:
                         if self._closing and not any(self._queued):
                             return
                         self._cond.wait(None if wait == math.inf else wait)
-                    hidden, positions, segments, rows = self._take(k)
+                    hidden, positions, segments, rows, deadline = self._take(k)
                 with torch.inference_mode():
-                    self._run_stage(k, hidden, positions, segments, rows)
+                    try:
+                        self._run_stage(k, hidden, positions, segments, rows, deadline != math.inf)
+                    finally:
+                        self._flush_completed()
         except BaseException as error:  # an internal bug: fail everything left, never hang a client
             with self._cond:
                 self._closing = True
@@ -404,20 +413,24 @@ class EarlyExitServer:
                     self._fail(request, failure)
             raise
 
-    def _run_stage(self, k: int, hidden, positions, segments, rows: int) -> None:
+    def _run_stage(self, k: int, hidden, positions, segments, rows: int, has_deadlines: bool) -> None:
         start = time.perf_counter()
         try:
             if k == 0:
                 positions = self._assign_positions(segments, rows, hidden)
             else:
-                if any(r.done for r, _ in segments):  # rows of failed requests: dropped before any write
+                if self._failed and any(r.done for r, _ in segments):  # rows of failed requests: dropped
                     hidden, positions, segments, rows = self._drop_done(hidden, positions, segments)
-                hidden, positions, segments, rows = self._deadline_exits(k, hidden, positions, segments, rows, start)
-                if not rows:
-                    return
+                    if not rows:
+                        return
+                if has_deadlines:
+                    hidden, positions, segments, rows = self._deadline_exits(k, hidden, positions, segments, rows,
+                                                                             start)
+                    if not rows:
+                        return
             model, num_exits = self.engine.model, self.num_exits
             out = model.forward_stage(k, hidden)
-            if any(r.deadline != math.inf for r, _ in segments):  # deadlines that passed during the stage
+            if has_deadlines:  # deadlines that passed during the stage
                 out, hidden, positions, segments, rows = self._late_after_stage(
                     k, out, hidden, positions, segments, rows)
                 if not rows:
@@ -464,11 +477,11 @@ class EarlyExitServer:
         return _gather_rows(hidden, keep), positions.index_select(0, keep), live, int(keep.shape[0])
 
     def _forward(self, k: int, hidden, positions, segments, rows: int) -> None:
-        if any(r.done for r, _ in segments):  # rows of failed requests go no further
+        if self._failed and any(r.done for r, _ in segments):  # rows of failed requests go no further
             hidden, positions, segments, rows = self._drop_done(hidden, positions, segments)
             if not rows:
                 return
-        deadline = min(r.deadline for r, _ in segments)
+        deadline = min(r.deadline for r, _ in segments) if self._deadline_requests else math.inf
         with self._cond:
             self._push(k, _Piece(hidden, positions, segments, time.perf_counter(), deadline, rows))
             self._cond.notify()
@@ -592,37 +605,63 @@ class EarlyExitServer:
         self._buffers, self._capacity = new, capacity
 
     def _complete(self, request: _Request) -> None:
-        if request.done:
+        """All rows of ``request`` have exited: resolved at the end of this stage run (in bulk)."""
+        if not request.done:
+            request.done = True
+            self._finished.append(request)
+
+    def _flush_completed(self) -> None:
+        """Resolve the requests finished in this stage run: one gather per result buffer for
+        all of them, then per request only views and a few Python sums."""
+        finished, self._finished = self._finished, []
+        if not finished:
             return
         prediction, exit_index, confidence, _ = self._buffers
-        parts = [(prediction[a:a + n], exit_index[a:a + n], confidence[a:a + n]) for a, n in request.ranges]
-        if len(parts) == 1:
-            pred, exits, conf = (t.clone() for t in parts[0])
-        else:
-            pred, exits, conf = (torch.cat(ts) for ts in zip(*parts))
-        for a, n in request.ranges:
-            self._occupied[a:a + n] = bytes(n)
-        counts = [0] * self.num_exits
-        for e in exits.tolist():
-            counts[e] += 1
-        flops = self._costs.exit_flops
-        n = request.rows
-        mean = sum(c * f for c, f in zip(counts, flops)) / n
-        executed = sum(c * f for c, f in zip(counts, self._executed)) / n
-        seconds = tuple(sum(counts[j:]) * (t / r if r else 0.0)
-                        for j, (t, r) in enumerate(zip(self._stage_seconds, self._stage_rows)))
-        latency = time.perf_counter() - request.submitted
-        stats = EarlyExitStats(tuple(counts), mean, executed, flops[-1], seconds, latency, request.deadline_exit)
-        request.done = True
-        request.x = None
+        positions = [p for r in finished for a, n in r.ranges for p in range(a, a + n)]
+        index = torch.tensor(positions, dtype=torch.int64, device=prediction.device)
+        sizes = [r.rows for r in finished]
+        preds = prediction.index_select(0, index).split(sizes)
+        exits_all = exit_index.index_select(0, index)
+        exits = exits_all.split(sizes)
+        confs = confidence.index_select(0, index).split(sizes)
+        exit_list = exits_all.tolist()
+        occupied = self._occupied
+        for r in finished:
+            for a, n in r.ranges:
+                occupied[a:a + n] = bytes(n)
+        num_exits, flops, executed_costs = self.num_exits, self._costs.exit_flops, self._executed
+        per_row = [t / n if n else 0.0 for t, n in zip(self._stage_seconds, self._stage_rows)]
+        now = time.perf_counter()
+        results, offset = [], 0
+        totals = [0] * num_exits
+        flops_sum = 0.0
+        for i, r in enumerate(finished):
+            n = r.rows
+            counts = [0] * num_exits
+            for e in exit_list[offset:offset + n]:
+                counts[e] += 1
+            offset += n
+            mean = sum(c * f for c, f in zip(counts, flops)) / n
+            executed = sum(c * f for c, f in zip(counts, executed_costs)) / n
+            reach, seconds = n, []
+            for j in range(num_exits):
+                seconds.append(reach * per_row[j])
+                reach -= counts[j]
+                totals[j] += counts[j]
+            flops_sum += mean * n
+            stats = EarlyExitStats(tuple(counts), mean, executed, flops[-1], tuple(seconds), now - r.submitted,
+                                   r.deadline_exit)
+            results.append(EarlyExitResult(preds[i], exits[i], confs[i], stats))
+            r.x = None
         with self._cond:
-            self._completed += 1
-            self._rows_completed += n
-            self._flops_sum += mean * n
-            for j, c in enumerate(counts):
+            self._completed += len(finished)
+            self._rows_completed += offset
+            self._flops_sum += flops_sum
+            for j, c in enumerate(totals):
                 self._rows_per_exit[j] += c
-            self._latencies.append(latency)
-        request.future.set_result(EarlyExitResult(pred, exits, conf, stats))
+            self._latencies.extend(res.stats.total_seconds for res in results)
+        for r, result in zip(finished, results):
+            r.future.set_result(result)
 
     def _fail(self, request: _Request, error: BaseException) -> None:
         if request.done:
