@@ -491,6 +491,60 @@ class EarlyExitEngine:
             return False
         return times.estimate(k + 1, h_rows, head) <= _MASK_SLACK * times.estimate(k + 1, expected, head)
 
+    def stream(
+        self,
+        batches: Iterable[torch.Tensor],
+        *,
+        thresholds=None,
+        budget: float | None = None,
+        quota=None,
+        deadline_s: float | None = None,
+        batch_size: int | None = None,
+        max_wait_s: float | None = None,
+    ):
+        """Early exit over a stream of input batches with one queue per stage: stage k runs
+        only on ``batch_size`` queued samples (default: the first batch's size), so late
+        stages do not run at tiny batch sizes; the rest is flushed at the end.
+
+        Returns an iterator of :class:`EarlyExitResult`, one per input batch, in input
+        order, each yielded as soon as all its samples have exited. Predictions and exits
+        equal those of :meth:`predict` with the same thresholds (decisions are per sample);
+        ``stats.stage_seconds[k]`` is the batch's rows that ran stage k times the stream's
+        mean time per row at stage k so far, and ``stats.total_seconds`` the batch's latency
+        in the stream. ``quota`` (a per-batch
+        cost) and ``deadline_s`` are not defined for a rebatched stream and raise.
+
+        ``max_wait_s`` (seconds, default None = no bound): a stage also runs on fewer than
+        ``batch_size`` rows once its oldest queued row has waited that long (checked at each
+        new input batch), so rows of a slow or endless stream come back without waiting for
+        full batches. The generator serves one consumer thread; for many producer threads use
+        :class:`~ann_kernels.inference.server.EarlyExitServer`.
+        """
+        from ann_kernels.inference.stream import StageQueues
+
+        if quota is not None:
+            raise ValueError(
+                "quota: a per-batch exit quota is not defined when batches are regrouped; "
+                "use thresholds or budget with stream(), or quota with predict()"
+            )
+        if deadline_s is not None:
+            raise ValueError("deadline_s: not supported by stream(); use predict(..., deadline_s=...)")
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        ):
+            raise ValueError(f"batch_size: expected a positive int or None, got {batch_size!r}")
+        if max_wait_s is not None and (
+            isinstance(max_wait_s, bool)
+            or not isinstance(max_wait_s, (int, float))
+            or not max_wait_s >= 0
+            or math.isinf(max_wait_s)
+        ):
+            raise ValueError(f"max_wait_s: expected finite seconds >= 0 or None, got {max_wait_s!r}")
+        if self.model.training:
+            raise RuntimeError("model: is in training mode; early-exit inference needs model.eval()")
+        plan = self._plan(1, thresholds, budget, None)
+        return StageQueues(self, plan, batch_size, max_wait_s).run(batches)
+
 
 def _as_float_list(values, name: str) -> list[float]:
     """Floats of a list / tuple / 1-D tensor (a fast path: predict() runs this per call)."""
