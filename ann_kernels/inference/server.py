@@ -145,7 +145,9 @@ class EarlyExitServer:
         max_batch_size: most rows per stage run.
         max_wait_s: longest a row waits in a stage queue for a fuller batch.
         sample_shape: the shape of one sample; default: taken from the first request that
-            runs stage 0 successfully (until then, from the first one submitted).
+            runs stage 0 successfully (until then, from the first one submitted). Given, the
+            model's FLOPs are measured in :meth:`start`, so the first request does not wait
+            for them.
     """
 
     def __init__(self, engine: EarlyExitEngine, *, thresholds=None, budget: float | None = None, quota=None,
@@ -207,6 +209,14 @@ class EarlyExitServer:
             if self._worker is None:
                 if self.engine.model.training:
                     raise RuntimeError("model: is in training mode; early-exit inference needs model.eval()")
+                if self._sample_shape is not None:  # FLOP counting now, not in the first request
+                    try:
+                        example = torch.zeros((1, *self._sample_shape), dtype=self._dtype or torch.float32,
+                                              device=self._device)
+                        with torch.inference_mode():
+                            self._costs = self.engine._costs_for(example)
+                    except Exception:  # noqa: BLE001  a wrong sample_shape: the first request reports it
+                        self._costs = None
                 self._started_at = time.perf_counter()
                 self._worker = threading.Thread(target=self._serve, name="EarlyExitServer", daemon=True)
                 self._worker.start()
@@ -575,7 +585,8 @@ class EarlyExitServer:
         """Result-buffer positions for a stage-0 run: one contiguous free range."""
         if self._buffers is None:
             device = like.device if isinstance(like, torch.Tensor) else like[0].device
-            self._costs = self.engine._costs_for(like)  # raises first if the model rejects the input
+            if self._costs is None:
+                self._costs = self.engine._costs_for(like)  # raises first if the model rejects the input
             self._executed = _executed_costs(self._costs, self._thresholds)
             self._step = self.engine._kernels_for(device.type)[0]
             self._grow(max(_MIN_CAPACITY, 16 * self.max_batch_size), device)
