@@ -511,8 +511,15 @@ class EarlyExitEngine:
         equal those of :meth:`predict` with the same thresholds (decisions are per sample);
         ``stats.stage_seconds[k]`` is the batch's rows that ran stage k times the stream's
         mean time per row at stage k so far, and ``stats.total_seconds`` the batch's latency
-        in the stream. ``quota`` (a per-batch
-        cost) and ``deadline_s`` are not defined for a rebatched stream and raise.
+        in the stream. ``quota`` (a per-batch cost) is not defined for a rebatched stream and
+        raises.
+
+        ``deadline_s``: seconds from the moment each input batch enters the stream; the rule of
+        :meth:`predict` per row: a row whose deadline would pass before its next stage
+        finishes (measured stage times) leaves at the latest exit it reached, as does a row
+        whose deadline passed during a stage (exit 0 always counts). Checked whenever the
+        stream runs (the generator cannot act while it waits for input or for its consumer);
+        a queued row's deadline also makes its stage run without a full batch.
 
         ``max_wait_s`` (seconds, default None = no bound): a stage also runs on fewer than
         ``batch_size`` rows once its oldest queued row has waited that long (checked at each
@@ -527,8 +534,13 @@ class EarlyExitEngine:
                 "quota: a per-batch exit quota is not defined when batches are regrouped; "
                 "use thresholds or budget with stream(), or quota with predict()"
             )
-        if deadline_s is not None:
-            raise ValueError("deadline_s: not supported by stream(); use predict(..., deadline_s=...)")
+        if deadline_s is not None and (
+            isinstance(deadline_s, bool)
+            or not isinstance(deadline_s, (int, float))
+            or not deadline_s >= 0
+            or math.isinf(deadline_s)
+        ):
+            raise ValueError(f"deadline_s: expected finite seconds >= 0 or None, got {deadline_s!r}")
         if batch_size is not None and (
             isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
         ):
@@ -543,7 +555,7 @@ class EarlyExitEngine:
         if self.model.training:
             raise RuntimeError("model: is in training mode; early-exit inference needs model.eval()")
         plan = self._plan(1, thresholds, budget, None)
-        return StageQueues(self, plan, batch_size, max_wait_s).run(batches)
+        return StageQueues(self, plan, batch_size, max_wait_s, deadline_s).run(batches)
 
 
 def _as_float_list(values, name: str) -> list[float]:
