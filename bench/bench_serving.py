@@ -17,8 +17,7 @@ Requests carry 1-8 samples (uniform). Offered loads are 10%..150% of the full-de
 capacity (rows/s of ``server_full_depth`` under saturation, measured first). For each
 provider and rate: throughput (rows/s completed), p50 / p99 latency (from the scheduled
 arrival, so a provider that falls behind pays its backlog), rows per exit. Per provider: the
-highest offered rate sustained with p99 under the SLO (default 50 ms) and throughput >= 95%
-of the offered load. Under saturation (a closed burst): throughput of each server and the
+highest offered rate sustained with p99 under the SLO (default 50 ms). Under saturation (a closed burst): throughput of each server and the
 time-ideal gain of early exit, t_full / sum_k reach_k t_k, from every stage and head timed
 alone at the full batch; target: measured gain >= 0.85 x the time-ideal gain.
 
@@ -180,7 +179,7 @@ def bench_network(name, model, pool, args, csv, summary, device):
         for provider in providers.values():  # warm-up: FLOP counting, first calls, stage timings
             saturation(provider, burst[: max(8, len(burst) // 8)])
         sat = {n: [] for n in ("server_early_exit", "server_full_depth")}
-        for _ in range(3):  # interleaved
+        for _ in range(3 if args.quick else 5):  # interleaved
             for n in sat:
                 sat[n].append(saturation(providers[n], burst))
         sat = {n: sorted(v)[1] for n, v in sat.items()}
@@ -224,7 +223,8 @@ def bench_network(name, model, pool, args, csv, summary, device):
         slo = args.slo_ms / 1e3
         sustained = {}
         for n, points in curves.items():
-            ok = [rate for load, rate, tput, p50, p99, _ in points if p99 <= slo and tput >= 0.95 * rate]
+            # Open loop: a provider that falls behind builds a backlog, which its p99 shows.
+            ok = [rate for load, rate, tput, p50, p99, _ in points if p99 <= slo]
             sustained[n] = max(ok) if ok else 0.0
             csv.add("serving", n, shape + f" slo={args.slo_ms}ms", "max_sustained_rows_per_s", value=sustained[n])
         summary.append(dict(net=name, sat=sat, gain=gain, ideal_gain=ideal_gain, sustained=sustained, curves=curves,
