@@ -391,7 +391,8 @@ class EarlyExitEngine:
                     remaining, deadline_exit = 0, k
                     stage_seconds[k - 1] += clock() - t_prev
                     break
-            h_in, h = h, forward_stage(k, h)
+            h_in = h if deadline is not None else None  # the latest exit's input, for a late stage
+            h = forward_stage(k, h)
             reached[k] = h_rows
             if deadline is not None and clock() >= deadline:  # stage k finished late
                 deadline_exit = k
