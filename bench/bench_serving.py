@@ -242,8 +242,9 @@ def plot(summary, path, slo_ms):
     fig, axes = plt.subplots(1, len(summary), figsize=(6.5 * len(summary), 4.5), squeeze=False)
     for ax, s in zip(axes[0], summary):
         for n, points in s["curves"].items():
-            ax.plot([p[0] for p in points], [1e3 * p[4] for p in points], "o-", label=f"{n} p99")
-            ax.plot([p[0] for p in points], [1e3 * p[3] for p in points], ":", alpha=0.6, label=f"{n} p50")
+            (line,) = ax.plot([p[0] for p in points], [1e3 * p[4] for p in points], "o-", label=f"{n} p99")
+            ax.plot([p[0] for p in points], [1e3 * p[3] for p in points], ":", color=line.get_color(), alpha=0.7,
+                    label=f"{n} p50")
         ax.axhline(slo_ms, color="k", lw=0.8, ls="--", label=f"SLO {slo_ms:g} ms")
         ax.set_yscale("log")
         ax.set_xlabel("offered load (fraction of full-depth capacity)")
