@@ -31,8 +31,9 @@ def _mlp_eann(num_members=3, hidden=16, exits=None, seed=0, in_features=32):
 
 
 def _flop_counter_cost(member: MultiExitNetwork, x: torch.Tensor) -> float:
-    """Oracle: per-sample FLOPs of member's last exit (all stages + the last head), counted by
-    ``FlopCounterMode`` around the forward path itself, on a batch of len(x) samples."""
+    """Oracle: per-sample FLOPs of member's last exit (all stages + every head on the way, as
+    an anytime run pays), counted by ``FlopCounterMode`` around the forward path itself, on a
+    batch of len(x) samples."""
     from torch.utils.flop_counter import FlopCounterMode
 
     member.eval()
@@ -41,7 +42,7 @@ def _flop_counter_cost(member: MultiExitNetwork, x: torch.Tensor) -> float:
         h = x
         for k in range(member.num_exits):
             h = member.forward_stage(k, h)
-        member.forward_head(member.num_exits - 1, h)
+            member.forward_head(k, h)
     return counter.get_total_flops() / x.shape[0]
 
 
@@ -111,9 +112,12 @@ def test_builder_bad_input():
         eann(mlp_ann, 2, 2.0, example_input=x, scale="no_such_arg", in_features=16)
     with pytest.raises(ValueError, match="start"):
         eann(mlp_ann, 2, 2.0, example_input=x, scale="hidden", start=0, in_features=16)
-    # num_classes does not change the cost enough: a clear error, not an endless search.
+    # a keyword that does not change the cost: a clear error, not an endless search.
+    def padded_mlp(pad: int = 1, **kwargs):
+        return mlp_ann(**kwargs)
+
     with pytest.raises(ValueError, match="scale"):
-        eann(mlp_ann, 2, 2.0, example_input=x, scale="num_classes", in_features=16, num_classes=2)
+        eann(padded_mlp, 2, 2.0, example_input=x, scale="pad", in_features=16, num_classes=2)
     with pytest.raises(TypeError, match="builder"):
         eann("mlp_ann", 2, 2.0, example_input=x)
 
@@ -180,7 +184,10 @@ def test_anytime_budget_returns_latest_finished_exit():
         assert torch.equal(result.prediction, logits[g].argmax(dim=1))
         assert result.sequence_flops == costs[g]
         j, k = model.exit_map[g]
-        assert result.executed_flops == pytest.approx(float(model.members[j].exit_flops(x)[k]))
+        # the budgeted call runs straight to exit g: member j's stages 0..k and head k only
+        member = model.members[j]
+        assert result.executed_flops == pytest.approx(float(member.stage_flops(x)[:k + 1].sum()
+                                                            + member.head_flops(x)[k]))
     with pytest.raises(ValueError, match="budget.*below the cheapest"):
         model.anytime_predict(x, budget=costs[0] * 0.5)
     with pytest.raises(ValueError, match="budget"):
@@ -406,3 +413,35 @@ def test_train_checkpoint_round_trip_and_cli(tmp_path, capsys):
 
 def test_public_exports():
     assert ann_kernels.EANN is EANN and ann_kernels.eann is eann and "EANNEngine" in ann_kernels.__all__
+
+
+# ---------------------------------------------------------------------------- devices
+
+
+def test_early_exit_over_sequence_on_device(device):
+    """The EANN engine on ``device``: each sample leaves at its first exit whose confidence
+    (the kernel's, on that device) passes; against the CPU run, decisions agree except for
+    samples whose CPU confidence sits within float rounding of a threshold."""
+    model = _mlp_eann(3, exits=[None, [2, 3], [2, 3]], seed=2)
+    gen = torch.Generator().manual_seed(4)
+    x_val, y_val = torch.randn(300, 32, generator=gen), torch.randint(0, 10, (300,), generator=gen)
+    x_test = torch.randn(200, 32, generator=gen)
+    cpu_engine = EANNEngine(model)
+    cal = cpu_engine.calibrate(x_val, y_val, batch_size=128)
+    thresholds = cpu_engine.calibrate_budget(float(cal.exit_flops[3])).thresholds
+    cpu_out = cpu_engine.predict(x_test, thresholds=thresholds)
+    cpu_conf = torch.stack([exit_confidence(z)[0] for z in model(x_test)])
+
+    model_dev = model.to(device)
+    engine = EANNEngine(model_dev)
+    out = engine.predict(x_test.to(device), thresholds=thresholds)
+    logits = model_dev(x_test.to(device))
+    conf = torch.stack([exit_confidence(z)[0] for z in logits]).cpu()
+    expected_exit = _first_passing(conf, torch.as_tensor(thresholds))
+    assert out.exit_index.device.type == torch.device(device).type
+    assert torch.equal(out.exit_index.cpu(), expected_exit)
+    preds = torch.stack([z.argmax(1) for z in logits]).cpu()
+    assert torch.equal(out.prediction.cpu(), preds.gather(0, expected_exit[None])[0])
+    thr = torch.as_tensor(thresholds, dtype=torch.float32)[:, None]
+    near = ((cpu_conf - thr).abs() < 1e-4)[:-1].any(dim=0)  # a tie at some exit before the last
+    assert torch.equal(out.exit_index.cpu()[~near], cpu_out.exit_index[~near])

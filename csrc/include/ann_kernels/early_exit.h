@@ -13,6 +13,14 @@
 //   entropy   1 - H / log C with H = log s - t / s (nats)           in [0, 1]  (1 for C = 1)
 // Higher is always more confident; a sample exits when confidence >= threshold, and a
 // threshold of -inf makes every row exit (NaN confidences included).
+//
+// Non-finite logits, one rule on every backend (CPU, CUDA, the pure-torch reference):
+// torch.softmax of a row is NaN exactly when the row maximum is not finite (a NaN; a +inf,
+// since inf - inf = NaN; or every logit -inf), so such a row's confidence is NaN on every
+// criterion. A NaN confidence never reaches a threshold and is never picked by a quota:
+// the row leaves only where every row must (threshold -inf: the last exit, a deadline).
+// -inf logits beside a finite maximum are probability 0, as in torch. Finite rows give
+// confidences clamped to [0, 1] (rounding could otherwise put an entropy at 1 + 1e-7).
 #pragma once
 
 #include <ann_kernels/row_math.h>
@@ -60,18 +68,26 @@ ANN_HD void accumulate_exp_term(float z, float top, bool with_entropy, float& su
   if (with_entropy && shifted > -87.0f) sum_exp_shift += e * shifted;
 }
 
+// False when torch.softmax of the row is NaN: its maximum is NaN, +inf or -inf (all -inf).
+ANN_HD bool row_is_finite(const RowTop2& r) { return fabsf(r.top) <= 3.402823466e38f; }
+
+// x clamped to [0, 1] (x finite).
+ANN_HD float clamp_unit(float x) { return x < 0.0f ? 0.0f : (x > 1.0f ? 1.0f : x); }
+
 // Confidence of one row from its pass-1 summary and pass-2 sums (see the file comment).
+// Confidence in [0, 1], NaN for a row whose maximum is not finite (see the file comment).
 ANN_HD float exit_confidence(int64_t criterion, const RowTop2& r, float sum_exp, float sum_exp_shift, int64_t C) {
-  const float inv_sum = 1.0f / sum_exp;
+  if (!row_is_finite(r)) return NAN;
+  const float inv_sum = 1.0f / sum_exp;  // sum_exp >= 1: the maximum's own term is exp(0) = 1
   if (criterion == kMargin) {
-    return (1.0f - fast_exp(r.second - r.top)) * inv_sum;
+    return clamp_unit((1.0f - fast_exp(r.second - r.top)) * inv_sum);
   }
   if (criterion == kEntropy) {
-    if (C < 2) return (r.top == r.top) ? 1.0f : r.top;  // one class: certain (NaN stays NaN)
+    if (C < 2) return 1.0f;  // one class: certain
     const float entropy = logf(sum_exp) - sum_exp_shift * inv_sum;
-    return 1.0f - entropy / logf(static_cast<float>(C));
+    return clamp_unit(1.0f - entropy / logf(static_cast<float>(C)));
   }
-  return inv_sum;  // kMaxProb
+  return clamp_unit(inv_sum);  // kMaxProb
 }
 
 // Both passes for a row read through `load` (the CUDA kernel and the CPU fallback path).
@@ -90,7 +106,8 @@ ANN_HD bool row_exits(float confidence, float threshold) {
   return threshold == -INFINITY || confidence >= threshold;
 }
 
-// Ranking key of the quota mode (the `count` most confident rows exit): NaN ranks lowest.
-ANN_HD float exit_rank_key(float confidence) { return confidence != confidence ? -INFINITY : confidence; }
+// Quota mode (the `count` most confident rows exit): a NaN confidence is never eligible, so
+// at most the number of non-NaN rows exit; among eligible rows, ties go to the lower row.
+ANN_HD bool exit_eligible(float confidence) { return confidence == confidence; }
 
 }  // namespace ann_kernels
