@@ -57,7 +57,13 @@ from torch.utils.data import DataLoader, Dataset
 from ann_kernels.inference.calibration import BudgetCalibration, calibrate_for_budget
 from ann_kernels.inference.stage_timing import StageTimes
 from ann_kernels.nn.multi_exit import MultiExitNetwork
-from ann_kernels.ops.early_exit import CRITERIA, buffers_function, exit_confidence, step_function
+from ann_kernels.ops.early_exit import (
+    CRITERIA,
+    buffers_function,
+    exit_confidence,
+    gathered_hidden_empty,
+    step_function,
+)
 
 __all__ = ["EarlyExitEngine", "EarlyExitResult", "EarlyExitStats", "ExitCalibration"]
 
@@ -67,17 +73,25 @@ _MIN_SAMPLES = 3  # measurements of both batch sizes before the cost model trust
 BUDGET_CACHE_SIZE = 256  # budgets whose thresholds stay cached (least recently used dropped)
 
 
+def _gather_tensor(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` of ``t``, laid out as the exit op lays out its gathered hidden state
+    (channels_last stays channels_last: :func:`~ann_kernels.ops.early_exit.gathered_hidden_empty`)."""
+    if t.dim() < 3 or t.is_contiguous():
+        return t.index_select(0, rows)
+    return torch.index_select(t, 0, rows, out=gathered_hidden_empty(t, rows.shape[0]))
+
+
 def _gather_rows(h, rows: torch.Tensor):
     """Rows ``rows`` of a hidden state (a tensor, or a tuple / list of tensors)."""
     if isinstance(h, torch.Tensor):
-        return h.index_select(0, rows)
-    gathered = [t.index_select(0, rows) for t in h]
+        return _gather_tensor(h, rows)
+    gathered = [_gather_tensor(t, rows) for t in h]
     return gathered if isinstance(h, list) else tuple(gathered)
 
 
 def _with_first(h, first: torch.Tensor, keep: torch.Tensor):
     """A tuple / list hidden state whose first tensor the op gathered: gather the others."""
-    rest = [t.index_select(0, keep) for t in h[1:]]
+    rest = [_gather_tensor(t, keep) for t in h[1:]]
     return [first, *rest] if isinstance(h, list) else (first, *rest)
 
 

@@ -47,6 +47,7 @@ from itertools import accumulate
 import torch
 
 from ann_kernels.inference.engine import EarlyExitEngine, EarlyExitResult, EarlyExitStats, _gather_rows
+from ann_kernels.inference.engine import _with_first as _with_rest
 from ann_kernels.inference.server_state import (
     ServerStats,
     _check_positive_int,
@@ -617,9 +618,6 @@ class EarlyExitServer:
         request.future.set_exception(error)
 
 
-def _with_rest(h, first: torch.Tensor, keep: torch.Tensor):
-    rest = [t.index_select(0, keep) for t in h[1:]]
-    return [first, *rest] if isinstance(h, list) else (first, *rest)
 
 
 def _executed_costs(costs, thresholds) -> list[float]:

@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import torch
 
+from ann_kernels.inference.engine import _gather_rows, _with_first
 from ann_kernels.ops.early_exit import step_function
 
 __all__ = ["StageQueues"]
@@ -195,8 +196,7 @@ class StageQueues:
                 -1,
             )
             if survivors.shape[0] and not is_tensor:
-                rest = [t.index_select(0, keep) for t in hidden[1:]]
-                gathered = [gathered, *rest] if isinstance(hidden, list) else (gathered, *rest)
+                gathered = _with_first(hidden, gathered, keep)
             survivor_hidden = gathered
         if survivors.shape[0]:
             self.queues[k + 1].append((survivor_hidden, survivors, tag, time.perf_counter()))
@@ -208,8 +208,6 @@ class StageQueues:
     def _cut(self, exit_k: int, head_input, hidden, positions, when: float):
         """Rows whose deadline is before ``when`` leave at ``exit_k`` (head ``exit_k`` on their
         rows of ``head_input``); returns the other rows of ``hidden`` and their positions."""
-        from ann_kernels.inference.engine import _gather_rows
-
         late = self.arrival.index_select(0, positions) + self.deadline_s < when
         if not bool(late.any()):
             return hidden, positions
