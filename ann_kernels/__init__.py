@@ -8,6 +8,7 @@ its pure-torch reference (with a one-time warning).
 from ann_kernels._ext import HAS_CPP_EXT, HAS_TRITON
 from ann_kernels.losses import AdaLoss, AnytimeLoss
 from ann_kernels.inference import EarlyExitEngine, calibrate_for_budget, calibrate_thresholds
+from ann_kernels.inference.server import EarlyExitServer
 from ann_kernels.nn import MultiExitNetwork
 from ann_kernels.sequence import EANN, EANNEngine, eann
 from ann_kernels.ops.multi_exit_ce import (
@@ -30,6 +31,7 @@ __all__ = [
     "AdaLoss",
     "AnytimeLoss",
     "EarlyExitEngine",
+    "EarlyExitServer",
     "calibrate_for_budget",
     "calibrate_thresholds",
     "HAS_CPP_EXT",

@@ -263,7 +263,7 @@ def test_stream_rejects_quota_and_bad_batches():
     with pytest.raises(ValueError, match="quota"):
         engine.stream([inputs(4)], quota=[0.5, 0.5, 0, 0])
     with pytest.raises(ValueError, match="deadline_s"):
-        engine.stream([inputs(4)], deadline_s=1.0)
+        engine.stream([inputs(4)], deadline_s=-1.0)
     with pytest.raises(ValueError, match="batches: batch 1"):
         list(engine.stream([inputs(4), inputs(0)], thresholds=[INF] * K))
 
@@ -525,7 +525,8 @@ def test_masking_gives_the_same_results_as_compaction(net):
     masking.stage_times = StageTimes(model.num_exits)
     for k in range(model.num_exits):  # flat stage times: small batches are not cheaper
         for rows in (1, 2, 4, 8, 16, 32, 64, 128, 200):
-            masking.stage_times.record(k, rows, 1e-3)
+            for _ in range(3):
+                masking.stage_times.record(k, rows, 1e-3)
     got = masking.predict(x, thresholds=thresholds)
     assert got.stats.executed_flops > expected.stats.executed_flops  # it did run masked rows
     assert torch.equal(got.prediction, expected.prediction)
@@ -535,7 +536,8 @@ def test_masking_gives_the_same_results_as_compaction(net):
     masking.stage_times = StageTimes(model.num_exits)
     for k in range(model.num_exits):  # proportional times: compaction pays, back to it
         for rows in (1, 2, 4, 8, 16, 32, 64, 128, 200):
-            masking.stage_times.record(k, rows, 1e-5 * rows)
+            for _ in range(3):
+                masking.stage_times.record(k, rows, 1e-5 * rows)
     again = masking.predict(x, thresholds=thresholds)
     assert again.stats.executed_flops == pytest.approx(expected.stats.executed_flops)
     assert torch.equal(again.prediction, expected.prediction)
@@ -641,3 +643,31 @@ def test_eann_deadlines_follow_the_same_rule(thresholds):
     anytime = model.anytime_predict(x, deadline_s=0.1)  # its segments: measured by the same table
     assert slow.calls == calls + calls_full
     assert anytime.exit_index == 1 and anytime.deadline_met and torch.equal(anytime.prediction, exit1)
+
+
+def test_stream_deadline_does_not_start_a_stage_measured_to_overrun():
+    model, slow = sleepy_model(stage=2, seconds=0.2)
+    engine, x = EarlyExitEngine(model), inputs(24, seed=60)
+    engine.predict(x, thresholds=[INF] * K)  # measures every stage at this batch size
+    calls = slow.calls
+    with torch.no_grad():
+        exit1 = model(x)[1].argmax(dim=1)
+    slow.calls = calls
+    results = list(engine.stream(torch.split(x, 8), thresholds=[INF] * K, batch_size=24, deadline_s=0.1))
+    assert slow.calls == calls, "the stream started a stage measured at 0.2 s for a 0.1 s deadline"
+    assert torch.equal(torch.cat([r.exit_index for r in results]), torch.ones(24, dtype=torch.int64))
+    assert torch.equal(torch.cat([r.prediction for r in results]), exit1)
+    relaxed = list(engine.stream(torch.split(x, 8), thresholds=[INF] * K, batch_size=24, deadline_s=30.0))
+    assert (torch.cat([r.exit_index for r in relaxed]) == K - 1).all()
+
+
+def test_stream_deadline_passing_during_a_stage_takes_the_exit_before():
+    model, slow = sleepy_model(stage=2, seconds=0.1)
+    engine, x = EarlyExitEngine(model), inputs(16, seed=61)
+    engine.exit_flops(x)  # FLOP counting runs the stages once
+    with torch.no_grad():
+        exit1 = model(x)[1].argmax(dim=1)
+    calls = slow.calls
+    results = list(engine.stream([x], thresholds=[INF] * K, deadline_s=0.05))  # stage 2 not measured yet
+    assert slow.calls == calls + 1
+    assert (results[0].exit_index == 1).all() and torch.equal(results[0].prediction, exit1)

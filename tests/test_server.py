@@ -124,7 +124,7 @@ def test_a_failing_stage_fails_only_its_requests():
     bad = x[:2].clone()
     bad[1, 0] = 1e4
     # max_wait_s large and batches of 4 rows: the poisoned request shares its run with one other.
-    with EarlyExitServer(engine, thresholds=[INF] * K, max_batch_size=4, max_wait_s=5.0) as server:
+    with EarlyExitServer(engine, thresholds=[INF] * K, max_batch_size=4, max_wait_s=0.5) as server:
         futures = [server.submit(x[i:i + 2]) for i in range(0, 20, 2)]
         poisoned = server.submit(bad)
         more = [server.submit(x[i:i + 2]) for i in range(20, 40, 2)]
@@ -235,3 +235,32 @@ def test_stats_as_dict_is_json_ready():
     assert before["latency_p50_s"] is None and after["requests_completed"] == 1
     json.dumps(after)
     assert after["rows_per_exit"][-1] == 5 and time.perf_counter() > 0
+
+
+def conv_net(seed: int = 0) -> MultiExitNetwork:
+    torch.manual_seed(seed)
+    stages = [nn.Sequential(nn.Conv2d(3 if k == 0 else 8, 8, 3, padding=1), nn.ReLU()) for k in range(3)]
+    heads = [nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)) for _ in range(3)]
+    return MultiExitNetwork(stages, heads, num_classes=5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_channels_last_requests_get_predicts_answers(device):
+    from ann_kernels.inference.engine import _gather_rows
+
+    model = conv_net(seed=30).to(device)
+    x = torch.randn(40, 3, 6, 6, generator=torch.Generator().manual_seed(31)).to(device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    engine = EarlyExitEngine(model)
+    with torch.no_grad():
+        conf = torch.stack([torch.softmax(z, 1).max(1).values for z in model(x)]).cpu()
+    thresholds = safe_thresholds(conf, 0.5)
+    expected = engine.predict(x, thresholds=thresholds)
+    with EarlyExitServer(engine, thresholds=thresholds, max_batch_size=16, max_wait_s=0.001) as server:
+        futures = [server.submit(x[i:i + 4], deadline_s=None if i % 8 else 30.0) for i in range(0, 40, 4)]
+        results = [f.result(timeout=60) for f in futures]
+    assert torch.equal(torch.cat([r.exit_index for r in results]), expected.exit_index)
+    assert torch.equal(torch.cat([r.prediction for r in results]), expected.prediction)
+    rows = torch.tensor([5, 1, 3], device=device)
+    gathered = _gather_rows(x, rows)  # the layout the masking and deadline paths keep
+    assert gathered.is_contiguous(memory_format=torch.channels_last) and torch.equal(gathered, x[[5, 1, 3]])

@@ -57,26 +57,41 @@ from torch.utils.data import DataLoader, Dataset
 from ann_kernels.inference.calibration import BudgetCalibration, calibrate_for_budget
 from ann_kernels.inference.stage_timing import StageTimes
 from ann_kernels.nn.multi_exit import MultiExitNetwork
-from ann_kernels.ops.early_exit import CRITERIA, buffers_function, exit_confidence, step_function
+from ann_kernels.ops.early_exit import (
+    CRITERIA,
+    buffers_function,
+    exit_confidence,
+    gathered_hidden_empty,
+    step_function,
+)
 
 __all__ = ["EarlyExitEngine", "EarlyExitResult", "EarlyExitStats", "ExitCalibration"]
 
 _FLOOR_EPS = 1e-9
-_MASK_SLACK = 1.03  # mask when the whole batch costs at most 3% more than the survivors
+_MASK_SLACK = 1.0  # mask when the whole batch measured no slower than the survivors
+_MIN_SAMPLES = 3  # measurements of both batch sizes before the cost model trusts them
 BUDGET_CACHE_SIZE = 256  # budgets whose thresholds stay cached (least recently used dropped)
+
+
+def _gather_tensor(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` of ``t``, laid out as the exit op lays out its gathered hidden state
+    (channels_last stays channels_last: :func:`~ann_kernels.ops.early_exit.gathered_hidden_empty`)."""
+    if t.dim() < 3 or t.is_contiguous():
+        return t.index_select(0, rows)
+    return torch.index_select(t, 0, rows, out=gathered_hidden_empty(t, rows.shape[0]))
 
 
 def _gather_rows(h, rows: torch.Tensor):
     """Rows ``rows`` of a hidden state (a tensor, or a tuple / list of tensors)."""
     if isinstance(h, torch.Tensor):
-        return h.index_select(0, rows)
-    gathered = [t.index_select(0, rows) for t in h]
+        return _gather_tensor(h, rows)
+    gathered = [_gather_tensor(t, rows) for t in h]
     return gathered if isinstance(h, list) else tuple(gathered)
 
 
 def _with_first(h, first: torch.Tensor, keep: torch.Tensor):
     """A tuple / list hidden state whose first tensor the op gathered: gather the others."""
-    rest = [t.index_select(0, keep) for t in h[1:]]
+    rest = [_gather_tensor(t, keep) for t in h[1:]]
     return [first, *rest] if isinstance(h, list) else (first, *rest)
 
 
@@ -390,7 +405,8 @@ class EarlyExitEngine:
                     remaining, deadline_exit = 0, k
                     stage_seconds[k - 1] += clock() - t_prev
                     break
-            h_in, h = h, forward_stage(k, h)
+            h_in = h if deadline is not None else None  # the latest exit's input, for a late stage
+            h = forward_stage(k, h)
             reached[k] = h_rows
             if deadline is not None and clock() >= deadline:  # stage k finished late
                 deadline_exit = k
@@ -467,9 +483,10 @@ class EarlyExitEngine:
         """The cost model's choice after exit k: True = run stage k + 1 on all ``h_rows`` rows
         (masking: no gather), False = compact the survivors. From measured stage times
         (:class:`StageTimes`) at the batch sizes seen and the survival rate of the previous
-        call at exit k; masks when the whole batch costs at most ``_MASK_SLACK`` more than
-        the expected survivors (small batches not cheaper: the gather is saved). An unmeasured
-        batch size is tried once (exploration), compaction first."""
+        call at exit k: masks when the whole batch measured no slower than the expected
+        survivors (small batches not cheaper, so the gather is pure loss). A whole-batch size
+        not measured yet for stage k + 1 is tried once (exploration); compaction needs
+        ``_MIN_SAMPLES`` measurements of both sizes before masking is chosen again."""
         if not self.adaptive_masking or k + 1 >= self.num_exits:
             return False
         survival = self._survival[k]
@@ -479,10 +496,14 @@ class EarlyExitEngine:
         if expected.bit_length() == h_rows.bit_length():
             return False  # same bucket: the measurements cannot tell them apart
         times, head = self.stage_times, thresholds[k + 1] != math.inf
-        if not times.measured(k + 1, expected, head):
+        compact_samples = times.samples(k + 1, expected, head)
+        if not compact_samples:
             return False
-        if not times.measured(k + 1, h_rows, head):
+        mask_samples = times.samples(k + 1, h_rows, head)
+        if not mask_samples:
             return True
+        if min(compact_samples, mask_samples) < _MIN_SAMPLES:
+            return False
         return times.estimate(k + 1, h_rows, head) <= _MASK_SLACK * times.estimate(k + 1, expected, head)
 
     def stream(
@@ -505,8 +526,15 @@ class EarlyExitEngine:
         equal those of :meth:`predict` with the same thresholds (decisions are per sample);
         ``stats.stage_seconds[k]`` is the batch's rows that ran stage k times the stream's
         mean time per row at stage k so far, and ``stats.total_seconds`` the batch's latency
-        in the stream. ``quota`` (a per-batch
-        cost) and ``deadline_s`` are not defined for a rebatched stream and raise.
+        in the stream. ``quota`` (a per-batch cost) is not defined for a rebatched stream and
+        raises.
+
+        ``deadline_s``: seconds from the moment each input batch enters the stream; the rule of
+        :meth:`predict` per row: a row whose deadline would pass before its next stage
+        finishes (measured stage times) leaves at the latest exit it reached, as does a row
+        whose deadline passed during a stage (exit 0 always counts). Checked whenever the
+        stream runs (the generator cannot act while it waits for input or for its consumer);
+        a queued row's deadline also makes its stage run without a full batch.
 
         ``max_wait_s`` (seconds, default None = no bound): a stage also runs on fewer than
         ``batch_size`` rows once its oldest queued row has waited that long (checked at each
@@ -521,8 +549,13 @@ class EarlyExitEngine:
                 "quota: a per-batch exit quota is not defined when batches are regrouped; "
                 "use thresholds or budget with stream(), or quota with predict()"
             )
-        if deadline_s is not None:
-            raise ValueError("deadline_s: not supported by stream(); use predict(..., deadline_s=...)")
+        if deadline_s is not None and (
+            isinstance(deadline_s, bool)
+            or not isinstance(deadline_s, (int, float))
+            or not deadline_s >= 0
+            or math.isinf(deadline_s)
+        ):
+            raise ValueError(f"deadline_s: expected finite seconds >= 0 or None, got {deadline_s!r}")
         if batch_size is not None and (
             isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
         ):
@@ -537,7 +570,7 @@ class EarlyExitEngine:
         if self.model.training:
             raise RuntimeError("model: is in training mode; early-exit inference needs model.eval()")
         plan = self._plan(1, thresholds, budget, None)
-        return StageQueues(self, plan, batch_size, max_wait_s).run(batches)
+        return StageQueues(self, plan, batch_size, max_wait_s, deadline_s).run(batches)
 
 
 def _as_float_list(values, name: str) -> list[float]:

@@ -42,96 +42,25 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass
 from itertools import accumulate
 
 import torch
 
 from ann_kernels.inference.engine import EarlyExitEngine, EarlyExitResult, EarlyExitStats, _gather_rows
+from ann_kernels.inference.engine import _with_first as _with_rest
+from ann_kernels.inference.server_state import (
+    ServerStats,
+    _check_positive_int,
+    _check_seconds,
+    _Piece,
+    _Request,
+)
 from ann_kernels.inference.stream import _concat, _split
 
 __all__ = ["EarlyExitServer", "ServerStats"]
 
 _MIN_CAPACITY = 4096
-_LATENCY_WINDOW = 10000
-
-
-@dataclass(frozen=True)
-class ServerStats:
-    """Live statistics of an :class:`EarlyExitServer` (:meth:`EarlyExitServer.stats`).
-
-    - ``requests_submitted`` / ``requests_completed`` / ``requests_failed`` / ``requests_in_flight``;
-    - ``rows_completed``; ``rows_per_exit`` [K] (rows of completed requests per exit);
-    - ``mean_flops``: mean cost per completed row (exit accounting, as ``EarlyExitStats``);
-      ``full_flops``: the last exit's cost (0 before the first request);
-    - ``queue_depths`` [K]: rows waiting per stage now;
-    - ``stage_runs`` [K] and ``mean_batch_rows`` [K]: how often each stage ran and on how
-      many rows on average;
-    - ``latency_p50_s`` / ``latency_p90_s`` / ``latency_p99_s``: submit-to-result seconds of the
-      last 10 000 completed requests (NaN before any);
-    - ``uptime_s``: seconds since :meth:`EarlyExitServer.start`.
-    """
-
-    requests_submitted: int
-    requests_completed: int
-    requests_failed: int
-    requests_in_flight: int
-    rows_completed: int
-    rows_per_exit: tuple[int, ...]
-    mean_flops: float
-    full_flops: float
-    queue_depths: tuple[int, ...]
-    stage_runs: tuple[int, ...]
-    mean_batch_rows: tuple[float, ...]
-    latency_p50_s: float
-    latency_p90_s: float
-    latency_p99_s: float
-    uptime_s: float
-
-    def as_dict(self) -> dict:
-        """Plain JSON-ready dict (NaN becomes None)."""
-        return {
-            key: (None if isinstance(v, float) and math.isnan(v) else list(v) if isinstance(v, tuple) else v)
-            for key, v in asdict(self).items()
-        }
-
-
-class _Request:
-    __slots__ = ("future", "x", "rows", "submitted", "deadline", "remaining", "ranges", "deadline_exit", "done")
-
-    def __init__(self, future: Future, x: torch.Tensor, submitted: float, deadline: float) -> None:
-        self.future, self.x, self.rows = future, x, x.shape[0]
-        self.submitted, self.deadline = submitted, deadline
-        self.remaining = self.rows
-        self.ranges: list[tuple[int, int]] = []  # (first position, rows) in the result buffers
-        self.deadline_exit: int | None = None
-        self.done = False  # resolved (result or exception)
-
-
-class _Piece:
-    """Rows waiting in one stage queue: their hidden state, buffer positions (None before
-    stage 0 assigns them), requests ``segments`` [(request, rows)] in row order, the time they
-    joined the queue and their earliest deadline."""
-
-    __slots__ = ("hidden", "positions", "segments", "joined", "deadline", "rows")
-
-    def __init__(self, hidden, positions, segments, joined: float, deadline: float, rows: int) -> None:
-        self.hidden, self.positions, self.segments = hidden, positions, segments
-        self.joined, self.deadline, self.rows = joined, deadline, rows
-
-
-def _check_positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return value
-
-
-def _check_seconds(value, name: str, *, allow_none: bool) -> float | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
-        raise ValueError(f"{name}: expected finite seconds >= 0{' or None' if allow_none else ''}, got {value!r}")
-    return float(value)
+_LATENCY_WINDOW = 10000  # completed requests whose latencies the percentiles cover
 
 
 class EarlyExitServer:
@@ -145,7 +74,9 @@ class EarlyExitServer:
         max_batch_size: most rows per stage run.
         max_wait_s: longest a row waits in a stage queue for a fuller batch.
         sample_shape: the shape of one sample; default: taken from the first request that
-            runs stage 0 successfully (until then, from the first one submitted).
+            runs stage 0 successfully (until then, from the first one submitted). Given, the
+            model's FLOPs are measured in :meth:`start`, so the first request does not wait
+            for them.
     """
 
     def __init__(self, engine: EarlyExitEngine, *, thresholds=None, budget: float | None = None, quota=None,
@@ -187,8 +118,10 @@ class EarlyExitServer:
         self._next_position = 0
         self._step = None
         self._costs = None
+        self._finished: list[_Request] = []  # completed in the current stage run
         # statistics
         self._submitted = self._completed = self._failed = self._rows_completed = 0
+        self._deadline_requests = 0
         self._rows_per_exit = [0] * num_exits
         self._flops_sum = 0.0
         self._stage_runs = [0] * num_exits
@@ -205,6 +138,14 @@ class EarlyExitServer:
             if self._worker is None:
                 if self.engine.model.training:
                     raise RuntimeError("model: is in training mode; early-exit inference needs model.eval()")
+                if self._sample_shape is not None:  # FLOP counting now, not in the first request
+                    try:
+                        example = torch.zeros((1, *self._sample_shape), dtype=self._dtype or torch.float32,
+                                              device=self._device)
+                        with torch.inference_mode():
+                            self._costs = self.engine._costs_for(example)
+                    except Exception:  # noqa: BLE001  a wrong sample_shape: the first request reports it
+                        self._costs = None
                 self._started_at = time.perf_counter()
                 self._worker = threading.Thread(target=self._serve, name="EarlyExitServer", daemon=True)
                 self._worker.start()
@@ -267,6 +208,8 @@ class EarlyExitServer:
                     f"got a batch of shape {list(x.shape)}"))
                 return future
             self._submitted += 1
+            if deadline != math.inf:
+                self._deadline_requests += 1  # from now on, pieces compute their earliest deadline
             self._push(0, _Piece(x, None, [(request, request.rows)], submitted, deadline, request.rows))
             self._cond.notify()
         return future
@@ -342,9 +285,11 @@ class EarlyExitServer:
     def _take(self, k: int):
         """Up to max_batch_size rows from the head of queue k: (hidden, positions, segments)."""
         queue, rows = self._queues[k], min(self.max_batch_size, self._queued[k])
-        hidden_parts, position_parts, segments, taken = [], [], [], 0
+        hidden_parts, position_parts, segments, taken, deadline = [], [], [], 0, math.inf
         while taken < rows:
             piece = queue.popleft()
+            if piece.deadline < deadline:
+                deadline = piece.deadline
             if piece.deadline != math.inf:
                 self._deadline_pieces[k] -= 1
             if taken + piece.rows > rows:  # split: the rest stays at the head
@@ -373,7 +318,7 @@ class EarlyExitServer:
             taken += piece.rows
         self._queued[k] -= rows
         positions = None if k == 0 else _concat(position_parts)
-        return _concat(hidden_parts), positions, segments, rows
+        return _concat(hidden_parts), positions, segments, rows, deadline
 
     # ------------------------------------------------------------------ worker
     def _serve(self) -> None:
@@ -387,9 +332,12 @@ class EarlyExitServer:
                         if self._closing and not any(self._queued):
                             return
                         self._cond.wait(None if wait == math.inf else wait)
-                    hidden, positions, segments, rows = self._take(k)
+                    hidden, positions, segments, rows, deadline = self._take(k)
                 with torch.inference_mode():
-                    self._run_stage(k, hidden, positions, segments, rows)
+                    try:
+                        self._run_stage(k, hidden, positions, segments, rows, deadline != math.inf)
+                    finally:
+                        self._flush_completed()
         except BaseException as error:  # an internal bug: fail everything left, never hang a client
             with self._cond:
                 self._closing = True
@@ -404,20 +352,24 @@ class EarlyExitServer:
                     self._fail(request, failure)
             raise
 
-    def _run_stage(self, k: int, hidden, positions, segments, rows: int) -> None:
+    def _run_stage(self, k: int, hidden, positions, segments, rows: int, has_deadlines: bool) -> None:
         start = time.perf_counter()
         try:
             if k == 0:
                 positions = self._assign_positions(segments, rows, hidden)
             else:
-                if any(r.done for r, _ in segments):  # rows of failed requests: dropped before any write
+                if self._failed and any(r.done for r, _ in segments):  # rows of failed requests: dropped
                     hidden, positions, segments, rows = self._drop_done(hidden, positions, segments)
-                hidden, positions, segments, rows = self._deadline_exits(k, hidden, positions, segments, rows, start)
-                if not rows:
-                    return
+                    if not rows:
+                        return
+                if has_deadlines:
+                    hidden, positions, segments, rows = self._deadline_exits(k, hidden, positions, segments, rows,
+                                                                             start)
+                    if not rows:
+                        return
             model, num_exits = self.engine.model, self.num_exits
             out = model.forward_stage(k, hidden)
-            if any(r.deadline != math.inf for r, _ in segments):  # deadlines that passed during the stage
+            if has_deadlines:  # deadlines that passed during the stage
                 out, hidden, positions, segments, rows = self._late_after_stage(
                     k, out, hidden, positions, segments, rows)
                 if not rows:
@@ -464,11 +416,11 @@ class EarlyExitServer:
         return _gather_rows(hidden, keep), positions.index_select(0, keep), live, int(keep.shape[0])
 
     def _forward(self, k: int, hidden, positions, segments, rows: int) -> None:
-        if any(r.done for r, _ in segments):  # rows of failed requests go no further
+        if self._failed and any(r.done for r, _ in segments):  # rows of failed requests go no further
             hidden, positions, segments, rows = self._drop_done(hidden, positions, segments)
             if not rows:
                 return
-        deadline = min(r.deadline for r, _ in segments)
+        deadline = min(r.deadline for r, _ in segments) if self._deadline_requests else math.inf
         with self._cond:
             self._push(k, _Piece(hidden, positions, segments, time.perf_counter(), deadline, rows))
             self._cond.notify()
@@ -562,7 +514,8 @@ class EarlyExitServer:
         """Result-buffer positions for a stage-0 run: one contiguous free range."""
         if self._buffers is None:
             device = like.device if isinstance(like, torch.Tensor) else like[0].device
-            self._costs = self.engine._costs_for(like)  # raises first if the model rejects the input
+            if self._costs is None:
+                self._costs = self.engine._costs_for(like)  # raises first if the model rejects the input
             self._executed = _executed_costs(self._costs, self._thresholds)
             self._step = self.engine._kernels_for(device.type)[0]
             self._grow(max(_MIN_CAPACITY, 16 * self.max_batch_size), device)
@@ -592,37 +545,63 @@ class EarlyExitServer:
         self._buffers, self._capacity = new, capacity
 
     def _complete(self, request: _Request) -> None:
-        if request.done:
+        """All rows of ``request`` have exited: resolved at the end of this stage run (in bulk)."""
+        if not request.done:
+            request.done = True
+            self._finished.append(request)
+
+    def _flush_completed(self) -> None:
+        """Resolve the requests finished in this stage run: one gather per result buffer for
+        all of them, then per request only views and a few Python sums."""
+        finished, self._finished = self._finished, []
+        if not finished:
             return
         prediction, exit_index, confidence, _ = self._buffers
-        parts = [(prediction[a:a + n], exit_index[a:a + n], confidence[a:a + n]) for a, n in request.ranges]
-        if len(parts) == 1:
-            pred, exits, conf = (t.clone() for t in parts[0])
-        else:
-            pred, exits, conf = (torch.cat(ts) for ts in zip(*parts))
-        for a, n in request.ranges:
-            self._occupied[a:a + n] = bytes(n)
-        counts = [0] * self.num_exits
-        for e in exits.tolist():
-            counts[e] += 1
-        flops = self._costs.exit_flops
-        n = request.rows
-        mean = sum(c * f for c, f in zip(counts, flops)) / n
-        executed = sum(c * f for c, f in zip(counts, self._executed)) / n
-        seconds = tuple(sum(counts[j:]) * (t / r if r else 0.0)
-                        for j, (t, r) in enumerate(zip(self._stage_seconds, self._stage_rows)))
-        latency = time.perf_counter() - request.submitted
-        stats = EarlyExitStats(tuple(counts), mean, executed, flops[-1], seconds, latency, request.deadline_exit)
-        request.done = True
-        request.x = None
+        positions = [p for r in finished for a, n in r.ranges for p in range(a, a + n)]
+        index = torch.tensor(positions, dtype=torch.int64, device=prediction.device)
+        sizes = [r.rows for r in finished]
+        preds = prediction.index_select(0, index).split(sizes)
+        exits_all = exit_index.index_select(0, index)
+        exits = exits_all.split(sizes)
+        confs = confidence.index_select(0, index).split(sizes)
+        exit_list = exits_all.tolist()
+        occupied = self._occupied
+        for r in finished:
+            for a, n in r.ranges:
+                occupied[a:a + n] = bytes(n)
+        num_exits, flops, executed_costs = self.num_exits, self._costs.exit_flops, self._executed
+        per_row = [t / n if n else 0.0 for t, n in zip(self._stage_seconds, self._stage_rows)]
+        now = time.perf_counter()
+        results, offset = [], 0
+        totals = [0] * num_exits
+        flops_sum = 0.0
+        for i, r in enumerate(finished):
+            n = r.rows
+            counts = [0] * num_exits
+            for e in exit_list[offset:offset + n]:
+                counts[e] += 1
+            offset += n
+            mean = sum(c * f for c, f in zip(counts, flops)) / n
+            executed = sum(c * f for c, f in zip(counts, executed_costs)) / n
+            reach, seconds = n, []
+            for j in range(num_exits):
+                seconds.append(reach * per_row[j])
+                reach -= counts[j]
+                totals[j] += counts[j]
+            flops_sum += mean * n
+            stats = EarlyExitStats(tuple(counts), mean, executed, flops[-1], tuple(seconds), now - r.submitted,
+                                   r.deadline_exit)
+            results.append(EarlyExitResult(preds[i], exits[i], confs[i], stats))
+            r.x = None
         with self._cond:
-            self._completed += 1
-            self._rows_completed += n
-            self._flops_sum += mean * n
-            for j, c in enumerate(counts):
+            self._completed += len(finished)
+            self._rows_completed += offset
+            self._flops_sum += flops_sum
+            for j, c in enumerate(totals):
                 self._rows_per_exit[j] += c
-            self._latencies.append(latency)
-        request.future.set_result(EarlyExitResult(pred, exits, conf, stats))
+            self._latencies.extend(res.stats.total_seconds for res in results)
+        for r, result in zip(finished, results):
+            r.future.set_result(result)
 
     def _fail(self, request: _Request, error: BaseException) -> None:
         if request.done:
@@ -639,9 +618,6 @@ class EarlyExitServer:
         request.future.set_exception(error)
 
 
-def _with_rest(h, first: torch.Tensor, keep: torch.Tensor):
-    rest = [t.index_select(0, keep) for t in h[1:]]
-    return [first, *rest] if isinstance(h, list) else (first, *rest)
 
 
 def _executed_costs(costs, thresholds) -> list[float]:

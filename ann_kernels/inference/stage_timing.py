@@ -76,6 +76,11 @@ class StageTimes:
         """Whether a batch of about ``rows`` rows (same bucket) ran ``stage`` before."""
         return rows.bit_length() in self._points[stage][head]
 
+    def samples(self, stage: int, rows: int, head: bool = True) -> int:
+        """How many runs of ``stage`` on about ``rows`` rows (same bucket) were measured."""
+        point = self._points[stage][head].get(rows.bit_length())
+        return 0 if point is None else point[2]
+
     def estimate(self, stage: int, rows: int, head: bool = True) -> float | None:
         """Estimated seconds of ``stage`` on ``rows`` rows, or None if it never ran (with
         ``head`` as given; falls back to the other head setting's measurements if only they

@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import torch
 
+from ann_kernels.inference.engine import _gather_rows, _with_first
 from ann_kernels.ops.early_exit import step_function
 
 __all__ = ["StageQueues"]
@@ -66,8 +67,11 @@ class StageQueues:
     """One stream run: ``StageQueues(engine, plan, batch_size).run(batches)`` yields an
     :class:`~ann_kernels.inference.engine.EarlyExitResult` per input batch, in order."""
 
-    def __init__(self, engine, plan, batch_size: int | None, max_wait_s: float | None = None) -> None:
+    def __init__(self, engine, plan, batch_size: int | None, max_wait_s: float | None = None,
+                 deadline_s: float | None = None) -> None:
         self.engine, self.plan, self.batch_size, self.max_wait_s = engine, plan, batch_size, max_wait_s
+        self.deadline_s = deadline_s
+        self.arrival = None  # [capacity] float64 perf_counter() of each row's batch (with a deadline)
         num_exits = engine.num_exits
         # Queue items: (hidden, positions [n] int64, number of the earliest input batch the rows may
         # come from, perf_counter() when they joined the queue). The tags only grow along a
@@ -109,7 +113,10 @@ class StageQueues:
         positions = torch.arange(
             self.next_start - self.base, self.next_start - self.base + n, device=self.device
         )
-        self.queues[0].append((x, positions, number, time.perf_counter()))
+        now = time.perf_counter()
+        if self.deadline_s is not None:
+            self.arrival[self.next_start - self.base:self.next_start - self.base + n] = now
+        self.queues[0].append((x, positions, number, now))
         self.queued[0] += n
         self.pending.append(_PendingBatch(number, self.next_start, self.next_start + n, time.perf_counter()))
         self.next_start += n
@@ -122,11 +129,18 @@ class StageQueues:
     def _overdue(self, k: int) -> bool:
         """With ``max_wait_s``: stage k's oldest queued row has waited that long, or no row is
         queued before stage k (none could join it before the next input batch)."""
+        now = time.perf_counter()
+        if self.deadline_s is not None and self.pending:  # its earliest row's deadline needs it now
+            tag = self.queues[k][0][2]
+            arrived = self.pending[max(0, tag - self.pending[0].number)].arrived
+            estimate = self.engine.stage_times.estimate(k, self.queued[k]) or 0.0
+            if arrived + self.deadline_s - estimate <= now:
+                return True
         if self.max_wait_s is None:
             return False
         if not any(self.queued[:k]):
             return True
-        return time.perf_counter() - self.queues[k][0][3] >= self.max_wait_s
+        return now - self.queues[k][0][3] >= self.max_wait_s
 
     # ------------------------------------------------------------------ one stage run
     def _take(self, k: int, rows: int):
@@ -151,8 +165,19 @@ class StageQueues:
         start = time.perf_counter()
         model = self.engine.model
         hidden, positions, tag = self._take(k, rows)
-        hidden = model.forward_stage(k, hidden)
         threshold = self.plan.thresholds[k]
+        if self.deadline_s is not None and k:  # rows that would miss their deadline in stage k
+            estimate = self.engine.stage_times.estimate(k, rows, threshold != math.inf) or 0.0
+            hidden, positions = self._cut(k - 1, hidden, hidden, positions, start + estimate)
+            if positions.shape[0] == 0:
+                return
+        stage_input = hidden
+        hidden = model.forward_stage(k, hidden)
+        if self.deadline_s is not None:  # rows whose deadline passed during stage k
+            source = stage_input if k else hidden
+            hidden, positions = self._cut(max(k - 1, 0), source, hidden, positions, time.perf_counter())
+            if positions.shape[0] == 0:
+                return
         survivors, survivor_hidden = positions, hidden
         if threshold != math.inf:  # +inf: nobody leaves here, skip head and decision
             logits = model.forward_head(k, hidden)
@@ -171,8 +196,7 @@ class StageQueues:
                 -1,
             )
             if survivors.shape[0] and not is_tensor:
-                rest = [t.index_select(0, keep) for t in hidden[1:]]
-                gathered = [gathered, *rest] if isinstance(hidden, list) else (gathered, *rest)
+                gathered = _with_first(hidden, gathered, keep)
             survivor_hidden = gathered
         if survivors.shape[0]:
             self.queues[k + 1].append((survivor_hidden, survivors, tag, time.perf_counter()))
@@ -180,6 +204,20 @@ class StageQueues:
         seconds = time.perf_counter() - start
         self._attribute(k, rows, seconds)
         self.engine.stage_times.record(k, rows, seconds, threshold != math.inf)
+
+    def _cut(self, exit_k: int, head_input, hidden, positions, when: float):
+        """Rows whose deadline is before ``when`` leave at ``exit_k`` (head ``exit_k`` on their
+        rows of ``head_input``); returns the other rows of ``hidden`` and their positions."""
+        late = self.arrival.index_select(0, positions) + self.deadline_s < when
+        if not bool(late.any()):
+            return hidden, positions
+        late_rows, keep_rows = late.nonzero().squeeze(1), (~late).nonzero().squeeze(1)
+        logits = self.engine.model.forward_head(exit_k, _gather_rows(head_input, late_rows))
+        self.step(logits, positions.index_select(0, late_rows), None, self.prediction, self.exit_index,
+                  self.confidence, -math.inf, self.engine._criterion_code, exit_k, -1)
+        if keep_rows.shape[0] == 0:
+            return hidden, positions[:0]
+        return _gather_rows(hidden, keep_rows), positions.index_select(0, keep_rows)
 
     def _attribute(self, k: int, rows: int, seconds: float) -> None:
         self.stage_seconds[k] += seconds
@@ -199,6 +237,11 @@ class StageQueues:
             for new, old in zip(buffers, (self.prediction, self.exit_index, self.confidence)):
                 new[: self.capacity] = old
         self.prediction, self.exit_index, self.confidence = buffers
+        if self.deadline_s is not None:
+            arrival = torch.empty(capacity, dtype=torch.float64, device=self.device)
+            if self.arrival is not None:
+                arrival[: self.capacity] = self.arrival
+            self.arrival = arrival
         self.capacity = capacity
 
     def _earliest_queued_batch(self) -> float:
@@ -259,7 +302,7 @@ class StageQueues:
         if shift < _MIN_CAPACITY or 2 * shift < self.capacity:
             return
         live = self.next_start - first_live
-        for name in ("prediction", "exit_index", "confidence"):
+        for name in ("prediction", "exit_index", "confidence") + (("arrival",) if self.deadline_s is not None else ()):
             old = getattr(self, name)
             new = torch.empty_like(old)
             new[:live] = old[shift : shift + live]

@@ -31,6 +31,7 @@ from ann_kernels.inference.engine import (
     ExitCalibration,
     _as_float_list,
     _labelled_batches,
+    _with_first,
 )
 from ann_kernels.ops.early_exit import CRITERIA, buffers_function, exit_confidence, step_function
 from ann_kernels.sequence.model import EANN, _check_deadline, _check_input
@@ -230,8 +231,7 @@ class EANNEngine:
                 if is_tensor:
                     h = gathered
                 else:
-                    rest = [t.index_select(0, keep) for t in h[1:]]
-                    h = [gathered, *rest] if isinstance(h, list) else (gathered, *rest)
+                    h = _with_first(h, gathered, keep)
                 latest, g = (j, k, h), g + 1
             if remaining == 0:
                 break
