@@ -109,7 +109,7 @@ def main(argv=None) -> int:
                 line, = ax.plot(x, [100 * m for m, _ in stats], style, marker="o", ms=4, label=label)
                 ax.fill_between(x, [100 * (m - s) for m, s in stats], [100 * (m + s) for m, s in stats],
                                 color=line.get_color(), alpha=0.15, linewidth=0)
-        ax.set_xlabel("cumulative cost per image (MFLOPs; every stage and head up to the exit; = 2 x MACs)")
+        ax.set_xlabel("cumulative MFLOPs per image (stages + heads to the exit; 2 x MACs)")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
     if "opt" in big["runs"]:
@@ -117,8 +117,13 @@ def main(argv=None) -> int:
         m, s = _ms(finals)
         ax1.errorbar([f16[-1] / 1e6], [100 * m], yerr=[100 * s], fmt="*", ms=12, color="black",
                      label="OPT (final exit only)")
-    ax1.set_title("ResANN width 16: CONST vs AdaLoss (mean ± std, 3 seeds)")
+    n_seeds = len(big["runs"]["const"])
+    ax1.set_title(f"ResANN width 16: CONST vs AdaLoss (mean ± std, {n_seeds} seeds)")
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
     ax2.set_xscale("log")
+    ax2.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax2.xaxis.set_minor_formatter(NullFormatter())
     ax2.set_title("small (width 8) vs large (width 16) networks")
     ax1.legend()
     ax2.legend(fontsize=8)
