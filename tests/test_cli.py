@@ -84,6 +84,44 @@ def test_compare_writes_table_summary_and_plot(tmp_path, capsys):
     assert main(["compare", *TINY, "--weightings", "const", "--seeds", "0", "--epochs", "1",
                  "--out", str(out)]) == 0
     assert (out / "const-s0" / "last.pt").stat().st_mtime_ns == mtime
+    # ... but not on the epoch count alone: another learning rate (same epochs) retrains.
+    assert main(["compare", *TINY, "--weightings", "const", "--seeds", "0", "--epochs", "1", "--lr", "0.02",
+                 "--out", str(out)]) == 0
+    assert (out / "const-s0" / "last.pt").stat().st_mtime_ns != mtime
+    assert torch.load(out / "const-s0" / "last.pt", weights_only=False)["config"]["lr"] == 0.02
+
+
+def test_run_dir_complete_compares_config_and_spec(trained):
+    from ann_kernels.train import TrainConfig
+    from ann_kernels.train.runs import run_dir_complete
+
+    ckpt = torch.load(trained / "last.pt", weights_only=False)
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    spec = {k: v for k, v in ckpt["spec"].items() if k not in ("num_classes", "input_shape")}
+    assert run_dir_complete(trained, cfg, spec)
+    cfg.progress, cfg.log_every = not cfg.progress, 3  # display settings do not matter
+    assert run_dir_complete(trained, cfg, spec)
+    for change in ({"epochs": 3}, {"lr": 0.5}, {"weight_decay_mode": "reference"}, {"momentum": 0.5}):
+        assert not run_dir_complete(trained, TrainConfig.from_dict({**ckpt["config"], **change}), spec), change
+    assert not run_dir_complete(trained, cfg, {**spec, "weighting_kwargs": {"momentum": 0.5}})
+    assert not run_dir_complete(trained, cfg, {**spec, "seed": 4})
+    with pytest.raises(TypeError, match="config: expected a TrainConfig"):
+        run_dir_complete(trained, 2)
+
+
+def test_compare_gives_weighting_args_only_to_schemes_that_take_them(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", *TINY, "--weightings", "const", "adaloss", "opt", "--seeds", "0", "--epochs", "1",
+                 "--weighting-arg", "update_every=2", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "OPT reference (trained at the final exit only, 1 seed): final-exit test acc" in text
+    assert "final exit minus OPT: const" in text and "opt acc" not in text
+    specs = {w: torch.load(out / f"{w}-s0" / "last.pt", weights_only=False)["spec"]["weighting_kwargs"]
+             for w in ("const", "adaloss", "opt")}
+    assert specs == {"const": {}, "adaloss": {"update_every": 2}, "opt": {}}
+    assert main(["compare", *TINY, "--weightings", "const", "opt", "--seeds", "0", "--epochs", "1",
+                 "--weighting-arg", "update_every=2", "--out", str(out)]) == 2
+    assert "update_every" in capsys.readouterr().err
 
 
 def test_errors_are_one_line_and_name_the_problem(tmp_path, capsys):
@@ -122,5 +160,6 @@ def test_demo_smoke_on_real_data(tmp_path, capsys):
                  "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "const acc %" in text and "adaloss acc %" in text and "demo wall time" in text
+    assert "OPT reference (trained at the final exit only" in text
     assert (out / "anytime.png").read_bytes()[:8] == PNG_MAGIC
     assert (out / "adaloss-s0" / "weights.png").is_file()

@@ -387,6 +387,11 @@ def test_train_checkpoint_round_trip_and_cli(tmp_path, capsys):
             assert row["pruned_run_accuracy"] == pytest.approx(row["pruned_accuracy"])
             assert row["pruned_run_flops"] == pytest.approx(row["pruned_flops"])
     assert any("pruned_run_accuracy" in row for row in evaluation["early_exit"])
+    for row in evaluation["early_exit"]:  # the best-member baseline is chosen on the calibration split
+        if "best_member" in row:
+            vals = {j: row[f"member{j}_val_accuracy"] for j in range(model.num_members) if f"member{j}_val_accuracy" in row}
+            assert row["best_member"] == max(vals, key=lambda j: (vals[j], -j))
+            assert row["best_member_accuracy"] == row[f"member{row['best_member']}_accuracy"]
     assert (out / "eann_anytime.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = results.read_text()
     # The block between the markers is replaced in place; the rest of the file is untouched.

@@ -21,6 +21,7 @@ from ann_kernels.train import (
     seed_everything,
 )
 from ann_kernels.train.metrics import format_flops, mean_std
+from tests.utils import DEVICES
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -138,6 +139,60 @@ def test_other_optimisers_weightings_and_bf16(tiny_data, weighting, opt, bf16):
     assert trainer.scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)  # cosine reached 0
 
 
+@pytest.mark.parametrize("weighting", ["adaloss", "opt"])
+def test_reference_weight_decay_mode_builds_the_original_groups(tiny_data, weighting):
+    """TrainConfig(weight_decay_mode="reference"): conv/linear weights decayed, the heads' FC
+    weight and bias times the scheme's static weight (AdaLoss: SIEVE; OPT: one-hot), no BN."""
+    from ann_kernels.losses import sieve_weights
+    from ann_kernels.nn import resann
+
+    trainer = make_trainer(tiny_data, None, weighting, epochs=1, weight_decay=1e-4, weight_decay_mode="reference",
+                           model_fn=lambda: resann(num_classes=10, in_channels=1, image_size=28, width=4))
+    decay = {id(p): g["weight_decay"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert len(decay) == len(list(trainer.model.parameters()))
+    static = sieve_weights(6) if weighting == "adaloss" else torch.eye(6)[-1]
+    for k, head in enumerate(trainer.model.heads):
+        assert decay[id(head.linear.weight)] == pytest.approx(1e-4 * float(static[k]))
+        assert decay[id(head.linear.bias)] == pytest.approx(1e-4 * float(static[k]))
+    for m in trainer.model.modules():
+        if isinstance(m, nn.Conv2d):
+            assert decay[id(m.weight)] == 1e-4
+        if isinstance(m, nn.BatchNorm2d):
+            assert decay[id(m.weight)] == decay[id(m.bias)] == 0.0
+    assert torch.isfinite(torch.tensor(trainer.fit()[-1]["train_loss"]))
+    all_mode = make_trainer(tiny_data, None, weighting, epochs=1, weight_decay=1e-4)
+    assert [g["weight_decay"] for g in all_mode.optimizer.param_groups] == [1e-4]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_steps_on_device(device):
+    """The training step the Trainer runs (forward, AnytimeLoss with the reference AdaLoss,
+    backward, SGD with the reference weight-decay groups) on each device: the loss falls,
+    the AdaLoss state stays on the device and updates on the original's timing."""
+    from ann_kernels.nn import resann
+    from ann_kernels.train.weight_decay import weight_decay_groups
+
+    torch.manual_seed(0)
+    model = resann(num_classes=4, in_channels=1, image_size=12, width=4).to(device)
+    loss_fn = AnytimeLoss(model.num_exits, "adaloss", update_every=4).to(device)
+    opt = torch.optim.SGD(weight_decay_groups(model, 1e-4, "reference", loss_fn.weighting.decay_weights()),
+                          lr=0.05, momentum=0.9)
+    x = torch.randn(32, 1, 12, 12, device=device)
+    y = (x.mean(dim=(1, 2, 3)) > 0).long() + 2 * (x[:, 0, :6].mean(dim=(1, 2)) > 0).long()
+    losses, weights = [], []
+    for _ in range(12):
+        loss = loss_fn(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        weights.append(loss_fn.weights.detach().cpu().clone())
+    assert loss_fn.weighting.ema.device.type == torch.device(device).type
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(w, torch.ones(6)) for w in weights[:4])
+    assert not torch.equal(weights[4], weights[3]) and torch.equal(weights[5], weights[4])
+
+
 def test_config_errors_name_the_argument(tiny_data):
     with pytest.raises(ValueError, match="optimizer: expected one of .* got 'rmsprop'"):
         TrainConfig(optimizer="rmsprop")
@@ -145,6 +200,8 @@ def test_config_errors_name_the_argument(tiny_data):
         TrainConfig(epochs=0)
     with pytest.raises(ValueError, match="lr: expected a positive learning rate, got -1"):
         TrainConfig(lr=-1)
+    with pytest.raises(ValueError, match="weight_decay_mode: expected one of .* got 'bn'"):
+        TrainConfig(weight_decay_mode="bn")
     with pytest.raises(ValueError, match="batch_size: 1000 .* larger than the training set"):
         make_trainer(tiny_data, None, batch_size=1000)
     with pytest.raises(ValueError, match="until_epoch: expected 0..2, got 5"):

@@ -48,9 +48,10 @@ NORMALIZE = ("sum", "max")
 
 
 class AdaLoss(Weighting):
-    """Adaptive exit weights (module docstring; defaults = the original code's). Buffers (all round-trip through ``state_dict``):
-    ``ema`` [K] float32 (NaN = unset), ``base`` [K], ``current`` [K] (the weights of the
-    latest step), ``steps`` [] int64, ``nonfinite_count`` [K] int64."""
+    """Adaptive exit weights (module docstring; the defaults are the original code's).
+    Buffers (all round-trip through ``state_dict``): ``ema`` [K] float32 (NaN = unset),
+    ``base`` [K], ``current`` [K] (the weights of the latest step), ``steps`` [] int64
+    (finished steps), ``nonfinite_count`` [K] int64."""
 
     def __init__(self, num_exits: int, momentum: float = 0.9, eps: float = 1e-8, update_every: int = 100,
                  normalize: str = "max", gamma: float = 0.07, final_extra: float = 0.0, base=None):

@@ -97,7 +97,7 @@ def train_eann(spec: dict, config, out_dir: str | os.PathLike, *, num_members: i
             a member that was interrupted (from its ``last.pt``).
         data: preloaded :class:`~ann_kernels.train.DataSplits` (default: loaded from spec).
     """
-    from ann_kernels.train.runs import build_loss, build_trainer, load_data, run_dir_complete
+    from ann_kernels.train.runs import build_loss, build_trainer, load_data, run_dir_status
 
     out = Path(out_dir)
     data = data if data is not None else load_data(spec)
@@ -117,14 +117,15 @@ def train_eann(spec: dict, config, out_dir: str | os.PathLike, *, num_members: i
         exits = used_exits(loss, plan.members[j].num_exits)
         members.append({"dir": member_dir.name, "spec": member_spec, "exits": exits,
                         "weighting": member_spec["weighting"], "flops": info.member_flops[j]})
-        if resume and run_dir_complete(member_dir, config, member_spec):
+        status = run_dir_status(member_dir, config, member_spec) if resume else "missing"
+        if status == "complete":
             tqdm.write(f"[eann] member {j}: {member_dir}/last.pt is complete, not retrained")
             continue
         tqdm.write(f"[eann] member {j}/{num_members - 1}: {spec['model']} {info.scale}={info.values[j]} "
                    f"({info.member_flops[j] / 1e6:.3g} MFLOPs), weighting {member_spec['weighting']}, "
                    f"sequence uses exits {exits}")
         t0 = time.perf_counter()
-        trainer = build_trainer(member_spec, replace(config), member_dir, resume=resume, data=data,
+        trainer = build_trainer(member_spec, replace(config), member_dir, resume=status == "partial", data=data,
                                 label=f"member{j}")
         trainer.fit()
         train_seconds[j] = time.perf_counter() - t0

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ann_kernels.train.metrics import exit_table, read_jsonl
 from ann_kernels.train.plots import plot_anytime
-from ann_kernels.train.runs import build_trainer, load_data, make_spec, run_dir_complete
+from ann_kernels.train.runs import build_trainer, load_data, make_spec, run_dir_status
 from ann_kernels.train.trainer import TrainConfig
 
 
@@ -80,10 +80,13 @@ def run_comparison(
                              **spec_kwargs)
             run_dir = out / f"{weighting}-s{seed}"
             dirs[weighting, seed] = run_dir
-            if resume and run_dir_complete(run_dir, TrainConfig.from_dict(cfg), spec):
+            status = run_dir_status(run_dir, TrainConfig.from_dict(cfg), spec) if resume else "missing"
+            if status == "complete":
                 tqdm.write(f"[{weighting} s{seed}] already complete in {run_dir}, reusing it")
-            else:
-                todo.append((spec, cfg, str(run_dir), resume, f"{weighting} s{seed}"))
+                continue
+            if status == "different":
+                tqdm.write(f"[{weighting} s{seed}] {run_dir} was trained with other settings; retraining it")
+            todo.append((spec, cfg, str(run_dir), status == "partial", f"{weighting} s{seed}"))
     if jobs == 1 or len(todo) <= 1:
         data_cache: dict = {}
         for spec, cfg, run_dir, resume_run, label in todo:

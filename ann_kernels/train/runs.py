@@ -132,23 +132,33 @@ def _training_settings(config: dict) -> dict:
     return {k: v for k, v in TrainConfig.from_dict(config).__dict__.items() if k not in _NON_TRAINING_FIELDS}
 
 
-def run_dir_complete(out_dir: str | os.PathLike, config: TrainConfig, spec: dict | None = None) -> bool:
-    """True iff ``out_dir/last.pt`` exists, finished ``config.epochs`` epochs and was trained
-    with the same settings: every ``TrainConfig`` field that affects training (all but
+def run_dir_status(out_dir: str | os.PathLike, config: TrainConfig, spec: dict | None = None) -> str:
+    """What ``out_dir/last.pt`` holds for a run of ``config`` (and ``spec``): ``"missing"``;
+    ``"complete"`` (``config.epochs`` epochs with the same settings); ``"partial"`` (the same
+    settings, fewer epochs: resumable); ``"different"`` (other settings: retrain it).
+
+    "The same settings": every ``TrainConfig`` field that affects training (all but
     progress / logging / evaluation batch size / workers) and, when ``spec`` is given, the
-    same run spec (dataset, model, weighting and their options, seed, ...). A run with the
-    same epoch count but another learning rate, weighting option or model is *not* reused."""
+    same run spec (dataset, model, weighting and their options, seed, ...)."""
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config: expected a TrainConfig (the epoch count alone cannot tell whether a run "
                         f"can be reused), got {type(config).__name__}")
     path = Path(out_dir) / "last.pt"
     if not path.is_file():
-        return False
+        return "missing"
     ckpt = load_checkpoint_file(path)
-    if ckpt["epoch"] != config.epochs or _training_settings(ckpt["config"]) != _training_settings(config.__dict__):
-        return False
+    if _training_settings(ckpt["config"]) != _training_settings(config.__dict__):
+        return "different"
     if spec is not None:
         saved = {k: v for k, v in (ckpt.get("spec") or {}).items() if k not in _DERIVED_SPEC_KEYS}
         if saved != {k: v for k, v in spec.items() if k not in _DERIVED_SPEC_KEYS}:
-            return False
-    return True
+            return "different"
+    return "complete" if ckpt["epoch"] == config.epochs else "partial" if ckpt["epoch"] < config.epochs \
+        else "different"
+
+
+def run_dir_complete(out_dir: str | os.PathLike, config: TrainConfig, spec: dict | None = None) -> bool:
+    """True iff ``out_dir/last.pt`` finished ``config.epochs`` epochs with the same settings
+    (:func:`run_dir_status`): a run with the same epoch count but another learning rate,
+    weighting option or model is *not* reused."""
+    return run_dir_status(out_dir, config, spec) == "complete"
