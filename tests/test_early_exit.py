@@ -266,7 +266,8 @@ def test_nonfinite_rows_never_exit_before_the_last_exit(criterion, num_classes, 
     assert (exits == 2).all() and torch.equal(conf.isnan(), bad) and torch.equal(pred, logits.argmax(-1))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(
     c=st.integers(1, 40),
     criterion=st.sampled_from(list(CRITERIA)),
@@ -274,12 +275,12 @@ def test_nonfinite_rows_never_exit_before_the_last_exit(criterion, num_classes, 
     scale=st.sampled_from([1e-3, 1.0, 30.0, 1e4, 3e38]),
     special=st.lists(st.sampled_from([INF, -INF, NAN, 3e38, -3e38]), max_size=4),
 )
-def test_fuzz_confidence_in_unit_interval_or_nan(c, criterion, seed, scale, special):
+def test_fuzz_confidence_in_unit_interval_or_nan(c, criterion, seed, scale, special, device):
     gen = torch.Generator().manual_seed(seed)
     logits = (scale * torch.randn(8, c, generator=gen)).clamp(-3e38, 3e38)
     for j, value in enumerate(special):
         logits[j % 8, (7 * j) % c] = value
-    conf, pred = confidences(logits, criterion, "cpu")
+    conf, pred = confidences(logits, criterion, device)
     ref_conf, ref_pred = exit_confidence_reference(logits, criterion)
     assert torch.equal(conf.isnan(), ref_conf.isnan())
     assert ((conf >= 0) & (conf <= 1) | conf.isnan()).all(), conf
@@ -421,7 +422,8 @@ def test_direct_binding_equals_torch_ops(device):
         assert torch.equal(x, y)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(
     m=st.integers(1, 40),
     c=st.integers(1, 40),
@@ -431,7 +433,6 @@ def test_direct_binding_equals_torch_ops(device):
     count=st.integers(0, 45),
     seed=st.integers(0, 2**16),
     scale=st.sampled_from([0.1, 1.0, 5.0]),
-    device=st.sampled_from(["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]),
 )
 def test_fuzz_against_reference(m, c, criterion, quantile, use_quota, count, seed, scale, device):
     logits = make_logits(m, c, seed=seed, scale=scale)
