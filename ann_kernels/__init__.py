@@ -15,10 +15,18 @@ from ann_kernels.ops.multi_exit_ce import (
     multi_exit_cross_entropy,
     multi_exit_cross_entropy_reference,
 )
+from ann_kernels.ops.multi_exit_linear_ce import (
+    multi_exit_linear_cross_entropy,
+    multi_exit_linear_cross_entropy_reference,
+)
+from ann_kernels.losses.linear_loss import AnytimeLinearLoss
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnytimeLinearLoss",
+    "multi_exit_linear_cross_entropy",
+    "multi_exit_linear_cross_entropy_reference",
     "AdaLoss",
     "AnytimeLoss",
     "EarlyExitEngine",

@@ -3,8 +3,9 @@
 For each run (``OUT/<weighting>-s<seed>/last.pt``) and each mean-FLOP budget: MSDNet
 thresholds calibrated on the validation split (held out of training), then accuracy and
 mean FLOPs on the test split with those thresholds. Writes ``OUT/budgeted.json``,
-``OUT/budgeted.md`` (mean ± std over seeds) and ``OUT/budgeted.png`` (test accuracy vs
-test mean FLOPs, one line per weighting, ±std band).
+``OUT/budgeted.md`` (mean ± std over seeds, with each scheme's training time per run) and
+``OUT/budgeted.png`` (test accuracy vs test mean FLOPs, one line per weighting, ±std band).
+FLOPs are FLOPs (2 x multiply-accumulates), as ``MultiExitNetwork.exit_flops`` counts them.
 
     python scripts/budgeted_comparison.py runs/l2w --budgets 0.3 0.5 0.8 1.0
 
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 from ann_kernels.inference.calibration import simulate_thresholds
 from ann_kernels.inference.commands import resolve_budget
 from ann_kernels.inference.engine import EarlyExitEngine
+from ann_kernels.train.metrics import read_jsonl
 from ann_kernels.train.runs import load_data, load_trained
 
 
@@ -46,8 +48,9 @@ def evaluate_run(checkpoint: Path, budgets: list[float], data_cache: dict) -> di
         acc, cost, counts = simulate_thresholds(test.confidence, test.correct, flops, plan.thresholds)
         rows.append({"budget_rel": budget / full, "val_acc": plan.accuracy, "test_acc": float(acc),
                      "test_flops": float(cost), "test_rel": float(cost) / full, "exit_counts": counts.tolist()})
+    history = read_jsonl(checkpoint.parent / "metrics.jsonl") if (checkpoint.parent / "metrics.jsonl").is_file() else []
     return {"exit_flops": flops.tolist(), "exit_test_acc": test.correct.double().mean(dim=1).tolist(),
-            "budgets": rows}
+            "budgets": rows, "train_time_s": sum(float(r.get("train_time_s", 0.0)) for r in history)}
 
 
 def _ms(values: list[float]) -> str:
@@ -85,6 +88,8 @@ def main(argv=None) -> int:
         f"{_ms([statistics.fmean(r['exit_test_acc']) for r in results[w].values()])} "
         f"({_ms([r['exit_test_acc'][0] for r in results[w].values()])} / "
         f"{_ms([r['exit_test_acc'][-1] for r in results[w].values()])})" for w in weightings) + " |")
+    lines.append("| training time per run, s (1 thread) | " + " | ".join(
+        f"{statistics.fmean(r.get('train_time_s', 0.0) for r in results[w].values()):.0f}" for w in weightings) + " |")
     table = "\n".join(lines)
     (args.out / "budgeted.md").write_text(table + "\n")
     print(f"full network: {full / 1e6:.3f} MFLOPs per image; {len(next(iter(results.values())))} seeds")
@@ -103,7 +108,7 @@ def main(argv=None) -> int:
         line, = ax.plot(x, y.mean(0), "o-", label=w)
         if y.shape[0] > 1:
             ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), color=line.get_color(), alpha=0.15)
-    ax.set_xlabel("mean MFLOPs per test image")
+    ax.set_xlabel("mean MFLOPs per test image (FLOPs = 2 x MACs)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Budgeted early exit (thresholds from the validation split)")
     ax.grid(alpha=0.3)

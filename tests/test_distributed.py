@@ -20,7 +20,7 @@ def _worker(rank: int, world_size: int, out_path: str) -> None:
     # Different initial parameters per rank: DDP must broadcast rank 0's.
     seed_everything(rank)
     model = mlp_ann(in_features=784, hidden=16, num_exits=3)
-    loss = AnytimeLoss(3, weighting="adaloss")
+    loss = AnytimeLoss(3, weighting="adaloss", update_every=2)  # an update within the 4 steps (default 100)
     trainer = Trainer(model, loss, data.train, val_set=data.val, config=TrainConfig(
         epochs=1, batch_size=40, seed=0, progress=False, lr=0.05))
     assert trainer.distributed and trainer.world_size == world_size

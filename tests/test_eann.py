@@ -31,8 +31,9 @@ def _mlp_eann(num_members=3, hidden=16, exits=None, seed=0, in_features=32):
 
 
 def _flop_counter_cost(member: MultiExitNetwork, x: torch.Tensor) -> float:
-    """Oracle: per-sample FLOPs of member's last exit (all stages + the last head), counted by
-    ``FlopCounterMode`` around the forward path itself, on a batch of len(x) samples."""
+    """Oracle: per-sample FLOPs of member's last exit (all stages + every head on the way, as
+    an anytime run pays), counted by ``FlopCounterMode`` around the forward path itself, on a
+    batch of len(x) samples."""
     from torch.utils.flop_counter import FlopCounterMode
 
     member.eval()
@@ -41,7 +42,7 @@ def _flop_counter_cost(member: MultiExitNetwork, x: torch.Tensor) -> float:
         h = x
         for k in range(member.num_exits):
             h = member.forward_stage(k, h)
-        member.forward_head(member.num_exits - 1, h)
+            member.forward_head(k, h)
     return counter.get_total_flops() / x.shape[0]
 
 
@@ -111,9 +112,12 @@ def test_builder_bad_input():
         eann(mlp_ann, 2, 2.0, example_input=x, scale="no_such_arg", in_features=16)
     with pytest.raises(ValueError, match="start"):
         eann(mlp_ann, 2, 2.0, example_input=x, scale="hidden", start=0, in_features=16)
-    # num_classes does not change the cost enough: a clear error, not an endless search.
+    # a keyword that does not change the cost: a clear error, not an endless search.
+    def padded_mlp(pad: int = 1, **kwargs):
+        return mlp_ann(**kwargs)
+
     with pytest.raises(ValueError, match="scale"):
-        eann(mlp_ann, 2, 2.0, example_input=x, scale="num_classes", in_features=16, num_classes=2)
+        eann(padded_mlp, 2, 2.0, example_input=x, scale="pad", in_features=16, num_classes=2)
     with pytest.raises(TypeError, match="builder"):
         eann("mlp_ann", 2, 2.0, example_input=x)
 
@@ -180,7 +184,10 @@ def test_anytime_budget_returns_latest_finished_exit():
         assert torch.equal(result.prediction, logits[g].argmax(dim=1))
         assert result.sequence_flops == costs[g]
         j, k = model.exit_map[g]
-        assert result.executed_flops == pytest.approx(float(model.members[j].exit_flops(x)[k]))
+        # the budgeted call runs straight to exit g: member j's stages 0..k and head k only
+        member = model.members[j]
+        assert result.executed_flops == pytest.approx(float(member.stage_flops(x)[:k + 1].sum()
+                                                            + member.head_flops(x)[k]))
     with pytest.raises(ValueError, match="budget.*below the cheapest"):
         model.anytime_predict(x, budget=costs[0] * 0.5)
     with pytest.raises(ValueError, match="budget"):

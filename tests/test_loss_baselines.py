@@ -46,26 +46,37 @@ def test_trainer_feeds_the_epoch_to_sdn():
 
 # --- IMTA knowledge distillation ----------------------------------------------------------
 
-@pytest.mark.parametrize("ignore_frac,temperature,alpha", [(0.0, 3.0, 0.5), (0.3, 1.5, 0.8)])
-def test_imta_kd_matches_reference(ignore_frac, temperature, alpha):
+def test_imta_kd_defaults_are_run_imta_sh():
+    kd = IMTADistillation(3)
+    assert (kd.temperature, kd.alpha, kd.reduction) == (1.0, 0.1, "mean")
+
+
+@pytest.mark.parametrize("ignore_frac,temperature,alpha,reduction",
+                         [(0.0, 3.0, 0.5, "batchmean"), (0.3, 1.5, 0.8, "batchmean"), (0.0, 1.0, 0.1, "mean"),
+                          (0.3, 3.0, 0.9, "mean")])
+def test_imta_kd_matches_reference(ignore_frac, temperature, alpha, reduction):
     k, n, c = 4, 11, 6
     heads = make_logits(k, n, c)
     target = make_target(n, c, ignore_frac=ignore_frac)
     base = torch.tensor([0.5, 1.0, 1.5, 2.0])
-    loss = AnytimeLoss(k, weighting="imta_kd", temperature=temperature, alpha=alpha, base=base)(heads, target)
+    loss = AnytimeLoss(k, weighting="imta_kd", temperature=temperature, alpha=alpha, base=base,
+                       reduction=reduction)(heads, target)
     ref_heads = [z.detach().clone().requires_grad_(True) for z in heads]
     valid = target != -100
     teacher = F.softmax(ref_heads[-1].detach() / temperature, dim=-1)
     ref = base[-1] * F.cross_entropy(ref_heads[-1], target)
+    # IMTA's KDLoss: nn.KLDivLoss() (default reduction "mean": over N x C elements, 1/C of batchmean)
+    kl_fn = torch.nn.KLDivLoss() if reduction == "mean" else torch.nn.KLDivLoss(reduction="batchmean")
     for j in range(k - 1):
-        kl = F.kl_div(F.log_softmax(ref_heads[j][valid] / temperature, -1), teacher[valid], reduction="batchmean")
+        kl = kl_fn(F.log_softmax(ref_heads[j][valid] / temperature, -1), teacher[valid])
         ref = ref + base[j] * ((1 - alpha) * F.cross_entropy(ref_heads[j], target)
                                + alpha * temperature ** 2 * kl)
     assert max_abs_err(loss, ref) < 1e-5
     for a, b in zip(torch.autograd.grad(loss, heads), torch.autograd.grad(ref, ref_heads)):
         assert max_abs_err(a, b) < 1e-5
     # The teacher is detached: the last exit's gradient is its own CE's only.
-    fresh = AnytimeLoss(k, weighting="imta_kd", temperature=temperature, alpha=alpha, base=base)(heads, target)
+    fresh = AnytimeLoss(k, weighting="imta_kd", temperature=temperature, alpha=alpha, base=base,
+                        reduction=reduction)(heads, target)
     only_ce = torch.autograd.grad(base[-1] * F.cross_entropy(ref_heads[-1], target), ref_heads[-1])[0]
     assert max_abs_err(torch.autograd.grad(fresh, heads[-1])[0], only_ce) < 1e-5
 
@@ -135,6 +146,7 @@ def test_cli_trains_the_baselines(tmp_path):
     (lambda: SDNSchedule(3, start=2), r"start: expected a weight in \[0, 1\], got 2"),
     (lambda: IMTADistillation(3, temperature=0), r"temperature: expected a positive number, got 0"),
     (lambda: IMTADistillation(3, alpha=1.5), r"alpha: expected a value in \[0, 1\], got 1.5"),
+    (lambda: IMTADistillation(3, reduction="sum"), r"reduction: expected one of \('mean', 'batchmean'\), got 'sum'"),
     (lambda: AnytimeLoss(3, weighting="imta_kd", tau=2), r"weighting 'imta_kd': .*tau"),
 ])
 def test_bad_options_raise_clearly(make, match):

@@ -31,15 +31,22 @@ def test_static_vectors_k8_exact():
     lin = torch.tensor([0.25 + 0.75 * i / 7 for i in range(8)], dtype=torch.float64)
     torch.testing.assert_close(linear_weights(k), (lin * 3 / lin.sum()).float())
     assert linear_weights(k).sum().item() == pytest.approx(math.log2(8), rel=1e-6)
-    # SIEVE: strides 1, 2, 4 mark [1,2,1,3,1,2,1,3]; w_K = 11; scaled to sum log2 9.
+    # SIEVE: strides 1, 2, 4 mark [1,2,1,3,1,2,1,3]; w_K = 11; default: scaled so w_K = 1
+    # (the original's default --normalize_weights last: sum 2); "log": sum log2 9.
     raw = torch.tensor([1, 2, 1, 3, 1, 2, 1, 11], dtype=torch.float64)
     sieve = sieve_weights(k)
-    torch.testing.assert_close(sieve, (raw * math.log2(9) / raw.sum()).float())
-    torch.testing.assert_close(sieve / sieve[-1], torch.tensor([.0909, .1818, .0909, .2727, .0909, .1818, .0909, 1.]),
+    torch.testing.assert_close(sieve, (raw / 11).float())
+    assert sieve[-1].item() == 1.0 and sieve.sum().item() == pytest.approx(2.0, rel=1e-6)
+    torch.testing.assert_close(sieve, torch.tensor([.0909, .1818, .0909, .2727, .0909, .1818, .0909, 1.]),
                                atol=1e-4, rtol=0)
+    log_sieve = sieve_weights(k, normalize="log")
+    torch.testing.assert_close(log_sieve, (raw * math.log2(9) / raw.sum()).float())
+    # EANN-SIEVE: the original's eann_sieve skips the normalisation step (log2(K+1) scale).
     es = eann_sieve_weights(k)
     assert es[:4].tolist() == [0, 0, 0, 0]
-    torch.testing.assert_close(es[4:], sieve[4:])
+    torch.testing.assert_close(es[4:], log_sieve[4:])
+    with pytest.raises(ValueError, match="normalize"):
+        sieve_weights(k, normalize="sum")
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 5, 8, 13])
@@ -50,7 +57,8 @@ def test_static_vectors_every_k(k):
         assert w[-1] > 0  # the final exit is always trained
     if k > 1:
         assert linear_weights(k).sum().item() == pytest.approx(math.log2(k), rel=1e-6)
-        assert sieve_weights(k).sum().item() == pytest.approx(math.log2(k + 1), rel=1e-6)
+        assert sieve_weights(k, normalize="log").sum().item() == pytest.approx(math.log2(k + 1), rel=1e-6)
+        assert sieve_weights(k)[-1].item() == 1.0 and sieve_weights(k).sum().item() == pytest.approx(2.0, rel=1e-6)
         s = sieve_weights(k)
         assert s[-1].item() == pytest.approx(s[:-1].sum().item(), rel=1e-6)
     else:
@@ -65,10 +73,13 @@ def adaloss_expected(ema, base, eps=1e-8):
     return w * base.sum() / w.sum()
 
 
-def test_adaloss_state_step_by_step():
+LEGACY = dict(update_every=1, normalize="sum", gamma=0.0)  # our earlier defaults (momentum 0.99)
+
+
+def test_adaloss_legacy_options_step_by_step():
     torch.manual_seed(0)
     k, n, c, m = 4, 33, 7, 0.9
-    crit = AnytimeLoss(k, "adaloss", momentum=m)
+    crit = AnytimeLoss(k, "adaloss", momentum=m, **LEGACY)
     ada = crit.weighting
     assert torch.isnan(ada.ema).all()
     ema = None
@@ -94,7 +105,7 @@ def test_adaloss_state_step_by_step():
 
 def test_adaloss_gradient_is_weighted_sum():
     k, n, c = 3, 17, 10
-    crit = AnytimeLoss(k, "adaloss")
+    crit = AnytimeLoss(k, "adaloss", update_every=1)
     crit(make_logits(k, n, c, seed=5), make_target(n, c))  # sets the state
     heads = make_logits(k, n, c, seed=6)
     target = make_target(n, c, seed=2)
@@ -112,16 +123,24 @@ def test_adaloss_gradient_is_weighted_sum():
 def test_adaloss_options():
     ema = torch.tensor([2.0, 1.0, 0.5, 0.25])
     base = torch.tensor([1.0, 1.0, 2.0, 4.0])
-    a = AdaLoss(4, base=base)
+    a = AdaLoss(4, base=base, **LEGACY)
     a.ema.copy_(ema)
     torch.testing.assert_close(a.weights_from_state(), adaloss_expected(ema, base))
-    mx = AdaLoss(4, normalize="max", final_extra=0.5, gamma=0.25)
-    mx.ema.copy_(ema)
-    raw = 1 / (ema + 1e-8)
-    w = raw / raw.max()
+    sm = AdaLoss(4, normalize="sum", final_extra=0.5, gamma=0.25)
+    sm.ema.copy_(ema)
+    w = adaloss_expected(ema, torch.ones(4))
     w[-1] += 0.5
     w = 0.75 * w + 0.25
-    torch.testing.assert_close(mx.weights_from_state(), w / w.max())
+    torch.testing.assert_close(sm.weights_from_state(), w * 4 / w.sum())
+    # the default (the original's order): 1/ema + eps, max-normalise, final_extra, max-normalise,
+    # then mix with gamma and do NOT renormalise
+    mx = AdaLoss(4, final_extra=0.5, gamma=0.25)
+    mx.ema.copy_(ema)
+    raw = 1 / ema + 1e-8
+    w = raw / raw.max()
+    w[-1] += 0.5
+    w = w / w.max()
+    torch.testing.assert_close(mx.weights_from_state(), 0.75 * w + 0.25)
     # update_every=3: weights recomputed at steps 0, 3, 6, ...; held in between
     crit = AnytimeLoss(2, "adaloss", update_every=3, momentum=0.5)
     seen = []
@@ -134,7 +153,7 @@ def test_adaloss_options():
 
 
 def test_adaloss_nonfinite_loss_is_counted_not_stored():
-    crit = AnytimeLoss(2, "adaloss")
+    crit = AnytimeLoss(2, "adaloss", update_every=1)
     heads = make_logits(2, 4, 3)
     target = make_target(4, 3)
     crit(heads, target)
@@ -145,11 +164,13 @@ def test_adaloss_nonfinite_loss_is_counted_not_stored():
     assert crit.weighting.ema[1] == ema_before[1] and crit.weighting.ema[0] != ema_before[0]
 
 
-def test_adaloss_all_ignored_rows_give_zero_not_nan():
-    crit = AnytimeLoss(3, "adaloss")
+@pytest.mark.parametrize("normalize", ["max", "sum"])
+def test_adaloss_all_ignored_rows_give_zero_not_nan(normalize):
+    crit = AnytimeLoss(3, "adaloss", update_every=1, normalize=normalize)
     target = torch.full((5,), -100)
-    loss = crit(make_logits(3, 5, 4), target)
-    assert loss.item() == 0.0 and torch.isfinite(crit.weights).all()
+    for _ in range(2):  # the second step computes weights from ema = [0, 0, 0]
+        loss = crit(make_logits(3, 5, 4), target)
+        assert loss.item() == 0.0 and torch.isfinite(crit.weights).all()
 
 
 # --- 3. oscillating and the module ---------------------------------------------------------
@@ -159,11 +180,14 @@ def test_oscillating_draws_one_exit_per_step():
     osc = Oscillating(5, base="linear")
     base = linear_weights(5)
     counts = torch.zeros(5)
-    for _ in range(400):
+    for step in range(400):
         w = osc.weights_for_step()
+        osc.after_step(None)
         extra = w - base
         assert (extra > 0).sum() == 1
         torch.testing.assert_close(extra.max(), base.sum() / 2)
+        if step == 0:  # the original's first selection is the last exit (init_select_idx)
+            assert extra.argmax().item() == 4
         counts[extra.argmax()] += 1
     # frequencies follow base / sum(base) (the last exit is 4x the first at 1.0 vs 0.25)
     assert counts[-1] > 2.5 * counts[0]

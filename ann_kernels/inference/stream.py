@@ -3,8 +3,17 @@
 Early exit shrinks a batch stage by stage, so on a stream of batches the late stages would
 run at tiny batch sizes (poor utilisation, per-call overhead). Here every stage k has a FIFO
 queue of (hidden state, buffer positions); stage k runs only when its queue holds
-``batch_size`` samples, on exactly that many, and its survivors join queue k+1. When the
-input ends, the queues are flushed in stage order (partial batches).
+``batch_size`` samples, on exactly that many, and its survivors join queue k+1. With
+``max_wait_s``, a stage also runs (on what it has) once its oldest queued row has waited
+that long, checked whenever the stream gets control (each new input batch), or at once when
+no row is queued before it (nothing could join it before the next input), so on a slow or
+endless stream no row waits for a full batch forever. When the input ends, the queues are
+flushed in stage order (partial batches).
+
+One consumer: ``stream()`` is a generator driven by the thread that iterates it, fed by one
+input iterable. For many producer threads (request handlers), use
+:class:`~ann_kernels.inference.server.EarlyExitServer`, which has the same per-stage queues
+behind a thread-safe ``submit``.
 
 Results are written by the exit op straight into stream-wide output buffers (grown by
 doubling, and shifted down once finished batches are handed out); a batch's results are
@@ -57,11 +66,12 @@ class StageQueues:
     """One stream run: ``StageQueues(engine, plan, batch_size).run(batches)`` yields an
     :class:`~ann_kernels.inference.engine.EarlyExitResult` per input batch, in order."""
 
-    def __init__(self, engine, plan, batch_size: int | None) -> None:
-        self.engine, self.plan, self.batch_size = engine, plan, batch_size
+    def __init__(self, engine, plan, batch_size: int | None, max_wait_s: float | None = None) -> None:
+        self.engine, self.plan, self.batch_size, self.max_wait_s = engine, plan, batch_size, max_wait_s
         num_exits = engine.num_exits
         # Queue items: (hidden, positions [n] int64, number of the earliest input batch the rows may
-        # come from). The tags only grow along a queue, so completion needs no tensor reads.
+        # come from, perf_counter() when they joined the queue). The tags only grow along a
+        # queue, so completion needs no tensor reads.
         self.queues: list[deque] = [deque() for _ in range(num_exits)]
         self.queued = [0] * num_exits
         self.pending: deque[_PendingBatch] = deque()
@@ -99,15 +109,24 @@ class StageQueues:
         positions = torch.arange(
             self.next_start - self.base, self.next_start - self.base + n, device=self.device
         )
-        self.queues[0].append((x, positions, number))
+        self.queues[0].append((x, positions, number, time.perf_counter()))
         self.queued[0] += n
         self.pending.append(_PendingBatch(number, self.next_start, self.next_start + n, time.perf_counter()))
         self.next_start += n
 
     def _run_stages(self, flush: bool) -> None:
         for k in range(self.engine.num_exits):
-            while self.queued[k] >= self.batch_size or (flush and self.queued[k] > 0):
+            while self.queued[k] >= self.batch_size or (self.queued[k] > 0 and (flush or self._overdue(k))):
                 self._run_stage(k, min(self.batch_size, self.queued[k]))
+
+    def _overdue(self, k: int) -> bool:
+        """With ``max_wait_s``: stage k's oldest queued row has waited that long, or no row is
+        queued before stage k (none could join it before the next input batch)."""
+        if self.max_wait_s is None:
+            return False
+        if not any(self.queued[:k]):
+            return True
+        return time.perf_counter() - self.queues[k][0][3] >= self.max_wait_s
 
     # ------------------------------------------------------------------ one stage run
     def _take(self, k: int, rows: int):
@@ -115,12 +134,12 @@ class StageQueues:
         queue, hidden_pieces, position_pieces, taken = self.queues[k], [], [], 0
         tag = queue[0][2]
         while taken < rows:
-            hidden, positions, piece_tag = queue.popleft()
+            hidden, positions, piece_tag, joined = queue.popleft()
             n = positions.shape[0]
             if taken + n > rows:
                 want = rows - taken
                 hidden, rest = _split(hidden, want)
-                queue.appendleft((rest, positions[want:], piece_tag))
+                queue.appendleft((rest, positions[want:], piece_tag, joined))
                 positions, n = positions[:want], want
             hidden_pieces.append(hidden)
             position_pieces.append(positions)
@@ -156,9 +175,11 @@ class StageQueues:
                 gathered = [gathered, *rest] if isinstance(hidden, list) else (gathered, *rest)
             survivor_hidden = gathered
         if survivors.shape[0]:
-            self.queues[k + 1].append((survivor_hidden, survivors, tag))
+            self.queues[k + 1].append((survivor_hidden, survivors, tag, time.perf_counter()))
             self.queued[k + 1] += survivors.shape[0]
-        self._attribute(k, rows, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        self._attribute(k, rows, seconds)
+        self.engine.stage_times.record(k, rows, seconds, threshold != math.inf)
 
     def _attribute(self, k: int, rows: int, seconds: float) -> None:
         self.stage_seconds[k] += seconds
@@ -244,6 +265,6 @@ class StageQueues:
             new[:live] = old[shift : shift + live]
             setattr(self, name, new)
         for queue in self.queues:
-            for _, positions, _ in queue:
+            for _, positions, _, _ in queue:
                 positions.sub_(shift)
         self.base = first_live

@@ -1,16 +1,37 @@
 """AdaLoss (Hu, Dey, Hebert, Bagnell, AAAI 2019): exit weights inversely proportional to
 each exit loss's running average, i.e. SGD on sum_k B_k log E[l_k].
 
-Per step (``shared/DESIGN.md``; no host synchronisation anywhere):
-  1. while any running average is unset (NaN, the initial state): w = B (the base weights);
-  2. otherwise r_k = B_k / (ema_k + eps), scaled to the target norm (``normalize="sum"``:
-     sum r = sum B; ``"max"``: max r = max B);
-  3. r_K += final_extra, r <- (1 - gamma) r + gamma, and the target norm again (both
-     options are the original code's and are no-ops at their defaults 0);
-  4. weights are recomputed only every ``update_every`` steps (held in between);
-  5. the fused op then updates ema in place: ema <- L on first sight of a finite L_k,
-     else m ema + (1-m) L_k; a non-finite L_k leaves ema_k alone and is counted in
-     ``nonfinite_count``.
+Defaults are the original code's (EchoWho/AnytimeNeuralNetwork_public, newest snapshot):
+``anytime_models/models/online_learn.py``, ``AdaptiveLossWeight._after_run``, with the
+parser defaults of ``anytime_models/models/anytime_network.py``,
+``parser_add_common_arguments`` (``--adaloss_momentum 0.9``, ``--adaloss_update_per 100``,
+``--adaloss_gamma 0.07``, ``--adaloss_final_extra 0.0``) and the initial weight variable of
+``AnytimeNetwork._get_select_idx`` (all ones). Per step t = 1, 2, ... (no host sync):
+
+  1. step t trains with the current weights: all ones (B) until the first update;
+  2. then the fused op updates the running averages in place: ema <- L_1 at the first step,
+     else ema <- m ema + (1 - m) L_t (m = ``momentum`` = 0.9);
+  3. after every ``update_every`` (= 100) steps, i.e. before steps 101, 201, ..., the weights
+     are recomputed from ema (which includes step t's losses)::
+
+        w = B / ema + eps            (original: 1 / avg_losses + 1e-8; B = 1 by default)
+        w = w / max(w) * max(B)      (original: w /= max(w))
+        w[K] += final_extra          (default 0.0)
+        w = w / max(w) * max(B)
+        w = (1 - gamma) w + gamma    (gamma = 0.07), NOT renormalised afterwards
+
+     and held until the next update.
+
+Options keep the earlier behaviour available: ``normalize="sum"`` computes
+w = B / (ema + eps) scaled so sum w = sum B, then (only if ``final_extra`` or ``gamma``)
+w_K += final_extra, w <- (1 - gamma) w + gamma and the sum scaling again; our earlier
+defaults were ``AdaLoss(K, momentum=0.99, update_every=1, normalize="sum", gamma=0.0)``.
+
+Deviations from the original, all for robustness: a non-finite L_k never enters ema (it is
+counted in ``nonfinite_count``; the original would store the NaN); in ``normalize="max"``
+ema is clamped to >= 1e-30 before the division (the original divides by zero when a loss is
+exactly 0, e.g. a batch of ignored rows); ``base`` weights B are an extension (the original
+has none: B = 1). The weights never carry gradient.
 """
 
 from __future__ import annotations
@@ -18,7 +39,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ann_kernels.losses.schemes import Weighting, _base_vector, register_weighting
+from ann_kernels.losses.schemes import Weighting, _base_vector, register_weighting, sieve_weights
 from ann_kernels.ops.multi_exit_ce import ExitLoss
 
 __all__ = ["AdaLoss", "NORMALIZE"]
@@ -27,12 +48,12 @@ NORMALIZE = ("sum", "max")
 
 
 class AdaLoss(Weighting):
-    """Adaptive exit weights. Buffers (all round-trip through ``state_dict``):
+    """Adaptive exit weights (module docstring; defaults = the original code's). Buffers (all round-trip through ``state_dict``):
     ``ema`` [K] float32 (NaN = unset), ``base`` [K], ``current`` [K] (the weights of the
     latest step), ``steps`` [] int64, ``nonfinite_count`` [K] int64."""
 
-    def __init__(self, num_exits: int, momentum: float = 0.99, eps: float = 1e-8, update_every: int = 1,
-                 normalize: str = "sum", gamma: float = 0.0, final_extra: float = 0.0, base=None):
+    def __init__(self, num_exits: int, momentum: float = 0.9, eps: float = 1e-8, update_every: int = 100,
+                 normalize: str = "max", gamma: float = 0.07, final_extra: float = 0.0, base=None):
         super().__init__(num_exits)
         if not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum: expected a value in [0, 1), got {momentum!r}")
@@ -61,22 +82,39 @@ class AdaLoss(Weighting):
         return w * (self.base.max() / w.max())
 
     def weights_from_state(self, ema: torch.Tensor | None = None) -> torch.Tensor:
-        """Steps 1-3 for a given running-average vector (default: the module's own)."""
+        """The weights step 3 computes from a running-average vector (default: the module's
+        own); B while any entry is unset."""
         ema = self.ema if ema is None else ema
-        w = self._norm(self.base / (ema + self.eps))  # 2.
-        if self.final_extra or self.gamma:  # 3.
-            w = w.clone()
-            w[-1] += self.final_extra
-            w = self._norm((1.0 - self.gamma) * w + self.gamma)
-        return torch.where(torch.isnan(ema).any(), self.base, w)  # 1.
+        if self.normalize == "max":  # the original's order (module docstring, step 3)
+            w = self._norm(self.base / ema.clamp_min(1e-30) + self.eps)
+            if self.final_extra:
+                w = w.clone()
+                w[-1] += self.final_extra
+            w = (1.0 - self.gamma) * self._norm(w) + self.gamma
+        else:
+            w = self._norm(self.base / (ema + self.eps))
+            if self.final_extra or self.gamma:
+                w = w.clone()
+                w[-1] += self.final_extra
+                w = self._norm((1.0 - self.gamma) * w + self.gamma)
+        return torch.where(torch.isnan(ema).any(), self.base, w)
 
     def weights_for_step(self) -> torch.Tensor:
+        # ``steps`` counts finished steps: the weights change before steps 0, E, 2E, ...
+        # (0-based; E = update_every), i.e. after the original's cnt % update_per == 0.
+        # At step 0 ema is unset, so that step trains with B.
         if self.update_every == 1:
             w = self.weights_from_state()
-        else:  # 4.
+        else:
             w = torch.where(self.steps % self.update_every == 0, self.weights_from_state(), self.current)
         self.current.copy_(w)
         return self.current.clone()
+
+    def decay_weights(self) -> torch.Tensor:
+        """The original's static weights for AdaLoss runs (``AnytimeNetwork.__init__`` sets
+        ``func_type = FUNC_TYPE_ANN`` for ``samloss = 100``): SIEVE with w_K = 1; they scale
+        the FC weight decay (``TrainConfig(weight_decay_mode="reference")``)."""
+        return sieve_weights(self.num_exits)
 
     def ema_state(self) -> torch.Tensor:
         return self.ema

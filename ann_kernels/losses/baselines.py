@@ -6,12 +6,20 @@
   k < K. Default caps: the exit's relative depth (k+1)/K (SDN's 0.15 ... 0.9 for ICs at
   15% ... 90% of the network).
 - IMTA one-for-all knowledge distillation [``imta_kd``] (Li et al., "Improved Techniques for
-  Training Adaptive Deep Networks", ICCV 2019): for every exit k < K,
-      loss_k = (1 - alpha) CE(z_k, y) + alpha T^2 KL(softmax(z_K / T).detach() || softmax(z_k / T)),
+  Training Adaptive Deep Networks", ICCV 2019; kalviny/IMTA ``utils.py`` ``KDLoss.loss_fn_kd``):
+  for every exit k < K,
+      loss_k = (1 - alpha) CE(z_k, y) + alpha T^2 KLDivLoss(log_softmax(z_k / T), softmax(z_K / T).detach())
   the last exit keeps plain CE; the total is sum_k B_k loss_k (B: base weights, CONST by
-  default). The CE parts go through the fused op (one pass); the KL term needs the soft
-  predictions at temperature T, which the fused op does not produce, so it is a second,
-  pure-torch pass (rows equal to ``ignore_index`` are excluded; mean over the others).
+  default). ``nn.KLDivLoss()``'s default ``reduction="mean"`` averages over all N x C
+  elements, i.e. 1/C of the per-sample KL divergence (``reduction="batchmean"``: per sample,
+  our earlier behaviour). Defaults T = 1, alpha (IMTA's ``--gamma``) = 0.1 are
+  ``run_IMTA.sh``'s (``-T 1.0 --gamma 0.1``; ``args.py``'s parser defaults are 3 and 0.9).
+  Deviation: IMTA fine-tunes the classifiers of a GE-pretrained, frozen MSDNet and takes the
+  teacher from that backbone's final exit; here the whole network trains jointly and the
+  teacher is the current final exit (detached). The CE parts go through the fused op (one
+  pass); the KL term needs the soft predictions at temperature T, which the fused op does
+  not produce, so it is a second, pure-torch pass (rows equal to ``ignore_index`` are
+  excluded; the mean runs over the others).
 - Gradient equilibrium [``ge``] (the same paper): CONST (or ``base``) exit weights, with the
   Trainer installing :func:`ann_kernels.nn.enable_gradient_equilibrium` on the model. Any
   other scheme can use GE too with ``TrainConfig(gradient_equilibrium=True)`` /
@@ -26,7 +34,7 @@ import torch.nn.functional as F
 from ann_kernels.losses.schemes import StaticWeighting, Weighting, _base_vector, register_weighting
 from ann_kernels.ops.multi_exit_ce import multi_exit_cross_entropy
 
-__all__ = ["SDNSchedule", "IMTADistillation", "GradientEquilibrium", "sdn_weights"]
+__all__ = ["SDNSchedule", "IMTADistillation", "GradientEquilibrium", "sdn_weights", "KD_REDUCTIONS"]
 
 
 def sdn_weights(caps: torch.Tensor, epoch: int, total_epochs: int, start: float = 0.01) -> torch.Tensor:
@@ -72,12 +80,21 @@ class SDNSchedule(Weighting):
         return f"caps={[round(v, 3) for v in self.caps.tolist()]}, start={self.start}"
 
 
+KD_REDUCTIONS = ("mean", "batchmean")
+
+
 class IMTADistillation(Weighting):
     """IMTA's one-for-all knowledge distillation (see the module docstring). Options:
-    ``temperature`` T > 0 (default 3), ``alpha`` in [0, 1] (default 0.5), ``base`` weights."""
+    ``temperature`` T > 0 (default 1), ``alpha`` in [0, 1] (default 0.1), ``reduction``
+    ``"mean"`` (``nn.KLDivLoss``'s default, as IMTA; over N x C) or ``"batchmean"`` (over N),
+    ``base`` weights. Our earlier defaults: ``temperature=3, alpha=0.5, reduction="batchmean"``."""
 
-    def __init__(self, num_exits: int, temperature: float = 3.0, alpha: float = 0.5, base=None):
+    def __init__(self, num_exits: int, temperature: float = 1.0, alpha: float = 0.1, reduction: str = "mean",
+                 base=None):
         super().__init__(num_exits)
+        if reduction not in KD_REDUCTIONS:
+            raise ValueError(f"reduction: expected one of {KD_REDUCTIONS}, got {reduction!r}")
+        self.reduction = reduction
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
             raise ValueError(f"temperature: expected a positive number, got {temperature!r}")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
@@ -93,10 +110,13 @@ class IMTADistillation(Weighting):
 
     def distillation(self, heads: list[torch.Tensor], target: torch.Tensor,
                      ignore_index: int) -> torch.Tensor:
-        """sum_{k<K} B_k alpha T^2 KL(p_K^T || p_k^T), mean over the non-ignored rows; float32 []."""
+        """sum_{k<K} B_k alpha T^2 KL(p_K^T || p_k^T), mean over the non-ignored rows (and, for
+        ``reduction="mean"``, over the C classes too); float32 []."""
         t = self.temperature
         valid = target != ignore_index
         n_valid = valid.sum().clamp(min=1).to(torch.float32)
+        if self.reduction == "mean":
+            n_valid = n_valid * heads[-1].shape[-1]
         teacher = F.softmax(heads[-1].detach().float() / t, dim=-1)
         log_teacher = F.log_softmax(heads[-1].detach().float() / t, dim=-1)
         total = heads[0].new_zeros((), dtype=torch.float32)
@@ -114,7 +134,7 @@ class IMTADistillation(Weighting):
         return out, weights
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, alpha={self.alpha}"
+        return f"temperature={self.temperature}, alpha={self.alpha}, reduction={self.reduction!r}"
 
 
 class GradientEquilibrium(StaticWeighting):

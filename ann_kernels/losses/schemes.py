@@ -10,10 +10,22 @@ Exact definitions (``shared/DESIGN.md``, "Weighting schemes"; K exits, k = 1..K 
 - HALF_END: w_k = 1/(K-1) for k < K, w_K = 1.
 - LINEAR: w_k = 0.25 + 0.75 (k-1)/(K-1), scaled so that sum w = log2 K.
 - SIEVE: for each stride s = 1, 2, 4, ... (s < K) every 0-based position K-1-j*s (j >= 0)
-  gets +1; then w_K is set to the sum of all the others; scaled so that sum w = log2(K+1).
-- EANN-SIEVE: SIEVE (scaled) with its first floor(K/2) weights set to 0.
-- Oscillating: every step draw s ~ Cat(B / sum B) and use B + (sum B)/2 * e_s
-  (B: base weights, default CONST; a fresh draw each step, nothing accumulates).
+  gets +1; then w_K is set to the sum of all the others; scaled so that w_K = 1 (sum 2),
+  as the original's default pipeline (``normalize="last"``; ``"log"``: sum w = log2(K+1)).
+- EANN-SIEVE: SIEVE scaled to sum log2(K+1) with its first floor(K/2) weights set to 0
+  (the original's ``eann_sieve`` does not go through the normalisation step).
+- Oscillating: step 1 uses B + (sum B)/2 * e_K, every later step draws s ~ Cat(B / sum B)
+  and uses B + (sum B)/2 * e_s (B: base weights, default SIEVE with w_K = 1; a fresh draw
+  each step, nothing accumulates).
+
+Sources (EchoWho/AnytimeNeuralNetwork_public): ``tensorpack/utils/anytime_loss.py``
+(``sieve_loss_weights``, ``_normalize_weights``, ``loss_weights``: func_type 5 = SIEVE,
+normalised by ``--normalize_weights`` whose default in ``anytime_models/models/
+anytime_network.py`` ``parser_add_common_arguments`` is ``last``: w /= w[-1]);
+oscillating = the default ``--samloss 6``: ``online_learn.py`` ``FixedDistributionCPU``
+with the static weights as distribution, ``AnytimeNetwork._build_graph`` adding
+``weights_sum / sum_rand_ratio`` (``--sum_rand_ratio 2``) to the drawn exit, whose first
+value is ``init_select_idx`` = the last exit (``_get_select_idx``).
 
 With K = 1 every scheme is [1] (LINEAR's and SIEVE's normalisers would be 0).
 """
@@ -31,7 +43,8 @@ from ann_kernels.ops.multi_exit_ce import ExitLoss, multi_exit_cross_entropy
 __all__ = [
     "Weighting", "StaticWeighting", "Oscillating", "WEIGHTINGS", "register_weighting", "make_weighting",
     "const_weights", "opt_weights", "half_end_weights", "linear_weights", "sieve_weights", "eann_sieve_weights",
-    "static_weights",
+    "SIEVE_NORMALIZE",
+    "static_weights", "weighting_options",
 ]
 
 
@@ -90,19 +103,29 @@ def _sieve_raw(k: int) -> torch.Tensor:
     return w
 
 
-def sieve_weights(num_exits: int) -> torch.Tensor:
-    """SIEVE, scaled to sum log2(K+1). K=8, relative to w_K: [.091 .182 .091 .273 .091 .182 .091 1]."""
+SIEVE_NORMALIZE = ("last", "log")
+
+
+def sieve_weights(num_exits: int, normalize: str = "last") -> torch.Tensor:
+    """SIEVE. ``normalize="last"`` (the original default pipeline): w_K = 1, the others sum
+    to 1; ``"log"``: sum w = log2(K+1). K=8: [.091 .182 .091 .273 .091 .182 .091 1]."""
     k = _check_num_exits(num_exits)
+    if normalize not in SIEVE_NORMALIZE:
+        raise ValueError(f"normalize: expected one of {SIEVE_NORMALIZE}, got {normalize!r}")
     if k == 1:
         return torch.ones(1)
     w = _sieve_raw(k)
+    if normalize == "last":
+        return (w / w[-1]).float()
     return (w * (math.log2(k + 1) / w.sum())).float()
 
 
 def eann_sieve_weights(num_exits: int) -> torch.Tensor:
-    """EANN-SIEVE: :func:`sieve_weights` with the first floor(K/2) entries set to 0 (in an
-    EANN those exits cost about what the previous member's final exit costs)."""
-    w = sieve_weights(num_exits)
+    """EANN-SIEVE: SIEVE scaled to sum log2(K+1) (``anytime_loss.py`` ``eann_sieve`` calls
+    ``sieve_loss_weights`` directly, without ``_normalize_weights``) with the first floor(K/2)
+    entries set to 0 (in an EANN those exits cost about what the previous member's final
+    exit costs)."""
+    w = sieve_weights(num_exits, normalize="log")
     w[: num_exits // 2] = 0.0
     return w
 
@@ -191,6 +214,13 @@ class Weighting(nn.Module):
     def set_epoch(self, epoch: int, total_epochs: int) -> None:
         pass
 
+    def decay_weights(self) -> torch.Tensor:
+        """float32 [K]: the static exit weights that scale each head's FC weight decay under
+        ``TrainConfig(weight_decay_mode="reference")`` (the original's ``cost_weight *
+        wd_w * l2_loss(W)``): ``base`` when the scheme has one, else ones."""
+        base = getattr(self, "base", None)
+        return base.detach().clone().float() if isinstance(base, torch.Tensor) else torch.ones(self.num_exits)
+
 
 class StaticWeighting(Weighting):
     """A fixed weight vector (CONST, LINEAR, SIEVE, ... or any non-negative [K])."""
@@ -208,19 +238,25 @@ class StaticWeighting(Weighting):
 
 
 class Oscillating(Weighting):
-    """Each step, one exit drawn from Cat(B / sum B) gets (sum B)/2 on top of the base B.
-    The draw uses torch's global RNG (saved and restored by the Trainer's checkpoints);
-    the weights of the latest step are ``AnytimeLoss.weights``."""
+    """The original's default ``--samloss 6`` (module docstring): the first step adds
+    (sum B)/2 to the last exit, every later step to one exit drawn from Cat(B / sum B);
+    B defaults to SIEVE (w_K = 1). The draw uses torch's global RNG (saved and restored by
+    the Trainer's checkpoints); the weights of the latest step are ``AnytimeLoss.weights``."""
 
-    def __init__(self, num_exits: int, base=None):
+    def __init__(self, num_exits: int, base="sieve"):
         super().__init__(num_exits)
         self.register_buffer("base", _base_vector(base, self.num_exits))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
 
     def weights_for_step(self) -> torch.Tensor:
-        s = torch.multinomial(self.base, 1)
+        drawn = torch.multinomial(self.base, 1)
+        s = torch.where(self.steps == 0, torch.full_like(drawn, self.num_exits - 1), drawn)
         w = self.base.clone()
         w.index_add_(0, s, (self.base.sum() / 2).reshape(1))
         return w
+
+    def after_step(self, out: ExitLoss) -> None:
+        self.steps += 1
 
 
 # --- 3. registry --------------------------------------------------------------------------
@@ -237,6 +273,22 @@ for _name in _STATIC:
     register_weighting(_name, lambda num_exits, _n=_name, **kw: StaticWeighting(
         num_exits, static_weights(_n, num_exits, **kw), name=_n))
 register_weighting("oscillating", Oscillating)
+
+
+def weighting_options(name: str) -> frozenset[str] | None:
+    """The option names the registered scheme ``name`` accepts (``None``: any, the factory
+    takes ``**kwargs``). ``compare`` uses it to give ``--weighting-arg`` only to the schemes
+    that take it."""
+    import inspect
+
+    key = name.lower().replace("-", "_")
+    if key not in WEIGHTINGS:
+        raise ValueError(f"weighting: expected one of {sorted(WEIGHTINGS)}, got {name!r}")
+    factory = _STATIC.get(key, WEIGHTINGS[key])
+    params = list(inspect.signature(factory).parameters.values())[1:]  # drop num_exits
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 
 
 def make_weighting(weighting: str | Weighting | Sequence[float] | torch.Tensor, num_exits: int,

@@ -122,13 +122,19 @@ class MultiExitNetwork(nn.Module):
         return self._measured_flops(example_input)[1].clone()
 
     def exit_flops(self, example_input: Tensor) -> Tensor:
-        """Per-sample cost of reaching and evaluating each exit, float64 [K] on CPU.
+        """Per-sample cost of reaching and evaluating each exit, float64 [K] on CPU, in FLOPs
+        (= 2 x multiply-accumulates; the MSDNet / AdaLoss / IMTA papers report MACs, i.e.
+        half these numbers).
 
-        ``exit_flops[k] = sum_{j <= k} stage_flops[j] + head_flops[k]``, measured with
-        ``torch.utils.flop_counter.FlopCounterMode`` on ``example_input`` [N, ...] (any
-        N >= 1; totals are divided by N). That counter counts matrix products only:
-        convolutions, linear layers / matmuls and attention, as 2 * multiply-accumulates;
-        normalisation, activations, pooling and biases count 0.
+        ``exit_flops[k] = sum_{j <= k} (stage_flops[j] + head_flops[j])``: an anytime or
+        early-exit run evaluates every head on its way to exit k, so all of them count, as in
+        MSDNet's counter (kalviny/MSDNet-PyTorch ``op_counter.py``: ``measure_layer`` keeps one
+        running ``count_ops`` over blocks and classifiers alike and records it at each
+        classifier's Linear, ``cls_ops.append(count_ops)``). Every user of the cost (calibration, budgets, EANN costs, plots) reads it
+        from here. Measured with ``torch.utils.flop_counter.FlopCounterMode`` on
+        ``example_input`` [N, ...] (any N >= 1; totals are divided by N). That counter counts
+        matrix products only: convolutions, linear layers / matmuls and attention, as
+        2 * multiply-accumulates; normalisation, activations, pooling and biases count 0.
 
         The measurement runs once per input shape (``example_input.shape[1:]``); later
         calls with that shape are served from a cache (rebuild the network, or call
@@ -136,7 +142,7 @@ class MultiExitNetwork(nn.Module):
         ``no_grad`` and restores every module's training flag afterwards.
         """
         stage, head = self._measured_flops(example_input)
-        return torch.cumsum(stage, 0) + head
+        return torch.cumsum(stage + head, 0)
 
     def clear_flop_cache(self) -> None:
         """Forget measured FLOPs (needed only if modules change shape after measuring)."""

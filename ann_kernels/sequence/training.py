@@ -117,7 +117,7 @@ def train_eann(spec: dict, config, out_dir: str | os.PathLike, *, num_members: i
         exits = used_exits(loss, plan.members[j].num_exits)
         members.append({"dir": member_dir.name, "spec": member_spec, "exits": exits,
                         "weighting": member_spec["weighting"], "flops": info.member_flops[j]})
-        if resume and run_dir_complete(member_dir, config.epochs):
+        if resume and run_dir_complete(member_dir, config, member_spec):
             tqdm.write(f"[eann] member {j}: {member_dir}/last.pt is complete, not retrained")
             continue
         tqdm.write(f"[eann] member {j}/{num_members - 1}: {spec['model']} {info.scale}={info.values[j]} "

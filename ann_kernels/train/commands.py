@@ -16,7 +16,8 @@ from ann_kernels.train.data import DEFAULT_VAL_SIZE
 
 DEMO_MODEL_KWARGS = {"num_exits": 6, "width": 16}
 # Measured on this 2-core CPU with other work running (load ~3): ~60 s per epoch per run,
-# the two runs side by side; 3 epochs -> about 3.5 minutes in all (the limit is 10).
+# two runs side by side; three runs (CONST, AdaLoss, OPT) x 3 epochs -> about 5.5 minutes
+# in all (the limit is 10).
 DEMO_LIMIT_TRAIN = None  # the whole 55,000-image training split
 DEMO_LIMIT_EVAL = None
 DEMO_EPOCHS = 3
@@ -68,6 +69,9 @@ def _add_optim_args(p: argparse.ArgumentParser, *, epochs: int = 3, batch_size: 
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--no-nesterov", dest="nesterov", action="store_false", help="plain SGD momentum")
     g.add_argument("--weight-decay", type=float, default=None, help="default: 5e-4 SGD, 0.05 AdamW")
+    g.add_argument("--weight-decay-mode", choices=("all", "reference"), default="all",
+                   help="all: every parameter; reference: the original AdaLoss code's (conv and FC weights, "
+                        "FC decay times the exit's static weight, no decay on BN)")
     g.add_argument("--warmup-steps", type=int, default=0)
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass")
     g.add_argument("--channels-last", action="store_true", help="NHWC activations (faster CPU convolutions)")
@@ -95,6 +99,7 @@ def _config(args):
 
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                        momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay,
+                       weight_decay_mode=getattr(args, "weight_decay_mode", "all"),
                        warmup_steps=args.warmup_steps, bf16=args.bf16, channels_last=args.channels_last, seed=getattr(args, "seed", 0),
                        gradient_equilibrium=getattr(args, "gradient_equilibrium", False),
                        progress=args.progress)
@@ -184,16 +189,21 @@ def cmd_compare(args) -> int:
     return 0
 
 
+DEMO_WEIGHTINGS = ["const", "adaloss", "opt"]
+
+
 def cmd_demo(args) -> int:
-    """CONST vs AdaLoss on real Fashion-MNIST, same ResANN, seed and budget."""
+    """CONST vs the reference AdaLoss on real Fashion-MNIST, same ResANN, seed and budget,
+    with OPT (trained at the final exit only) as the reference line."""
     from ann_kernels.train.compare import run_comparison, summary_table
 
     t0 = time.perf_counter()
     n_train = f"{args.limit_train:,}" if args.limit_train else "all 55,000"
     print(f"demo: ResANN {DEMO_MODEL_KWARGS} on Fashion-MNIST, {n_train} training images x "
-          f"{args.epochs} epochs, CONST vs AdaLoss (seed {args.seed}, {args.jobs} runs at a time); "
+          f"{args.epochs} epochs, CONST vs AdaLoss (the original's defaults) and OPT at the final exit "
+          f"(seed {args.seed}, {args.jobs} runs at a time); "
           f"output in {args.out}/", flush=True)
-    args.seeds, args.weightings = [args.seed], ["const", "adaloss"]
+    args.seeds, args.weightings = [args.seed], list(DEMO_WEIGHTINGS)
     args.dataset, args.model, args.num_exits, args.model_arg = "fashion-mnist", "resann", None, []
     args.val_size, args.weighting_arg, args.label_smoothing = DEFAULT_VAL_SIZE, [], 0.0
     spec_kwargs = _spec_kwargs(args)
@@ -252,7 +262,7 @@ def add_parser(subparsers) -> None:
                    help="runs trained at a time, in worker processes (2 on a 2-core CPU is fastest)")
     p.set_defaults(func=cmd_compare)
 
-    p = subparsers.add_parser("demo", help="the main job: CONST vs AdaLoss on Fashion-MNIST (< 10 min)")
+    p = subparsers.add_parser("demo", help="the main job: CONST vs AdaLoss (and OPT) on Fashion-MNIST (< 10 min)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--limit-train", type=_positive_int, default=DEMO_LIMIT_TRAIN)

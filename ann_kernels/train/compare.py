@@ -68,6 +68,7 @@ def run_comparison(
     if jobs < 1:
         raise ValueError(f"jobs: expected >= 1 parallel runs, got {jobs}")
     base = config or TrainConfig()
+    per_weighting_kwargs = split_weighting_kwargs(weightings, spec_kwargs.pop("weighting_kwargs", None) or {})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -75,10 +76,11 @@ def run_comparison(
     for weighting in weightings:
         for seed in seeds:
             cfg = {**base.__dict__, "seed": seed}
-            spec = make_spec(weighting=weighting, seed=seed, **spec_kwargs)
+            spec = make_spec(weighting=weighting, seed=seed, weighting_kwargs=per_weighting_kwargs[weighting],
+                             **spec_kwargs)
             run_dir = out / f"{weighting}-s{seed}"
             dirs[weighting, seed] = run_dir
-            if resume and run_dir_complete(run_dir, base.epochs):
+            if resume and run_dir_complete(run_dir, TrainConfig.from_dict(cfg), spec):
                 tqdm.write(f"[{weighting} s{seed}] already complete in {run_dir}, reusing it")
             else:
                 todo.append((spec, cfg, str(run_dir), resume, f"{weighting} s{seed}"))
@@ -114,6 +116,7 @@ def run_comparison(
         "config": {k: v for k, v in base.__dict__.items() if k not in ("seed", "progress", "progress_position")},
         "jobs": jobs,
         "weightings": list(weightings),
+        "weighting_kwargs": per_weighting_kwargs,
         "seeds": list(seeds),
         "exit_flops": flops,
         "runs": {w: {str(s): r for s, r in by_seed.items()} for w, by_seed in runs.items()},
@@ -131,9 +134,41 @@ def run_comparison(
     return summary
 
 
+def split_weighting_kwargs(weightings: Sequence[str], weighting_kwargs: dict) -> dict[str, dict]:
+    """``{weighting: the options of weighting_kwargs that scheme accepts}``; an option no
+    listed scheme accepts is an error (a typo would otherwise be dropped silently)."""
+    from ann_kernels.losses.schemes import weighting_options
+
+    out, used = {}, set()
+    for w in weightings:
+        accepted = weighting_options(w)
+        out[w] = {k: v for k, v in weighting_kwargs.items() if accepted is None or k in accepted}
+        used |= set(out[w])
+    unused = sorted(set(weighting_kwargs) - used)
+    if unused:
+        raise ValueError(f"weighting_kwargs: {unused} are options of none of the schemes {list(weightings)}")
+    return out
+
+
 def summary_table(summary: dict, *, markdown: bool = False, split: str = "test") -> str:
-    """Per-exit table of a :func:`run_comparison` summary: FLOPs and, per weighting, the
-    {split} accuracy (mean ± std over seeds), plus AdaLoss - CONST when both are there."""
-    columns = {w: [r[f"{split}_acc"] for r in by_seed.values()] for w, by_seed in summary["runs"].items()}
+    """Per-exit table of a :func:`run_comparison` summary: cumulative FLOPs per image (every
+    stage and head up to the exit; FLOPs = 2 x MACs) and, per weighting, the {split} accuracy
+    (mean ± std over seeds), plus AdaLoss - CONST when both are there. An ``opt`` run (OPT:
+    trained at the final exit only) is not a column: its early exits are untrained; it is
+    the reference line under the table (its final-exit accuracy and each scheme's gap to it)."""
+    from ann_kernels.train.metrics import mean_std
+
+    runs = summary["runs"]
+    columns = {w: [r[f"{split}_acc"] for r in by_seed.values()] for w, by_seed in runs.items() if w != "opt"}
     delta = ("const", "adaloss") if "const" in columns and "adaloss" in columns else None
-    return exit_table(summary["exit_flops"], columns, markdown=markdown, delta=delta)
+    lines = [exit_table(summary["exit_flops"], columns, markdown=markdown, delta=delta)] if columns else []
+    if "opt" in runs:
+        finals = [r[f"{split}_acc"][-1] for r in runs["opt"].values()]
+        m, sd = mean_std(finals)
+        n = len(finals)
+        gaps = ", ".join(f"{w} {100 * (mean_std([r[-1] for r in col])[0] - m):+.2f}" for w, col in columns.items())
+        lines.append(f"OPT reference (trained at the final exit only, {n} seed{'s' if n > 1 else ''}): final-exit "
+                     f"{split} acc {100 * m:.2f}" + (f" ± {100 * sd:.2f}" if n > 1 else "") + " %"
+                     + (f"; final exit minus OPT: {gaps}" if gaps else ""))
+    lines.append("FLOPs: per image, every stage and every head up to the exit (FlopCounterMode; FLOPs = 2 x MACs).")
+    return ("\n\n" if markdown else "\n").join(lines)

@@ -122,9 +122,33 @@ def load_trained(checkpoint: str | os.PathLike) -> tuple[torch.nn.Module, dict, 
     return model, spec, ckpt
 
 
-def run_dir_complete(out_dir: str | os.PathLike, epochs: int) -> bool:
-    """True iff ``out_dir/last.pt`` exists and finished ``epochs`` epochs."""
+# TrainConfig fields that do not change what is trained (display and evaluation only).
+_NON_TRAINING_FIELDS = frozenset({"progress", "progress_position", "log_every", "eval_batch_size", "num_workers"})
+# Spec keys added by build_trainer (derived from the data).
+_DERIVED_SPEC_KEYS = frozenset({"num_classes", "input_shape"})
+
+
+def _training_settings(config: dict) -> dict:
+    return {k: v for k, v in TrainConfig.from_dict(config).__dict__.items() if k not in _NON_TRAINING_FIELDS}
+
+
+def run_dir_complete(out_dir: str | os.PathLike, config: TrainConfig, spec: dict | None = None) -> bool:
+    """True iff ``out_dir/last.pt`` exists, finished ``config.epochs`` epochs and was trained
+    with the same settings: every ``TrainConfig`` field that affects training (all but
+    progress / logging / evaluation batch size / workers) and, when ``spec`` is given, the
+    same run spec (dataset, model, weighting and their options, seed, ...). A run with the
+    same epoch count but another learning rate, weighting option or model is *not* reused."""
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config: expected a TrainConfig (the epoch count alone cannot tell whether a run "
+                        f"can be reused), got {type(config).__name__}")
     path = Path(out_dir) / "last.pt"
     if not path.is_file():
         return False
-    return load_checkpoint_file(path)["epoch"] >= epochs
+    ckpt = load_checkpoint_file(path)
+    if ckpt["epoch"] != config.epochs or _training_settings(ckpt["config"]) != _training_settings(config.__dict__):
+        return False
+    if spec is not None:
+        saved = {k: v for k, v in (ckpt.get("spec") or {}).items() if k not in _DERIVED_SPEC_KEYS}
+        if saved != {k: v for k, v in spec.items() if k not in _DERIVED_SPEC_KEYS}:
+            return False
+    return True

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ann_kernels.train.metrics import append_jsonl, evaluate_exits, format_flops, read_jsonl, truncate_jsonl
 from ann_kernels.train.plots import plot_anytime, plot_weights
+from ann_kernels.train.weight_decay import WEIGHT_DECAY_MODES, weight_decay_groups
 
 CHECKPOINT_FORMAT = 1
 OPTIMIZERS = ("sgd", "adamw")
@@ -49,6 +50,9 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float | None = None
+    # "all": every parameter; "reference": the original AdaLoss code's groups (conv + FC
+    # weights, FC decay times the exit's static weight, no BN): ann_kernels.train.weight_decay
+    weight_decay_mode: str = "all"
     warmup_steps: int = 0
     grad_clip: float | None = None
     bf16: bool = False
@@ -75,6 +79,9 @@ class TrainConfig:
             raise ValueError(f"lr: expected a positive learning rate, got {self.lr}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay: expected >= 0, got {self.weight_decay}")
+        if self.weight_decay_mode not in WEIGHT_DECAY_MODES:
+            raise ValueError(f"weight_decay_mode: expected one of {WEIGHT_DECAY_MODES}, "
+                             f"got {self.weight_decay_mode!r}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum: expected a value in [0, 1), got {self.momentum}")
         if self.warmup_steps < 0 or self.num_workers < 0:
@@ -173,12 +180,14 @@ class Trainer:
         self.ddp_model = (
             torch.nn.parallel.DistributedDataParallel(model) if self.distributed else model
         )
+        decay_weights = getattr(self.weighting, "decay_weights", None)
+        groups = weight_decay_groups(model, cfg.weight_decay, cfg.weight_decay_mode,
+                                     decay_weights() if decay_weights is not None else None)
         if cfg.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                             nesterov=cfg.nesterov and cfg.momentum > 0,
-                                             weight_decay=cfg.weight_decay)
+            self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                                             nesterov=cfg.nesterov and cfg.momentum > 0)
         else:
-            self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, cosine_lambda(self.total_steps, cfg.warmup_steps)
         )
@@ -227,17 +236,20 @@ class Trainer:
             set_epoch(self.epoch, cfg.epochs)
         # Schemes that look at the model before each step (L2W's meta step).
         pre_step = loss_fn.pre_step if getattr(self.weighting, "needs_pre_step", False) else None
+        phases = getattr(self.weighting, "phases", None) if pre_step is not None else None
         sync = getattr(self.weighting, "synchronize_", None) if self.distributed else None
         total, per_exit_sum, weight_sum, n = 0.0, None, None, 0
         trace_steps, trace_w = [], []
-        bar = tqdm(self.loader, desc=f"[{self.label}] epoch {self.epoch + 1}/{cfg.epochs}",
+        n_steps = self.steps_per_epoch * (getattr(self.weighting, "num_phases", 1) if phases is not None else 1)
+        bar = tqdm(_optimizer_steps(self.loader, phases), total=n_steps,
+                   desc=f"[{self.label}] epoch {self.epoch + 1}/{cfg.epochs}",
                    disable=not (cfg.progress and self.is_main), leave=False, dynamic_ncols=True,
                    position=cfg.progress_position)
-        for x, y in bar:
+        for x, y, meta, batch_done in bar:
             if cfg.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             if pre_step is not None:
-                pre_step(self.model, self.optimizer, x, y)
+                pre_step(self.model, self.optimizer, x, y, **({} if meta is None else {"meta": meta}))
             with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
                 logits = model(x)
             loss = loss_fn(list(logits), y)
@@ -251,7 +263,8 @@ class Trainer:
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.optimizer.step()
-            self.scheduler.step()
+            if batch_done:  # one LR step per batch (L2W-DEN: after both phases, as the original)
+                self.scheduler.step()
             if sync is not None:
                 sync()
             weights = self._current_weights()
@@ -407,6 +420,17 @@ class Trainer:
             out.append(plot_weights(steps, weights, self.out_dir / "weights.png",
                                     title=f"Loss weights over training ({self.label})"))
         return out
+
+
+def _optimizer_steps(loader, phases=None):
+    """``(x, y, meta, batch_done)`` per optimiser step: one per batch of ``loader``, or with
+    ``phases`` (L2W-DEN's :meth:`~ann_kernels.losses.L2W.phases`) one per phase of each batch,
+    ``(x, y)`` the phase's train half and ``meta`` its meta half (LeapLabTHU/L2W-DEN,
+    ``tools/main_cifar_DDP.py`` ``train()``: part 1 A->B, then part 2 B->A)."""
+    for x, y in loader:
+        parts = [((x, y), None)] if phases is None else phases(x, y)
+        for i, ((xs, ys), meta) in enumerate(parts):
+            yield xs, ys, meta, i == len(parts) - 1
 
 
 def load_checkpoint_file(path: str | os.PathLike) -> dict:
