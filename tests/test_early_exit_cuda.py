@@ -37,10 +37,14 @@ def test_vocabulary_sized_rows_match_cpu_and_reference(num_classes, dtype, crite
     logits[11, 100] = INF
     ref_conf = exit_confidence_reference(logits, criterion)[0]
     finite = ~ref_conf.isnan()
-    threshold = safe_threshold(ref_conf[finite], 0.5)
+    # fp32 sums over tens of thousands of terms: the CPU kernel's scalar (bf16) and 8-lane
+    # (fp32) accumulators differ from torch's cascade sum by up to ~5e-5 on a confidence at
+    # C = 32000 (measured); the threshold sits >= 5e-4 from every confidence.
+    atol = 1e-4
+    threshold = safe_threshold(ref_conf[finite], 0.5, gap=1e-3)
     kernel, ref = run_both(logits, torch.arange(m), torch.randn(m, 16), m, threshold=threshold,
-                           criterion=criterion, exit_id=3, device="cuda")
-    assert_same(kernel, ref)
+                           criterion=criterion, exit_id=3, device="cuda", atol=atol)
+    assert_same(kernel, ref, atol=atol)
 
 
 def test_more_than_2_pow_31_logit_elements():
