@@ -31,6 +31,7 @@ import glob
 import importlib.util
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,6 +58,36 @@ def arch_list(capabilities: list[tuple[int, int]]) -> str:
         raise ValueError("no CUDA device: cannot choose TORCH_CUDA_ARCH_LIST")
     distinct = sorted({(int(major), int(minor)) for major, minor in capabilities})
     return ";".join(f"{major}.{minor}" for major, minor in distinct)
+
+
+def find_cuda_home(environ=os.environ, which=shutil.which) -> str | None:
+    """The CUDA toolkit root for the build: CUDA_HOME / CUDA_PATH when set, else the toolkit
+    of the nvcc on PATH, seen through symlinks and ``exec .../nvcc "$@"`` wrapper scripts (a
+    wrapper in /usr/local/bin would make torch guess CUDA_HOME=/usr/local and miss the
+    headers), else /usr/local/cuda. None without a toolkit (the build is then CPU-only and
+    the check-registration phase fails)."""
+    for name in ("CUDA_HOME", "CUDA_PATH"):
+        if environ.get(name):
+            return environ[name]
+    candidates = []
+    nvcc = which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        try:
+            with open(real, "rb") as handle:
+                head = handle.read(4096)
+        except OSError:
+            head = b""
+        if head.startswith(b"#!"):
+            match = re.search(rb"exec\s+['\"]?(/\S+?/bin/nvcc)\b", head)
+            if match:
+                real = os.path.realpath(match.group(1).decode())
+        candidates.append(os.path.dirname(os.path.dirname(real)))
+    candidates.append("/usr/local/cuda")
+    for root in candidates:
+        if os.path.exists(os.path.join(root, "bin", "nvcc")) and os.path.isdir(os.path.join(root, "include")):
+            return root
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +125,8 @@ def follows_bench_convention(path: str) -> bool:
     return all(f'"{flag}"' in source or f"'{flag}'" in source for flag in BENCH_CONVENTION)
 
 
-def plan(out_dir: str, *, jobs: int, arch: str, python: str = sys.executable) -> list[Phase]:
+def plan(out_dir: str, *, jobs: int, arch: str, python: str = sys.executable,
+         cuda_home: str | None = None) -> list[Phase]:
     """The phases of a run (nothing started)."""
     tests = os.path.join(ROOT, "tests")
     interp = sorted(p for p in glob.glob(os.path.join(tests, "test_*.py")) if interpreter_only(p))
@@ -102,11 +134,12 @@ def plan(out_dir: str, *, jobs: int, arch: str, python: str = sys.executable) ->
     phases = [
         Phase("build", 170, 60,
               (python, "setup.py", "build_ext", "--inplace"),
-              (("TORCH_CUDA_ARCH_LIST", arch), ("ANN_KERNELS_MAX_JOBS", str(jobs)), ("MAX_JOBS", str(jobs))),
-              note=f"TORCH_CUDA_ARCH_LIST={arch}, {jobs} jobs"),
+              (("TORCH_CUDA_ARCH_LIST", arch), ("ANN_KERNELS_MAX_JOBS", str(jobs)), ("MAX_JOBS", str(jobs)),
+               *((("CUDA_HOME", cuda_home),) if cuda_home else ())),
+              note=f"TORCH_CUDA_ARCH_LIST={arch}, {jobs} jobs, CUDA_HOME={cuda_home or 'not found: CPU-only build'}"),
         Phase("check-registration", 30, 10,
               (python, os.path.abspath(__file__), "--check-registration")),
-        Phase("tests-cuda", 150, 60,
+        Phase("tests-cuda", 210, 60,
               pytest_common + ("-m", "cuda", f"--junitxml={os.path.join(out_dir, 'tests-cuda.xml')}",
                                *[f"--ignore={p}" for p in interp], tests),
               (("ANN_KERNELS_REQUIRE_EXT", "1"), ("OMP_NUM_THREADS", "4")),
@@ -317,7 +350,8 @@ def dry_run(out_dir: str) -> int:
     import ann_kernels  # noqa: F401
 
     print(f"gpu-check dry run: out={out_dir}, budget {DEFAULT_BUDGET_S:.0f} s")
-    phases = plan(out_dir, jobs=os.cpu_count() or 1, arch="<from torch.cuda.get_device_capability()>")
+    phases = plan(out_dir, jobs=os.cpu_count() or 1, arch="<from torch.cuda.get_device_capability()>",
+                  cuda_home=find_cuda_home())
     elapsed = 0.0
     for i, phase in enumerate(phases):
         limit = phase_limit(phases, i, elapsed, DEFAULT_BUDGET_S) if phase.command else 0.0
@@ -357,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu-check: no CUDA device (torch.cuda.is_available() is False); use --dry-run", file=sys.stderr)
         return 2
     caps = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
-    phases = plan(out_dir, jobs=os.cpu_count() or 1, arch=arch_list(caps))
+    phases = plan(out_dir, jobs=os.cpu_count() or 1, arch=arch_list(caps), cuda_home=find_cuda_home())
     start = time.monotonic()
     results = []
     for i, phase in enumerate(phases):

@@ -66,9 +66,10 @@ def _call_kernel(logits, active, hidden, n, device, **kwargs):
 
 
 def run_both(logits, active, hidden, n, *, threshold=-INF, criterion="max_prob", exit_id=0, exit_count=None,
-             device="cpu"):
+             device="cpu", atol=CONF_ATOL):
     """The kernel on ``device`` and the reference on CPU, same inputs: ((buffers, ExitStep) of
-    each, on CPU). On CUDA the CPU kernel must agree with the CUDA kernel too."""
+    each, on CPU). On CUDA the CPU kernel must agree with the CUDA kernel too (confidences
+    within ``atol``)."""
     kwargs = dict(threshold=threshold, criterion=criterion, exit_id=exit_id, exit_count=exit_count)
     logits, active, hidden = cpu(logits), cpu(active), cpu(hidden)
     kernel = _call_kernel(logits, active, hidden, n, device, **kwargs)
@@ -78,17 +79,17 @@ def run_both(logits, active, hidden, n, *, threshold=-INF, criterion="max_prob",
         -1 if exit_count is None else exit_count,
     )
     if torch.device(device).type != "cpu":
-        assert_same(kernel, _call_kernel(logits, active, hidden, n, "cpu", **kwargs))
+        assert_same(kernel, _call_kernel(logits, active, hidden, n, "cpu", **kwargs), atol=atol)
     return kernel, (ref_bufs, ref)
 
 
-def assert_same(kernel, ref):
+def assert_same(kernel, ref, atol=CONF_ATOL):
     (k_pred, k_exit, k_conf), k_step = kernel
     (r_pred, r_exit, r_conf), r_step = ref
     assert torch.equal(k_exit, r_exit)
     assert torch.equal(k_pred, r_pred)
     assert torch.equal(k_conf.isnan(), r_conf.isnan())
-    assert max_abs_err(k_conf.nan_to_num(), r_conf.nan_to_num()) <= CONF_ATOL
+    assert max_abs_err(k_conf.nan_to_num(), r_conf.nan_to_num()) <= atol
     assert torch.equal(k_step.survivor_index, r_step.survivor_index)
     assert torch.equal(k_step.keep_local, r_step.keep_local)
     assert k_step.hidden.shape == r_step.hidden.shape and torch.equal(k_step.hidden, r_step.hidden)
@@ -126,6 +127,20 @@ def test_low_precision_logits(dtype, num_classes, device):
         conf, pred = confidences(logits, criterion, device)
         ref_conf, ref_pred = exit_confidence_reference(logits, criterion)
         assert max_abs_err(conf, ref_conf) <= CONF_ATOL
+        assert torch.equal(pred, ref_pred)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_vocabulary_sized_rows_accuracy(dtype, device):
+    """C = 32000: the fp32 sums over the row stay within 1e-5 of torch's (a single sequential
+    accumulator in the scalar bf16/fp16 path was 5e-5 off; now 8 partial sums, ~4e-6)."""
+    gen = torch.Generator().manual_seed(32000)
+    logits = (4 * torch.randn(24, 32000, generator=gen)).to(dtype)
+    logits[::5, -1] += 40
+    for criterion in CRITERIA:
+        conf, pred = confidences(logits, criterion, device)
+        ref_conf, ref_pred = exit_confidence_reference(logits, criterion)
+        assert max_abs_err(conf, ref_conf) <= 1e-5, criterion
         assert torch.equal(pred, ref_pred)
 
 
@@ -266,7 +281,8 @@ def test_nonfinite_rows_never_exit_before_the_last_exit(criterion, num_classes, 
     assert (exits == 2).all() and torch.equal(conf.isnan(), bad) and torch.equal(pred, logits.argmax(-1))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(
     c=st.integers(1, 40),
     criterion=st.sampled_from(list(CRITERIA)),
@@ -274,12 +290,12 @@ def test_nonfinite_rows_never_exit_before_the_last_exit(criterion, num_classes, 
     scale=st.sampled_from([1e-3, 1.0, 30.0, 1e4, 3e38]),
     special=st.lists(st.sampled_from([INF, -INF, NAN, 3e38, -3e38]), max_size=4),
 )
-def test_fuzz_confidence_in_unit_interval_or_nan(c, criterion, seed, scale, special):
+def test_fuzz_confidence_in_unit_interval_or_nan(c, criterion, seed, scale, special, device):
     gen = torch.Generator().manual_seed(seed)
     logits = (scale * torch.randn(8, c, generator=gen)).clamp(-3e38, 3e38)
     for j, value in enumerate(special):
         logits[j % 8, (7 * j) % c] = value
-    conf, pred = confidences(logits, criterion, "cpu")
+    conf, pred = confidences(logits, criterion, device)
     ref_conf, ref_pred = exit_confidence_reference(logits, criterion)
     assert torch.equal(conf.isnan(), ref_conf.isnan())
     assert ((conf >= 0) & (conf <= 1) | conf.isnan()).all(), conf
@@ -421,7 +437,8 @@ def test_direct_binding_equals_torch_ops(device):
         assert torch.equal(x, y)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(
     m=st.integers(1, 40),
     c=st.integers(1, 40),
@@ -431,7 +448,6 @@ def test_direct_binding_equals_torch_ops(device):
     count=st.integers(0, 45),
     seed=st.integers(0, 2**16),
     scale=st.sampled_from([0.1, 1.0, 5.0]),
-    device=st.sampled_from(["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]),
 )
 def test_fuzz_against_reference(m, c, criterion, quantile, use_quota, count, seed, scale, device):
     logits = make_logits(m, c, seed=seed, scale=scale)

@@ -37,10 +37,14 @@ def test_vocabulary_sized_rows_match_cpu_and_reference(num_classes, dtype, crite
     logits[11, 100] = INF
     ref_conf = exit_confidence_reference(logits, criterion)[0]
     finite = ~ref_conf.isnan()
-    threshold = safe_threshold(ref_conf[finite], 0.5)
+    # fp32 sums over tens of thousands of terms differ from torch's cascade sum by a few
+    # 1e-6 on a confidence (CPU: 8 partial sums; CUDA: 32 lanes); the threshold sits >= 5e-4
+    # from every confidence, so no decision can flip.
+    atol = 1e-5
+    threshold = safe_threshold(ref_conf[finite], 0.5, gap=1e-3)
     kernel, ref = run_both(logits, torch.arange(m), torch.randn(m, 16), m, threshold=threshold,
-                           criterion=criterion, exit_id=3, device="cuda")
-    assert_same(kernel, ref)
+                           criterion=criterion, exit_id=3, device="cuda", atol=atol)
+    assert_same(kernel, ref, atol=atol)
 
 
 def test_more_than_2_pow_31_logit_elements():

@@ -145,3 +145,22 @@ def test_without_a_gpu_the_real_run_refuses_clearly(tmp_path):
     done = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_check.py"), "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "no CUDA device" in done.stderr
+
+
+def test_find_cuda_home(tmp_path):
+    toolkit = tmp_path / "cuda-13.0"
+    (toolkit / "bin").mkdir(parents=True)
+    (toolkit / "include").mkdir()
+    (toolkit / "bin" / "nvcc").write_text("binary")
+    wrapper = tmp_path / "local" / "bin" / "nvcc"
+    wrapper.parent.mkdir(parents=True)
+    wrapper.write_text(f'#!/bin/sh\nexec {toolkit}/bin/nvcc "$@"\n')
+    find = gpu_check.find_cuda_home
+    assert find({"CUDA_HOME": "/opt/x"}, lambda _: None) == "/opt/x"  # the environment wins
+    assert find({}, lambda _: str(wrapper)) == str(toolkit)  # through the wrapper script
+    assert find({}, lambda _: str(toolkit / "bin" / "nvcc")) == str(toolkit)
+    link = tmp_path / "nvcc-link"
+    link.symlink_to(toolkit / "bin" / "nvcc")
+    assert find({}, lambda _: str(link)) == str(toolkit)  # through a symlink
+    if not os.path.exists("/usr/local/cuda/bin/nvcc"):
+        assert find({}, lambda _: None) is None
