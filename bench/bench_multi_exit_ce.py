@@ -17,8 +17,9 @@ Providers, all doing loss + backward into fresh leaf gradients:
   copy_floor     dst.copy_(src) over all logits (one read + one write of the logits)
 Variants: fp32 with grad_out = 1 (``loss.backward()``) and 0.25 (``loss / 4``, gradient
 accumulation); bf16; fp16 with grad_out = 1 and 65536 (GradScaler's scale).
-Peak memory (CPU): each provider's one cold step in a fresh process (the in-process RSS probe
-cannot see allocations that reuse freed pages), at shapes whose logits exceed 32 MB.
+Peak memory: CPU, each provider's one cold step in a fresh process (the in-process RSS probe
+cannot see allocations that reuse freed pages), at shapes whose logits exceed 32 MB; CUDA,
+the caching allocator's exact peak statistics around one step, in process.
 """
 
 from __future__ import annotations
@@ -140,6 +141,17 @@ def peak_in_fresh_process(provider, shape, label, device) -> float:
         return float("nan")
 
 
+def cuda_peak_mb(step, logits) -> float:
+    """Extra peak CUDA memory (MB) of one step, from no gradients held."""
+    for z in logits:
+        z.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
 def peak_child(spec: dict) -> None:
     label, dtype, grad_out = next(v for v in VARIANTS if v[0] == spec["variant"])
     logits, target, weights = make_inputs(tuple(spec["shape"]), dtype, spec["device"])
@@ -188,7 +200,9 @@ def run(shapes, variants, providers, device, csv_writer) -> list[dict]:
             row = {"shape": shape_s, "variant": label, "logits_mb": logits_mb}
             for provider, timing in timings.items():
                 peak = float("nan")
-                if provider != "copy_floor" and (device == "cuda" or logits_mb >= PEAK_MIN_MB):
+                if provider != "copy_floor" and device == "cuda":
+                    peak = cuda_peak_mb(steps[provider], logits)  # exact, in-process (allocator stats)
+                elif provider != "copy_floor" and logits_mb >= PEAK_MIN_MB:
                     peak = peak_in_fresh_process(provider, list(shape), label, device)
                 notes = ALLOCATOR_NOTE[device] if provider not in ("copy_floor", "autograd_floor") else ""
                 if grad_out != 1.0:

@@ -183,9 +183,31 @@ void ce_grad_rows(const std::vector<Tensor>& rows, const Tensor& grads, const Ce
   constexpr bool kFloatIn = std::is_same_v<scalar_t, float>;
   const int64_t grain = std::max<int64_t>(1, 16384 / C);
   at::parallel_for(0, K * N, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(kFloatIn ? 0 : 2 * C);
     float dummy_loss, dummy_conf;
     int64_t dummy_pred;
+#if defined(ANN_KERNELS_AVX2)
+    if (C <= kSmallClasses) {
+      // Few classes: the forward's eight-rows-per-vector block again, with the backward's
+      // scale (grad_out folded in); at this size cheaper than the per-row lse path.
+      for (int64_t r0 = begin; r0 < end; r0 += 8) {
+        const int num_lanes = static_cast<int>(std::min<int64_t>(8, end - r0));
+        BlockLane<scalar_t> lanes[8];
+        BlockResult results[8];
+        for (int l = 0; l < num_lanes; ++l) {
+          const int64_t r = r0 + l, k = r / N, i = r - k * N, y = a.y[i];
+          lanes[l] = {x_ptr[k] + i * x_row_stride[k], g_base + r * C, y, row_scale(a, k, i, y != a.ignore_index)};
+        }
+        block8_small_classes(lanes, num_lanes, C, a.eps, a.ignore_index, true, results);
+        for (int l = 0; l < num_lanes; ++l) {
+          if (results[l].finite) continue;
+          nonfinite_row(lanes[l].x, C, lanes[l].target, lanes[l].target != a.ignore_index, a.eps, lanes[l].scale,
+                        lanes[l].g, &dummy_loss, &dummy_conf, &dummy_pred);
+        }
+      }
+      return;
+    }
+#endif
+    std::vector<float> scratch(kFloatIn ? 0 : 2 * C);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t k = r / N, i = r - k * N, yi = a.y[i];
       const bool valid = yi != a.ignore_index;
