@@ -560,10 +560,10 @@ class EarlyExitServer:
         positions = [p for r in finished for a, n in r.ranges for p in range(a, a + n)]
         index = torch.tensor(positions, dtype=torch.int64, device=prediction.device)
         sizes = [r.rows for r in finished]
-        preds = prediction.index_select(0, index).split(sizes)
+        preds = prediction.index_select(0, index).split_with_sizes(sizes)  # the C++ method: no wrapper
         exits_all = exit_index.index_select(0, index)
-        exits = exits_all.split(sizes)
-        confs = confidence.index_select(0, index).split(sizes)
+        exits = exits_all.split_with_sizes(sizes)
+        confs = confidence.index_select(0, index).split_with_sizes(sizes)
         exit_list = exits_all.tolist()
         occupied = self._occupied
         for r in finished:
@@ -575,14 +575,16 @@ class EarlyExitServer:
         results, offset = [], 0
         totals = [0] * num_exits
         flops_sum = 0.0
+        flop_of, executed_of = flops.__getitem__, executed_costs.__getitem__
         for i, r in enumerate(finished):
             n = r.rows
-            counts = [0] * num_exits
-            for e in exit_list[offset:offset + n]:
-                counts[e] += 1
+            mine = exit_list[offset:offset + n]
             offset += n
-            mean = sum(c * f for c, f in zip(counts, flops)) / n
-            executed = sum(c * f for c, f in zip(counts, executed_costs)) / n
+            counts = [0] * num_exits
+            for e in mine:
+                counts[e] += 1
+            mean = sum(map(flop_of, mine)) / n
+            executed = sum(map(executed_of, mine)) / n
             reach, seconds = n, []
             for j in range(num_exits):
                 seconds.append(reach * per_row[j])
