@@ -5,9 +5,9 @@ Clients call :meth:`EarlyExitServer.submit` (any thread; returns a
 the model and one queue per stage:
 
 - a stage runs when its queue holds ``max_batch_size`` rows (deepest full stage first), or
-  when its oldest row has waited ``max_wait_s`` (or, for stages after the first, at once
-  when no row is queued before it: nothing could join it), or when a queued row's deadline
-  needs it now; it runs on rows of many requests at once;
+  when its oldest row has waited ``max_wait_s`` (or, for stages after the first, when no row
+  is queued before it and no request arrived for ``max_wait_s``: nothing could join it), or
+  when a queued row's deadline needs it now; it runs on rows of many requests at once;
 - after the stage and its head, the fused exit op (:mod:`ann_kernels.ops.early_exit`) writes
   the exiting rows' prediction / exit / confidence straight into server-wide result buffers
   at the rows' positions, and compacts the survivors, which join the next stage's queue;
@@ -122,6 +122,7 @@ class EarlyExitServer:
         # statistics
         self._submitted = self._completed = self._failed = self._rows_completed = 0
         self._deadline_requests = 0
+        self._last_submit = 0.0
         self._rows_per_exit = [0] * num_exits
         self._flops_sum = 0.0
         self._stage_runs = [0] * num_exits
@@ -208,6 +209,7 @@ class EarlyExitServer:
                     f"got a batch of shape {list(x.shape)}"))
                 return future
             self._submitted += 1
+            self._last_submit = submitted
             if deadline != math.inf:
                 self._deadline_requests += 1  # from now on, pieces compute their earliest deadline
             self._push(0, _Piece(x, None, [(request, request.rows)], submitted, deadline, request.rows))
@@ -275,7 +277,9 @@ class EarlyExitServer:
             if self._deadline_pieces[k]:
                 estimate = self.engine.stage_times.estimate(k, queued[k]) or 0.0
                 due = min(due, min(p.deadline for p in queues[k]) - estimate)
-            if self._closing or due <= now or (k and not any(queued[:k])):
+            if k and not any(queued[:k]):  # nothing can join from upstream: run once arrivals pause
+                due = min(due, self._last_submit + self.max_wait_s)
+            if self._closing or due <= now:
                 if joined < best_joined:
                     best, best_joined = k, joined
             else:
@@ -560,10 +564,10 @@ class EarlyExitServer:
         positions = [p for r in finished for a, n in r.ranges for p in range(a, a + n)]
         index = torch.tensor(positions, dtype=torch.int64, device=prediction.device)
         sizes = [r.rows for r in finished]
-        preds = prediction.index_select(0, index).split(sizes)
+        preds = prediction.index_select(0, index).split_with_sizes(sizes)  # the C++ method: no wrapper
         exits_all = exit_index.index_select(0, index)
-        exits = exits_all.split(sizes)
-        confs = confidence.index_select(0, index).split(sizes)
+        exits = exits_all.split_with_sizes(sizes)
+        confs = confidence.index_select(0, index).split_with_sizes(sizes)
         exit_list = exits_all.tolist()
         occupied = self._occupied
         for r in finished:
@@ -575,14 +579,16 @@ class EarlyExitServer:
         results, offset = [], 0
         totals = [0] * num_exits
         flops_sum = 0.0
+        flop_of, executed_of = flops.__getitem__, executed_costs.__getitem__
         for i, r in enumerate(finished):
             n = r.rows
-            counts = [0] * num_exits
-            for e in exit_list[offset:offset + n]:
-                counts[e] += 1
+            mine = exit_list[offset:offset + n]
             offset += n
-            mean = sum(c * f for c, f in zip(counts, flops)) / n
-            executed = sum(c * f for c, f in zip(counts, executed_costs)) / n
+            counts = [0] * num_exits
+            for e in mine:
+                counts[e] += 1
+            mean = sum(map(flop_of, mine)) / n
+            executed = sum(map(executed_of, mine)) / n
             reach, seconds = n, []
             for j in range(num_exits):
                 seconds.append(reach * per_row[j])
