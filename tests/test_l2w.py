@@ -29,12 +29,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # --- the sample-weighted fused loss -------------------------------------------------------
 
 @requires_ext
-@pytest.mark.parametrize("label_smoothing,ignore_frac", [(0.0, 0.0), (0.1, 0.3)])
-def test_weighted_fused_loss_matches_torch_reference(label_smoothing, ignore_frac):
+@pytest.mark.parametrize("label_smoothing,ignore_frac,w_low", [(0.0, 0.0, 0.0), (0.1, 0.3, 0.0), (0.0, 0.2, -0.6)])
+def test_weighted_fused_loss_matches_torch_reference(label_smoothing, ignore_frac, w_low):
+    # w_low < 0: eps = 0.8 gives W in (1 - 2 eps, 1 + 2 eps), negative weights included.
     k, n, c = 4, 9, 7
     heads = make_logits(k, n, c)
     target = make_target(n, c, ignore_frac=ignore_frac)
-    w = (torch.rand(k, n, generator=torch.Generator().manual_seed(5)) * 2).requires_grad_(True)
+    w = (w_low + torch.rand(k, n, generator=torch.Generator().manual_seed(5)) * 2).requires_grad_(True)
+    assert (w_low == 0.0) or bool((w < 0).any())
     out, w_used = sample_weighted_cross_entropy(heads, target, w, label_smoothing=label_smoothing)
     assert w_used is w
     ref_heads = [z.detach().clone().requires_grad_(True) for z in heads]

@@ -18,9 +18,9 @@ the phase's first half as the look-ahead data and its second half as the meta da
 one real model update on the first half only. Two model updates per batch, both at the
 batch's learning rate.
 
-Weights (the real model update, one pass over the logits):
-  1. the fused op runs once with unit exit weights and ``compute_grad=True``: per-sample
-     losses l [K, N], confidences [K, N] and d l_ik / d z_ik / N_valid [K, N, C];
+Weights (the real model update, :func:`sample_weighted_cross_entropy`):
+  1. a forward-only pass of the fused op (under ``no_grad``: no gradient work) gives the
+     detached per-sample losses l [K, N] and confidences [K, N];
   2. the weight network (MLP F -> 500 -> K, ReLU, tanh; F = K for ``inputs="loss"`` or
      ``"confidence"``, 2K for ``"both"``) maps each sample's detached features to g [N, K];
   3. W = 1 + eps (g - mean(g)), the mean taken over the whole matrix (``mean_over="all"``,
@@ -29,12 +29,14 @@ Weights (the real model update, one pass over the logits):
      exactly 1. g is in (-1, 1), so W is in (1 - 2 eps, 1 + 2 eps): eps <= 0.5 keeps every
      weight positive, eps in (0.5, 1] (0.8, the paper's CIFAR value) allows negative ones,
      as the original does;
-  4. loss = sum_{k,i} W_ik l_ik / N_valid (the original's ``sum(mean(weight * losses, 0))``);
-     its gradient w.r.t. z_ik is W_ik times the op's own gradient.
+  4. loss = sum_{k,i} W_ik l_ik / N_valid (the original's ``sum(mean(weight * losses, 0))``)
+     by the fused op itself with ``sample_weights=W``: one pass, its gradient folded into
+     the op's fp32 row scale (exact for any grad_out and dtype).
 
 Meta update (:meth:`L2W.pre_step`, with the look-ahead half T and the meta half M):
-  1. per-sample losses of the model on T (pure torch: the look-ahead needs the loss's
-     gradient to be differentiable again, which the fused op's saved gradient is not) and
+  1. per-sample losses of the model on T (pure torch, differentiated twice: the look-ahead
+     differentiates the loss's gradient again; the fused op's composite double backward
+     would do it too, at no gain for these tiny heads) and
      W(phi) from the weight network;
   2. theta' = one step of the real optimiser on sum W l / N_valid, reusing its learning
      rate, momentum buffers, dampening, Nesterov flag and weight decay (``MetaSGD``, which
@@ -85,9 +87,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ann_kernels._ext import HAS_CPP_EXT, HAS_TRITON, warn_fallback
 from ann_kernels.losses.schemes import Weighting, register_weighting
-from ann_kernels.ops.multi_exit_ce import ExitLoss, _validate
+from ann_kernels.ops.multi_exit_ce import ExitLoss, multi_exit_cross_entropy
 
 __all__ = [
     "L2W", "L2W_RECIPE", "WeightNet", "center_weights", "early_exit_assignment", "early_exit_fractions",
@@ -104,30 +105,8 @@ MEAN_OVER = ("sample", "exit", "all")
 L2W_RECIPE = {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4,
               "batch_size": 64}
 
-_FWD = torch.ops.ann_kernels.multi_exit_ce_fwd.default if HAS_CPP_EXT else None
-
 
 # --- 1. the sample-weighted fused loss ---------------------------------------------------
-
-class _WeightedFromGrads(torch.autograd.Function):
-    """loss = sum_{k,i} W_ik l_ik / N_valid from the fused op's outputs; backward reuses the
-    op's saved gradient ``grads`` [K, N, C] (= d l_ik / d z_ik / N_valid), scaled by W."""
-
-    @staticmethod
-    def forward(ctx, weights, per_sample, grads, n_valid, *heads):
-        ctx.save_for_backward(weights, per_sample, grads, n_valid)
-        return (weights * per_sample).sum() / n_valid
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        weights, per_sample, grads, n_valid = ctx.saved_tensors
-        grad_w = grad_out * per_sample / n_valid if ctx.needs_input_grad[0] else None
-        scale = (grad_out * weights).unsqueeze(-1)  # [K, N, 1] float32
-        head_grads = tuple((scale[k] * grads[k]).to(grads.dtype) if ctx.needs_input_grad[4 + k] else None
-                           for k in range(grads.shape[0]))
-        return (grad_w, None, None, None) + head_grads
-
 
 def per_sample_cross_entropy(heads: Sequence[Tensor], target: Tensor, *, ignore_index: int = -100,
                              label_smoothing: float = 0.0) -> Tensor:
@@ -149,57 +128,38 @@ def sample_weighted_cross_entropy(
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
 ) -> tuple[ExitLoss, Tensor]:
-    """Per-sample weighted multi-exit cross-entropy, one pass over the logits.
+    """Per-sample weighted multi-exit cross-entropy through the fused op's native
+    ``sample_weights`` (:func:`ann_kernels.multi_exit_cross_entropy`).
 
     Args:
         heads: K logits [N, C] (fp32/bf16/fp16). target: [N] int64.
         weights: W [K, N] float32, or a function ``(per_sample [K, N], confidence [K, N],
             valid [N] bool) -> W [K, N]`` called on the fused op's detached outputs (so W
-            may depend on the very losses it weights). W may require grad.
+            may depend on the very losses it weights). W may require grad and may be
+            negative (eps > 0.5).
 
     Returns:
         ``(ExitLoss, W)``: ``loss`` = sum_{k,i} W_ik l_ik / N_valid (differentiable w.r.t.
         the heads and W), ``per_exit`` the unweighted L_k, the rest as the fused op's.
+
+    Cost: one fused pass when W is given; when W is a function of the losses, a
+    forward-only pass first (no gradient work: it runs under ``no_grad``) to compute them.
     """
     heads = list(heads)
-    first = heads[0] if heads else None
-    valid = target != ignore_index if isinstance(target, Tensor) else None
-    device_type = first.device.type if isinstance(first, Tensor) else None
-    if _FWD is not None and (device_type == "cpu" or (device_type == "cuda" and HAS_TRITON)):
-        # 1. one fused pass: losses, confidences, predictions and unit-weight gradients.
-        ones = torch.ones(len(heads), device=first.device)
-        _, per_exit, per_sample, confidence, prediction, grads = _FWD(
-            [z.detach() for z in heads], target, ones, ignore_index, float(label_smoothing), None, 0.99, True)
-        w = _resolve_weights(weights, per_sample, confidence, valid)
-        n_valid = valid.sum().clamp(min=1).to(torch.float32)
-        loss = _WeightedFromGrads.apply(w, per_sample, grads, n_valid, *heads)
-        return ExitLoss(loss, per_exit, per_sample, confidence, prediction), w
-    # Fallback (no extension, or no kernel for the device): the pure-torch reference.
-    heads, _ = _validate(heads, target, None, None, label_smoothing, 0.99)
-    reason = "the C++ extension is not built" if not HAS_CPP_EXT else f"no kernel for device {device_type!r}"
-    warn_fallback("sample_weighted_cross_entropy", reason)
-    per_sample = per_sample_cross_entropy(heads, target, ignore_index=ignore_index,
-                                          label_smoothing=label_smoothing)
-    with torch.no_grad():
-        probs = torch.stack([z.float().softmax(dim=-1) for z in heads])
-        confidence, prediction = probs.amax(dim=-1), torch.stack([z.argmax(dim=-1) for z in heads])
-    w = _resolve_weights(weights, per_sample.detach(), confidence, valid)
-    n_valid = valid.sum().clamp(min=1).to(torch.float32)
-    loss = (w * per_sample).sum() / n_valid
-    per_exit = per_sample.detach().sum(dim=1) / n_valid
-    return ExitLoss(loss, per_exit, per_sample.detach(), confidence, prediction), w
+    num_exits, n = len(heads), (len(target) if isinstance(target, Tensor) else 0)
+    if callable(weights):
+        with torch.no_grad():
+            probe = multi_exit_cross_entropy([z.detach() for z in heads], target, None, ignore_index=ignore_index,
+                                             label_smoothing=label_smoothing)
+        weights = weights(probe.per_sample, probe.confidence, target != ignore_index)
+    if not isinstance(weights, Tensor) or tuple(weights.shape) != (num_exits, n):
+        got = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
+        raise ValueError(f"weights: expected sample weights of shape {(num_exits, n)} [K, N], got {got}")
+    w = weights.to(torch.float32)
+    out = multi_exit_cross_entropy(heads, target, None, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                   sample_weights=w)
+    return out, w
 
-
-def _resolve_weights(weights, per_sample: Tensor, confidence: Tensor, valid: Tensor) -> Tensor:
-    w = weights(per_sample, confidence, valid) if callable(weights) else weights
-    if not isinstance(w, Tensor) or w.shape != per_sample.shape:
-        got = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
-        raise ValueError(f"weights: expected sample weights of shape {tuple(per_sample.shape)} [K, N], "
-                         f"got {got}")
-    return w.to(torch.float32)
-
-
-# --- 2. weights from the weight-prediction network ----------------------------------------
 
 class WeightNet(nn.Module):
     """g = tanh(fc2(relu(fc1(f)))): features f [N, F] -> g [N, K] in (-1, 1)

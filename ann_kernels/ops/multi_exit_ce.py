@@ -144,7 +144,8 @@ def _validate(logits, target, weights, ema, label_smoothing, momentum, *, check_
                 raise ValueError(f"weights: must be non-negative, got {weights.tolist()}")
     if sample_weights is not None:
         if not isinstance(sample_weights, torch.Tensor) or sample_weights.dtype != torch.float32:
-            raise TypeError("sample_weights: expected float32")
+            got = sample_weights.dtype if isinstance(sample_weights, torch.Tensor) else type(sample_weights)
+            raise TypeError(f"sample_weights: expected a float32 tensor, got {got}")
         if sample_weights.shape not in ((n,), (num_exits, n)):
             raise ValueError(f"sample_weights: expected shape [{n}] or [{num_exits}, {n}], "
                              f"got {list(sample_weights.shape)}")
@@ -234,7 +235,8 @@ def multi_exit_cross_entropy(
         weights: [K] non-negative exit weights (None = all ones); may require grad
             (d loss / d w_k = sum_i s_ik l_ik / N_valid, i.e. L_k without sample weights).
         sample_weights: optional per-sample weights s, float32 [N] (shared by the exits) or
-            [K, N]; non-negative; may require grad (d loss / d s_ik = w_k l_ik / N_valid).
+            [K, N]; may be negative (L2W-DEN's weights with eps > 0.5), never NaN; may
+            require grad (d loss / d s_ik = w_k l_ik / N_valid).
             loss = sum_k w_k sum_i s_ik l_ik / N_valid; ``per_exit`` stays the unweighted L_k.
         label_smoothing: e in [0, 1], as in ``F.cross_entropy``.
         ema: optional AdaLoss running averages [K] float32, updated in place: NaN entries

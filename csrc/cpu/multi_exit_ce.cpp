@@ -43,16 +43,18 @@ using OptTensor = std::optional<Tensor>;
 
 // Values of a [K] weight vector (or [K, N] / [N] sample weights) checked on the host: only
 // where that read is free (plain CPU tensors). NaN is rejected (it would silently poison
-// the loss and every gradient); so is a negative value. On CUDA nothing is read (a check
-// would synchronise): NaN weights give a NaN loss and NaN gradients there.
-void check_weight_values(const Tensor& t, const char* name) {
+// the loss and every gradient); so is a negative exit weight. Negative sample weights are
+// allowed (`allow_negative`): L2W-DEN's W = 1 + eps (g - mean g) goes below 0 for
+// eps > 0.5, as in the original. On CUDA nothing is read (a check would synchronise): NaN
+// weights give a NaN loss and NaN gradients there.
+void check_weight_values(const Tensor& t, const char* name, bool allow_negative = false) {
   if (!is_plain_cpu(t)) return;
   at::NoGradGuard no_grad;  // a read, not part of any graph (weights may require grad)
   const Tensor v = t.to(at::kFloat).contiguous().view(-1);
   const float* p = v.data_ptr<float>();
   const int64_t cols = t.dim() == 2 ? t.size(1) : 0;
   for (int64_t j = 0; j < v.numel(); ++j) {
-    if (p[j] >= 0.f) continue;
+    if (p[j] >= 0.f || (allow_negative && !std::isnan(p[j]))) continue;
     const std::string where = cols > 0 ? std::to_string(j / cols) + ", " + std::to_string(j % cols)
                                        : std::to_string(j);
     TORCH_CHECK_VALUE(!std::isnan(p[j]), "multi_exit_cross_entropy: ", name, ": must not be NaN, got ", name, "[",
@@ -116,7 +118,7 @@ void check_multi_exit_ce_inputs(at::TensorList logits, const Tensor& target, con
                       "sample_weights: expected shape [", N, "] or [", K, ", ", N, "], got ", s.sizes());
     TORCH_CHECK_VALUE(s.device() == first.device(), op, "sample_weights is on ", s.device(), " but logits are on ",
                       first.device());
-    check_weight_values(s, "sample_weights");
+    check_weight_values(s, "sample_weights", /*allow_negative=*/true);
   }
   if (ema.has_value()) {
     TORCH_CHECK_VALUE(ema->dim() == 1 && ema->size(0) == K && ema->scalar_type() == at::kFloat, op,
