@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 DATA   := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 CSRC   := $(shell find csrc -type f 2>/dev/null) setup.py
 
-.PHONY: setup build data demo test bench clean
+.PHONY: setup build data demo test bench clean gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,7 @@ $(PY):
 # would pull a multi-GB CUDA build. Install it only when the venv has no torch yet.
 $(VENV)/.deps: pyproject.toml | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q setuptools wheel numpy pybind11 ninja tqdm matplotlib pytest hypothesis triton
+	$(PIP) install -q setuptools wheel numpy pybind11 ninja tqdm matplotlib pytest hypothesis triton tokenizers fastapi uvicorn
 	touch $@
 
 # --no-build-isolation: compile against the torch installed above.
@@ -40,6 +40,11 @@ test: build
 
 bench: build
 	$(PY) bench/bench_multi_exit_ce.py
+
+# On a CUDA machine, with its own preinstalled torch (no venv, no downloads): build with CUDA
+# for the present GPU, the CUDA tests, the GPU benchmarks -> $$GPU_CHECK_OUT (gpu-check/).
+gpu-check:
+	PYTHON=$(PYTHON) scripts/gpu_check.sh
 
 clean:
 	rm -rf build *.egg-info ann_kernels/_C*.so $(VENV)

@@ -38,7 +38,9 @@ def _extensions():
     os.environ.setdefault("MAX_JOBS", os.environ.get("ANN_KERNELS_MAX_JOBS", str(os.cpu_count() or 1)))
     opt = ["-O0", "-g"] if _flag("DEBUG") else ["-O3"]
     march = os.environ.get("ANN_KERNELS_MARCH", "native")
-    cxx_flags = opt + [f"-march={march}", "-fopenmp", "-std=c++17", "-fno-math-errno", "-fno-trapping-math"]
+    # No -std flag: torch's BuildExtension adds the standard its headers need (C++17 for
+    # torch <= 2.13's headers, C++20 required from 2.14; it passes -std=c++20 to g++ and nvcc).
+    cxx_flags = opt + [f"-march={march}", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     use_cuda = (not _flag("NO_CUDA")) and torch.version.cuda is not None and CUDA_HOME is not None

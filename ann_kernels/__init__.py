@@ -8,6 +8,7 @@ its pure-torch reference (with a one-time warning).
 from ann_kernels._ext import HAS_CPP_EXT, HAS_TRITON
 from ann_kernels.losses import AdaLoss, AnytimeLoss
 from ann_kernels.inference import EarlyExitEngine, calibrate_for_budget, calibrate_thresholds
+from ann_kernels.inference.server import EarlyExitServer
 from ann_kernels.nn import MultiExitNetwork
 from ann_kernels.sequence import EANN, EANNEngine, eann
 from ann_kernels.ops.multi_exit_ce import (
@@ -15,13 +16,22 @@ from ann_kernels.ops.multi_exit_ce import (
     multi_exit_cross_entropy,
     multi_exit_cross_entropy_reference,
 )
+from ann_kernels.ops.multi_exit_linear_ce import (
+    multi_exit_linear_cross_entropy,
+    multi_exit_linear_cross_entropy_reference,
+)
+from ann_kernels.losses.linear_loss import AnytimeLinearLoss
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnytimeLinearLoss",
+    "multi_exit_linear_cross_entropy",
+    "multi_exit_linear_cross_entropy_reference",
     "AdaLoss",
     "AnytimeLoss",
     "EarlyExitEngine",
+    "EarlyExitServer",
     "calibrate_for_budget",
     "calibrate_thresholds",
     "HAS_CPP_EXT",

@@ -16,6 +16,8 @@ EXT_IMPORT_ERROR: BaseException | None = None
 
 import torch  # noqa: E402,F401  (first: loads libc10 / libtorch, which _C links against)
 
+from ann_kernels import _compat  # noqa: E402,F401  (warns once on a torch older than supported)
+
 try:
     from ann_kernels import _C  # noqa: F401  (registers the torch.ops.ann_kernels.* ops)
 

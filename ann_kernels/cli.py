@@ -17,7 +17,7 @@ import sys
 COMMAND_MODULES = [
     "ann_kernels.train.commands",  # train, eval, compare, demo
     "ann_kernels.sequence.commands",  # eann train, eann eval
-    "ann_kernels.inference.commands",  # calibrate, infer
+    "ann_kernels.inference.commands",  # calibrate, infer, serve
 ]
 
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-CSV_FIELDS = ["op", "provider", "shape", "metric", "p20", "p50", "p80", "peak_mb", "torch", "commit", "timestamp"]
+CSV_FIELDS = ["op", "provider", "shape", "metric", "p20", "p50", "p80", "peak_mb", "torch", "commit", "timestamp",
+              "dtype", "notes"]
 
 
 @dataclass
@@ -103,20 +104,29 @@ def git_commit() -> str:
 class CsvWriter:
     """Appends long-format rows (one metric per row) to bench/results/<name>.csv."""
 
-    def __init__(self, name: str):
-        os.makedirs(RESULTS_DIR, exist_ok=True)
-        self.path = os.path.join(RESULTS_DIR, f"{name}.csv")
+    def __init__(self, name: str, out_dir: str | None = None):
+        out_dir = out_dir or RESULTS_DIR
+        os.makedirs(out_dir, exist_ok=True)
+        self.path = os.path.join(out_dir, f"{name}.csv")
         self.commit = git_commit()
         self.timestamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         self.rows: list[dict] = []
 
     def add(self, op: str, provider: str, shape: str, metric: str, timing: Timing | None = None,
-            value: float | None = None, peak_mb: float = float("nan")) -> None:
+            value: float | None = None, peak_mb: float = float("nan"), dtype: str = "", notes: str = "") -> None:
+        """One row; ``dtype`` and ``notes`` (e.g. which allocator effects a timing includes)
+        are optional columns."""
         p20, p50, p80 = (timing.p20, timing.p50, timing.p80) if timing else (value, value, value)
         self.rows.append(dict(op=op, provider=provider, shape=shape, metric=metric, p20=p20, p50=p50, p80=p80,
-                              peak_mb=peak_mb, torch=torch.__version__, commit=self.commit, timestamp=self.timestamp))
+                              peak_mb=peak_mb, torch=torch.__version__, commit=self.commit, timestamp=self.timestamp,
+                              dtype=dtype, notes=notes))
 
     def write(self) -> str:
+        # A file written with an older header gets a fresh one (columns must line up).
+        if os.path.exists(self.path):
+            with open(self.path, newline="") as handle:
+                if handle.readline().strip().split(",") != CSV_FIELDS:
+                    os.replace(self.path, self.path + ".old")
         new_file = not os.path.exists(self.path)
         with open(self.path, "a", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)

@@ -3,12 +3,15 @@
 For each run (``OUT/<weighting>-s<seed>/last.pt``) and each mean-FLOP budget: MSDNet
 thresholds calibrated on the validation split (held out of training), then accuracy and
 mean FLOPs on the test split with those thresholds. Writes ``OUT/budgeted.json``,
-``OUT/budgeted.md`` (mean ± std over seeds) and ``OUT/budgeted.png`` (test accuracy vs
-test mean FLOPs, one line per weighting, ±std band).
+``OUT/budgeted.md`` (mean ± std over seeds, with each scheme's training time per run) and
+``OUT/budgeted.png`` (test accuracy vs test mean FLOPs, one line per weighting, ±std band).
+FLOPs are FLOPs (2 x multiply-accumulates), as ``MultiExitNetwork.exit_flops`` counts them.
 
     python scripts/budgeted_comparison.py runs/l2w --budgets 0.3 0.5 0.8 1.0
 
-Budgets <= 1 are fractions of the full network's FLOPs per image.
+Budgets <= 1 are fractions of the full network's FLOPs per image. ``--also DIR LABEL``
+adds the runs of another compare directory (same network and data), as column ``LABEL``
+(e.g. a control run with another batch size).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from tqdm.auto import tqdm
 from ann_kernels.inference.calibration import simulate_thresholds
 from ann_kernels.inference.commands import resolve_budget
 from ann_kernels.inference.engine import EarlyExitEngine
+from ann_kernels.train.metrics import read_jsonl
 from ann_kernels.train.runs import load_data, load_trained
 
 
@@ -46,8 +50,9 @@ def evaluate_run(checkpoint: Path, budgets: list[float], data_cache: dict) -> di
         acc, cost, counts = simulate_thresholds(test.confidence, test.correct, flops, plan.thresholds)
         rows.append({"budget_rel": budget / full, "val_acc": plan.accuracy, "test_acc": float(acc),
                      "test_flops": float(cost), "test_rel": float(cost) / full, "exit_counts": counts.tolist()})
+    history = read_jsonl(checkpoint.parent / "metrics.jsonl") if (checkpoint.parent / "metrics.jsonl").is_file() else []
     return {"exit_flops": flops.tolist(), "exit_test_acc": test.correct.double().mean(dim=1).tolist(),
-            "budgets": rows}
+            "budgets": rows, "train_time_s": sum(float(r.get("train_time_s", 0.0)) for r in history)}
 
 
 def _ms(values: list[float]) -> str:
@@ -60,12 +65,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path, help="an ann-kernels compare output directory")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.8, 1.0])
+    p.add_argument("--also", nargs=2, action="append", default=[], metavar=("DIR", "LABEL"),
+                   help="another compare directory whose runs join the table as column LABEL")
     args = p.parse_args(argv)
     summary = json.loads((args.out / "summary.json").read_text())
     torch.set_num_threads(1)
     results: dict[str, dict[str, dict]] = {}
     cache: dict = {}
     runs = [(w, s, r) for w, by_seed in summary["runs"].items() for s, r in by_seed.items()]
+    for other, label in args.also:
+        other_runs = json.loads((Path(other) / "summary.json").read_text())["runs"]
+        runs += [(label if len(other_runs) == 1 else f"{w} {label}", s, r)
+                 for w, by_seed in other_runs.items() for s, r in by_seed.items()]
     for weighting, seed, run in tqdm(runs, desc="calibrate + test"):
         results.setdefault(weighting, {})[seed] = evaluate_run(Path(run["dir"]) / "last.pt", args.budgets, cache)
     (args.out / "budgeted.json").write_text(json.dumps(results, indent=1))
@@ -85,6 +96,8 @@ def main(argv=None) -> int:
         f"{_ms([statistics.fmean(r['exit_test_acc']) for r in results[w].values()])} "
         f"({_ms([r['exit_test_acc'][0] for r in results[w].values()])} / "
         f"{_ms([r['exit_test_acc'][-1] for r in results[w].values()])})" for w in weightings) + " |")
+    lines.append("| training wall time per run, s (1 thread, shared CPU) | " + " | ".join(
+        f"{statistics.fmean(r.get('train_time_s', 0.0) for r in results[w].values()):.0f}" for w in weightings) + " |")
     table = "\n".join(lines)
     (args.out / "budgeted.md").write_text(table + "\n")
     print(f"full network: {full / 1e6:.3f} MFLOPs per image; {len(next(iter(results.values())))} seeds")
@@ -103,7 +116,7 @@ def main(argv=None) -> int:
         line, = ax.plot(x, y.mean(0), "o-", label=w)
         if y.shape[0] > 1:
             ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), color=line.get_color(), alpha=0.15)
-    ax.set_xlabel("mean MFLOPs per test image")
+    ax.set_xlabel("mean MFLOPs per test image (FLOPs = 2 x MACs)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Budgeted early exit (thresholds from the validation split)")
     ax.grid(alpha=0.3)

@@ -163,3 +163,46 @@ def test_search_covers_every_prefix_of_the_exits(fraction_of_full):
     msdnet_only = calibrate_for_budget(confidence, correct, flops, budget,
                                        exit_fractions=candidate_exit_fractions(8))
     assert full.accuracy >= msdnet_only.accuracy - 1e-12
+
+
+# ---------------------------------------------------------------------------- devices
+
+
+def test_device_inputs_give_the_cpu_answer(device):
+    """Confidences computed on a device calibrate exactly as their CPU copy."""
+    confidence, correct, flops = synthetic_held_out(k=4, n=500, seed=5)
+    on_cpu = calibrate_for_budget(confidence, correct, flops, 0.4 * float(flops[-1]))
+    on_dev = calibrate_for_budget(confidence.to(device), correct.to(device), flops.to(device),
+                                  0.4 * float(flops[-1]))
+    assert torch.equal(on_dev.thresholds.cpu(), on_cpu.thresholds)
+    assert on_dev.accuracy == on_cpu.accuracy and on_dev.mean_flops == on_cpu.mean_flops
+    fractions = [0.3, 0.3, 0.2, 0.2]
+    assert torch.equal(calibrate_thresholds(confidence.to(device), fractions).cpu(),
+                       calibrate_thresholds(confidence, fractions))
+
+
+def test_calibrated_thresholds_run_as_simulated_by_the_op(device):
+    """Thresholds calibrated on the op's own confidences (exit_confidence on ``device``), run
+    stage by stage through the op on the same logits, send exactly the simulated number of
+    samples to each exit."""
+    from ann_kernels.ops.early_exit import early_exit_step, exit_confidence
+
+    gen = torch.Generator().manual_seed(6)
+    k, n, c = 4, 400, 10
+    logits = [(s * torch.randn(n, c, generator=gen)).to(device) for s in (1.0, 2.0, 3.0, 4.0)]
+    confidence = torch.stack([exit_confidence(z)[0] for z in logits])
+    correct = torch.stack([z.argmax(1) for z in logits]).cpu() == 0
+    flops = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    result = calibrate_for_budget(confidence, correct, flops, 2.0)
+    _, _, expected_counts = simulate_thresholds(confidence, correct, flops, result.thresholds)
+    prediction = torch.empty(n, dtype=torch.int64, device=device)
+    exit_index = torch.empty(n, dtype=torch.int64, device=device)
+    conf_out = torch.empty(n, device=device)
+    active = torch.arange(n, device=device)
+    for j in range(k):
+        threshold = -INF if j == k - 1 else float(result.thresholds[j])
+        step = early_exit_step(logits[j][active], active, None, prediction, exit_index, conf_out,
+                               threshold=threshold, exit_id=j)
+        active = step.survivor_index
+    assert active.numel() == 0
+    assert torch.bincount(exit_index.cpu(), minlength=k).tolist() == expected_counts.tolist()

@@ -418,3 +418,35 @@ def test_train_checkpoint_round_trip_and_cli(tmp_path, capsys):
 
 def test_public_exports():
     assert ann_kernels.EANN is EANN and ann_kernels.eann is eann and "EANNEngine" in ann_kernels.__all__
+
+
+# ---------------------------------------------------------------------------- devices
+
+
+def test_early_exit_over_sequence_on_device(device):
+    """The EANN engine on ``device``: each sample leaves at its first exit whose confidence
+    (the kernel's, on that device) passes; against the CPU run, decisions agree except for
+    samples whose CPU confidence sits within float rounding of a threshold."""
+    model = _mlp_eann(3, exits=[None, [2, 3], [2, 3]], seed=2)
+    gen = torch.Generator().manual_seed(4)
+    x_val, y_val = torch.randn(300, 32, generator=gen), torch.randint(0, 10, (300,), generator=gen)
+    x_test = torch.randn(200, 32, generator=gen)
+    cpu_engine = EANNEngine(model)
+    cal = cpu_engine.calibrate(x_val, y_val, batch_size=128)
+    thresholds = cpu_engine.calibrate_budget(float(cal.exit_flops[3])).thresholds
+    cpu_out = cpu_engine.predict(x_test, thresholds=thresholds)
+    cpu_conf = torch.stack([exit_confidence(z)[0] for z in model(x_test)])
+
+    model_dev = model.to(device)
+    engine = EANNEngine(model_dev)
+    out = engine.predict(x_test.to(device), thresholds=thresholds)
+    logits = model_dev(x_test.to(device))
+    conf = torch.stack([exit_confidence(z)[0] for z in logits]).cpu()
+    expected_exit = _first_passing(conf, torch.as_tensor(thresholds))
+    assert out.exit_index.device.type == torch.device(device).type
+    assert torch.equal(out.exit_index.cpu(), expected_exit)
+    preds = torch.stack([z.argmax(1) for z in logits]).cpu()
+    assert torch.equal(out.prediction.cpu(), preds.gather(0, expected_exit[None])[0])
+    thr = torch.as_tensor(thresholds, dtype=torch.float32)[:, None]
+    near = ((cpu_conf - thr).abs() < 1e-4)[:-1].any(dim=0)  # a tie at some exit before the last
+    assert torch.equal(out.exit_index.cpu()[~near], cpu_out.exit_index[~near])

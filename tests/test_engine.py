@@ -15,6 +15,7 @@ from torch import nn
 
 from ann_kernels import EarlyExitEngine
 from ann_kernels.inference import engine as engine_module
+from ann_kernels.inference.stage_timing import StageTimes
 from ann_kernels.nn import MultiExitNetwork, mlp_ann
 from ann_kernels.ops.early_exit import early_exit_step_reference, exit_confidence_reference
 from tests.utils import requires_ext
@@ -190,8 +191,9 @@ def test_deadline_mid_network_returns_latest_predictions():
     x = inputs(30)
     result = EarlyExitEngine(model).predict(x, deadline_s=0.02)  # passes during stage 1
     with torch.no_grad():
-        second = model(x)[1]
-    assert (result.exit_index == 1).all() and torch.equal(result.prediction, second.argmax(dim=1))
+        first = model(x)[0]
+    # Exit 1 finished late: everyone takes exit 0, the latest finished in time.
+    assert (result.exit_index == 0).all() and torch.equal(result.prediction, first.argmax(dim=1))
     assert result.stats.deadline_exit == 1
     relaxed = EarlyExitEngine(model).predict(x, deadline_s=60.0)
     assert (relaxed.exit_index == K - 1).all() and relaxed.stats.deadline_exit is None
@@ -261,7 +263,7 @@ def test_stream_rejects_quota_and_bad_batches():
     with pytest.raises(ValueError, match="quota"):
         engine.stream([inputs(4)], quota=[0.5, 0.5, 0, 0])
     with pytest.raises(ValueError, match="deadline_s"):
-        engine.stream([inputs(4)], deadline_s=1.0)
+        engine.stream([inputs(4)], deadline_s=-1.0)
     with pytest.raises(ValueError, match="batches: batch 1"):
         list(engine.stream([inputs(4), inputs(0)], thresholds=[INF] * K))
 
@@ -428,3 +430,244 @@ def test_cli_budget_out_of_range_is_a_one_line_error(mlp_checkpoint, capsys):
     assert cli.main(["infer", "--checkpoint", str(mlp_checkpoint), "--budget", "1e15", "--threads", "1"]) == 2
     err = capsys.readouterr().err
     assert "budget" in err and "above the full network" in err
+
+
+# ---------------------------------------------------------------------------------------
+# Deadlines that hold, the masking cost model, the budget cache (issue 12).
+
+
+class CountingSleep(nn.Module):
+    """A stage that sleeps ``seconds`` and counts its calls."""
+
+    def __init__(self, inner: nn.Module, seconds: float):
+        super().__init__()
+        self.inner, self.seconds, self.calls = inner, seconds, 0
+
+    def forward(self, h):
+        self.calls += 1
+        time.sleep(self.seconds)
+        return self.inner(h)
+
+
+def sleepy_model(stage: int, seconds: float, seed: int = 7) -> tuple[MultiExitNetwork, CountingSleep]:
+    base = small_mlp(seed=seed)
+    stages = list(base.stages)
+    slow = stages[stage] = CountingSleep(stages[stage], seconds)
+    return MultiExitNetwork(stages, list(base.heads), num_classes=5), slow
+
+
+@pytest.mark.parametrize("thresholds", [None, [INF] * K, [0.99, 0.99, 0.99, 0.0]])
+def test_deadline_does_not_start_a_stage_measured_to_overrun(thresholds):
+    model, slow = sleepy_model(stage=2, seconds=0.2)
+    engine, x = EarlyExitEngine(model), inputs(24)
+    engine.predict(x, thresholds=thresholds)  # measures every stage (and FLOPs) at this batch size
+    calls = slow.calls
+    result = engine.predict(x, thresholds=thresholds, deadline_s=0.1)
+    assert slow.calls == calls, "the deadline check let the sleeping stage start"
+    with torch.no_grad():
+        logits = model(x)
+    # Rows left before stage 2 take exit 1, the latest reached in time (head 1 is evaluated
+    # for them even where a +inf threshold skipped it).
+    full = engine.predict(x, thresholds=thresholds)
+    late = full.exit_index >= 2
+    assert (result.exit_index[late] == 1).all()
+    assert torch.equal(result.prediction[late], logits[1].argmax(dim=1)[late])
+    assert torch.equal(result.exit_index[~late], full.exit_index[~late])
+    assert torch.equal(result.prediction[~late], full.prediction[~late])
+    assert result.stats.deadline_exit == (2 if late.any() else None)
+    assert result.stats.samples_per_exit[2:] == (0, 0)
+    assert result.stats.total_seconds < 0.2  # did not sleep (a structural bound, not a timing one)
+
+
+def test_deadline_unmeasured_stage_overrunning_then_measured():
+    model, slow = sleepy_model(stage=2, seconds=0.1)
+    engine, x = EarlyExitEngine(model), inputs(16)
+    engine.exit_flops(x)  # FLOP counting runs the stages once
+    engine.predict(x[:1], thresholds=[INF] * K)  # stages 0 and 1 measured, at another size
+    calls = slow.calls
+    with torch.no_grad():
+        second = model(x)[1].argmax(dim=1)
+    result = engine.predict(x, deadline_s=0.05)  # stage 2 not measured: it runs and overruns
+    assert slow.calls == calls + 1 and result.stats.deadline_exit == 2
+    assert (result.exit_index == 1).all() and torch.equal(result.prediction, second)
+    # Measured now: the next call does not start stage 2 at all, with the same answer.
+    again = engine.predict(x, deadline_s=0.05)
+    assert slow.calls == calls + 1 and again.stats.deadline_exit == 2
+    assert (again.exit_index == 1).all() and torch.equal(again.prediction, second)
+
+
+def test_stage_times_interpolate_and_extrapolate_conservatively():
+    times = StageTimes(2)
+    assert times.estimate(0, 10) is None
+    times.record(0, 8, 0.008)
+    times.record(0, 64, 0.016)
+    assert times.estimate(0, 8) == pytest.approx(0.008)
+    assert times.estimate(0, 36) == pytest.approx(0.012)  # halfway between the two points
+    assert times.estimate(0, 128) == pytest.approx(0.032)  # above: proportional
+    assert times.estimate(0, 2) == pytest.approx(0.008)  # below: not cheaper than the smallest
+    assert times.measured(0, 15) and not times.measured(0, 16)
+    assert times.estimate(1, 8) is None
+    times.record(1, 8, 0.001, head=False)
+    assert times.estimate(1, 8, head=True) == pytest.approx(0.001)  # the other setting as fallback
+
+
+@pytest.mark.parametrize("net", ["mlp", "tuple"])
+def test_masking_gives_the_same_results_as_compaction(net):
+    model = small_mlp(seed=30) if net == "mlp" else tuple_net(seed=30)
+    x = inputs(200, seed=31)
+    _, _, _, conf = simulate(model, x, [0.0] * model.num_exits)
+    thresholds = safe_thresholds(conf, 0.5)
+    compacting = EarlyExitEngine(model)
+    compacting.adaptive_masking = False
+    expected = compacting.predict(x, thresholds=thresholds)
+    masking = EarlyExitEngine(model)
+    masking.predict(x, thresholds=thresholds)  # survival rates
+    masking.stage_times = StageTimes(model.num_exits)
+    for k in range(model.num_exits):  # flat stage times: small batches are not cheaper
+        for rows in (1, 2, 4, 8, 16, 32, 64, 128, 200):
+            for _ in range(3):
+                masking.stage_times.record(k, rows, 1e-3)
+    got = masking.predict(x, thresholds=thresholds)
+    assert got.stats.executed_flops > expected.stats.executed_flops  # it did run masked rows
+    assert torch.equal(got.prediction, expected.prediction)
+    assert torch.equal(got.exit_index, expected.exit_index)
+    assert torch.equal(got.confidence, expected.confidence)
+    assert got.stats.samples_per_exit == expected.stats.samples_per_exit
+    masking.stage_times = StageTimes(model.num_exits)
+    for k in range(model.num_exits):  # proportional times: compaction pays, back to it
+        for rows in (1, 2, 4, 8, 16, 32, 64, 128, 200):
+            for _ in range(3):
+                masking.stage_times.record(k, rows, 1e-5 * rows)
+    again = masking.predict(x, thresholds=thresholds)
+    assert again.stats.executed_flops == pytest.approx(expected.stats.executed_flops)
+    assert torch.equal(again.prediction, expected.prediction)
+
+
+def test_budget_cache_is_lru_bounded(monkeypatch):
+    monkeypatch.setattr(engine_module, "BUDGET_CACHE_SIZE", 8)
+    model = small_mlp(seed=8)
+    engine = EarlyExitEngine(model)
+    engine.calibrate(inputs(200, seed=9), torch.randint(0, 5, (200,)))
+    flops = engine.exit_flops(inputs(1))
+    budgets = torch.linspace(float(flops[0]), float(flops[-1]), 20).tolist()
+    for b in budgets:
+        engine.calibrate_budget(b)
+    assert len(engine._budget_cache) == 8
+    first = engine.calibrate_budget(budgets[-8])  # a hit, made most recent
+    engine.calibrate_budget(budgets[0])  # a miss evicts the least recent (budgets[-7])
+    assert first is engine.calibrate_budget(budgets[-8])
+    assert (engine._generation, budgets[-7]) not in engine._budget_cache
+
+
+def test_concurrent_calibrate_never_leaves_stale_thresholds(monkeypatch):
+    """A budget computed from calibration A, while calibrate(B) replaces it, must not be
+    cached: later calls must see B's thresholds."""
+    model = small_mlp(seed=8)
+    engine = EarlyExitEngine(model)
+    val_a, val_b = inputs(300, seed=40), inputs(300, seed=41)
+    y = torch.randint(0, 5, (300,), generator=torch.Generator().manual_seed(42))
+    engine.calibrate(val_a, y)
+    budget = float(engine.exit_flops(val_a[:1])[1])
+    real = engine_module.calibrate_for_budget
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_calibration(*args):
+        entered.set()
+        release.wait(10)
+        return real(*args)
+
+    monkeypatch.setattr(engine_module, "calibrate_for_budget", slow_calibration)
+    worker = threading.Thread(target=engine.calibrate_budget, args=(budget,))
+    worker.start()
+    assert entered.wait(10)
+    engine.calibrate(val_b, 1 - y.clamp(max=1))  # other data, other labels
+    release.set()
+    worker.join(10)
+    monkeypatch.setattr(engine_module, "calibrate_for_budget", real)
+    fresh = EarlyExitEngine(model)
+    fresh.calibrate(val_b, 1 - y.clamp(max=1))
+    assert torch.equal(engine.thresholds_for_budget(budget), fresh.thresholds_for_budget(budget))
+
+
+def test_stream_max_wait_bounds_the_wait_for_a_full_batch():
+    model = small_mlp(seed=12)
+    engine = EarlyExitEngine(model)
+    thresholds = [INF, INF, INF, -INF]
+    x = inputs(8, seed=13)
+    produced = []
+
+    def batches():
+        for i in range(4):
+            produced.append(i)
+            yield x[i : i + 1]
+            time.sleep(0.02)
+
+    gen = engine.stream(batches(), thresholds=thresholds, batch_size=64, max_wait_s=0.01)
+    first = next(gen)
+    # Without max_wait_s the 64-row batches would wait for the end of the stream.
+    assert len(produced) < 4 and first.prediction.shape == (1,)
+    rest = list(gen)
+    expected = engine.predict(x[:4], thresholds=thresholds)
+    assert torch.equal(torch.cat([first.prediction] + [r.prediction for r in rest]), expected.prediction)
+    with pytest.raises(ValueError, match="max_wait_s"):
+        engine.stream([x], max_wait_s=-1)
+
+
+@pytest.mark.parametrize("thresholds", [None, [0.99] * 3 + [0.0]])
+def test_eann_deadlines_follow_the_same_rule(thresholds):
+    """EANNEngine and EANN.anytime_predict: a segment measured to overrun is not started."""
+    from ann_kernels import EANN, EANNEngine
+
+    first = small_mlp(seed=50)
+    second, slow = sleepy_model(stage=0, seconds=0.2, seed=51)  # member 1's first stage sleeps
+    members = [
+        MultiExitNetwork(list(first.stages[:2]), list(first.heads[:2]), num_classes=5),
+        MultiExitNetwork(list(second.stages[:2]), list(second.heads[:2]), num_classes=5),
+    ]
+    model = EANN(members).eval()
+    engine, x = EANNEngine(model), inputs(12)
+    model.exit_flops(x)
+    with torch.no_grad():
+        exit1 = model(x)[1].argmax(dim=1)
+    engine.predict(x, thresholds=thresholds)  # measures every segment
+    calls = slow.calls
+    full = engine.predict(x, thresholds=thresholds)
+    calls_full = slow.calls - calls
+    result = engine.predict(x, thresholds=thresholds, deadline_s=0.1)
+    assert slow.calls == calls + calls_full, "a segment measured at 0.2 s started under a 0.1 s deadline"
+    late = full.exit_index >= 2
+    assert late.any()
+    assert (result.exit_index[late] == 1).all() and torch.equal(result.prediction[late], exit1[late])
+    assert torch.equal(result.exit_index[~late], full.exit_index[~late])
+    assert result.stats.deadline_exit == 2
+    anytime = model.anytime_predict(x, deadline_s=0.1)  # its segments: measured by the same table
+    assert slow.calls == calls + calls_full
+    assert anytime.exit_index == 1 and anytime.deadline_met and torch.equal(anytime.prediction, exit1)
+
+
+def test_stream_deadline_does_not_start_a_stage_measured_to_overrun():
+    model, slow = sleepy_model(stage=2, seconds=0.2)
+    engine, x = EarlyExitEngine(model), inputs(24, seed=60)
+    engine.predict(x, thresholds=[INF] * K)  # measures every stage at this batch size
+    calls = slow.calls
+    with torch.no_grad():
+        exit1 = model(x)[1].argmax(dim=1)
+    slow.calls = calls
+    results = list(engine.stream(torch.split(x, 8), thresholds=[INF] * K, batch_size=24, deadline_s=0.1))
+    assert slow.calls == calls, "the stream started a stage measured at 0.2 s for a 0.1 s deadline"
+    assert torch.equal(torch.cat([r.exit_index for r in results]), torch.ones(24, dtype=torch.int64))
+    assert torch.equal(torch.cat([r.prediction for r in results]), exit1)
+    relaxed = list(engine.stream(torch.split(x, 8), thresholds=[INF] * K, batch_size=24, deadline_s=30.0))
+    assert (torch.cat([r.exit_index for r in relaxed]) == K - 1).all()
+
+
+def test_stream_deadline_passing_during_a_stage_takes_the_exit_before():
+    model, slow = sleepy_model(stage=2, seconds=0.1)
+    engine, x = EarlyExitEngine(model), inputs(16, seed=61)
+    engine.exit_flops(x)  # FLOP counting runs the stages once
+    with torch.no_grad():
+        exit1 = model(x)[1].argmax(dim=1)
+    calls = slow.calls
+    results = list(engine.stream([x], thresholds=[INF] * K, deadline_s=0.05))  # stage 2 not measured yet
+    assert slow.calls == calls + 1
+    assert (results[0].exit_index == 1).all() and torch.equal(results[0].prediction, exit1)

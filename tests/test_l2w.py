@@ -1,10 +1,13 @@
 """L2W-DEN: the sample-weighted fused loss, the weights' means, the early-exit-mimicking
-assignment, the SGD look-ahead, the meta-gradient (finite differences, float64), the
-checkpoint round trip, Trainer / CLI integration and option errors."""
+assignment, the meta loss (hand-worked), the SGD look-ahead, the meta-gradient (finite
+differences, float64), the two-phase iteration and the meta LR schedule against a
+plain-torch transcription of LeapLabTHU/L2W-DEN's ``train()``, the checkpoint round trip,
+Trainer / CLI integration and option errors."""
 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -13,8 +16,8 @@ from torch import nn
 
 from ann_kernels.losses import L2W, AnytimeLoss
 from ann_kernels.losses.l2w import (
-    center_weights, early_exit_assignment, early_exit_fractions, per_sample_cross_entropy,
-    sample_weighted_cross_entropy, sgd_lookahead,
+    L2W_RECIPE, center_weights, early_exit_assignment, early_exit_fractions, early_exit_meta_loss,
+    per_sample_cross_entropy, sample_weighted_cross_entropy, sgd_lookahead, split_halves,
 )
 from ann_kernels.train import TrainConfig, Trainer, load_splits, seed_everything
 from tests.utils import make_logits, make_target, max_abs_err, requires_ext, tiny_mlp_exit_net
@@ -119,6 +122,46 @@ def test_early_exit_assignment_hand_worked():
     assert torch.allclose(early_exit_fractions(4), r / r.sum())
 
 
+# --- the meta loss: the sum over exits of each group's mean ------------------------------
+
+def test_meta_loss_hand_worked_two_exits_groups_of_different_sizes():
+    # K = 2, ratio 1.5: q = [1/2.5, 1.5/2.5] = [0.4, 0.6]; n = 5 -> floor(2) = 2 samples leave
+    # at exit 0 (the two most confident there: 0 and 2), the last exit takes 1, 3, 4.
+    probs = torch.tensor([
+        [[0.9, 0.1], [0.6, 0.4], [0.8, 0.2], [0.5, 0.5], [0.7, 0.3]],    # exit 0
+        [[0.3, 0.7], [0.2, 0.8], [0.1, 0.9], [0.75, 0.25], [0.4, 0.6]],  # exit 1
+    ], dtype=torch.float64)
+    target = torch.tensor([0, 1, 0, 0, 1])
+    logits = probs.log()  # CE of a row = -log p_target
+    q = early_exit_fractions(2, 1.5)
+    assert torch.allclose(q, torch.tensor([0.4, 0.6], dtype=torch.float64))
+    exit_of = early_exit_assignment(logits.softmax(-1).amax(-1), q)
+    assert exit_of.tolist() == [0, 1, 0, 1, 1]
+    group0 = -(math.log(0.9) + math.log(0.8)) / 2             # exit 0's 2 samples
+    group1 = -(math.log(0.8) + math.log(0.75) + math.log(0.6)) / 3  # exit 1's 3 samples
+    got = early_exit_meta_loss(logits, target, exit_of)
+    assert abs(got.item() - (group0 + group1)) < 1e-12
+    # Not one mean over all 5 samples (what a pooled cross-entropy would give).
+    pooled = -(math.log(0.9) + math.log(0.8) + math.log(0.8) + math.log(0.75) + math.log(0.6)) / 5
+    assert abs(got.item() - pooled) > 0.2
+    # An empty group adds nothing.
+    assert abs(early_exit_meta_loss(logits, target, torch.ones(5, dtype=torch.int64)).item()
+               - (-(math.log(0.3) + math.log(0.8) + math.log(0.1) + math.log(0.75) + math.log(0.6)) / 5)) < 1e-12
+
+
+def test_split_halves_is_chunk_and_phases_run_a_b_then_b_a():
+    x, y = torch.arange(7.0).unsqueeze(1), torch.arange(7)
+    (xa, ya), (xb, yb) = split_halves(x, y)
+    assert ya.tolist() == [0, 1, 2, 3] and yb.tolist() == [4, 5, 6]  # torch.chunk(2): A gets ceil(7/2)
+    scheme = L2W(3, hidden=4)
+    phases = scheme.phases(x, y)
+    assert [(t[1].tolist(), m[1].tolist()) for t, m in phases] == [([0, 1, 2, 3], [4, 5, 6]),
+                                                                    ([4, 5, 6], [0, 1, 2, 3])]
+    assert int(scheme.batches_seen) == 1
+    with pytest.raises(ValueError, match="x: L2W's meta step splits the batch in two halves, needs >= 2 samples"):
+        scheme.phases(x[:1], y[:1])
+
+
 # --- the SGD look-ahead -------------------------------------------------------------------
 
 @pytest.mark.parametrize("nesterov,dampening", [(True, 0.0), (False, 0.3)])
@@ -144,7 +187,7 @@ def test_sgd_lookahead_is_the_real_optimiser_step(nesterov, dampening):
 
 # --- the meta-gradient --------------------------------------------------------------------
 
-def _tiny_problem(inputs="loss", mean_over="sample"):
+def _tiny_problem(inputs="loss", mean_over="all"):
     torch.manual_seed(0)
     model = tiny_mlp_exit_net(in_features=6, hidden=5, num_exits=3, num_classes=4, batch_norm=True).double()
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, nesterov=True, weight_decay=1e-3)
@@ -153,11 +196,11 @@ def _tiny_problem(inputs="loss", mean_over="sample"):
     F.cross_entropy(model(x)[-1], y).backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    scheme = L2W(3, eps=0.5, hidden=6, inputs=inputs, mean_over=mean_over).double()
+    scheme = L2W(3, eps=0.8, hidden=6, inputs=inputs, mean_over=mean_over).double()
     return model, opt, x, y, scheme
 
 
-@pytest.mark.parametrize("inputs,mean_over", [("loss", "sample"), ("both", "exit")])
+@pytest.mark.parametrize("inputs,mean_over", [("loss", "all"), ("both", "exit")])
 def test_meta_gradient_matches_finite_differences(inputs, mean_over):
     model, opt, x, y, scheme = _tiny_problem(inputs, mean_over)
     before = copy.deepcopy(model.state_dict())
@@ -200,10 +243,16 @@ def test_pre_step_meta_interval_and_adam_step():
     moved = [p.detach().clone() for p in scheme.net.parameters()]
     assert any(not torch.equal(a, b) for a, b in zip(start, moved))
     assert scheme.last_meta_loss == first
-    assert loss_fn.pre_step(model, opt, x, y) is None  # step 1: skipped
+    assert loss_fn.pre_step(model, opt, x, y) is None  # iteration 1: skipped
     assert all(torch.equal(a, b) for a, b in zip(moved, scheme.net.parameters()))
-    assert loss_fn.pre_step(model, opt, x, y) is not None  # step 2: due again
-    assert int(scheme.meta_steps_seen) == 3
+    assert loss_fn.pre_step(model, opt, x, y) is not None  # iteration 2: due again
+    assert int(scheme.batches_seen) == 3 and int(scheme.meta_steps_seen) == 2
+    # With phases, both phases of a due iteration meta-step, none of a skipped one.
+    phases = scheme.phases(x, y)  # iteration 3: skipped
+    assert all(loss_fn.pre_step(model, opt, *t, meta=m) is None for t, m in phases)
+    phases = scheme.phases(x, y)  # iteration 4: due
+    assert all(loss_fn.pre_step(model, opt, *t, meta=m) is not None for t, m in phases)
+    assert int(scheme.batches_seen) == 5 and int(scheme.meta_steps_seen) == 4
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -212,7 +261,7 @@ def test_checkpoint_round_trips_weight_net_and_adam_state():
     for _ in range(2):
         scheme.pre_step(model, opt, x, y)
     state = scheme.state_dict()
-    other = L2W(3, eps=0.5, hidden=6).double()
+    other = L2W(3, eps=0.8, hidden=6).double()
     other.load_state_dict(state)
     for a, b in zip(scheme.net.parameters(), other.net.parameters()):
         assert torch.equal(a, b)
@@ -230,10 +279,11 @@ def test_checkpoint_round_trips_weight_net_and_adam_state():
 # --- errors -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"eps": 0.7}, r"eps: expected a value in \(0, 0.5\].*got 0.7"),
+    ({"eps": 1.2}, r"eps: expected a value in \(0, 1\].*got 1.2"),
     ({"eps": 0}, r"eps: .* got 0"),
     ({"inputs": "logits"}, r"inputs: expected one of .* got 'logits'"),
     ({"mean_over": "batch"}, r"mean_over: expected one of .* got 'batch'"),
+    ({"meta_lr_schedule": "step"}, r"meta_lr_schedule: expected one of .* got 'step'"),
     ({"meta_interval": 0}, r"meta_interval: expected a positive integer, got 0"),
     ({"hidden": 2.5}, r"hidden: expected a positive integer, got 2.5"),
     ({"meta_lr": -1.0}, r"meta_lr: expected a positive learning rate, got -1.0"),
@@ -251,7 +301,7 @@ def test_adamw_and_tiny_batches_raise_clearly():
     with pytest.raises(ValueError, match="optimizer: L2W's look-ahead reproduces torch.optim.SGD .* got AdamW"):
         scheme.meta_loss(model, adamw, x, y)
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match="x: L2W's meta step .* needs >= 2 samples, got 1"):
+    with pytest.raises(ValueError, match="x: L2W's meta step .* needs >= 2 samples .* got 1 inputs"):
         scheme.meta_loss(model, sgd, x[:1], y[:1])
 
 
@@ -280,7 +330,10 @@ def test_trainer_resume_with_l2w_is_bit_exact(tmp_path):
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
     wa, wb = straight.loss_fn.weighting, resumed.loss_fn.weighting
-    assert int(wa.meta_steps_seen) == int(wb.meta_steps_seen) == 8
+    # 4 batches x 2 epochs, two phases (two meta updates) each.
+    assert int(wa.batches_seen) == int(wb.batches_seen) == 8
+    assert int(wa.meta_steps_seen) == int(wb.meta_steps_seen) == 16
+    assert straight.step == resumed.step == 16
     for a, b in zip(wa.net.parameters(), wb.net.parameters()):
         assert torch.equal(a, b)
     sa, sb = wa.meta_optimizer.state_dict()["state"], wb.meta_optimizer.state_dict()["state"]
@@ -297,7 +350,150 @@ def test_cli_trains_l2w(tmp_path):
                  "--weighting-arg", "meta_interval=2", "--out", str(tmp_path)]) == 0
     ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
     assert ckpt["loss"]["weighting.net.fc1.weight"].shape == (8, 3)
-    assert int(ckpt["loss"]["weighting.meta_steps_seen"]) == 3
+    # 3 batches, meta updates on iterations 0 and 2, two phases each.
+    assert int(ckpt["loss"]["weighting.batches_seen"]) == 3
+    assert int(ckpt["loss"]["weighting.meta_steps_seen"]) == 4
     assert ckpt["loss"]["weighting._extra_state"]["meta_optimizer"]["state"]  # Adam has stepped
     assert main(["train", *tiny, "--weighting", "l2w", "--optimizer", "adamw", "--out", str(tmp_path / "x")]) == 2
 
+
+
+# --- the two-phase iteration against a plain-torch transcription of the original ---------
+
+def _set_tensor(module: nn.Module, dotted: str, value: torch.Tensor) -> None:
+    """Replace parameter ``dotted`` of ``module`` by a plain (non-leaf) tensor."""
+    *path, leaf = dotted.split(".")
+    for part in path:
+        module = getattr(module, part)
+    del module._parameters[leaf]
+    setattr(module, leaf, value)
+
+
+def _reference_meta_update(model, meta_net, meta_opt, sgd, xt, yt, xm, ym, *, eps, ratio, meta_lr):
+    """One meta update as LeapLabTHU/L2W-DEN's ``train()`` does it, transcribed in plain
+    torch: a copy of the model, per-sample losses [n, K] on the train half, W = 1 + eps (g -
+    mean g) (constraint ``mat``), one SGD step (with the real optimiser's momentum buffers)
+    kept differentiable, early-exit groups on the meta half, sum of each group's mean CE,
+    Adam at meta_lr."""
+    pseudo = copy.deepcopy(model)
+    pseudo.train()
+    losses = torch.stack([F.cross_entropy(z, yt, reduction="none") for z in pseudo(xt)], dim=1)  # [n, K]
+    g = meta_net(losses.detach())
+    w = 1 + eps * (g - g.mean())
+    inner = (w * losses).mean(0).sum()
+    names = [n for n, _ in pseudo.named_parameters()]
+    params = [p for _, p in pseudo.named_parameters()]
+    grads = torch.autograd.grad(inner, params, create_graph=True)
+    group = sgd.param_groups[0]
+    for name, p, grad, real in zip(names, params, grads, model.parameters()):
+        d = grad + group["weight_decay"] * p.detach()
+        buf = sgd.state.get(real, {}).get("momentum_buffer")
+        d = d if buf is None else group["momentum"] * buf + d  # dampening 0, no Nesterov
+        _set_tensor(pseudo, name, p.detach() - group["lr"] * d)
+    outs = pseudo(xm)
+    k, n = len(outs), xm.shape[0]
+    q = [ratio ** (j + 1) for j in range(k)]
+    q = [v / sum(q) for v in q]
+    used, meta = set(), 0.0
+    for j in range(k):
+        order = outs[j].detach().softmax(1).amax(1).argsort(descending=True, stable=True).tolist()
+        free = [i for i in order if i not in used]
+        chosen = free if j == k - 1 else free[: math.floor(n * q[j] + 1e-9)]
+        used.update(chosen)
+        if chosen:
+            meta = meta + F.cross_entropy(outs[j][chosen], ym[chosen])
+    for pg in meta_opt.param_groups:
+        pg["lr"] = meta_lr
+    meta_opt.zero_grad()
+    meta.backward()
+    meta_opt.step()
+
+
+def _reference_model_update(model, meta_net, sgd, x, y, eps):
+    outs = model(x)
+    losses = torch.stack([F.cross_entropy(z, y, reduction="none") for z in outs], dim=1)
+    with torch.no_grad():
+        g = meta_net(losses)
+        w = 1 + eps * (g - g.mean())
+    loss = (w * losses).mean(0).sum()
+    sgd.zero_grad()
+    loss.backward()
+    sgd.step()
+
+
+def test_trainer_two_phases_match_a_transcription_of_the_original_loop():
+    """Which half feeds which step and the order of meta / model updates: the Trainer's
+    L2W-DEN run equals the transcription (per batch: meta A->B, model on A, meta B->A, model
+    on B; both at the batch's LR; meta LR = meta_lr x the main cosine)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    n, bs, epochs = 27, 9, 1  # 3 batches of 9: halves of 5 and 4
+    data = TensorDataset(torch.randn(n, 6), torch.randint(0, 4, (n,)))
+    model = tiny_mlp_exit_net(in_features=6, hidden=5, num_exits=3, num_classes=4, batch_norm=True)
+    loss_fn = AnytimeLoss(3, weighting="l2w", hidden=7, meta_lr=1e-2)  # a larger meta LR: visible moves
+    scheme = loss_fn.weighting
+    ref_model, ref_net = copy.deepcopy(model), copy.deepcopy(scheme.net)
+    cfg = TrainConfig(epochs=epochs, seed=3, progress=False, **{**L2W_RECIPE, "batch_size": bs})
+    trainer = Trainer(model, loss_fn, data, config=cfg)
+    net_before = [p.detach().clone() for p in scheme.net.parameters()]
+    trainer.fit()
+    assert trainer.step == 6 and int(scheme.meta_steps_seen) == 6
+
+    sgd = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    meta_opt = torch.optim.Adam(ref_net.parameters(), lr=1e-2, weight_decay=1e-4)
+    loader = DataLoader(data, batch_size=bs, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(3))
+    total = len(loader) * epochs
+    for i, (x, y) in enumerate(loader):
+        cos = 0.5 * (1 + math.cos(math.pi * i / total))
+        for group in sgd.param_groups:
+            group["lr"] = 0.1 * cos
+        a, b = (x[:5], y[:5]), (x[5:], y[5:])
+        for (xt, yt), (xm, ym) in ((a, b), (b, a)):
+            _reference_meta_update(ref_model, ref_net, meta_opt, sgd, xt, yt, xm, ym, eps=0.8, ratio=0.75,
+                                   meta_lr=1e-2 * cos)
+            _reference_model_update(ref_model, ref_net, sgd, xt, yt, 0.8)
+    assert any(not torch.allclose(a, b, atol=1e-4) for a, b in zip(net_before, scheme.net.parameters()))
+    for (name, a), b in zip(scheme.net.named_parameters(), ref_net.parameters()):
+        assert torch.allclose(a, b, atol=2e-6, rtol=1e-4), (name, (a - b).abs().max())
+    for (name, a), b in zip(model.state_dict().items(), ref_model.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=2e-6, rtol=1e-4), (name, (a - b).abs().max())
+
+
+def test_meta_lr_follows_the_main_cosine():
+    model, _, x, y, scheme = _tiny_problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    total = 5
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / total)))
+    seen = []
+    for _ in range(total):
+        for train, meta in scheme.phases(x, y):
+            scheme.pre_step(model, opt, *train, meta=meta)
+            seen.append(scheme.meta_optimizer.param_groups[0]["lr"])
+        opt.step()  # no grads: a no-op, keeps the scheduler from warning
+        sched.step()
+    want = [1e-4 * 0.5 * (1 + math.cos(math.pi * t / total)) for t in range(total) for _ in range(2)]
+    assert seen == pytest.approx(want, rel=1e-12, abs=0)
+    assert seen[0] == 1e-4 and seen[-1] < 1e-5
+    constant = L2W(3, hidden=6, meta_lr_schedule="constant").double()
+    constant.pre_step(model, opt, x, y)
+    assert constant.meta_optimizer.param_groups[0]["lr"] == 1e-4
+    # Without a scheduler (no initial_lr) the factor is 1.
+    plain = torch.optim.SGD(model.parameters(), lr=0.05)
+    scheme.pre_step(model, plain, x, y)
+    assert scheme.meta_optimizer.param_groups[0]["lr"] == 1e-4
+
+
+def test_defaults_are_the_original_recipe():
+    scheme = L2W(5)
+    assert (scheme.eps, scheme.mean_over, scheme.inputs, scheme.meta_interval, scheme.exit_ratio) == (
+        0.8, "all", "loss", 1, 0.75)
+    assert scheme.net.fc1.out_features == 500
+    group = scheme.meta_optimizer.param_groups[0]
+    assert (group["lr"], group["weight_decay"]) == (1e-4, 1e-4)
+    assert L2W_RECIPE == {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False,
+                          "weight_decay": 1e-4, "batch_size": 64}
+    # eps up to 1: weights may go negative, as the original allows.
+    w = L2W(5, eps=1.0, hidden=8).sample_weights(10 * torch.rand(5, 64), torch.rand(5, 64))
+    assert abs(w.mean().item() - 1) < 1e-6

@@ -376,12 +376,14 @@ _COMPILE_SCRIPT = textwrap.dedent(
         print(f"SKIP: {error}")
         sys.exit(77)
     from ann_kernels.triton.multi_exit_ce import _multi_exit_ce_kernel as kernel
+    from ann_kernels.triton.multi_exit_ce import _multi_exit_ce_bwd_kernel, _scale_grads_kernel
 
     ptr = {"table_ptr": "*i64", "target_ptr": "*i64", "weight_ptr": "*fp32", "n_valid_ptr": "*i64",
+           "sw_ptr": "*fp32", "lse_ptr": "*fp32",
            "per_sample_ptr": "*fp32", "confidence_ptr": "*fp32", "prediction_ptr": "*i64",
            "sums_ptr": "*fp32", "ticket_ptr": "*i32", "per_exit_ptr": "*fp32", "loss_ptr": "*fp32",
            "ema_ptr": "*fp32"}
-    scalars = {"ema_stride": "i32", "N": "i32", "C": "i32", "K": "i32", "ignore_index": "i32",
+    scalars = {"ema_stride": "i32", "sw_stride_k": "i32", "N": "i32", "C": "i32", "K": "i32", "ignore_index": "i32",
                "label_smoothing": "fp32", "momentum": "fp32"}
     names = kernel.arg_names
     # The large-vocabulary (chunked) and the packed-rows (single chunk) layouts, each with
@@ -389,7 +391,8 @@ _COMPILE_SCRIPT = textwrap.dedent(
     for arch, (dt, dt_name), bn, bc, single in [(80, (tl.bfloat16, "bf16"), 1, 4096, False),
                                                (90, (tl.float32, "fp32"), 256, 16, True)]:
         consts = dict(DTYPE=dt, BLOCK_N=bn, BLOCK_C=bc, BLOCK_K=8, ALIGN_BYTES=16, SINGLE_CHUNK=single,
-                      HAS_SMOOTHING=single, COMPUTE_GRAD=True, HAS_EMA=not single)
+                      HAS_SMOOTHING=single, COMPUTE_GRAD=True, HAS_EMA=not single, HAS_WEIGHTS=single,
+                      HAS_SW=not single, SAVE_LSE=not single)
         signature = {**ptr, "grad_ptr": "*" + dt_name, **scalars, **{k: "constexpr" for k in consts}}
         assert set(signature) == set(names), set(names) ^ set(signature)
         attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in [*ptr, "grad_ptr", "C"]}
@@ -402,6 +405,30 @@ _COMPILE_SCRIPT = textwrap.dedent(
         assert "ld.global.v4" in ptx and "st.global.v4" in ptx, accesses
         assert compiled.asm.get("cubin"), "ptxas produced no cubin"
         print(f"sm_{arch} {dt_name} BLOCK_N={bn} BLOCK_C={bc}: ok")
+
+    # The deferred backward (bf16 / fp16 logits) and the in-place scale.
+    bwd = _multi_exit_ce_bwd_kernel
+    names = bwd.arg_names
+    for arch, (dt, dt_name), flags in [(80, (tl.float16, "fp16"), True), (90, (tl.bfloat16, "bf16"), False)]:
+        consts = dict(DTYPE=dt, BLOCK_N=1, BLOCK_C=4096, ALIGN_BYTES=16, HAS_WEIGHTS=flags, HAS_SW=not flags)
+        bptr = {"table_ptr": "*i64", "target_ptr": "*i64", "weight_ptr": "*fp32", "sw_ptr": "*fp32",
+                "lse_ptr": "*fp32", "grad_loss_ptr": "*fp32", "n_valid_ptr": "*i64", "grad_ptr": "*" + dt_name}
+        bscalars = {"sw_stride_k": "i32", "N": "i32", "C": "i32", "K": "i32", "ignore_index": "i32",
+                    "label_smoothing": "fp32"}
+        signature = {**bptr, **bscalars, **{k: "constexpr" for k in consts}}
+        assert set(signature) == set(names), set(names) ^ set(signature)
+        attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in [*bptr, "C"]}
+        src = ASTSource(fn=bwd, signature=signature, attrs=attrs,
+                        constexprs={(names.index(k),): v for k, v in consts.items()})
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=8))
+        assert "st.global.v4" in compiled.asm["ptx"] and compiled.asm.get("cubin")
+        print(f"sm_{arch} backward {dt_name}: ok")
+    names = _scale_grads_kernel.arg_names
+    src = ASTSource(fn=_scale_grads_kernel, signature={"grad_ptr": "*fp32", "grad_loss_ptr": "*fp32", "numel": "i64",
+                                                      "BLOCK": "constexpr"},
+                    attrs={(0,): [["tt.divisibility", 16]]}, constexprs={(names.index("BLOCK"),): 4096})
+    assert triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8)).asm.get("cubin")
+    print("sm_90 scale: ok")
     """
 )
 
@@ -442,3 +469,103 @@ def test_compiles_for_sm80_and_sm90():
     if result.returncode == 77:
         pytest.skip(result.stdout.strip())
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+
+
+# --- issue 10: sample weights, the deferred backward, in-place scale, argmax NaN rule ----
+
+from ann_kernels.triton.multi_exit_ce import (  # noqa: E402
+    multi_exit_ce_backward_triton, multi_exit_ce_forward_triton, scale_grads_triton)
+
+
+@pytest.mark.parametrize("shape", ["N", "KN"])
+@pytest.mark.parametrize("blocks", [{}, {"block_c": 8, "block_n": 2}])
+def test_sample_weights_and_no_weights(shape, blocks):
+    heads = make_logits(3, 5, 33, seed=40)
+    target = make_target(5, 33, ignore_frac=0.3)
+    s = torch.rand((5,) if shape == "N" else (3, 5), generator=torch.Generator().manual_seed(41)) + 0.2
+    detached = [z.detach() for z in heads]
+    loss, per_exit, _, _, _, lse, grads = multi_exit_ce_forward_triton(detached, target, None, s, -100, 0.1, None,
+                                                                       0.9, 1, **blocks)
+    leaves = [z.detach().clone().requires_grad_() for z in heads]
+    ref = multi_exit_cross_entropy_reference(leaves, target, None, sample_weights=s, label_smoothing=0.1)
+    ref_grads = grads_of(ref.loss, leaves)
+    torch.testing.assert_close(loss, ref.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(per_exit, ref.per_exit, rtol=1e-5, atol=1e-6)  # unweighted L_k
+    assert lse.numel() == 0
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
+
+
+_DEFERRED_CASES = [(dtype, grad_out, 7) for dtype in (torch.float32, torch.bfloat16, torch.float16)
+                   for grad_out in (-3.0, 2.0 ** -10, 65536.0)]
+_DEFERRED_CASES += [(torch.float16, 65536.0, 33), (torch.bfloat16, -3.0, 33)]  # three chunks (BLOCK_C = 16)
+
+
+@pytest.mark.parametrize(("dtype", "grad_out", "num_classes"), _DEFERRED_CASES)
+def test_deferred_backward_any_grad_out(dtype, grad_out, num_classes):
+    """grad_out read on the device and folded into the fp32 scale before rounding (the
+    fp16-GradScaler defect); error within twice torch's autocast-style error (enough rows
+    that the maximum error is a statistic, not one rounding)."""
+    n = 48
+    heads = make_logits(2, n, num_classes, dtype, seed=42)
+    target = make_target(n, num_classes, ignore_frac=0.2)
+    w = torch.tensor([0.5, 2.0])
+    s = torch.rand(n, generator=torch.Generator().manual_seed(43)) + 0.5
+    detached = [z.detach() for z in heads]
+    lse = multi_exit_ce_forward_triton(detached, target, w, s, -100, 0.1, None, 0.9, 2)[5]
+    assert lse.shape == (2, n)
+    grads = multi_exit_ce_backward_triton(torch.tensor(grad_out), detached, target, w, s, lse, -100, 0.1,
+                                          block_c=16, block_n=16)
+    leaves64 = [z.detach().double().requires_grad_() for z in heads]
+    truth = grads_of(grad_out * multi_exit_cross_entropy_reference(
+        [z.float() for z in leaves64], target, w, sample_weights=s, label_smoothing=0.1).loss, leaves64)
+    low = [z.detach().clone().requires_grad_() for z in heads]
+    theirs = grads_of(grad_out * multi_exit_cross_entropy_reference(
+        low, target, w, sample_weights=s, label_smoothing=0.1).loss, low)
+    for g, t, r in zip(grads, theirs, truth):
+        assert g.dtype == dtype and torch.isfinite(g).all()
+        if dtype == torch.bfloat16:
+            # Triton's interpreter casts fp32 -> bf16 by truncation (the GPU rounds to nearest
+            # even), so its error is one bf16 ulp, not torch's half ulp: bound it by that.
+            torch.testing.assert_close(g.double(), r, rtol=2.0 ** -7, atol=abs(grad_out) * 1e-6)
+            continue
+        err, bound = low_precision_bound(g.double(), t.double(), r, floor=abs(grad_out) * 1e-6)
+        assert err <= bound, (err, bound)
+
+
+def test_deferred_backward_nonfinite_rows_and_zero_scale():
+    z = make_logits(1, 4, 33, seed=44, scale=1.0)[0].detach()
+    z[0, 3] = NAN
+    z[1, 20] = INF
+    target = torch.tensor([1, 2, -100, 5])
+    w = torch.tensor([1.0])
+    lse = multi_exit_ce_forward_triton([z], target, w, None, -100, 0.0, None, 0.9, 2)[5]
+    g = multi_exit_ce_backward_triton(torch.tensor(4.0), [z], target, w, None, lse, -100, 0.0)[0]
+    leaf = z.clone().requires_grad_()
+    expected = grads_of(4.0 * F.cross_entropy(leaf, target), [leaf])[0]
+    assert g[0].isnan().all() and g[1].isnan().all()  # as torch: NaN rows
+    assert expected[0].isnan().all() and expected[1].isnan().all()
+    assert torch.equal(g[2], torch.zeros(33))  # ignored row: exact zeros
+    torch.testing.assert_close(g[3], expected[3], rtol=1e-5, atol=1e-7)
+
+
+def test_scale_kernel_skips_grad_out_one_and_scales_otherwise():
+    g = torch.randn(3, 5, 7)
+    g[0, 0, 0] = NAN
+    before = g.clone()
+    scale_grads_triton(g, torch.tensor(1.0), block=16)
+    assert torch.equal(g[~g.isnan()], before[~before.isnan()]) and g[0, 0, 0].isnan()
+    scale_grads_triton(g, torch.tensor(-2.5), block=16)
+    torch.testing.assert_close(g, before * -2.5, equal_nan=True)
+
+
+@pytest.mark.parametrize("blocks", [{}, {"block_c": 8}])
+def test_argmax_follows_torch_first_nan_rule(blocks):
+    z = make_logits(1, 4, 33, seed=45, scale=1.0)[0].detach()
+    z[0, 5] = z[0, 2] = NAN  # two NaNs in one chunk: the first wins
+    z[1, 30] = NAN
+    z[1, 3] = 50.0  # a NaN in a later chunk beats a larger earlier value
+    z[2, 9] = NAN
+    z[2, 25] = NAN  # NaNs in two chunks
+    out = multi_exit_ce_forward_triton([z], make_target(4, 33), None, None, -100, 0.0, None, 0.9, 0, **blocks)
+    assert out[4][0].tolist() == z.argmax(dim=-1).tolist() == [2, 30, 9, z[3].argmax().item()]

@@ -1,6 +1,8 @@
 """Budgeted early-exit inference: the engine (stage-by-stage execution on the still-active
 samples with the fused exit op), MSDNet threshold calibration, deadlines and stream
-rebatching. CLI commands ``calibrate`` and ``infer`` live in :mod:`.commands`."""
+rebatching, the request server (:class:`EarlyExitServer`: stage-level continuous batching)
+and its HTTP front (:mod:`.serve`, optional extra ``[serve]``). CLI commands ``calibrate``,
+``infer`` and ``serve`` live in :mod:`.commands`."""
 
 from ann_kernels.inference.calibration import (
     BudgetCalibration,
@@ -10,13 +12,18 @@ from ann_kernels.inference.calibration import (
     simulate_thresholds,
 )
 from ann_kernels.inference.engine import EarlyExitEngine, EarlyExitResult, EarlyExitStats, ExitCalibration
+from ann_kernels.inference.server import EarlyExitServer, ServerStats
+from ann_kernels.inference.stage_timing import StageTimes
 
 __all__ = [
     "BudgetCalibration",
     "EarlyExitEngine",
     "EarlyExitResult",
+    "EarlyExitServer",
     "EarlyExitStats",
     "ExitCalibration",
+    "ServerStats",
+    "StageTimes",
     "calibrate_for_budget",
     "calibrate_thresholds",
     "geometric_exit_fractions",

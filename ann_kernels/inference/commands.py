@@ -1,4 +1,4 @@
-"""CLI commands ``calibrate`` and ``infer`` (registered in :mod:`ann_kernels.cli`).
+"""CLI commands ``calibrate``, ``infer`` and ``serve`` (registered in :mod:`ann_kernels.cli`).
 
 - ``ann-kernels calibrate --checkpoint runs/x/last.pt --budgets 0.3 0.5 0.8``: thresholds
   from the validation split (held out of training) for each budget, the accuracy-budget
@@ -7,6 +7,10 @@
 - ``ann-kernels infer --checkpoint runs/x/last.pt --budget 0.5``: real early exit with
   :class:`~ann_kernels.EarlyExitEngine` on the test split: accuracy, mean FLOPs and measured
   throughput against the full network (all stages + the last head) on the same batches.
+- ``ann-kernels serve --checkpoint runs/x/last.pt --port 8000 [--budget B]``: an HTTP
+  endpoint (:mod:`ann_kernels.inference.serve`; FastAPI + uvicorn, extra ``[serve]``) over an
+  :class:`~ann_kernels.inference.EarlyExitServer`; with ``--budget`` the thresholds are
+  calibrated on the validation split first, without it every request runs at full depth.
 
 Budgets: a value <= 1 is a fraction of the full network's FLOPs per sample, a value > 1 is
 FLOPs per sample. The model is rebuilt with :func:`ann_kernels.train.runs.load_trained`.
@@ -21,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["add_parser", "cmd_calibrate", "cmd_infer", "resolve_budget"]
+__all__ = ["add_parser", "cmd_calibrate", "cmd_infer", "cmd_serve", "resolve_budget"]
 
 
 def resolve_budget(value: float, full_flops: float) -> float:
@@ -207,8 +211,46 @@ def cmd_infer(args) -> int:
     return 0
 
 
+def build_server(args):
+    """(EarlyExitServer, spec) for ``serve``'s arguments (not started)."""
+    from ann_kernels.inference.engine import EarlyExitEngine
+    from ann_kernels.inference.server import EarlyExitServer
+    from ann_kernels.train.runs import load_data, load_trained
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    model, spec, _ = load_trained(args.checkpoint)
+    engine = EarlyExitEngine(model, criterion=args.criterion)
+    thresholds = None
+    if args.budget is not None:
+        data = load_data(spec, data_dir=args.data_dir, limit_eval=args.limit)
+        engine.calibrate(data.val, batch_size=args.batch_size)
+        budget = resolve_budget(args.budget, float(engine.calibration.exit_flops[-1]))
+        thresholds = engine.calibrate_budget(budget).thresholds
+    if args.max_wait_ms < 0:
+        raise ValueError(f"max-wait-ms: expected milliseconds >= 0, got {args.max_wait_ms}")
+    server = EarlyExitServer(engine, thresholds=thresholds, max_batch_size=args.max_batch_size,
+                             max_wait_s=args.max_wait_ms / 1e3, sample_shape=tuple(spec["input_shape"]))
+    return server, spec
+
+
+def cmd_serve(args) -> int:
+    from ann_kernels.inference.serve import create_app, require_serve_extra
+
+    _, uvicorn = require_serve_extra()
+    server, spec = build_server(args)
+    mode = f"budget {args.budget}" if args.budget is not None else "full depth (no budget)"
+    info = {"checkpoint": str(args.checkpoint), "model": spec["model"], "dataset": spec["dataset"], "mode": mode}
+    app = create_app(server, max_body_bytes=args.max_body_bytes, info=info)
+    print(f"serving {args.checkpoint} ({spec['model']} on {spec['dataset']}, {mode}) on "
+          f"http://{args.host}:{args.port}  (POST /predict, GET /stats, GET /healthz)", flush=True)
+    with server:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    return 0
+
+
 def add_parser(subparsers) -> None:
-    """Register ``calibrate`` and ``infer`` on ``subparsers``."""
+    """Register ``calibrate``, ``infer`` and ``serve`` on ``subparsers``."""
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--checkpoint", required=True, help="a last.pt written by ann-kernels train")
@@ -259,6 +301,23 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up batches")
     p.set_defaults(func=cmd_infer)
+
+    p = subparsers.add_parser(
+        "serve",
+        help="HTTP endpoint (POST /predict, GET /stats, GET /healthz) over EarlyExitServer",
+        description="Serve a checkpoint over HTTP with stage-level continuous batching "
+        "(needs the [serve] extra: FastAPI + uvicorn). With --budget, thresholds are calibrated "
+        "on the validation split first. " + _BUDGET_HELP,
+    )
+    common(p)
+    p.add_argument("--budget", type=float, default=None)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-size", type=int, default=256, help="most rows per stage run")
+    p.add_argument("--max-wait-ms", type=float, default=2.0, help="longest wait for a fuller batch per stage")
+    p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="larger request bodies get 413")
+    p.add_argument("--log-level", default="warning", help="uvicorn log level")
+    p.set_defaults(func=cmd_serve)
 
 
 _BUDGET_HELP = "A budget <= 1 is a fraction of the full network's FLOPs per image; > 1 is FLOPs per image."

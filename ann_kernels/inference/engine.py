@@ -17,13 +17,26 @@ Modes (at most one of ``thresholds``, ``budget``, ``quota``; ``deadline_s`` comb
 - ``quota`` [K] fractions (sum <= 1): exit k takes the floor(N * (q_0 + ... + q_k)) minus
   the already-exited most confident samples of the batch (a hard per-batch cost); the last
   exit takes everyone left.
-- ``deadline_s``: wall-clock seconds from the call. Stage 0 and head 0 always run; after
-  each head, once the deadline has passed, every remaining sample returns that head's
-  prediction (its latest). ``deadline_s=0`` gives exit 0 for everyone.
+- ``deadline_s``: wall-clock seconds from the call. Stage 0 and head 0 always run. Before
+  stage k >= 1 the engine checks the clock against stage k's measured time at the current
+  batch size (:class:`~ann_kernels.inference.stage_timing.StageTimes`, kept per stage and
+  batch size from earlier calls, this engine's server included): a stage that would
+  overrun is not started, and every remaining sample takes exit k - 1 (its latest computed
+  exit; the head is evaluated then if its threshold had skipped it). A stage that overruns
+  anyway (not measured yet, or slower than before) ends the call at its own exit.
+  ``deadline_s=0`` gives exit 0 for everyone. The same rule holds in
+  :class:`~ann_kernels.EANNEngine` and :class:`~ann_kernels.inference.EarlyExitServer`.
 - none of them: full depth (with the deadline, an anytime prediction).
 
+Compaction or masking: after each exit the cost model (:meth:`EarlyExitEngine._masks_next`)
+either compacts the survivors (the op gathers their hidden rows) or, where the measured
+stage times show that the next stage costs about as much on the whole batch as on the
+survivors, runs it on the whole batch and ignores the rows that left (no gather).
+Predictions are the same either way.
+
 Thread safety: a call allocates its own buffers; the engine's caches (exit FLOPs per input
-shape, thresholds per budget) are filled under a lock. The model must stay in eval mode
+shape, thresholds per budget: LRU-bounded, keyed by calibration generation so a concurrent
+:meth:`EarlyExitEngine.calibrate` can never leave stale thresholds) are filled under a lock. The model must stay in eval mode
 (the constructor sets it) and is only read. Calls run under ``torch.inference_mode``.
 """
 
@@ -33,6 +46,7 @@ import math
 import operator
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -41,12 +55,44 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ann_kernels.inference.calibration import BudgetCalibration, calibrate_for_budget
+from ann_kernels.inference.stage_timing import StageTimes
 from ann_kernels.nn.multi_exit import MultiExitNetwork
-from ann_kernels.ops.early_exit import CRITERIA, buffers_function, exit_confidence, step_function
+from ann_kernels.ops.early_exit import (
+    CRITERIA,
+    buffers_function,
+    exit_confidence,
+    gathered_hidden_empty,
+    step_function,
+)
 
 __all__ = ["EarlyExitEngine", "EarlyExitResult", "EarlyExitStats", "ExitCalibration"]
 
 _FLOOR_EPS = 1e-9
+_MASK_SLACK = 1.0  # mask when the whole batch measured no slower than the survivors
+_MIN_SAMPLES = 3  # measurements of both batch sizes before the cost model trusts them
+BUDGET_CACHE_SIZE = 256  # budgets whose thresholds stay cached (least recently used dropped)
+
+
+def _gather_tensor(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` of ``t``, laid out as the exit op lays out its gathered hidden state
+    (channels_last stays channels_last: :func:`~ann_kernels.ops.early_exit.gathered_hidden_empty`)."""
+    if t.dim() < 3 or t.is_contiguous():
+        return t.index_select(0, rows)
+    return torch.index_select(t, 0, rows, out=gathered_hidden_empty(t, rows.shape[0]))
+
+
+def _gather_rows(h, rows: torch.Tensor):
+    """Rows ``rows`` of a hidden state (a tensor, or a tuple / list of tensors)."""
+    if isinstance(h, torch.Tensor):
+        return _gather_tensor(h, rows)
+    gathered = [_gather_tensor(t, rows) for t in h]
+    return gathered if isinstance(h, list) else tuple(gathered)
+
+
+def _with_first(h, first: torch.Tensor, keep: torch.Tensor):
+    """A tuple / list hidden state whose first tensor the op gathered: gather the others."""
+    rest = [_gather_tensor(t, keep) for t in h[1:]]
+    return [first, *rest] if isinstance(h, list) else (first, *rest)
 
 
 class EarlyExitStats(NamedTuple):
@@ -60,7 +106,9 @@ class EarlyExitStats(NamedTuple):
     - ``full_flops``: the cost of the last exit (the full network), for ratios.
     - ``stage_seconds``: K wall-clock seconds of stage k + head k + the decision (0 if the
       stage did not run); ``total_seconds``: the whole call.
-    - ``deadline_exit``: the exit at which the deadline sent everyone out, or None.
+    - ``deadline_exit``: the first exit the deadline cut off (its stage not started, or
+      finished late), or None; the samples still running took the exit before it (exit 0
+      when it is 0).
     """
 
     samples_per_exit: tuple[int, ...]
@@ -124,9 +172,19 @@ class EarlyExitEngine:
         self._criterion_code = CRITERIA[criterion]
         self._lock = threading.Lock()
         self._costs: dict[tuple[int, ...], _Costs] = {}
-        self._budget_cache: dict[float, BudgetCalibration] = {}
+        # (calibration generation, budget) -> thresholds; LRU-bounded (every request may carry
+        # its own budget). The generation key makes a result computed from a calibration that a
+        # concurrent calibrate() replaced unreachable, so it can never be served stale.
+        self._budget_cache: OrderedDict[tuple[int, float], BudgetCalibration] = OrderedDict()
+        self._generation = 0
         self._calibration: ExitCalibration | None = None
         self._kernels: dict[str, tuple] = {}  # device type -> (step, buffers) callables
+        #: Measured stage times by batch size (deadlines, the masking cost model, the server).
+        self.stage_times = StageTimes(self.num_exits)
+        #: Run the next stage on the whole batch instead of compacting when the measured stage
+        #: times say compaction would not pay (see :meth:`_masks_next`); results are identical.
+        self.adaptive_masking = True
+        self._survival: list[float | None] = [None] * self.num_exits  # previous call's survival per exit
 
     # ------------------------------------------------------------------ calibration
     @property
@@ -148,7 +206,8 @@ class EarlyExitEngine:
         calibration = self.exit_outputs(data, targets, batch_size=batch_size)
         with self._lock:
             self._calibration = calibration
-            self._budget_cache = {}
+            self._generation += 1
+            self._budget_cache.clear()
         return calibration
 
     def exit_outputs(
@@ -180,21 +239,27 @@ class EarlyExitEngine:
     def calibrate_budget(self, budget: float) -> BudgetCalibration:
         """Thresholds (and held-out accuracy / cost) for a mean-FLOPs budget, from the stored
         calibration; cached per budget."""
+        number = isinstance(budget, (int, float)) and not isinstance(budget, bool)
         with self._lock:
-            calibration = self._calibration
-            cached = self._budget_cache.get(float(budget)) if isinstance(budget, (int, float)) else None
+            calibration, generation = self._calibration, self._generation
+            key = (generation, float(budget)) if number else None  # others: validated below, not cached
+            cached = self._budget_cache.get(key) if number else None
+            if cached is not None:
+                self._budget_cache.move_to_end(key)
+                return cached
         if calibration is None:
             raise RuntimeError(
                 "budget: the engine has no calibration; call engine.calibrate(val_x, val_y) "
                 "(or a validation loader) first"
             )
-        if cached is not None:
-            return cached
         result = calibrate_for_budget(
             calibration.confidence, calibration.correct, calibration.exit_flops, budget
         )
         with self._lock:
-            self._budget_cache[float(budget)] = result
+            if number and self._generation == generation:  # else a newer calibration replaced ours: do not cache
+                self._budget_cache[key] = result
+                while len(self._budget_cache) > BUDGET_CACHE_SIZE:
+                    self._budget_cache.popitem(last=False)
         return result
 
     def thresholds_for_budget(self, budget: float) -> torch.Tensor:
@@ -312,55 +377,83 @@ class EarlyExitEngine:
         """The stage loop (under inference_mode); ``start`` is the call's perf_counter()."""
         n, num_exits = x.shape[0], self.num_exits
         step, make_buffers = self._kernels_for(x.device.type)
-        model, code = self.model, self._criterion_code
+        model, code, times = self.model, self._criterion_code, self.stage_times
         prediction, exit_index, confidence, active = make_buffers(x, n)
         samples_per_exit = [0] * num_exits
         stage_seconds = [0.0] * num_exits
-        reached = [0] * num_exits  # samples that ran stage k
-        evaluated = [0] * num_exits  # samples whose head k ran
+        reached = [0] * num_exits  # rows that ran stage k (masked rows included)
+        evaluated = [0] * num_exits  # rows whose head k ran
         deadline_exit = None
-        remaining, h = n, x
+        # h holds h_rows rows; with masking (rows_in_h not None) the active samples are its rows
+        # rows_in_h, else exactly its rows. remaining = active samples.
+        remaining, h, h_rows, rows_in_h = n, x, n, None
         # Locals for the hot loop: per stage it is one stage call, one head call, one op call.
-        forward_stage, forward_head = model.forward_stage, model.forward_head
+        forward_stage, forward_head, record = model.forward_stage, model.forward_head, times.record
         thresholds, counts = plan.thresholds, plan.exit_counts
-        clock, pos_inf, neg_inf, tensor_type = time.perf_counter, math.inf, -math.inf, torch.Tensor
+        clock, pos_inf, neg_inf = time.perf_counter, math.inf, -math.inf
         t_prev = clock()
         for k in range(num_exits):
-            h = forward_stage(k, h)
-            reached[k] = remaining
             threshold, count = thresholds[k], counts[k]
-            if deadline is not None and deadline_exit is None and clock() >= deadline:
-                threshold, count, deadline_exit = neg_inf, -1, k
-            if count == 0 or (count < 0 and threshold == pos_inf):  # nobody leaves: skip head + decision
+            skip_head = count == 0 or (count < 0 and threshold == pos_inf)  # nobody can leave here
+            if k and deadline is not None:
+                estimate = times.estimate(k, h_rows, not skip_head)
+                if estimate is not None and t_prev + estimate > deadline:
+                    # Stage k would overrun: not started; everyone left takes exit k - 1.
+                    self._take_exit(k - 1, h, rows_in_h, active, prediction, exit_index, confidence)
+                    evaluated[k - 1] += h_rows
+                    samples_per_exit[k - 1] += remaining
+                    remaining, deadline_exit = 0, k
+                    stage_seconds[k - 1] += clock() - t_prev
+                    break
+            h_in = h if deadline is not None else None  # the latest exit's input, for a late stage
+            h = forward_stage(k, h)
+            reached[k] = h_rows
+            if deadline is not None and clock() >= deadline:  # stage k finished late
+                deadline_exit = k
+                if k:  # the latest exit finished in time is k - 1
+                    record(k, h_rows, clock() - t_prev, False)
+                    self._take_exit(k - 1, h_in, rows_in_h, active, prediction, exit_index, confidence)
+                    evaluated[k - 1] += h_rows
+                    samples_per_exit[k - 1] += remaining
+                    remaining = 0
+                    stage_seconds[k] = clock() - t_prev
+                    break
+                threshold, count, skip_head = neg_inf, -1, False  # exit 0 always counts
+            if skip_head:
                 t_now = clock()
                 stage_seconds[k], t_prev = t_now - t_prev, t_now
+                record(k, h_rows, stage_seconds[k], False)
                 continue
-            evaluated[k] = remaining
-            is_tensor = isinstance(h, tensor_type)
-            primary = None if (count < 0 and threshold == neg_inf) else (h if is_tensor else h[0])
+            evaluated[k] = h_rows
+            logits = forward_head(k, h)
+            if rows_in_h is not None:
+                logits = logits.index_select(0, rows_in_h)
+            everyone = count < 0 and threshold == neg_inf
+            mask = not everyone and self._masks_next(k, h_rows, remaining, thresholds)
+            primary = None if (everyone or mask or rows_in_h is not None) else (
+                h if isinstance(h, torch.Tensor) else h[0]
+            )
             active, keep, gathered = step(
-                forward_head(k, h),
-                active,
-                primary,
-                prediction,
-                exit_index,
-                confidence,
-                threshold,
-                code,
-                k,
-                count,
+                logits, active, primary, prediction, exit_index, confidence, threshold, code, k, count
             )
             survivors = active.shape[0]
+            if not everyone:
+                self._survival[k] = survivors / remaining  # a benign race between threads
             samples_per_exit[k], remaining = remaining - survivors, survivors
+            if remaining and not everyone:
+                if mask:  # run the next stage on the whole batch; exited rows are ignored
+                    rows_in_h = keep if rows_in_h is None else rows_in_h.index_select(0, keep)
+                elif rows_in_h is not None:  # compact a masked batch
+                    h = _gather_rows(h, rows_in_h.index_select(0, keep))
+                    h_rows, rows_in_h = remaining, None
+                else:
+                    h = gathered if isinstance(h, torch.Tensor) else _with_first(h, gathered, keep)
+                    h_rows = remaining
             t_now = clock()
             stage_seconds[k], t_prev = t_now - t_prev, t_now
+            record(k, reached[k], stage_seconds[k], True)
             if remaining == 0:
                 break
-            if is_tensor:
-                h = gathered
-            else:
-                rest = [t.index_select(0, keep) for t in h[1:]]
-                h = [gathered, *rest] if isinstance(h, list) else (gathered, *rest)
         total_seconds = time.perf_counter() - start
         costs = self._costs_for(x)  # after the clock: the first call per input shape measures FLOPs
         exit_flops = costs.exit_flops
@@ -378,6 +471,41 @@ class EarlyExitEngine:
         )
         return EarlyExitResult(prediction, exit_index, confidence, stats)
 
+    def _take_exit(self, k, h, rows_in_h, active, prediction, exit_index, confidence) -> None:
+        """Every active sample leaves at exit k (head k on ``h``, the output of stage k)."""
+        logits = self.model.forward_head(k, h)
+        if rows_in_h is not None:
+            logits = logits.index_select(0, rows_in_h)
+        step = self._kernels_for(logits.device.type)[0]
+        step(logits, active, None, prediction, exit_index, confidence, -math.inf, self._criterion_code, k, -1)
+
+    def _masks_next(self, k: int, h_rows: int, remaining: int, thresholds) -> bool:
+        """The cost model's choice after exit k: True = run stage k + 1 on all ``h_rows`` rows
+        (masking: no gather), False = compact the survivors. From measured stage times
+        (:class:`StageTimes`) at the batch sizes seen and the survival rate of the previous
+        call at exit k: masks when the whole batch measured no slower than the expected
+        survivors (small batches not cheaper, so the gather is pure loss). A whole-batch size
+        not measured yet for stage k + 1 is tried once (exploration); compaction needs
+        ``_MIN_SAMPLES`` measurements of both sizes before masking is chosen again."""
+        if not self.adaptive_masking or k + 1 >= self.num_exits:
+            return False
+        survival = self._survival[k]
+        if survival is None:
+            return False
+        expected = max(1, round(remaining * survival))
+        if expected.bit_length() == h_rows.bit_length():
+            return False  # same bucket: the measurements cannot tell them apart
+        times, head = self.stage_times, thresholds[k + 1] != math.inf
+        compact_samples = times.samples(k + 1, expected, head)
+        if not compact_samples:
+            return False
+        mask_samples = times.samples(k + 1, h_rows, head)
+        if not mask_samples:
+            return True
+        if min(compact_samples, mask_samples) < _MIN_SAMPLES:
+            return False
+        return times.estimate(k + 1, h_rows, head) <= _MASK_SLACK * times.estimate(k + 1, expected, head)
+
     def stream(
         self,
         batches: Iterable[torch.Tensor],
@@ -387,6 +515,7 @@ class EarlyExitEngine:
         quota=None,
         deadline_s: float | None = None,
         batch_size: int | None = None,
+        max_wait_s: float | None = None,
     ):
         """Early exit over a stream of input batches with one queue per stage: stage k runs
         only on ``batch_size`` queued samples (default: the first batch's size), so late
@@ -397,8 +526,21 @@ class EarlyExitEngine:
         equal those of :meth:`predict` with the same thresholds (decisions are per sample);
         ``stats.stage_seconds[k]`` is the batch's rows that ran stage k times the stream's
         mean time per row at stage k so far, and ``stats.total_seconds`` the batch's latency
-        in the stream. ``quota`` (a per-batch
-        cost) and ``deadline_s`` are not defined for a rebatched stream and raise.
+        in the stream. ``quota`` (a per-batch cost) is not defined for a rebatched stream and
+        raises.
+
+        ``deadline_s``: seconds from the moment each input batch enters the stream; the rule of
+        :meth:`predict` per row: a row whose deadline would pass before its next stage
+        finishes (measured stage times) leaves at the latest exit it reached, as does a row
+        whose deadline passed during a stage (exit 0 always counts). Checked whenever the
+        stream runs (the generator cannot act while it waits for input or for its consumer);
+        a queued row's deadline also makes its stage run without a full batch.
+
+        ``max_wait_s`` (seconds, default None = no bound): a stage also runs on fewer than
+        ``batch_size`` rows once its oldest queued row has waited that long (checked at each
+        new input batch), so rows of a slow or endless stream come back without waiting for
+        full batches. The generator serves one consumer thread; for many producer threads use
+        :class:`~ann_kernels.inference.server.EarlyExitServer`.
         """
         from ann_kernels.inference.stream import StageQueues
 
@@ -407,16 +549,28 @@ class EarlyExitEngine:
                 "quota: a per-batch exit quota is not defined when batches are regrouped; "
                 "use thresholds or budget with stream(), or quota with predict()"
             )
-        if deadline_s is not None:
-            raise ValueError("deadline_s: not supported by stream(); use predict(..., deadline_s=...)")
+        if deadline_s is not None and (
+            isinstance(deadline_s, bool)
+            or not isinstance(deadline_s, (int, float))
+            or not deadline_s >= 0
+            or math.isinf(deadline_s)
+        ):
+            raise ValueError(f"deadline_s: expected finite seconds >= 0 or None, got {deadline_s!r}")
         if batch_size is not None and (
             isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
         ):
             raise ValueError(f"batch_size: expected a positive int or None, got {batch_size!r}")
+        if max_wait_s is not None and (
+            isinstance(max_wait_s, bool)
+            or not isinstance(max_wait_s, (int, float))
+            or not max_wait_s >= 0
+            or math.isinf(max_wait_s)
+        ):
+            raise ValueError(f"max_wait_s: expected finite seconds >= 0 or None, got {max_wait_s!r}")
         if self.model.training:
             raise RuntimeError("model: is in training mode; early-exit inference needs model.eval()")
         plan = self._plan(1, thresholds, budget, None)
-        return StageQueues(self, plan, batch_size).run(batches)
+        return StageQueues(self, plan, batch_size, max_wait_s, deadline_s).run(batches)
 
 
 def _as_float_list(values, name: str) -> list[float]:

@@ -3,8 +3,17 @@
 Early exit shrinks a batch stage by stage, so on a stream of batches the late stages would
 run at tiny batch sizes (poor utilisation, per-call overhead). Here every stage k has a FIFO
 queue of (hidden state, buffer positions); stage k runs only when its queue holds
-``batch_size`` samples, on exactly that many, and its survivors join queue k+1. When the
-input ends, the queues are flushed in stage order (partial batches).
+``batch_size`` samples, on exactly that many, and its survivors join queue k+1. With
+``max_wait_s``, a stage also runs (on what it has) once its oldest queued row has waited
+that long, checked whenever the stream gets control (each new input batch), or at once when
+no row is queued before it (nothing could join it before the next input), so on a slow or
+endless stream no row waits for a full batch forever. When the input ends, the queues are
+flushed in stage order (partial batches).
+
+One consumer: ``stream()`` is a generator driven by the thread that iterates it, fed by one
+input iterable. For many producer threads (request handlers), use
+:class:`~ann_kernels.inference.server.EarlyExitServer`, which has the same per-stage queues
+behind a thread-safe ``submit``.
 
 Results are written by the exit op straight into stream-wide output buffers (grown by
 doubling, and shifted down once finished batches are handed out); a batch's results are
@@ -23,6 +32,7 @@ from typing import NamedTuple
 
 import torch
 
+from ann_kernels.inference.engine import _gather_rows, _with_first
 from ann_kernels.ops.early_exit import step_function
 
 __all__ = ["StageQueues"]
@@ -57,11 +67,15 @@ class StageQueues:
     """One stream run: ``StageQueues(engine, plan, batch_size).run(batches)`` yields an
     :class:`~ann_kernels.inference.engine.EarlyExitResult` per input batch, in order."""
 
-    def __init__(self, engine, plan, batch_size: int | None) -> None:
-        self.engine, self.plan, self.batch_size = engine, plan, batch_size
+    def __init__(self, engine, plan, batch_size: int | None, max_wait_s: float | None = None,
+                 deadline_s: float | None = None) -> None:
+        self.engine, self.plan, self.batch_size, self.max_wait_s = engine, plan, batch_size, max_wait_s
+        self.deadline_s = deadline_s
+        self.arrival = None  # [capacity] float64 perf_counter() of each row's batch (with a deadline)
         num_exits = engine.num_exits
         # Queue items: (hidden, positions [n] int64, number of the earliest input batch the rows may
-        # come from). The tags only grow along a queue, so completion needs no tensor reads.
+        # come from, perf_counter() when they joined the queue). The tags only grow along a
+        # queue, so completion needs no tensor reads.
         self.queues: list[deque] = [deque() for _ in range(num_exits)]
         self.queued = [0] * num_exits
         self.pending: deque[_PendingBatch] = deque()
@@ -99,15 +113,34 @@ class StageQueues:
         positions = torch.arange(
             self.next_start - self.base, self.next_start - self.base + n, device=self.device
         )
-        self.queues[0].append((x, positions, number))
+        now = time.perf_counter()
+        if self.deadline_s is not None:
+            self.arrival[self.next_start - self.base:self.next_start - self.base + n] = now
+        self.queues[0].append((x, positions, number, now))
         self.queued[0] += n
         self.pending.append(_PendingBatch(number, self.next_start, self.next_start + n, time.perf_counter()))
         self.next_start += n
 
     def _run_stages(self, flush: bool) -> None:
         for k in range(self.engine.num_exits):
-            while self.queued[k] >= self.batch_size or (flush and self.queued[k] > 0):
+            while self.queued[k] >= self.batch_size or (self.queued[k] > 0 and (flush or self._overdue(k))):
                 self._run_stage(k, min(self.batch_size, self.queued[k]))
+
+    def _overdue(self, k: int) -> bool:
+        """With ``max_wait_s``: stage k's oldest queued row has waited that long, or no row is
+        queued before stage k (none could join it before the next input batch)."""
+        now = time.perf_counter()
+        if self.deadline_s is not None and self.pending:  # its earliest row's deadline needs it now
+            tag = self.queues[k][0][2]
+            arrived = self.pending[max(0, tag - self.pending[0].number)].arrived
+            estimate = self.engine.stage_times.estimate(k, self.queued[k]) or 0.0
+            if arrived + self.deadline_s - estimate <= now:
+                return True
+        if self.max_wait_s is None:
+            return False
+        if not any(self.queued[:k]):
+            return True
+        return now - self.queues[k][0][3] >= self.max_wait_s
 
     # ------------------------------------------------------------------ one stage run
     def _take(self, k: int, rows: int):
@@ -115,12 +148,12 @@ class StageQueues:
         queue, hidden_pieces, position_pieces, taken = self.queues[k], [], [], 0
         tag = queue[0][2]
         while taken < rows:
-            hidden, positions, piece_tag = queue.popleft()
+            hidden, positions, piece_tag, joined = queue.popleft()
             n = positions.shape[0]
             if taken + n > rows:
                 want = rows - taken
                 hidden, rest = _split(hidden, want)
-                queue.appendleft((rest, positions[want:], piece_tag))
+                queue.appendleft((rest, positions[want:], piece_tag, joined))
                 positions, n = positions[:want], want
             hidden_pieces.append(hidden)
             position_pieces.append(positions)
@@ -132,8 +165,19 @@ class StageQueues:
         start = time.perf_counter()
         model = self.engine.model
         hidden, positions, tag = self._take(k, rows)
-        hidden = model.forward_stage(k, hidden)
         threshold = self.plan.thresholds[k]
+        if self.deadline_s is not None and k:  # rows that would miss their deadline in stage k
+            estimate = self.engine.stage_times.estimate(k, rows, threshold != math.inf) or 0.0
+            hidden, positions = self._cut(k - 1, hidden, hidden, positions, start + estimate)
+            if positions.shape[0] == 0:
+                return
+        stage_input = hidden
+        hidden = model.forward_stage(k, hidden)
+        if self.deadline_s is not None:  # rows whose deadline passed during stage k
+            source = stage_input if k else hidden
+            hidden, positions = self._cut(max(k - 1, 0), source, hidden, positions, time.perf_counter())
+            if positions.shape[0] == 0:
+                return
         survivors, survivor_hidden = positions, hidden
         if threshold != math.inf:  # +inf: nobody leaves here, skip head and decision
             logits = model.forward_head(k, hidden)
@@ -152,13 +196,28 @@ class StageQueues:
                 -1,
             )
             if survivors.shape[0] and not is_tensor:
-                rest = [t.index_select(0, keep) for t in hidden[1:]]
-                gathered = [gathered, *rest] if isinstance(hidden, list) else (gathered, *rest)
+                gathered = _with_first(hidden, gathered, keep)
             survivor_hidden = gathered
         if survivors.shape[0]:
-            self.queues[k + 1].append((survivor_hidden, survivors, tag))
+            self.queues[k + 1].append((survivor_hidden, survivors, tag, time.perf_counter()))
             self.queued[k + 1] += survivors.shape[0]
-        self._attribute(k, rows, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        self._attribute(k, rows, seconds)
+        self.engine.stage_times.record(k, rows, seconds, threshold != math.inf)
+
+    def _cut(self, exit_k: int, head_input, hidden, positions, when: float):
+        """Rows whose deadline is before ``when`` leave at ``exit_k`` (head ``exit_k`` on their
+        rows of ``head_input``); returns the other rows of ``hidden`` and their positions."""
+        late = self.arrival.index_select(0, positions) + self.deadline_s < when
+        if not bool(late.any()):
+            return hidden, positions
+        late_rows, keep_rows = late.nonzero().squeeze(1), (~late).nonzero().squeeze(1)
+        logits = self.engine.model.forward_head(exit_k, _gather_rows(head_input, late_rows))
+        self.step(logits, positions.index_select(0, late_rows), None, self.prediction, self.exit_index,
+                  self.confidence, -math.inf, self.engine._criterion_code, exit_k, -1)
+        if keep_rows.shape[0] == 0:
+            return hidden, positions[:0]
+        return _gather_rows(hidden, keep_rows), positions.index_select(0, keep_rows)
 
     def _attribute(self, k: int, rows: int, seconds: float) -> None:
         self.stage_seconds[k] += seconds
@@ -178,6 +237,11 @@ class StageQueues:
             for new, old in zip(buffers, (self.prediction, self.exit_index, self.confidence)):
                 new[: self.capacity] = old
         self.prediction, self.exit_index, self.confidence = buffers
+        if self.deadline_s is not None:
+            arrival = torch.empty(capacity, dtype=torch.float64, device=self.device)
+            if self.arrival is not None:
+                arrival[: self.capacity] = self.arrival
+            self.arrival = arrival
         self.capacity = capacity
 
     def _earliest_queued_batch(self) -> float:
@@ -238,12 +302,12 @@ class StageQueues:
         if shift < _MIN_CAPACITY or 2 * shift < self.capacity:
             return
         live = self.next_start - first_live
-        for name in ("prediction", "exit_index", "confidence"):
+        for name in ("prediction", "exit_index", "confidence") + (("arrival",) if self.deadline_s is not None else ()):
             old = getattr(self, name)
             new = torch.empty_like(old)
             new[:live] = old[shift : shift + live]
             setattr(self, name, new)
         for queue in self.queues:
-            for _, positions, _ in queue:
+            for _, positions, _, _ in queue:
                 positions.sub_(shift)
         self.base = first_live

@@ -9,8 +9,11 @@ from ann_kernels.losses.adaloss import AdaLoss  # noqa: F401  (registers "adalos
 from ann_kernels.losses.anytime_loss import AnytimeLoss  # noqa: F401
 from ann_kernels.losses.baselines import GradientEquilibrium, IMTADistillation, SDNSchedule  # noqa: F401
 from ann_kernels.losses.l2w import L2W  # noqa: F401  (registers "l2w")
+from ann_kernels.losses.layerskip import LayerSkipWeighting, layerskip_loss_scales  # noqa: F401
+from ann_kernels.losses.linear_loss import AnytimeLinearLoss  # noqa: F401
 
 __all__ = [
+    "AnytimeLinearLoss", "LayerSkipWeighting", "layerskip_loss_scales",
     "AdaLoss", "AnytimeLoss", "GradientEquilibrium", "IMTADistillation", "L2W", "SDNSchedule",
     "Oscillating", "StaticWeighting", "WEIGHTINGS", "Weighting", "const_weights",
     "eann_sieve_weights", "half_end_weights", "linear_weights", "make_weighting", "opt_weights",

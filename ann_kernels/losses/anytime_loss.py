@@ -74,11 +74,12 @@ class AnytimeLoss(nn.Module):
         self.last = out
         return out.loss
 
-    def pre_step(self, model: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor):
+    def pre_step(self, model: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor, **kwargs):
         """The scheme's work before a training step's forward (L2W's meta step: it needs the
-        model, the optimiser and the batch x [N, ...], y [N]); a no-op for other schemes."""
+        model, the optimiser and the batch x [N, ...], y [N]; ``kwargs`` go to the scheme,
+        e.g. L2W's ``meta=`` half batch); a no-op for other schemes."""
         return self.weighting.pre_step(model, optimizer, x, y, ignore_index=self.ignore_index,
-                                       label_smoothing=self.label_smoothing)
+                                       label_smoothing=self.label_smoothing, **kwargs)
 
     def extra_repr(self) -> str:
         return f"num_exits={self.num_exits}, ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}"

@@ -2,36 +2,72 @@
 ECCV 2022, arXiv 2209.08310): a small meta-learned network weights every sample's loss at
 every exit, so that training matches how inputs actually leave the network at test time.
 
+Reference: LeapLabTHU/L2W-DEN, ``tools/main_cifar_DDP.py`` ``train()`` (the loop, the meta
+loss), ``tools/meta.py`` ``MetaSGD.meta_step`` (the look-ahead), ``models/weight_predict.py``
+``MLP_tanh`` (the weight network), ``tools/utils.py`` ``adjust_meta_learning_rate`` /
+``calc_target_probs``, ``tools/args_msdnet.py`` and README.md (the recipe's arguments).
+
 Shapes: K exits, N samples, C classes. Internally sample weights are laid out like the
 fused op's ``per_sample`` losses, ``W`` [K, N] float32 (the paper's W [N, K] transposed).
 
-Weights (one real training step, no second pass over the logits):
+One training iteration on a batch (``main_cifar_DDP.py`` ``train()``; :meth:`L2W.phases`):
+the batch is cut in two halves, A = the first ceil(N/2) samples, B = the rest
+(``images.chunk(2)``), and two phases run in order, "part 1" A->B then "part 2" B->A; each
+phase is (every ``meta_interval`` iterations) one meta update of the weight network with
+the phase's first half as the look-ahead data and its second half as the meta data, then
+one real model update on the first half only. Two model updates per batch, both at the
+batch's learning rate.
+
+Weights (the real model update, one pass over the logits):
   1. the fused op runs once with unit exit weights and ``compute_grad=True``: per-sample
      losses l [K, N], confidences [K, N] and d l_ik / d z_ik / N_valid [K, N, C];
   2. the weight network (MLP F -> 500 -> K, ReLU, tanh; F = K for ``inputs="loss"`` or
      ``"confidence"``, 2K for ``"both"``) maps each sample's detached features to g [N, K];
-  3. W = 1 + eps (g - mean(g)), the mean taken per sample (over its K exits), per exit (over
-     the batch's valid samples) or over the whole matrix (``mean_over``); every such mean
-     of W is exactly 1, and with eps <= 0.5 every W > 0 (g is in (-1, 1));
-  4. loss = sum_{k,i} W_ik l_ik / N_valid; its gradient w.r.t. z_ik is W_ik times the op's
-     own gradient (exact: with unit weights that gradient is d l_ik / d z_ik / N_valid).
+  3. W = 1 + eps (g - mean(g)), the mean taken over the whole matrix (``mean_over="all"``,
+     the original's ``constraint_dimension mat``), per exit over the batch (``"exit"``,
+     ``row``) or per sample over its K exits (``"sample"``, ``col``); that mean of W is
+     exactly 1. g is in (-1, 1), so W is in (1 - 2 eps, 1 + 2 eps): eps <= 0.5 keeps every
+     weight positive, eps in (0.5, 1] (0.8, the paper's CIFAR value) allows negative ones,
+     as the original does;
+  4. loss = sum_{k,i} W_ik l_ik / N_valid (the original's ``sum(mean(weight * losses, 0))``);
+     its gradient w.r.t. z_ik is W_ik times the op's own gradient.
 
-Meta step (before the real step, every ``meta_interval`` steps; :meth:`L2W.pre_step`):
-  1. split the batch: the first half A (look-ahead), the second half B (meta);
-  2. per-sample losses of the model on A (pure torch: the look-ahead needs the loss's
+Meta update (:meth:`L2W.pre_step`, with the look-ahead half T and the meta half M):
+  1. per-sample losses of the model on T (pure torch: the look-ahead needs the loss's
      gradient to be differentiable again, which the fused op's saved gradient is not) and
      W(phi) from the weight network;
-  3. theta' = one step of the real optimiser on sum W l / N_valid, reusing its learning
-     rate, momentum buffers, dampening, Nesterov flag and weight decay (torch.optim.SGD's
-     exact update), built with ``create_graph=True`` so theta' is differentiable in phi;
-  4. the model with theta' (``torch.func.functional_call``, buffers cloned so batch-norm
-     running statistics are untouched) on B; mimic early exiting: exit j takes the
-     floor(n q_j) most confident samples not yet taken (q_k proportional to
-     ``exit_ratio`` ** k, k = 1..K, summing to 1), the last exit takes the rest; the meta
-     loss is the mean cross-entropy of each sample at its assigned exit;
-  5. d meta / d phi (second order through theta'), all-reduced under torch.distributed,
-     and one Adam step on the weight network.
-The real update then uses the new weights (step 1-4 above, in ``compute``).
+  2. theta' = one step of the real optimiser on sum W l / N_valid, reusing its learning
+     rate, momentum buffers, dampening, Nesterov flag and weight decay (``MetaSGD``, which
+     loads the real optimiser's state; torch.optim.SGD's exact update), built with
+     ``create_graph=True`` so theta' is differentiable in phi;
+  3. the model with theta' (``torch.func.functional_call``, buffers cloned so batch-norm
+     running statistics are untouched; the original's ``pseudo_net`` copy) on M; mimic
+     early exiting: for j = 1..K-1 exit j takes the floor(n q_j) most confident samples
+     not yet taken (n = |M|, q_k proportional to ``exit_ratio`` ** k, k = 1..K, summing to 1;
+     the original's ``target_p_index 15`` is 15/20 = 0.75), the last exit takes the rest;
+  4. the meta loss is the SUM over exits of the MEAN cross-entropy of each exit's own
+     group (an empty group adds nothing), as ``meta_loss += F.cross_entropy(
+     meta_outputs[j][selected_index], ..., reduction='mean')``;
+  5. d meta / d phi (second order through theta'), all-reduced under torch.distributed
+     (the original's DDP-wrapped meta net), and one Adam step on the weight network at
+     ``meta_lr`` times the main optimiser's current schedule factor (lr / initial_lr: the
+     cosine of ``adjust_meta_learning_rate``, which uses the main schedule's formula).
+
+Defaults (the original's recipe; its argparse leaves eps and the constraint unset):
+eps 0.8 (the paper's CIFAR setting; README's ImageNet command: 0.3), ``mean_over="all"``
+(README: ``--constraint_dimension mat``), ``inputs="loss"``, hidden 500, one hidden layer,
+``meta_lr`` 1e-4 and ``meta_weight_decay`` 1e-4 (README), ``meta_interval`` 1 (argparse;
+README's ImageNet command: 100), ``exit_ratio`` 0.75. The model's optimiser in the original
+recipe: SGD momentum 0.9 without Nesterov, weight decay 1e-4, cosine LR per batch
+(:data:`L2W_RECIPE`; ``scripts/reproduce_l2w.sh`` trains with it).
+
+Deviations (none changes the method): rows with ``ignore_index`` are dropped from the meta
+half before the assignment (the original has no ignored labels); ties in confidence go to
+the lower index (the original's ``sort`` is unstable); q is computed in float64 (the
+original: float32, so a floor(n q_j) at an exact integer may differ by one); each parameter
+uses its own param group's hyper-parameters (the original: group 0's for all). Called with
+one batch and no ``meta`` (a user's own loop), :meth:`L2W.pre_step` runs the first phase's
+meta update only (T = A, M = B).
 
 Optimisers: only ``torch.optim.SGD`` is reproduced by the look-ahead (AdamW's would need
 its second-moment state differentiated through; it raises a clear error instead).
@@ -54,12 +90,19 @@ from ann_kernels.losses.schemes import Weighting, register_weighting
 from ann_kernels.ops.multi_exit_ce import ExitLoss, _validate
 
 __all__ = [
-    "L2W", "WeightNet", "center_weights", "early_exit_assignment", "early_exit_fractions",
-    "per_sample_cross_entropy", "sample_weighted_cross_entropy", "sgd_lookahead",
+    "L2W", "L2W_RECIPE", "WeightNet", "center_weights", "early_exit_assignment", "early_exit_fractions",
+    "early_exit_meta_loss", "per_sample_cross_entropy", "sample_weighted_cross_entropy", "sgd_lookahead",
+    "split_halves",
 ]
 
 INPUTS = ("loss", "confidence", "both")
 MEAN_OVER = ("sample", "exit", "all")
+
+# The model optimiser of the original recipe (tools/args_msdnet.py defaults: SGD, momentum
+# 0.9, weight decay 1e-4; torch's SGD default nesterov=False; tools/utils.py
+# adjust_learning_rate: cosine per batch from lr 0.1, batch 64): TrainConfig fields.
+L2W_RECIPE = {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4,
+              "batch_size": 64}
 
 _FWD = torch.ops.ann_kernels.multi_exit_ce_fwd.default if HAS_CPP_EXT else None
 
@@ -159,7 +202,8 @@ def _resolve_weights(weights, per_sample: Tensor, confidence: Tensor, valid: Ten
 # --- 2. weights from the weight-prediction network ----------------------------------------
 
 class WeightNet(nn.Module):
-    """g = tanh(fc2(relu(fc1(f)))): features f [N, F] -> g [N, K] in (-1, 1)."""
+    """g = tanh(fc2(relu(fc1(f)))): features f [N, F] -> g [N, K] in (-1, 1)
+    (``models/weight_predict.py`` ``MLP_tanh`` with ``num_layers=1``)."""
 
     def __init__(self, in_features: int, num_exits: int, hidden: int = 500):
         super().__init__()
@@ -173,7 +217,8 @@ class WeightNet(nn.Module):
 def center_weights(g: Tensor, eps: float, mean_over: str, valid: Tensor | None = None) -> Tensor:
     """W = 1 + eps (g - mean(g)) for g [K, N]; ``mean_over``: ``"sample"`` (each column's
     mean over the K exits), ``"exit"`` (each row's mean over the valid samples) or
-    ``"all"`` (the mean over every valid entry). The same mean of W is exactly 1."""
+    ``"all"`` (the mean over every valid entry); the original's ``constraint_dimension``
+    ``col`` / ``row`` / ``mat``. The same mean of W is exactly 1."""
     if mean_over not in MEAN_OVER:
         raise ValueError(f"mean_over: expected one of {MEAN_OVER}, got {mean_over!r}")
     if mean_over == "sample":
@@ -216,6 +261,32 @@ def early_exit_assignment(confidence: Tensor, fractions: Tensor) -> Tensor:
     return exit_of
 
 
+def early_exit_meta_loss(logits: Tensor, target: Tensor, exit_of: Tensor, *,
+                         label_smoothing: float = 0.0) -> Tensor:
+    """sum_j mean_{i in group j} CE(logits[j, i], target[i]): logits [K, n, C], target [n],
+    exit_of [n] (from :func:`early_exit_assignment`); an empty group adds nothing. Each
+    exit's group counts once whatever its size (``main_cifar_DDP.py`` ``train()``:
+    ``meta_loss += F.cross_entropy(meta_outputs[j][selected_index], ..., reduction='mean')``)."""
+    loss = logits.new_zeros((), dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    for j in range(logits.shape[0]):
+        chosen = (exit_of == j).nonzero().squeeze(1)
+        if chosen.numel() > 0:
+            loss = loss + F.cross_entropy(_upcast(logits[j, chosen]), target[chosen],
+                                          label_smoothing=label_smoothing)
+    return loss
+
+
+def split_halves(x: Tensor, y: Tensor) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """``((x_A, y_A), (x_B, y_B))``: A the first ceil(N/2) samples, B the rest
+    (``images.chunk(2, dim=0)`` in the original); N >= 2."""
+    n = x.shape[0]
+    if n < 2 or y.shape[0] != n:
+        raise ValueError(f"x: L2W's meta step splits the batch in two halves, needs >= 2 samples "
+                         f"(and as many targets), got {n} inputs and {y.shape[0]} targets")
+    half = (n + 1) // 2
+    return (x[:half], y[:half]), (x[half:], y[half:])
+
+
 # --- 4. the optimiser's look-ahead step --------------------------------------------------
 
 def _check_sgd(optimizer) -> None:
@@ -232,7 +303,8 @@ def sgd_lookahead(params: dict[str, Tensor], grads: Sequence[Tensor | None], opt
     """theta' = the step ``optimizer`` (torch.optim.SGD) would take from ``params`` with
     ``grads``, as a differentiable function of the grads (no state is written):
     d = g + wd theta; b = mu b_old + (1 - damp) d (b = d without a momentum buffer);
-    d = d + mu b (Nesterov) or b; theta' = theta - lr d. Params with no grad stay put."""
+    d = d + mu b (Nesterov) or b; theta' = theta - lr d. Params with no grad stay put.
+    (``tools/meta.py`` ``MetaSGD.meta_step`` after ``load_state_dict(optimizer.state_dict())``.)"""
     _check_sgd(optimizer)
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     new = {}
@@ -253,30 +325,42 @@ def sgd_lookahead(params: dict[str, Tensor], grads: Sequence[Tensor | None], opt
 
 # --- 5. the weighting scheme --------------------------------------------------------------
 
+META_LR_SCHEDULES = ("follow", "constant")
+
+
 class L2W(Weighting):
     """``AnytimeLoss(K, weighting="l2w", ...)``: meta-learned per-sample weights.
 
-    Options: ``eps`` (0, 0.5] (W in (1 - 2 eps, 1 + 2 eps)); ``inputs`` in ``loss`` /
-    ``confidence`` / ``both``; ``mean_over`` in ``sample`` / ``exit`` / ``all``; ``hidden``
-    (500); ``meta_lr`` / ``meta_weight_decay`` (Adam on the weight network); ``meta_interval``
-    (a meta step every n training steps); ``exit_ratio`` (q_k proportional to ratio^k).
+    Options (defaults: the original's recipe, module docstring): ``eps`` (0, 1] (W in
+    (1 - 2 eps, 1 + 2 eps)); ``inputs`` in ``loss`` / ``confidence`` / ``both``;
+    ``mean_over`` in ``all`` / ``exit`` / ``sample``; ``hidden`` (500); ``meta_lr`` /
+    ``meta_weight_decay`` (Adam on the weight network); ``meta_lr_schedule``: ``follow``
+    (meta_lr times the main optimiser's lr / initial_lr at every meta update, the original's
+    cosine) or ``constant``; ``meta_interval`` (meta updates on every n-th batch);
+    ``exit_ratio`` (q_k proportional to ratio^k).
 
-    The Trainer calls :meth:`pre_step` (the meta step) before each forward; ``compute``
-    is the real step. The weight network, the meta step counter (buffers) and Adam's state
-    (``get_extra_state``) are all in ``state_dict``, so checkpoints resume exactly.
+    The Trainer cuts each batch with :meth:`phases` and, per phase, calls :meth:`pre_step`
+    (the meta update) then the real update (``compute``) on the phase's first half. The
+    weight network, the counters (buffers) and Adam's state (``get_extra_state``) are all in
+    ``state_dict``, so checkpoints resume exactly.
     """
 
-    def __init__(self, num_exits: int, *, eps: float = 0.5, inputs: str = "loss", mean_over: str = "sample",
-                 hidden: int = 500, meta_lr: float = 1e-3, meta_weight_decay: float = 1e-4,
-                 meta_interval: int = 1, exit_ratio: float = 0.75):
+    num_phases = 2
+
+    def __init__(self, num_exits: int, *, eps: float = 0.8, inputs: str = "loss", mean_over: str = "all",
+                 hidden: int = 500, meta_lr: float = 1e-4, meta_weight_decay: float = 1e-4,
+                 meta_lr_schedule: str = "follow", meta_interval: int = 1, exit_ratio: float = 0.75):
         super().__init__(num_exits)
         self.needs_pre_step = True
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps <= 0.5:
-            raise ValueError(f"eps: expected a value in (0, 0.5] (keeps every weight positive), got {eps!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps <= 1:
+            raise ValueError(f"eps: expected a value in (0, 1] (W in (1 - 2 eps, 1 + 2 eps); the paper uses "
+                             f"0.8 on CIFAR), got {eps!r}")
         if inputs not in INPUTS:
             raise ValueError(f"inputs: expected one of {INPUTS}, got {inputs!r}")
         if mean_over not in MEAN_OVER:
             raise ValueError(f"mean_over: expected one of {MEAN_OVER}, got {mean_over!r}")
+        if meta_lr_schedule not in META_LR_SCHEDULES:
+            raise ValueError(f"meta_lr_schedule: expected one of {META_LR_SCHEDULES}, got {meta_lr_schedule!r}")
         for name, value in (("hidden", hidden), ("meta_interval", meta_interval)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
@@ -289,10 +373,14 @@ class L2W(Weighting):
         self.eps, self.inputs, self.mean_over = float(eps), inputs, mean_over
         self.meta_interval, self.exit_ratio = meta_interval, float(exit_ratio)
         self.meta_lr, self.meta_weight_decay = float(meta_lr), float(meta_weight_decay)
+        self.meta_lr_schedule = meta_lr_schedule
         features = 2 * num_exits if inputs == "both" else num_exits
         self.net = WeightNet(features, num_exits, hidden)
         self.meta_optimizer = torch.optim.Adam(self.net.parameters(), lr=self.meta_lr,
                                                weight_decay=self.meta_weight_decay)
+        # batches_seen: iterations begun (by phases(), or by a pre_step called without meta);
+        # meta_steps_seen: meta updates done.
+        self.register_buffer("batches_seen", torch.zeros((), dtype=torch.int64))
         self.register_buffer("meta_steps_seen", torch.zeros((), dtype=torch.int64))
         self.register_buffer("last_meta_loss", torch.full((), float("nan")))
         self.last_sample_weights: Tensor | None = None
@@ -323,23 +411,39 @@ class L2W(Weighting):
         self.last_sample_weights = w
         return out, (w * valid).sum(dim=1) / valid.sum().clamp(min=1)  # effective exit weights [K]
 
+    # ---- the two phases of an iteration
+    def phases(self, x: Tensor, y: Tensor) -> list[tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]]:
+        """Begin an iteration on the batch (x [N, ...], y [N]): ``[(A, B), (B, A)]``, each
+        ``(train half, meta half)`` as ``(x, y)`` pairs, in the order they run (the
+        original's "part 1: images_p1 as train, images_p2 as meta", then "part 2"). Per
+        phase: ``pre_step(model, opt, *train, meta=meta)``, then the real update on train."""
+        a, b = split_halves(x, y)
+        self.batches_seen += 1
+        return [(a, b), (b, a)]
+
+    def meta_due(self) -> bool:
+        """Whether the current iteration (the latest :meth:`phases`) has meta updates: the
+        original's ``i % meta_interval == 0`` with i = the iteration's index."""
+        return (int(self.batches_seen) - 1) % self.meta_interval == 0
+
     # ---- meta step
-    def meta_loss(self, model: nn.Module, optimizer, x: Tensor, y: Tensor, *, ignore_index: int = -100,
+    def meta_loss(self, model: nn.Module, optimizer, x: Tensor, y: Tensor, *,
+                  meta: tuple[Tensor, Tensor] | None = None, ignore_index: int = -100,
                   label_smoothing: float = 0.0) -> Tensor:
-        """Steps 1-4 of the meta step (module docstring): the early-exit-mimicking loss of the
-        looked-ahead model on the second half of (x [N, ...], y [N]); a scalar
-        differentiable w.r.t. the weight network's parameters."""
+        """Steps 1-4 of the meta update (module docstring) with the look-ahead half (x, y)
+        and the meta half ``meta`` = (x_m, y_m) (None: (x, y) is a whole batch, split by
+        :func:`split_halves`); a scalar differentiable w.r.t. the weight network."""
         _check_sgd(optimizer)
-        n = x.shape[0]
-        if n < 2:
-            raise ValueError(f"x: L2W's meta step splits the batch in two halves, needs >= 2 samples, "
-                             f"got {n}")
-        # 1. the two halves
-        half = n // 2
-        xa, ya, xb, yb = x[:half], y[:half], x[half:], y[half:]
+        if meta is None:
+            (x, y), meta = split_halves(x, y)
+        xa, ya = x, y
+        xb, yb = meta
+        if xa.shape[0] < 1 or xb.shape[0] < 1:
+            raise ValueError(f"x / meta: L2W's meta step needs >= 1 look-ahead and >= 1 meta sample, got "
+                             f"{xa.shape[0]} and {xb.shape[0]}")
         params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         buffers = {name: b.clone() for name, b in model.named_buffers()}
-        # 2. weighted per-sample loss of the current model on A (double-backward capable)
+        # 1. weighted per-sample loss of the current model on the look-ahead half
         logits_a = list(functional_call(model, (params, buffers), (xa,)))
         per_sample = per_sample_cross_entropy(logits_a, ya, ignore_index=ignore_index,
                                               label_smoothing=label_smoothing)
@@ -348,10 +452,10 @@ class L2W(Weighting):
             conf_a = torch.stack([_upcast(z).softmax(-1).amax(-1) for z in logits_a])
         w = self.sample_weights(per_sample.detach(), conf_a, valid_a)
         inner = (w.to(per_sample.dtype) * per_sample).sum() / valid_a.sum().clamp(min=1)
-        # 3. theta' by the real optimiser's rule, differentiable in phi
+        # 2. theta' by the real optimiser's rule, differentiable in phi
         grads = torch.autograd.grad(inner, list(params.values()), create_graph=True, allow_unused=True)
         new_params = sgd_lookahead(params, grads, optimizer)
-        # 4. the looked-ahead model on B; each sample's loss at its simulated exit
+        # 3. the looked-ahead model on the meta half; each exit's group
         logits_b = torch.stack(list(functional_call(model, (new_params, buffers), (xb,))))  # [K, n_b, C]
         valid_b = yb != ignore_index
         logits_b, yb = logits_b[:, valid_b], yb[valid_b]
@@ -360,18 +464,31 @@ class L2W(Weighting):
         with torch.no_grad():
             conf_b = _upcast(logits_b).softmax(-1).amax(-1)
         exit_of = early_exit_assignment(conf_b, early_exit_fractions(self.num_exits, self.exit_ratio))
-        chosen = logits_b[exit_of, torch.arange(yb.numel(), device=yb.device)]
-        return F.cross_entropy(_upcast(chosen), yb, label_smoothing=label_smoothing)
+        # 4. the sum over exits of each group's mean cross-entropy
+        return early_exit_meta_loss(logits_b, yb, exit_of, label_smoothing=label_smoothing)
 
-    def pre_step(self, model: nn.Module, optimizer, x: Tensor, y: Tensor, *, ignore_index: int = -100,
+    def current_meta_lr(self, optimizer) -> float:
+        """The Adam learning rate of a meta update now: ``meta_lr`` times the main
+        optimiser's schedule factor lr / initial_lr (1 without a scheduler) when
+        ``meta_lr_schedule="follow"``."""
+        if self.meta_lr_schedule == "constant":
+            return self.meta_lr
+        group = optimizer.param_groups[0]
+        return self.meta_lr * float(group["lr"]) / float(group.get("initial_lr", group["lr"]))
+
+    def pre_step(self, model: nn.Module, optimizer, x: Tensor, y: Tensor, *,
+                 meta: tuple[Tensor, Tensor] | None = None, ignore_index: int = -100,
                  label_smoothing: float = 0.0) -> Tensor | None:
-        """The meta step (every ``meta_interval`` calls): step 5 on :meth:`meta_loss`.
-        Returns the meta loss (detached) or None when this step skips it."""
-        due = int(self.meta_steps_seen) % self.meta_interval == 0
-        self.meta_steps_seen += 1
-        if not due:
+        """The meta update of a phase (step 5 on :meth:`meta_loss`), on iterations where
+        :meth:`meta_due`. With ``meta`` (from :meth:`phases`): (x, y) is the phase's train
+        half. Without: (x, y) is a whole batch, a new iteration begins and the first
+        phase's meta update runs (T = A, M = B). Returns the meta loss (detached) or None
+        when this iteration has none."""
+        if meta is None:
+            self.batches_seen += 1
+        if not self.meta_due():
             return None
-        loss = self.meta_loss(model, optimizer, x, y, ignore_index=ignore_index,
+        loss = self.meta_loss(model, optimizer, x, y, meta=meta, ignore_index=ignore_index,
                               label_smoothing=label_smoothing)
         # 5. second-order gradient w.r.t. phi, averaged over ranks, one Adam step
         params = list(self.net.parameters())
@@ -383,8 +500,12 @@ class L2W(Weighting):
                 dist.all_reduce(g)
                 g /= dist.get_world_size()
             p.grad = g
+        lr = self.current_meta_lr(optimizer)
+        for group in self.meta_optimizer.param_groups:
+            group["lr"] = lr
         self.meta_optimizer.step()
         self.meta_optimizer.zero_grad(set_to_none=True)
+        self.meta_steps_seen += 1
         self.last_meta_loss.fill_(float(loss.detach()))
         return loss.detach()
 
@@ -399,8 +520,9 @@ class L2W(Weighting):
 
     def extra_repr(self) -> str:
         return (f"num_exits={self.num_exits}, eps={self.eps}, inputs={self.inputs!r}, "
-                f"mean_over={self.mean_over!r}, "
-                f"meta_lr={self.meta_lr}, meta_interval={self.meta_interval}, exit_ratio={self.exit_ratio}")
+                f"mean_over={self.mean_over!r}, meta_lr={self.meta_lr}, "
+                f"meta_lr_schedule={self.meta_lr_schedule!r}, meta_interval={self.meta_interval}, "
+                f"exit_ratio={self.exit_ratio}")
 
 
 register_weighting("l2w", L2W)

@@ -13,8 +13,14 @@ from ann_kernels.ops.multi_exit_ce import (
     multi_exit_cross_entropy,
     multi_exit_cross_entropy_reference,
 )
+from ann_kernels.ops.multi_exit_linear_ce import (
+    multi_exit_linear_cross_entropy,
+    multi_exit_linear_cross_entropy_reference,
+)
 
 __all__ = [
+    "multi_exit_linear_cross_entropy",
+    "multi_exit_linear_cross_entropy_reference",
     "ExitLoss",
     "ExitStep",
     "early_exit_step",

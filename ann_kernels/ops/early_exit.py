@@ -14,14 +14,21 @@ Semantics, for the M still-active samples of a batch of N (original positions
   ``csrc/include/ann_kernels/early_exit.h``):
   ``max_prob`` = max_c softmax(z)_c; ``margin`` = top-1 minus top-2 probability;
   ``entropy`` = 1 - H(softmax(z)) / log C (1 for C = 1);
+- non-finite logits, one rule on every backend (reference, CPU, CUDA): ``torch.softmax`` of
+  a row is NaN exactly when the row maximum is not finite (a NaN; a +inf, as inf - inf is
+  NaN; every logit -inf), and then the confidence is NaN on every criterion; -inf logits
+  beside a finite maximum are probability 0. Finite rows give confidences in [0, 1];
 - threshold mode (``exit_count`` None / -1): a row exits when confidence >= threshold
-  (compared in float32); threshold -inf makes every row exit (NaN confidences too), +inf none;
+  (compared in float32), which a NaN confidence never is; threshold -inf makes every row
+  exit (NaN confidences too: the last exit, a deadline), +inf none;
 - quota mode (``exit_count`` >= 0): the ``exit_count`` most confident rows exit (ties by row
-  order, NaN ranks lowest; a count above M means all rows);
+  order; a count above M means all rows), NaN confidences excluded: so a row with a NaN
+  or +inf logit never exits before the last exit;
 - exiting rows get prediction = argmax (torch's first-maximum rule), exit_index = exit_id
   and their confidence, written into the [N] buffers at their original positions;
 - returns the survivors' original positions [R], their row numbers in this call
-  (``keep_local`` [R]) and the survivors' rows of ``hidden`` as a new [R, ...] tensor.
+  (``keep_local`` [R]) and the survivors' rows of ``hidden`` as a new [R, ...] tensor in
+  hidden's memory format (channels_last in, channels_last out; :func:`gathered_hidden_empty`).
 
 Tuple hidden states: the op gathers one tensor (the first); gather the others with
 ``t.index_select(0, keep_local)``. One tensor, not ``Tensor[]``, because functionalization
@@ -35,6 +42,7 @@ from typing import NamedTuple
 
 import torch
 
+from ann_kernels import _compat
 from ann_kernels._ext import HAS_CPP_EXT, warn_fallback
 
 __all__ = [
@@ -89,9 +97,7 @@ def has_kernel(device_type: str) -> bool:
     cached = _has_kernel_cache.get(device_type)
     if cached is None:
         key = _KERNEL_KEYS.get(device_type)
-        cached = (
-            HAS_CPP_EXT and key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(_OP_NAME, key)
-        )
+        cached = HAS_CPP_EXT and key is not None and _compat.has_kernel_for(_OP_NAME, key)
         _has_kernel_cache[device_type] = cached
     return cached
 
@@ -101,7 +107,9 @@ def has_kernel(device_type: str) -> bool:
 
 
 def exit_confidence_reference(logits: torch.Tensor, criterion: str | int = "max_prob"):
-    """Confidence [M] float32 and prediction [M] int64 of every row of ``logits`` [M, C]."""
+    """Confidence [M] float32 and prediction [M] int64 of every row of ``logits`` [M, C]:
+    from ``torch.softmax`` in float32, NaN wherever torch's softmax row is NaN (the
+    non-finite rule of the module docstring), clamped to [0, 1] elsewhere."""
     code = criterion_code(criterion)
     z = logits.float()
     num_classes = z.shape[-1]
@@ -117,10 +125,12 @@ def exit_confidence_reference(logits: torch.Tensor, criterion: str | int = "max_
             confidence = top2[:, 0] - top2[:, 1]
     else:
         if num_classes == 1:
-            confidence = torch.where(z[:, 0].isnan(), z[:, 0], torch.ones_like(z[:, 0]))
+            confidence = torch.ones_like(z[:, 0])
         else:
             entropy = -torch.where(probs > 0, probs * log_probs, torch.zeros_like(probs)).sum(dim=-1)
             confidence = 1.0 - entropy / math.log(num_classes)
+    softmax_is_nan = probs.isnan().any(dim=-1)
+    confidence = torch.where(softmax_is_nan, torch.full_like(confidence, math.nan), confidence.clamp(0.0, 1.0))
     return confidence, logits.argmax(dim=-1)
 
 
@@ -147,17 +157,50 @@ def early_exit_step_reference(
             exits = row_conf >= thr.to(logits.device)
     else:
         count = min(int(exit_count), num_rows)
-        key = torch.nan_to_num(row_conf, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+        eligible = ~row_conf.isnan()
+        key = torch.where(eligible, row_conf, torch.full_like(row_conf, -math.inf))
         order = torch.sort(key, descending=True, stable=True).indices[:count]
         exits = torch.zeros(num_rows, dtype=torch.bool, device=logits.device)
         exits[order] = True
+        exits &= eligible
     positions = active_index[exits]
     prediction[positions] = row_pred[exits]
     exit_index[positions] = exit_id
     confidence[positions] = row_conf[exits]
     keep_local = (~exits).nonzero().squeeze(1)
-    gathered = hidden.index_select(0, keep_local) if hidden is not None else logits.new_empty(0)
+    if hidden is None:
+        gathered = logits.new_empty(0)
+    else:
+        gathered = gathered_hidden_empty(hidden, keep_local.shape[0])
+        gathered.copy_(hidden.index_select(0, keep_local))
     return ExitStep(active_index[keep_local], keep_local, gathered)
+
+
+def _has_batch_row_blocks(t: torch.Tensor, row_elems: int) -> bool:
+    """Every batch row of ``t`` is one dense block of ``row_elems`` elements (the inner dims,
+    ordered by stride, tile it exactly): csrc/hidden_rows.h's has_batch_row_blocks."""
+    if t.shape[0] > 1 and t.stride(0) != row_elems:
+        return False
+    expected = 1
+    for stride, size in sorted((t.stride(d), t.shape[d]) for d in range(1, t.dim()) if t.shape[d] != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def gathered_hidden_empty(hidden: torch.Tensor, rows) -> torch.Tensor:
+    """An uninitialised [rows, ...] tensor laid out as the kernels lay out the gathered hidden
+    state (csrc/hidden_rows.h): when every batch row of ``hidden`` is one dense block
+    (contiguous, channels_last, channels_last_3d, ...), hidden's own strides; otherwise those
+    of hidden made dense in its suggested memory format. ``rows`` may be symbolic."""
+    inner = hidden.shape[1:]
+    row_elems = math.prod(inner)
+    source = hidden
+    if not _has_batch_row_blocks(hidden, row_elems):
+        source = hidden.contiguous(memory_format=_compat.suggest_memory_format(hidden))
+    strides = (row_elems if row_elems > 0 else source.stride(0), *source.stride()[1:])
+    return hidden.new_empty_strided((rows, *inner), strides)
 
 
 # ---------------------------------------------------------------------------------------
@@ -334,7 +377,7 @@ def exit_confidence(logits: torch.Tensor, criterion: str = "max_prob"):
 
 if HAS_CPP_EXT:
 
-    @torch.library.register_fake(_OP_NAME)
+    @_compat.register_fake(_OP_NAME)
     def _early_exit_step_fake(
         logits,
         active_index,
@@ -347,9 +390,7 @@ if HAS_CPP_EXT:
         exit_id,
         exit_count,
     ):
-        survivors = torch.library.get_ctx().new_dynamic_size()
+        survivors = _compat.new_dynamic_size()
         index = active_index.new_empty(survivors)
-        gathered = (
-            hidden.new_empty((survivors, *hidden.shape[1:])) if hidden is not None else logits.new_empty(0)
-        )
+        gathered = gathered_hidden_empty(hidden, survivors) if hidden is not None else logits.new_empty(0)
         return index, active_index.new_empty(survivors), gathered

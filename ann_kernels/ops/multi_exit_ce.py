@@ -1,15 +1,27 @@
 """Fused multi-exit cross-entropy: the pure-torch reference, the dispatch, and the
 torch.library registrations (fake kernels; the CUDA kernel is Triton).
 
-Naming chain: ``_multi_exit_ce_kernel`` (Triton, ``ann_kernels/triton/multi_exit_ce.py``)
-and ``multi_exit_ce_fwd_cpu`` (C++, ``csrc/cpu/multi_exit_ce.cpp``) -> op
-``torch.ops.ann_kernels.multi_exit_ce`` (autograd in C++) -> functional
+Naming chain: ``_multi_exit_ce_fwd_kernel`` / ``_multi_exit_ce_bwd_kernel`` (Triton,
+``ann_kernels/triton/multi_exit_ce.py``) and ``multi_exit_ce_forward_cpu`` /
+``multi_exit_ce_backward_cpu`` (C++, ``csrc/cpu/multi_exit_ce.cpp``) -> backend ops
+``_multi_exit_ce_forward`` / ``_multi_exit_ce_backward`` / ``_multi_exit_ce_scale_`` -> op
+``torch.ops.ann_kernels.multi_exit_ce`` (argument check + autograd, in C++) -> functional
 ``multi_exit_cross_entropy`` (here) -> module ``ann_kernels.AnytimeLoss``.
 
 Math (``shared/DESIGN.md``): for exits k, rows i with target y_i != ignore_index,
     l_ik = (1-e)(lse(z_ik) - z_ik[y_i]) + e(lse(z_ik) - mean_c z_ikc)
-    L_k  = sum_i l_ik / N_valid   (0 when N_valid = 0)
-    loss = sum_k w_k L_k
+    L_k  = sum_i l_ik / N_valid   (0 when N_valid = 0; ``per_exit``, unweighted)
+    loss = sum_k w_k sum_i s_ik l_ik / N_valid   (s = sample weights, 1 by default)
+Gradients: dz_ikc = grad_out w_k s_ik / N_valid (softmax_c - (1-e)[c = y_i] - e/C);
+dw_k = grad_out sum_i s_ik l_ik / N_valid (= grad_out L_k without sample weights);
+ds_ik = grad_out w_k l_ik / N_valid (summed over k for [N] sample weights).
+
+Backward for any grad_out (GradScaler's 2^16, ``loss / accumulation_steps``): grad_out is
+folded into the fp32 scale before the one rounding to the logits dtype. fp32 logits: the
+forward keeps the exact pre-scaled gradient, handed over as is for grad_out = 1 and scaled
+in place otherwise (the same buffer, released with it). bf16 / fp16: the forward keeps
+only lse [K, N] and the backward makes the gradient in one pass, already scaled.
+``create_graph=True`` runs a backward of differentiable torch ops (double backward works).
 """
 
 from __future__ import annotations
@@ -57,11 +69,29 @@ def _as_heads(logits) -> list[torch.Tensor]:
     return heads
 
 
-def _validate(logits, target, weights, ema, label_smoothing, momentum, *, check_values: bool = True):
+def _validate(logits, target, weights, ema, label_smoothing, momentum, *, check_values: bool = True,
+              sample_weights=None):
     """Check every argument; return (heads, weights tensor). Raises naming the argument.
-    ``check_values=False`` skips the one check that reads tensor data (negative weights),
-    for fake tensors."""
+
+    With the extension built, the tensor checks are the C++ ones every path of the op runs
+    (``ann_kernels._C.check_multi_exit_ce_inputs``); this Python copy only serves when it is
+    missing. ``check_values=False`` skips the checks that read tensor data (negative or NaN
+    weights), for fake tensors (the C++ check skips them by itself)."""
     heads = _as_heads(logits)
+    if HAS_CPP_EXT and all(isinstance(z, torch.Tensor) for z in heads) and isinstance(target, torch.Tensor):
+        from ann_kernels import _C
+
+        if weights is not None and not isinstance(weights, torch.Tensor):
+            weights = torch.as_tensor(weights, dtype=torch.float32, device=heads[0].device)
+        if sample_weights is not None and not isinstance(sample_weights, torch.Tensor):
+            sample_weights = torch.as_tensor(sample_weights, dtype=torch.float32, device=heads[0].device)
+        _C.check_multi_exit_ce_inputs(heads, target, weights, sample_weights, float(label_smoothing), ema,
+                                      float(momentum))
+        if weights is None:
+            weights = torch.ones(len(heads), device=heads[0].device)
+        elif not weights.dtype.is_floating_point:
+            weights = weights.float()
+        return heads, weights
     first = heads[0]
     for k, z in enumerate(heads):
         if not isinstance(z, torch.Tensor):
@@ -107,8 +137,17 @@ def _validate(logits, target, weights, ema, label_smoothing, momentum, *, check_
         if not weights.dtype.is_floating_point:
             weights = weights.float()
         # A host read: only for CPU tensors outside tracing (a CUDA check would sync).
-        if check_values and weights.device.type == "cpu" and not torch.compiler.is_compiling() and bool((weights < 0).any()):
-            raise ValueError(f"weights: must be non-negative, got {weights.tolist()}")
+        if check_values and weights.device.type == "cpu" and not torch.compiler.is_compiling():
+            if bool(weights.isnan().any()):
+                raise ValueError(f"weights: must not be NaN, got {weights.tolist()}")
+            if bool((weights < 0).any()):
+                raise ValueError(f"weights: must be non-negative, got {weights.tolist()}")
+    if sample_weights is not None:
+        if not isinstance(sample_weights, torch.Tensor) or sample_weights.dtype != torch.float32:
+            raise TypeError("sample_weights: expected float32")
+        if sample_weights.shape not in ((n,), (num_exits, n)):
+            raise ValueError(f"sample_weights: expected shape [{n}] or [{num_exits}, {n}], "
+                             f"got {list(sample_weights.shape)}")
     if ema is not None:
         if not isinstance(ema, torch.Tensor) or ema.dtype != torch.float32 or ema.shape != (num_exits,):
             got = f"{ema.dtype} of shape {tuple(ema.shape)}" if isinstance(ema, torch.Tensor) else type(ema)
@@ -139,9 +178,12 @@ def multi_exit_cross_entropy_reference(
     label_smoothing: float = 0.0,
     ema: torch.Tensor | None = None,
     momentum: float = 0.99,
+    sample_weights: torch.Tensor | None = None,
 ) -> ExitLoss:
-    """Pure-torch oracle of :func:`multi_exit_cross_entropy` (same arguments and outputs)."""
-    heads, weights = _validate(logits, target, weights, ema, label_smoothing, momentum)
+    """Pure-torch oracle of :func:`multi_exit_cross_entropy` (same arguments and outputs;
+    differentiable to any order in the logits, ``weights`` and ``sample_weights``)."""
+    heads, weights = _validate(logits, target, weights, ema, label_smoothing, momentum,
+                               sample_weights=sample_weights)
     num_classes = heads[0].shape[1]
     valid = target != ignore_index
     bad = valid & ((target < 0) | (target >= num_classes))
@@ -161,7 +203,8 @@ def multi_exit_cross_entropy_reference(
     )
     n_valid = valid.sum().clamp(min=1).to(torch.float32)
     per_exit = per_sample.sum(dim=1) / n_valid
-    loss = (weights.to(torch.float32) * per_exit).sum()
+    weighted = per_exit if sample_weights is None else (sample_weights * per_sample).sum(dim=1) / n_valid
+    loss = (weights.to(torch.float32) * weighted).sum()
     with torch.no_grad():
         probs = torch.stack([z.float().softmax(dim=-1) for z in heads])
         confidence = probs.amax(dim=-1)
@@ -180,6 +223,7 @@ def multi_exit_cross_entropy(
     label_smoothing: float = 0.0,
     ema: torch.Tensor | None = None,
     momentum: float = 0.99,
+    sample_weights: torch.Tensor | None = None,
 ) -> ExitLoss:
     """Weighted sum of the K exits' cross-entropies, fused in one pass over the logits.
 
@@ -187,7 +231,11 @@ def multi_exit_cross_entropy(
         logits: K tensors [N, C] (a list; no stacking needed) or one stacked [K, N, C]
             tensor; float32, bfloat16 or float16; any strides.
         target: [N] int64 class indices; rows equal to ``ignore_index`` contribute nothing.
-        weights: [K] non-negative exit weights (None = all ones), treated as constants.
+        weights: [K] non-negative exit weights (None = all ones); may require grad
+            (d loss / d w_k = sum_i s_ik l_ik / N_valid, i.e. L_k without sample weights).
+        sample_weights: optional per-sample weights s, float32 [N] (shared by the exits) or
+            [K, N]; non-negative; may require grad (d loss / d s_ik = w_k l_ik / N_valid).
+            loss = sum_k w_k sum_i s_ik l_ik / N_valid; ``per_exit`` stays the unweighted L_k.
         label_smoothing: e in [0, 1], as in ``F.cross_entropy``.
         ema: optional AdaLoss running averages [K] float32, updated in place: NaN entries
             take the first finite L_k, others become ``momentum * ema + (1 - momentum) * L_k``;
@@ -199,6 +247,12 @@ def multi_exit_cross_entropy(
     Equals ``sum_k w_k * F.cross_entropy(z_k, target, ignore_index=..., label_smoothing=...)``
     (0 for an exit when every row is ignored). CPU tensors run the C++ kernel, CUDA
     tensors the Triton kernel, anything else the pure-torch reference.
+
+    Training loops: any grad_out is exact (GradScaler, ``loss / accumulation_steps``: folded
+    into the fp32 scale before rounding to the logits dtype); ``create_graph=True`` gives
+    correct second derivatives; under ``no_grad`` / ``inference_mode`` no gradient is
+    computed. NaN weights: rejected (ValueError) for CPU tensors; on CUDA they are not
+    read (that would synchronise) and make the loss and gradients NaN.
     """
     # Fast path: the C++ op checks every argument itself (same messages as _validate),
     # so the Python glue on the hot path stays a few attribute reads.
@@ -213,32 +267,20 @@ def multi_exit_cross_entropy(
             first = heads[0]
             device_type = first.device.type if isinstance(first, torch.Tensor) else None
             if device_type == "cpu" or (device_type == "cuda" and HAS_TRITON):
-                if weights is None:
-                    weights = _ones(len(heads), first.device)
-                elif not isinstance(weights, torch.Tensor):
+                if weights is not None and not isinstance(weights, torch.Tensor):
                     weights = torch.as_tensor(weights, dtype=torch.float32, device=first.device)
-                return ExitLoss(
-                    *_MULTI_EXIT_CE(heads, target, weights, ignore_index, float(label_smoothing), ema, float(momentum))
-                )
-    heads, weights = _validate(logits, target, weights, ema, label_smoothing, momentum)
+                if sample_weights is not None and not isinstance(sample_weights, torch.Tensor):
+                    sample_weights = torch.as_tensor(sample_weights, dtype=torch.float32, device=first.device)
+                return ExitLoss(*_MULTI_EXIT_CE(heads, target, weights, ignore_index, float(label_smoothing), ema,
+                                                float(momentum), sample_weights))
+    heads, weights = _validate(logits, target, weights, ema, label_smoothing, momentum, sample_weights=sample_weights)
     device_type = heads[0].device.type
     reason = "the C++ extension is not built" if not HAS_CPP_EXT else f"no kernel for device {device_type!r}"
     warn_fallback("multi_exit_cross_entropy", reason)
     return multi_exit_cross_entropy_reference(
-        heads, target, weights, ignore_index=ignore_index, label_smoothing=label_smoothing, ema=ema, momentum=momentum
+        heads, target, weights, ignore_index=ignore_index, label_smoothing=label_smoothing, ema=ema, momentum=momentum,
+        sample_weights=sample_weights,
     )
-
-
-_ONES: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-
-def _ones(num_exits: int, device: torch.device) -> torch.Tensor:
-    """Cached all-ones weights [K] (the op never writes its weights)."""
-    key = (num_exits, device)
-    ones = _ONES.get(key)
-    if ones is None:
-        ones = _ONES[key] = torch.ones(num_exits, device=device)
-    return ones
 
 
 def empty_grad_cache() -> None:
@@ -251,6 +293,18 @@ def empty_grad_cache() -> None:
         _C.empty_grad_cache()
 
 
+def grad_cache_stats() -> dict[str, int]:
+    """Counters of the CPU kernel's gradient-buffer pool since the process started:
+    ``handed_out`` (every [K, N, C] gradient buffer requested, pooled or not) and ``hits``
+    (those served from the cache). Zeros without the extension."""
+    if not HAS_CPP_EXT:
+        return {"handed_out": 0, "hits": 0}
+    from ann_kernels import _C
+
+    handed_out, hits = _C.grad_cache_stats()
+    return {"handed_out": handed_out, "hits": hits}
+
+
 # ---------------------------------------------------------------------------------------
 # torch.library registrations (schemas live in csrc/ops.cpp).
 
@@ -258,21 +312,8 @@ _MULTI_EXIT_CE = torch.ops.ann_kernels.multi_exit_ce.default if HAS_CPP_EXT else
 
 if HAS_CPP_EXT:
 
-    @torch.library.register_fake("ann_kernels::multi_exit_ce_fwd")
-    def _multi_exit_ce_fwd_fake(logits, target, weights, ignore_index, label_smoothing, ema, momentum, compute_grad):
-        loss, per_exit, per_sample, confidence, prediction = _multi_exit_ce_fake(
-            logits, target, weights, ignore_index, label_smoothing, ema, momentum
-        )
-        n, c = logits[0].shape
-        grads = logits[0].new_empty((len(logits), n, c) if compute_grad else (0,))
-        return loss, per_exit, per_sample, confidence, prediction, grads
-
-    @torch.library.register_fake("ann_kernels::multi_exit_ce")
-    def _multi_exit_ce_fake(logits, target, weights, ignore_index, label_smoothing, ema, momentum):
-        # Meta / fake tensors get the same errors as real ones.
-        _validate(logits, target, weights, ema, label_smoothing, momentum, check_values=False)
-        num_exits = len(logits)
-        n = logits[0].shape[0]
+    def _outputs_fake(logits):
+        num_exits, (n, _) = len(logits), logits[0].shape
         f32 = dict(dtype=torch.float32, device=logits[0].device)
         return (
             torch.empty((), **f32),
@@ -282,12 +323,59 @@ if HAS_CPP_EXT:
             torch.empty(num_exits, n, dtype=torch.int64, device=logits[0].device),
         )
 
+    @torch.library.register_fake("ann_kernels::multi_exit_ce")
+    def _multi_exit_ce_fake(logits, target, weights, ignore_index, label_smoothing, ema, momentum,
+                            sample_weights=None):
+        # Meta / fake tensors get the same errors as real ones (the check reads no values here).
+        from ann_kernels import _C
+
+        _C.check_multi_exit_ce_inputs(list(logits), target, weights, sample_weights, label_smoothing, ema, momentum)
+        return _outputs_fake(logits)
+
+    @torch.library.register_fake("ann_kernels::multi_exit_ce_fwd")
+    def _multi_exit_ce_fwd_fake(logits, target, weights, ignore_index, label_smoothing, ema, momentum, compute_grad):
+        out = _multi_exit_ce_fake(logits, target, weights, ignore_index, label_smoothing, ema, momentum)
+        n, c = logits[0].shape
+        return *out, logits[0].new_empty((len(logits), n, c) if compute_grad else (0,))
+
+    @torch.library.register_fake("ann_kernels::_multi_exit_ce_forward")
+    def _multi_exit_ce_forward_fake(logits, target, weights, sample_weights, ignore_index, label_smoothing, ema,
+                                    momentum, grad_mode):
+        n, c = logits[0].shape
+        lse = logits[0].new_empty((len(logits), n) if grad_mode == 2 else (0,), dtype=torch.float32)
+        grads = logits[0].new_empty((len(logits), n, c) if grad_mode == 1 else (0,))
+        return *_outputs_fake(logits), lse, grads
+
+    @torch.library.register_fake("ann_kernels::_multi_exit_ce_backward")
+    def _multi_exit_ce_backward_fake(grad_loss, logits, target, weights, sample_weights, lse, ignore_index,
+                                     label_smoothing):
+        n, c = logits[0].shape
+        return logits[0].new_empty((len(logits), n, c))
+
+    @torch.library.register_fake("ann_kernels::_multi_exit_ce_scale_")
+    def _multi_exit_ce_scale_fake(grads, grad_loss):
+        return None
+
     if HAS_TRITON:
 
-        @torch.library.register_kernel("ann_kernels::multi_exit_ce_fwd", "cuda")
-        def _multi_exit_ce_fwd_cuda(logits, target, weights, ignore_index, label_smoothing, ema, momentum, compute_grad):
-            from ann_kernels.triton.multi_exit_ce import multi_exit_ce_fwd_triton
+        @torch.library.register_kernel("ann_kernels::_multi_exit_ce_forward", "cuda")
+        def _multi_exit_ce_forward_cuda(logits, target, weights, sample_weights, ignore_index, label_smoothing, ema,
+                                        momentum, grad_mode):
+            from ann_kernels.triton.multi_exit_ce import multi_exit_ce_forward_triton
 
-            return multi_exit_ce_fwd_triton(
-                logits, target, weights, ignore_index, label_smoothing, ema, momentum, compute_grad
-            )
+            return multi_exit_ce_forward_triton(logits, target, weights, sample_weights, ignore_index,
+                                                label_smoothing, ema, momentum, grad_mode)
+
+        @torch.library.register_kernel("ann_kernels::_multi_exit_ce_backward", "cuda")
+        def _multi_exit_ce_backward_cuda(grad_loss, logits, target, weights, sample_weights, lse, ignore_index,
+                                         label_smoothing):
+            from ann_kernels.triton.multi_exit_ce import multi_exit_ce_backward_triton
+
+            return multi_exit_ce_backward_triton(grad_loss, logits, target, weights, sample_weights, lse,
+                                                 ignore_index, label_smoothing)
+
+        @torch.library.register_kernel("ann_kernels::_multi_exit_ce_scale_", "cuda")
+        def _multi_exit_ce_scale_cuda(grads, grad_loss):
+            from ann_kernels.triton.multi_exit_ce import scale_grads_triton
+
+            scale_grads_triton(grads, grad_loss)

@@ -17,10 +17,13 @@ samples, compaction of the hidden state of the rest) after every used head.
 from __future__ import annotations
 
 import math
+import threading
 import time
+from collections import OrderedDict
 
 import torch
 
+from ann_kernels.inference import engine as engine_module
 from ann_kernels.inference.calibration import BudgetCalibration, calibrate_for_budget
 from ann_kernels.inference.engine import (
     EarlyExitResult,
@@ -28,6 +31,7 @@ from ann_kernels.inference.engine import (
     ExitCalibration,
     _as_float_list,
     _labelled_batches,
+    _with_first,
 )
 from ann_kernels.ops.early_exit import CRITERIA, buffers_function, exit_confidence, step_function
 from ann_kernels.sequence.model import EANN, _check_deadline, _check_input
@@ -52,7 +56,10 @@ class EANNEngine:
         self.criterion = criterion
         self._code = CRITERIA[criterion]
         self._calibration: ExitCalibration | None = None
-        self._budget_cache: dict[float, BudgetCalibration] = {}
+        # (calibration generation, budget) -> thresholds, LRU-bounded; see EarlyExitEngine.
+        self._budget_cache: OrderedDict[tuple[int, float], BudgetCalibration] = OrderedDict()
+        self._generation = 0
+        self._lock = threading.Lock()
 
     @property
     def num_exits(self) -> int:
@@ -82,20 +89,33 @@ class EANNEngine:
                 corrects.append(torch.stack([p == y for _, p in pairs]).cpu())
         if first is None:
             raise ValueError("data: empty calibration set (no samples)")
-        self._calibration = ExitCalibration(torch.cat(confidences, 1), torch.cat(corrects, 1),
-                                            self.eann.exit_flops(first), self.criterion)
-        self._budget_cache = {}
-        return self._calibration
+        calibration = ExitCalibration(torch.cat(confidences, 1), torch.cat(corrects, 1),
+                                      self.eann.exit_flops(first), self.criterion)
+        with self._lock:
+            self._calibration = calibration
+            self._generation += 1
+            self._budget_cache.clear()
+        return calibration
 
     def calibrate_budget(self, budget: float) -> BudgetCalibration:
         """Thresholds [G] with the best held-out accuracy at mean cost <= ``budget`` (cached)."""
-        if self._calibration is None:
+        with self._lock:
+            calibration, generation = self._calibration, self._generation
+            key = (generation, float(budget))
+            cached = self._budget_cache.get(key)
+            if cached is not None:
+                self._budget_cache.move_to_end(key)
+                return cached
+        if calibration is None:
             raise RuntimeError("budget: the engine has no calibration; call engine.calibrate(val_x, val_y) first")
-        key = float(budget)
-        if key not in self._budget_cache:
-            c = self._calibration
-            self._budget_cache[key] = calibrate_for_budget(c.confidence, c.correct, c.exit_flops, key)
-        return self._budget_cache[key]
+        c = calibration
+        result = calibrate_for_budget(c.confidence, c.correct, c.exit_flops, key[1])
+        with self._lock:
+            if self._generation == generation:  # a concurrent calibrate() replaced ours: do not cache
+                self._budget_cache[key] = result
+                while len(self._budget_cache) > engine_module.BUDGET_CACHE_SIZE:
+                    self._budget_cache.popitem(last=False)
+        return result
 
     # ------------------------------------------------------------------ inference
     def predict(self, x: torch.Tensor, *, thresholds=None, budget: float | None = None,
@@ -105,9 +125,15 @@ class EANNEngine:
         Args:
             thresholds: [G] per sequence exit (the last one is ignored: everyone left leaves).
             budget: target mean FLOPs per sample; thresholds from :meth:`calibrate_budget`.
-            deadline_s: wall-clock seconds from the call. Exit 0 always runs; after each head,
-                if the deadline has passed, every remaining sample returns the prediction of
-                the latest exit that finished in time (that head's own if none did).
+            deadline_s: wall-clock seconds from the call. Exit 0 always runs. Before each
+                sequence exit's segment the clock is checked against its measured time at the
+                current batch size (``eann.stage_times``, from earlier calls): a segment that
+                would overrun is not started, and every remaining sample returns the
+                prediction of the latest exit it reached in time (its head is evaluated then
+                if a +inf threshold skipped it); one that overruns anyway ends the call the
+                same way (exit 0 finishing late returns its own prediction). The same rule as
+                :meth:`ann_kernels.EarlyExitEngine.predict`. ``stats.deadline_exit`` is the
+                first sequence exit the deadline cut off.
 
         Returns:
             :class:`~ann_kernels.inference.EarlyExitResult`: prediction [N] int64, exit_index
@@ -140,58 +166,73 @@ class EANNEngine:
     def _run(self, x: torch.Tensor, thresholds: list[float], deadline: float | None, start: float) -> EarlyExitResult:
         eann, n, num_exits, code = self.eann, x.shape[0], self.num_exits, self._code
         step, make_buffers = step_function(x.device.type), buffers_function(x.device.type)
+        times, clock, neg_inf = eann.stage_times, time.perf_counter, -math.inf
         prediction, exit_index, confidence, active = make_buffers(x, n)
-        if deadline is not None:  # latest in-time prediction of every sample
-            fb_pred, fb_exit, fb_conf = prediction.clone(), exit_index.clone(), confidence.clone()
-            have_fallback = False
         stage_seconds = [0.0] * num_exits
         ran: list[tuple[int, int, int, bool]] = []  # (member, index, rows, is_head)
         remaining, g, deadline_exit = n, 0, None
-        t_prev = time.perf_counter()
+        latest = None  # (member, member exit, hidden of the active rows there): the latest exit reached
+
+        def take_latest(g_now: int) -> None:  # every active sample leaves at the latest exit reached
+            j_prev, k_prev, h_prev = latest
+            logits = eann.members[j_prev].forward_head(k_prev, h_prev)
+            ran.append((j_prev, k_prev, remaining, True))
+            step(logits, active, None, prediction, exit_index, confidence, neg_inf, code, g_now - 1, -1)
+
+        t_prev = clock()
         for j, (member, used, used_set) in enumerate(zip(eann.members, eann.exits, eann._used_sets)):
             h = x if j == 0 else x.index_select(0, active)  # survivors restart from their inputs
             for k in range(used[-1] + 1):
+                if deadline is not None and latest is not None and (k == 0 or k - 1 in used_set):
+                    estimate = times.estimate(g, remaining, thresholds[g] != math.inf)
+                    if estimate is not None and t_prev + estimate > deadline:  # would overrun: not started
+                        take_latest(g)
+                        deadline_exit, remaining = g, 0
+                        stage_seconds[g] = clock() - t_prev
+                        break
                 h = member.forward_stage(k, h)
                 ran.append((j, k, remaining, False))
                 if k not in used_set:
                     continue
                 threshold = thresholds[g]
-                if threshold == math.inf and deadline is None:  # nobody can leave: skip the head
-                    t_now = time.perf_counter()
-                    stage_seconds[g], t_prev, g = t_now - t_prev, t_now, g + 1
+                if deadline is not None and latest is not None and clock() > deadline:
+                    take_latest(g)  # exit g would finish late: the latest exit finished in time
+                    deadline_exit, remaining = g, 0
+                    stage_seconds[g] = clock() - t_prev
+                    break
+                if threshold == math.inf:  # nobody can leave: skip the head
+                    t_now = clock()
+                    stage_seconds[g], t_prev = t_now - t_prev, t_now
+                    times.record(g, remaining, stage_seconds[g], False)
+                    latest, g = (j, k, h), g + 1
                     continue
                 logits = member.forward_head(k, h)
                 ran.append((j, k, remaining, True))
-                if deadline is not None:
-                    if time.perf_counter() > deadline:
-                        deadline_exit = g
-                        if have_fallback:
-                            prediction[active] = fb_pred[active]
-                            exit_index[active] = fb_exit[active]
-                            confidence[active] = fb_conf[active]
-                        else:  # exit 0 finished late: its own prediction
-                            step(logits, active, None, prediction, exit_index, confidence, -math.inf, code, g, -1)
-                        remaining = 0
-                        stage_seconds[g] = time.perf_counter() - t_prev
-                        break
-                    conf_now, pred_now = exit_confidence(logits, self.criterion)
-                    fb_pred[active], fb_conf[active], fb_exit[active] = pred_now, conf_now, g
-                    have_fallback = True
+                if deadline is not None and clock() > deadline:
+                    if latest is not None:
+                        take_latest(g)
+                    else:  # exit 0 finished late: its own prediction
+                        step(logits, active, None, prediction, exit_index, confidence, neg_inf, code, g, -1)
+                    deadline_exit, remaining = g, 0
+                    stage_seconds[g] = clock() - t_prev
+                    break
                 is_tensor = isinstance(h, torch.Tensor)
-                everyone_leaves = threshold == -math.inf
+                everyone_leaves = threshold == neg_inf
                 primary = None if everyone_leaves else (h if is_tensor else h[0])
+                rows = remaining
                 active, keep, gathered = step(logits, active, primary, prediction, exit_index, confidence, threshold,
                                               code, g, -1)
                 remaining = active.shape[0]
-                t_now = time.perf_counter()
-                stage_seconds[g], t_prev, g = t_now - t_prev, t_now, g + 1
+                t_now = clock()
+                stage_seconds[g], t_prev = t_now - t_prev, t_now
+                times.record(g, rows, stage_seconds[g], True)
                 if remaining == 0:
                     break
                 if is_tensor:
                     h = gathered
                 else:
-                    rest = [t.index_select(0, keep) for t in h[1:]]
-                    h = [gathered, *rest] if isinstance(h, list) else (gathered, *rest)
+                    h = _with_first(h, gathered, keep)
+                latest, g = (j, k, h), g + 1
             if remaining == 0:
                 break
         total_seconds = time.perf_counter() - start

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ann_kernels.inference.stage_timing import StageTimes
 from ann_kernels.nn.multi_exit import MultiExitNetwork
 from ann_kernels.ops.early_exit import exit_confidence
 
@@ -185,6 +186,9 @@ class EANN(nn.Module):
             (j, k) for j, used in enumerate(self.exits) for k in used)
         self._used_sets = tuple(frozenset(used) for used in self.exits)
         self._last_shape: tuple[int, ...] | None = None  # input shape of the last cost measurement
+        #: Measured time of each sequence exit's segment (from the previous exit to this head
+        #: and its decision) by batch size: deadlines do not start a segment that would overrun.
+        self.stage_times = StageTimes(self.num_exits)
 
     # ------------------------------------------------------------------ structure
     @property
@@ -296,8 +300,12 @@ class EANN(nn.Module):
         - ``deadline_s`` (wall-clock seconds from the call): members run in order from the
           input, every used head is evaluated, and the call returns the prediction of the
           latest exit that finished before the deadline (stopping at the first exit that
-          finishes after it, or at the budget's exit if both are given). Exit 0 always runs;
-          if even it finishes late, its prediction is returned with ``deadline_met=False``.
+          finishes after it, or at the budget's exit if both are given). Before each exit's
+          segment the clock is checked against that segment's measured time at this batch
+          size (``self.stage_times``, from earlier calls): a segment that would overrun is not
+          started. Exit 0 always runs; if even it finishes late, its prediction is returned
+          with ``deadline_met=False``. :class:`~ann_kernels.EANNEngine` and
+          :class:`~ann_kernels.EarlyExitEngine` follow the same rule per sample.
         - neither: the last exit's prediction.
 
         The model must be in eval mode. Returns an :class:`AnytimeResult`.
@@ -327,17 +335,26 @@ class EANN(nn.Module):
     def _anytime_deadline(self, x: Tensor, last: int, deadline: float, start: float) -> AnytimeResult:
         latest: tuple[int, Tensor, Tensor] | None = None  # (g, prediction, confidence)
         ran: list[tuple[int, int, bool]] = []  # (member, index, is_head) of everything that ran
-        g, met, finished = 0, True, 0
+        g, met, finished, rows, times = 0, True, 0, x.shape[0], self.stage_times
+        t_prev = time.perf_counter()
         for j, (member, used, used_set) in enumerate(zip(self.members, self.exits, self._used_sets)):
             h = x
             for k in range(used[-1] + 1):
+                if latest is not None and (k == 0 or k - 1 in used_set):  # a new segment starts
+                    estimate = times.estimate(g, rows)
+                    if estimate is not None and t_prev + estimate > deadline:
+                        g = last + 1  # it would overrun: do not start it; keep the latest exit
+                        break
                 h = member.forward_stage(k, h)
                 ran.append((j, k, False))
                 if k not in used_set:
                     continue
                 logits = member.forward_head(k, h)
                 ran.append((j, k, True))
-                late = time.perf_counter() > deadline
+                t_now = time.perf_counter()
+                times.record(g, rows, t_now - t_prev)
+                t_prev = t_now
+                late = t_now > deadline
                 if late and latest is not None:
                     g = last + 1  # stop; keep the latest exit finished in time
                     break

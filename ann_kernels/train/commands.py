@@ -50,7 +50,8 @@ def _add_data_args(p: argparse.ArgumentParser, *, dataset_default: str = "fashio
     from ann_kernels.train.runs import DATASET_CHOICES
 
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=DATASET_CHOICES, default=dataset_default)
+    g.add_argument("--dataset", choices=(*DATASET_CHOICES, "text"), default=dataset_default,
+                   help="text: an early-exit language model (ann_kernels/train/lm.py)")
     g.add_argument("--data-dir", default=None,
                    help="directory with the IDX files (default: $ANN_DATA, else /usr/share/datasets/<dataset>)")
     g.add_argument("--limit-train", type=_positive_int, default=None, help="use only the first N training images")
@@ -130,6 +131,11 @@ def cmd_train(args) -> int:
     from ann_kernels.train.metrics import exit_table, read_jsonl
     from ann_kernels.train.runs import make_spec
 
+    if args.dataset == "text":  # early-exit language model (issue 11)
+        from ann_kernels.train.lm import cmd_train_lm
+
+        return cmd_train_lm(args)
+
     t0 = time.perf_counter()
     spec = make_spec(weighting=args.weighting, seed=args.seed, **_spec_kwargs(args))
     cfg = _config(args)
@@ -152,7 +158,10 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from ann_kernels.train.metrics import collect_exit_outputs, format_flops
     from ann_kernels.train.runs import load_data, load_trained
+    from ann_kernels.train.lm import cmd_eval_lm, is_lm_checkpoint
 
+    if is_lm_checkpoint(args.checkpoint):  # early-exit language model (issue 11)
+        return cmd_eval_lm(args)
     model, spec, ckpt = load_trained(args.checkpoint)
     data = load_data(spec, data_dir=args.data_dir, limit_eval=args.limit)
     dataset = {"test": data.test, "val": data.val, "train": data.train}[args.split]
@@ -197,6 +206,11 @@ def cmd_demo(args) -> int:
     with OPT (trained at the final exit only) as the reference line."""
     from ann_kernels.train.compare import run_comparison, summary_table
 
+    if getattr(args, "lm", False):  # early-exit language model demo (issue 11)
+        from ann_kernels.train.lm import demo_lm
+
+        return demo_lm(args)
+
     t0 = time.perf_counter()
     n_train = f"{args.limit_train:,}" if args.limit_train else "all 55,000"
     print(f"demo: ResANN {DEMO_MODEL_KWARGS} on Fashion-MNIST, {n_train} training images x "
@@ -233,6 +247,9 @@ def add_parser(subparsers) -> None:
                    help="loss weighting: adaloss, const, linear, half_end, sieve, eann_sieve, oscillating, opt, "
                         "l2w (L2W-DEN, SGD only), sdn, imta_kd, ge")
     _add_optim_args(p)
+    from ann_kernels.train.text import add_text_args
+
+    add_text_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
@@ -271,4 +288,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="reuse complete runs in OUT instead of retraining")
     p.add_argument("--jobs", type=_positive_int, default=2, help="runs trained at a time (worker processes)")
+    p.add_argument("--lm", action="store_true",
+                   help="instead: a short early-exit language model on the CPython stdlib (output OUT-lm/)")
     p.set_defaults(func=cmd_demo, channels_last=True)

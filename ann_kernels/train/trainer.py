@@ -236,17 +236,20 @@ class Trainer:
             set_epoch(self.epoch, cfg.epochs)
         # Schemes that look at the model before each step (L2W's meta step).
         pre_step = loss_fn.pre_step if getattr(self.weighting, "needs_pre_step", False) else None
+        phases = getattr(self.weighting, "phases", None) if pre_step is not None else None
         sync = getattr(self.weighting, "synchronize_", None) if self.distributed else None
         total, per_exit_sum, weight_sum, n = 0.0, None, None, 0
         trace_steps, trace_w = [], []
-        bar = tqdm(self.loader, desc=f"[{self.label}] epoch {self.epoch + 1}/{cfg.epochs}",
+        n_steps = self.steps_per_epoch * (getattr(self.weighting, "num_phases", 1) if phases is not None else 1)
+        bar = tqdm(_optimizer_steps(self.loader, phases), total=n_steps,
+                   desc=f"[{self.label}] epoch {self.epoch + 1}/{cfg.epochs}",
                    disable=not (cfg.progress and self.is_main), leave=False, dynamic_ncols=True,
                    position=cfg.progress_position)
-        for x, y in bar:
+        for x, y, meta, batch_done in bar:
             if cfg.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             if pre_step is not None:
-                pre_step(self.model, self.optimizer, x, y)
+                pre_step(self.model, self.optimizer, x, y, **({} if meta is None else {"meta": meta}))
             with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
                 logits = model(x)
             loss = loss_fn(list(logits), y)
@@ -260,7 +263,8 @@ class Trainer:
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.optimizer.step()
-            self.scheduler.step()
+            if batch_done:  # one LR step per batch (L2W-DEN: after both phases, as the original)
+                self.scheduler.step()
             if sync is not None:
                 sync()
             weights = self._current_weights()
@@ -416,6 +420,17 @@ class Trainer:
             out.append(plot_weights(steps, weights, self.out_dir / "weights.png",
                                     title=f"Loss weights over training ({self.label})"))
         return out
+
+
+def _optimizer_steps(loader, phases=None):
+    """``(x, y, meta, batch_done)`` per optimiser step: one per batch of ``loader``, or with
+    ``phases`` (L2W-DEN's :meth:`~ann_kernels.losses.L2W.phases`) one per phase of each batch,
+    ``(x, y)`` the phase's train half and ``meta`` its meta half (LeapLabTHU/L2W-DEN,
+    ``tools/main_cifar_DDP.py`` ``train()``: part 1 A->B, then part 2 B->A)."""
+    for x, y in loader:
+        parts = [((x, y), None)] if phases is None else phases(x, y)
+        for i, ((xs, ys), meta) in enumerate(parts):
+            yield xs, ys, meta, i == len(parts) - 1
 
 
 def load_checkpoint_file(path: str | os.PathLike) -> dict:

@@ -1,4 +1,7 @@
-"""Fused multi-exit cross-entropy forward on the GPU, in Triton (``ann_kernels::multi_exit_ce_fwd``).
+"""Fused multi-exit cross-entropy on the GPU, in Triton: the CUDA kernels behind
+``ann_kernels::_multi_exit_ce_forward`` (forward, optionally the pre-scaled gradient or lse),
+``ann_kernels::_multi_exit_ce_backward`` (the gradient from lse for any grad_out) and
+``ann_kernels::_multi_exit_ce_scale_`` (grads *= grad_out in place, nothing when it is 1).
 
 All K exits run in ONE launch with no host synchronisation. The heads stay separate
 tensors (never stacked or copied): the launcher passes a small device table of their base
@@ -22,7 +25,11 @@ classes in BLOCK_C chunks:
 
 Math (``shared/DESIGN.md``, same as ``csrc/cpu/multi_exit_ce.cpp``):
     l_ik = (1-e)(lse - z[y]) + e(lse - mean_c z),  L_k = sum_i l_ik / N_valid,
-    loss = sum_k w_k L_k,  g_ikc = w_k / N_valid * (softmax_c - (1-e)[c = y] - e/C).
+    loss = sum_k w_k sum_i s_ik l_ik / N_valid,
+    g_ikc = grad_out w_k s_ik / N_valid * (softmax_c - (1-e)[c = y] - e/C).
+Argument checks happen once, in the op's C++ Autograd / CompositeExplicitAutograd kernels,
+before dispatch reaches these launchers (the launchers re-check only what guards memory).
+NaN weights are not read on the host (that would synchronise): they give NaN loss/gradients.
 
 Differences from the C++ CPU kernel, all forced by "no host synchronisation":
 - a valid target outside [0, C) cannot raise: that row's loss and gradient are NaN (so are
@@ -66,8 +73,12 @@ def _add(a, b):
 
 @triton.jit
 def _max_first_index(value1, index1, value2, index2):
-    # The larger value; on a tie the smaller index (torch.argmax's rule).
-    first = (value1 > value2) | ((value1 == value2) & (index1 < index2))
+    # torch.argmax's rule: NaN is larger than everything (the first NaN wins); otherwise the
+    # larger value; on a tie (or two NaNs) the smaller index.
+    nan1 = value1 != value1
+    nan2 = value2 != value2
+    tie = (value1 == value2) | (nan1 & nan2)
+    first = (nan1 & ~nan2) | ((value1 > value2) & ~nan2) | (tie & (index1 < index2))
     return tl.where(first, value1, value2), tl.where(first, index1, index2)
 
 
@@ -75,13 +86,16 @@ def _max_first_index(value1, index1, value2, index2):
 def _multi_exit_ce_kernel(
     table_ptr,  # [2K] int64: each head's base address, then each head's row stride (elements)
     target_ptr,  # [N] int64
-    weight_ptr,  # [K] fp32
+    weight_ptr,  # [K] fp32 (unused unless HAS_WEIGHTS)
+    sw_ptr,  # sample weights, s[k * sw_stride_k + i] fp32 (unused unless HAS_SW)
+    sw_stride_k,  # N for [K, N] sample weights, 0 for [N]
     n_valid_ptr,  # [] int64: number of rows with target != ignore_index
     per_sample_ptr,  # [K, N] fp32 out
+    lse_ptr,  # [K, N] fp32 out (unused unless SAVE_LSE)
     confidence_ptr,  # [K, N] fp32 out
     prediction_ptr,  # [K, N] int64 out
     grad_ptr,  # [K, N, C] logits dtype out (unused unless COMPUTE_GRAD)
-    sums_ptr,  # [K] fp32 workspace, zeroed: per-exit sums of l_ik
+    sums_ptr,  # [2K] fp32 workspace, zeroed: per-exit sums of l_ik, then of s_ik l_ik
     ticket_ptr,  # [1] int32 workspace, zeroed: programs finished
     per_exit_ptr,  # [K] fp32 out
     loss_ptr,  # [] fp32 out
@@ -102,6 +116,9 @@ def _multi_exit_ce_kernel(
     HAS_SMOOTHING: tl.constexpr,  # label_smoothing > 0
     COMPUTE_GRAD: tl.constexpr,
     HAS_EMA: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,  # False: every w_k = 1
+    HAS_SW: tl.constexpr,  # sample weights given
+    SAVE_LSE: tl.constexpr,  # store lse for the deferred backward
 ):
     # 1. Who am I: rows [pid_n * BLOCK_N, +BLOCK_N) of exit k. Rows past N (last block)
     #    recompute row N-1 instead of loading -inf padding (no NaN from -inf - -inf);
@@ -161,9 +178,11 @@ def _multi_exit_ce_kernel(
             chunk_max, chunk_arg = tl.reduce(
                 (x, tl.broadcast_to(cols0[None, :], [BLOCK_N, BLOCK_C])), 1, _max_first_index
             )
-            # Strict >: an equal maximum in a later chunk keeps the earlier index.
-            arg = tl.where(chunk_max > m, chunk_arg + c0, arg)
-            m = tl.maximum(m, chunk_max)
+            # Strict >: an equal maximum in a later chunk keeps the earlier index; the first
+            # NaN wins and stays (torch.argmax's rule).
+            take = (chunk_max > m) | ((chunk_max != chunk_max) & (m == m))
+            arg = tl.where(take, chunk_arg + c0, arg)
+            m = tl.where(take, chunk_max, m)
             # Shift by 0 while every logit so far is -inf (else exp(-inf - -inf) = NaN);
             # the old s is 0 then, and exp(old_shift - new_shift) rescales it exactly.
             new_safe = tl.where(m == float("-inf"), 0.0, m)
@@ -185,13 +204,22 @@ def _multi_exit_ce_kernel(
     tl.store(per_sample_ptr + out_offs, loss, mask=row_mask)
     tl.store(confidence_ptr + out_offs, 1.0 / s, mask=row_mask)
     tl.store(prediction_ptr + out_offs, arg.to(tl.int64), mask=row_mask)
+    if SAVE_LSE:
+        tl.store(lse_ptr + out_offs, lse, mask=row_mask)
+    if HAS_SW:
+        s_ik = tl.load(sw_ptr + k.to(tl.int64) * sw_stride_k + rows, mask=row_mask, other=0.0)
+    else:
+        s_ik = tl.full([BLOCK_N], 1.0, tl.float32)
 
     # 4. Pass 2: g_c = a * exp(z_c - m) - b - h [c = y], with scale = w_k / N_valid,
     #    a = scale / s, b = scale * e / C, h = scale * (1 - e). Rows with scale = 0 (ignored,
     #    zero weight, no valid row) get exact zeros, even next to inf logits.
     if COMPUTE_GRAD:
-        w = tl.load(weight_ptr + k).to(tl.float32)
-        scale = tl.where(valid, w * inv_n_valid, 0.0)
+        if HAS_WEIGHTS:
+            w = tl.load(weight_ptr + k).to(tl.float32)
+        else:
+            w = 1.0
+        scale = tl.where(valid, w * inv_n_valid * s_ik, 0.0)
         a = scale / s
         b = scale * eps / C
         h = scale * (1.0 - eps)
@@ -218,6 +246,8 @@ def _multi_exit_ce_kernel(
 
     # 5. Per-exit sum: one fp32 atomic per program (rows past N masked to 0).
     tl.atomic_add(sums_ptr + k, tl.reduce(tl.where(row_mask, loss, 0.0), 0, _add))
+    if HAS_SW:
+        tl.atomic_add(sums_ptr + K + k, tl.reduce(tl.where(row_mask, loss * s_ik, 0.0), 0, _add))
 
     # 6. "Last program finishes": take a ticket (acq_rel, gpu scope: releases the sum
     #    above, acquires everyone else's). The program holding the last ticket sees every
@@ -230,8 +260,16 @@ def _multi_exit_ce_kernel(
         sums = tl.atomic_add(sums_ptr + offs_k, tl.full([BLOCK_K], 0.0, tl.float32), mask=k_mask)
         per_exit = sums * inv_n_valid
         tl.store(per_exit_ptr + offs_k, per_exit, mask=k_mask)
-        w_all = tl.load(weight_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-        tl.store(loss_ptr, tl.reduce(tl.where(k_mask, w_all * per_exit, 0.0), 0, _add))
+        if HAS_WEIGHTS:
+            w_all = tl.load(weight_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        else:
+            w_all = tl.full([BLOCK_K], 1.0, tl.float32)
+        if HAS_SW:
+            wsums = tl.atomic_add(sums_ptr + K + offs_k, tl.full([BLOCK_K], 0.0, tl.float32), mask=k_mask)
+            exit_term = wsums * inv_n_valid
+        else:
+            exit_term = per_exit
+        tl.store(loss_ptr, tl.reduce(tl.where(k_mask, w_all * exit_term, 0.0), 0, _add))
         if HAS_EMA:
             # NaN = unset takes the first finite L_k; a non-finite L_k (|L| < inf is false
             # for inf and NaN) never enters the state.
@@ -239,6 +277,90 @@ def _multi_exit_ce_kernel(
             blended = tl.where(old != old, per_exit, momentum * old + (1.0 - momentum) * per_exit)
             new = tl.where(tl.abs(per_exit) < float("inf"), blended, old)
             tl.store(ema_ptr + offs_k * ema_stride, new, mask=k_mask)
+
+@triton.jit
+def _multi_exit_ce_bwd_kernel(
+    table_ptr,  # [2K] int64: heads' base addresses, then row strides (elements)
+    target_ptr,  # [N] int64
+    weight_ptr,  # [K] fp32 (unused unless HAS_WEIGHTS)
+    sw_ptr,  # sample weights fp32 (unused unless HAS_SW)
+    sw_stride_k,
+    lse_ptr,  # [K, N] fp32, from the forward
+    grad_loss_ptr,  # [] fp32: grad_out, read on the device (no host sync)
+    n_valid_ptr,  # [] int64
+    grad_ptr,  # [K, N, C] logits dtype out
+    N,
+    C,
+    K,
+    ignore_index,
+    label_smoothing,
+    DTYPE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ALIGN_BYTES: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
+    HAS_SW: tl.constexpr,
+):
+    # The deferred backward (bf16 / fp16): one pass per row, grad_out folded into the fp32
+    #   scale = grad_out w_k s_ik / N_valid before the one rounding to DTYPE:
+    #   g_c = scale * (exp(z_c - lse) - (1-e)[c = y] - e/C).
+    # A row whose lse is not finite (NaN or infinite logits) gets NaN, as torch gives; rows
+    # with scale = 0 get exact zeros; an out-of-range target poisons its row (as forward).
+    pid_n = tl.program_id(0)
+    k = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    rows = tl.minimum(rows, N - 1).to(tl.int64)
+    cols0 = tl.arange(0, BLOCK_C)
+    x_base = tl.load(table_ptr + k).to(tl.pointer_type(DTYPE))
+    x_stride = tl.load(table_ptr + K + k)
+    row_ptrs = tl.multiple_of(x_base + rows * x_stride, [ALIGN_BYTES])
+    x_rows = row_ptrs[:, None]
+    y = tl.load(target_ptr + rows)
+    valid = y != ignore_index
+    bad = valid & ((y < 0) | (y >= C))
+    n_valid = tl.load(n_valid_ptr).to(tl.float32)
+    inv_n_valid = tl.where(n_valid > 0, 1.0 / tl.maximum(n_valid, 1.0), 0.0)
+    go = tl.load(grad_loss_ptr).to(tl.float32)
+    if HAS_WEIGHTS:
+        w = tl.load(weight_ptr + k).to(tl.float32)
+    else:
+        w = 1.0
+    if HAS_SW:
+        s_ik = tl.load(sw_ptr + k.to(tl.int64) * sw_stride_k + rows)
+    else:
+        s_ik = tl.full([BLOCK_N], 1.0, tl.float32)
+    scale = tl.where(valid, go * w * inv_n_valid * s_ik, 0.0)
+    eps = label_smoothing
+    b = scale * eps / C
+    h = scale * (1.0 - eps)
+    lse = tl.load(lse_ptr + k.to(tl.int64) * N + rows)
+    finite = tl.abs(lse) < float("inf")  # False for NaN and +-inf
+    keep = (scale != 0.0)[:, None]
+    poison = (bad | ~finite)[:, None]
+    lse_safe = tl.where(finite, lse, 0.0)
+    g_rows = grad_ptr + k.to(tl.int64) * N * C + rows[:, None] * C
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + cols0
+        col_mask = cols < C
+        x = tl.load(x_rows + cols[None, :], mask=col_mask[None, :], other=float("-inf")).to(tl.float32)
+        g = tl.exp(x - lse_safe[:, None]) * scale[:, None] - b[:, None]
+        g -= tl.where(cols[None, :] == y[:, None], h[:, None], 0.0)
+        g = tl.where(poison, float("nan"), g)
+        g = tl.where(keep, g, 0.0)
+        tl.store(g_rows + cols[None, :], g.to(DTYPE), mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _scale_grads_kernel(grad_ptr, grad_loss_ptr, numel, BLOCK: tl.constexpr):
+    # grads *= grad_out in place; with grad_out == 1 every program returns before touching
+    # memory (no extra pass over the gradient, and no host sync to find that out).
+    go = tl.load(grad_loss_ptr).to(tl.float32)
+    if go != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        g = tl.load(grad_ptr + offs, mask=mask, other=0.0)
+        tl.store(grad_ptr + offs, (g.to(tl.float32) * go).to(g.dtype), mask=mask)
 
 
 def _pick_blocks(n: int, c: int, on_gpu: bool, block_c: int | None, block_n: int | None):
@@ -267,73 +389,112 @@ def _common_alignment(heads: list[torch.Tensor]) -> int:
     return acc & -acc  # lowest set bit (the 16 caps it)
 
 
-def multi_exit_ce_fwd_triton(
-    logits,
-    target: torch.Tensor,
-    weights: torch.Tensor,
-    ignore_index: int,
-    label_smoothing: float,
-    ema: torch.Tensor | None,
-    momentum: float,
-    compute_grad: bool,
-    *,
-    block_c: int | None = None,
-    block_n: int | None = None,
-):
-    """Launch :func:`_multi_exit_ce_kernel` once for all K exits.
-
-    Returns ``(loss [] f32, per_exit [K] f32, per_sample [K, N] f32, confidence [K, N] f32,
-    prediction [K, N] int64, grads)``, with ``grads`` the [K, N, C] gradient in the logits
-    dtype (contiguous, so ``grads[k]`` is a contiguous [N, C]; already scaled by w_k / N_valid)
-    or an empty [0] tensor when not ``compute_grad`` (the schema of
-    ``ann_kernels::multi_exit_ce_fwd``). ``ema`` is updated in place. No host synchronisation.
-
-    Runs on the tensors' device: CUDA, or CPU under ``TRITON_INTERPRET=1`` (tests).
-    ``block_c`` / ``block_n`` override the block sizes (powers of two; for tests).
-    """
+def _prepare_heads(logits, name: str) -> list[torch.Tensor]:
+    """The memory-safety checks of the launchers (the full argument check ran in the op's
+    C++ kernels; direct callers of the launchers get at least these)."""
     heads = list(logits)
     if not heads:
         raise ValueError("multi_exit_cross_entropy: logits: expected at least one exit, got 0")
     first = heads[0]
-    num_exits = len(heads)
-    n, c = first.shape
     if first.dtype not in _TL_DTYPE:
         raise TypeError(
             f"multi_exit_cross_entropy: logits: expected float32, bfloat16 or float16, got {first.dtype}"
         )
     for k, z in enumerate(heads):
-        if z.shape != first.shape or z.dtype != first.dtype or z.device != first.device:
+        if z.dim() != 2 or z.shape != first.shape or z.dtype != first.dtype or z.device != first.device:
             raise ValueError(
                 f"multi_exit_cross_entropy: logits[{k}] is {z.dtype} {tuple(z.shape)} on {z.device}, "
                 f"but logits[0] is {first.dtype} {tuple(first.shape)} on {first.device}"
             )
+    n, c = first.shape
     if n == 0 or c == 0:
         raise ValueError(f"multi_exit_cross_entropy: logits: empty [N, C] = {tuple(first.shape)}")
-    device = first.device
     interpreted = not isinstance(_multi_exit_ce_kernel, triton.runtime.JITFunction)  # TRITON_INTERPRET=1
-    if device.type != "cuda" and not interpreted:
+    if first.device.type != "cuda" and not interpreted:
         raise RuntimeError(
-            f"multi_exit_ce_fwd_triton: logits are on {device}, but the Triton kernel runs on CUDA "
+            f"{name}: logits are on {first.device}, but the Triton kernel runs on CUDA "
             "(CPU tensors only under TRITON_INTERPRET=1, set before ann_kernels.triton.multi_exit_ce "
-            "is imported; the CPU kernel is the C++ one behind torch.ops.ann_kernels.multi_exit_ce_fwd)"
+            "is imported; the CPU kernel is the C++ one behind torch.ops.ann_kernels._multi_exit_ce_forward)"
         )
     # Rows must be unit-stride; any row stride is fine (a column slice is not copied).
-    heads = [z if z.stride(1) == 1 or c == 1 else z.contiguous() for z in heads]
-    target = target.contiguous()
-    weights = weights.to(device=device, dtype=torch.float32).contiguous()
+    return [z if z.stride(1) == 1 or c == 1 else z.contiguous() for z in heads]
 
+
+def _weights_args(heads, target, weights, sample_weights):
+    """(weights fp32 or a dummy, HAS_WEIGHTS, sample weights fp32 or a dummy, their k-stride,
+    HAS_SW), after the shape checks that guard memory."""
+    num_exits, (n, _) = len(heads), heads[0].shape
+    device = heads[0].device
+    if target.shape != (n,) or target.dtype != torch.int64 or target.device != device:
+        raise ValueError(f"multi_exit_cross_entropy: target: expected int64 [{n}] on {device}, "
+                         f"got {target.dtype} {tuple(target.shape)} on {target.device}")
+    has_w = weights is not None
+    if has_w:
+        if weights.shape != (num_exits,) or weights.device != device:
+            raise ValueError(f"multi_exit_cross_entropy: weights: expected {num_exits} values on {device}, "
+                             f"got shape {tuple(weights.shape)} on {weights.device}")
+        weights = weights.to(dtype=torch.float32).contiguous()
+    has_sw = sample_weights is not None
+    sw_stride = 0
+    if has_sw:
+        if sample_weights.shape not in ((n,), (num_exits, n)) or sample_weights.device != device:
+            raise ValueError(f"multi_exit_cross_entropy: sample_weights: expected shape [{n}] or [{num_exits}, {n}] "
+                             f"on {device}, got {tuple(sample_weights.shape)} on {sample_weights.device}")
+        sample_weights = sample_weights.to(dtype=torch.float32).contiguous()
+        sw_stride = n if sample_weights.dim() == 2 else 0
+    dummy = target  # never dereferenced when its flag is off
+    return (weights if has_w else dummy, has_w, sample_weights if has_sw else dummy, sw_stride, has_sw)
+
+
+def _pointer_table(heads, device) -> torch.Tensor:
     # Addresses and row strides of the heads: one tiny host->device copy. non_blocking from
     # pageable memory is staged by the driver at once, so it neither waits for the GPU nor
     # leaves a dangling host buffer.
-    table = torch.tensor(
-        [z.data_ptr() for z in heads] + [z.stride(0) for z in heads], dtype=torch.int64
-    ).to(device, non_blocking=True)
+    return torch.tensor([z.data_ptr() for z in heads] + [z.stride(0) for z in heads], dtype=torch.int64).to(
+        device, non_blocking=True)
+
+
+def multi_exit_ce_forward_triton(
+    logits,
+    target: torch.Tensor,
+    weights: torch.Tensor | None,
+    sample_weights: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    ema: torch.Tensor | None,
+    momentum: float,
+    grad_mode: int,
+    *,
+    block_c: int | None = None,
+    block_n: int | None = None,
+):
+    """Launch :func:`_multi_exit_ce_kernel` once for all K exits (``_multi_exit_ce_forward``).
+
+    Returns ``(loss [] f32, per_exit [K] f32, per_sample [K, N] f32, confidence [K, N] f32,
+    prediction [K, N] int64, lse, grads)``: ``lse`` [K, N] f32 when ``grad_mode == 2`` and
+    ``grads`` [K, N, C] in the logits dtype (contiguous; scaled by w_k s_ik / N_valid) when
+    ``grad_mode == 1``, else empty [0] tensors. ``ema`` is updated in place. No host sync.
+
+    Runs on the tensors' device: CUDA, or CPU under ``TRITON_INTERPRET=1`` (tests).
+    ``block_c`` / ``block_n`` override the block sizes (powers of two; for tests).
+    """
+    heads = _prepare_heads(logits, "multi_exit_ce_forward_triton")
+    first = heads[0]
+    num_exits = len(heads)
+    n, c = first.shape
+    device = first.device
+    if ema is not None and (ema.shape != (num_exits,) or ema.dtype != torch.float32 or ema.device != device):
+        raise ValueError(f"multi_exit_cross_entropy: ema: expected a float32 tensor of shape [{num_exits}] on "
+                         f"{device}, got {ema.dtype} of shape {tuple(ema.shape)} on {ema.device}")
+    target = target.contiguous()
+    w, has_w, sw, sw_stride, has_sw = _weights_args(heads, target, weights, sample_weights)
+    table = _pointer_table(heads, device)
     # N_valid on the device (no .item()): the gradient scale needs it before any row is done.
     n_valid = (target != ignore_index).sum()
-    # One zeroed workspace: K fp32 sums (0 bits = 0.0f) followed by the int32 ticket.
-    workspace = torch.zeros(num_exits + 1, dtype=torch.int32, device=device)
-    sums = workspace[:num_exits].view(torch.float32)
-    ticket = workspace[num_exits:]
+    # One zeroed workspace: 2K fp32 sums (0 bits = 0.0f) followed by the int32 ticket.
+    workspace = torch.zeros(2 * num_exits + 1, dtype=torch.int32, device=device)
+    sums = workspace[: 2 * num_exits].view(torch.float32)
+    ticket = workspace[2 * num_exits:]
 
     f32 = dict(dtype=torch.float32, device=device)
     loss = torch.empty((), **f32)
@@ -341,33 +502,22 @@ def multi_exit_ce_fwd_triton(
     per_sample = torch.empty(num_exits, n, **f32)
     confidence = torch.empty(num_exits, n, **f32)
     prediction = torch.empty(num_exits, n, dtype=torch.int64, device=device)
-    grads = torch.empty((num_exits, n, c) if compute_grad else (0,), dtype=first.dtype, device=device)
+    lse = torch.empty((num_exits, n) if grad_mode == 2 else (0,), **f32)
+    grads = torch.empty((num_exits, n, c) if grad_mode == 1 else (0,), dtype=first.dtype, device=device)
 
     bn, bc, num_warps = _pick_blocks(n, c, device.type == "cuda", block_c, block_n)
     grid = (triton.cdiv(n, bn), num_exits)
     # Triton launches on the current CUDA device: make it the tensors' device.
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         _multi_exit_ce_kernel[grid](
-            table,
-            target,
-            weights,
-            n_valid,
-            per_sample,
-            confidence,
-            prediction,
-            grads if compute_grad else per_sample,  # never touched without COMPUTE_GRAD
-            sums,
-            ticket,
-            per_exit,
-            loss,
+            table, target, w, sw, sw_stride, n_valid, per_sample,
+            lse if grad_mode == 2 else per_sample,  # never touched without SAVE_LSE
+            confidence, prediction,
+            grads if grad_mode == 1 else per_sample,  # never touched without COMPUTE_GRAD
+            sums, ticket, per_exit, loss,
             ema if ema is not None else per_exit,  # never touched without HAS_EMA
             ema.stride(0) if ema is not None else 0,
-            n,
-            c,
-            num_exits,
-            ignore_index,
-            float(label_smoothing),
-            float(momentum),
+            n, c, num_exits, ignore_index, float(label_smoothing), float(momentum),
             DTYPE=_TL_DTYPE[first.dtype],
             BLOCK_N=bn,
             BLOCK_C=bc,
@@ -375,10 +525,74 @@ def multi_exit_ce_fwd_triton(
             ALIGN_BYTES=_common_alignment(heads),
             SINGLE_CHUNK=c <= bc,
             HAS_SMOOTHING=label_smoothing > 0,
-            COMPUTE_GRAD=bool(compute_grad),
+            COMPUTE_GRAD=grad_mode == 1,
             HAS_EMA=ema is not None,
+            HAS_WEIGHTS=has_w,
+            HAS_SW=has_sw,
+            SAVE_LSE=grad_mode == 2,
             num_warps=num_warps,
         )
     # The heads (possibly fresh .contiguous() copies) and the table must outlive the
     # kernel: on CUDA the caching allocator's stream order already guarantees that.
-    return loss, per_exit, per_sample, confidence, prediction, grads
+    return loss, per_exit, per_sample, confidence, prediction, lse, grads
+
+
+def multi_exit_ce_fwd_triton(logits, target, weights, ignore_index, label_smoothing, ema, momentum, compute_grad,
+                             *, block_c=None, block_n=None):
+    """The older 6-output form (``multi_exit_ce_fwd``): :func:`multi_exit_ce_forward_triton`
+    with grad_mode 1 (compute_grad) or 0, without lse."""
+    out = multi_exit_ce_forward_triton(logits, target, weights, None, ignore_index, label_smoothing, ema, momentum,
+                                       1 if compute_grad else 0, block_c=block_c, block_n=block_n)
+    return out[:5] + out[6:]
+
+
+def multi_exit_ce_backward_triton(grad_loss, logits, target, weights, sample_weights, lse, ignore_index: int,
+                                  label_smoothing: float, *, block_c: int | None = None,
+                                  block_n: int | None = None) -> torch.Tensor:
+    """Launch :func:`_multi_exit_ce_bwd_kernel` (``_multi_exit_ce_backward``): the [K, N, C]
+    gradient in the logits dtype for grad_out = ``grad_loss`` (a [] tensor, read on the
+    device), from the forward's ``lse`` [K, N] f32. No host synchronisation."""
+    heads = _prepare_heads(logits, "multi_exit_ce_backward_triton")
+    first = heads[0]
+    num_exits = len(heads)
+    n, c = first.shape
+    device = first.device
+    if lse.shape != (num_exits, n):
+        raise ValueError(f"multi_exit_ce_backward_triton: lse: expected shape [{num_exits}, {n}], "
+                         f"got {tuple(lse.shape)}")
+    target = target.contiguous()
+    w, has_w, sw, sw_stride, has_sw = _weights_args(heads, target, weights, sample_weights)
+    table = _pointer_table(heads, device)
+    n_valid = (target != ignore_index).sum()
+    grad_loss = grad_loss.to(device=device, dtype=torch.float32).reshape(())
+    grads = torch.empty((num_exits, n, c), dtype=first.dtype, device=device)
+    bn, bc, num_warps = _pick_blocks(n, c, device.type == "cuda", block_c, block_n)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        _multi_exit_ce_bwd_kernel[(triton.cdiv(n, bn), num_exits)](
+            table, target, w, sw, sw_stride, lse.contiguous(), grad_loss, n_valid, grads,
+            n, c, num_exits, ignore_index, float(label_smoothing),
+            DTYPE=_TL_DTYPE[first.dtype],
+            BLOCK_N=bn,
+            BLOCK_C=bc,
+            ALIGN_BYTES=_common_alignment(heads),
+            HAS_WEIGHTS=has_w,
+            HAS_SW=has_sw,
+            num_warps=num_warps,
+        )
+    return grads
+
+
+def scale_grads_triton(grads: torch.Tensor, grad_loss: torch.Tensor, *, block: int | None = None) -> None:
+    """``grads *= grad_loss`` in place (``_multi_exit_ce_scale_``); every program returns at
+    once when grad_loss == 1, so grad_out = 1 costs one tiny launch and no memory traffic."""
+    if not grads.is_contiguous():
+        raise ValueError("scale_grads_triton: grads must be contiguous")
+    numel = grads.numel()
+    if numel == 0:
+        return
+    on_gpu = grads.device.type == "cuda"
+    block = block or (4096 if on_gpu else 256)
+    grad_loss = grad_loss.to(device=grads.device, dtype=torch.float32).reshape(())
+    with torch.cuda.device(grads.device) if on_gpu else contextlib.nullcontext():
+        _scale_grads_kernel[(triton.cdiv(numel, block),)](grads, grad_loss, numel, BLOCK=block,
+                                                           num_warps=8 if on_gpu else 1)

@@ -10,10 +10,15 @@
 // cached block that fits and wastes at most half of it. The pool holds at most
 // ANN_KERNELS_GRAD_CACHE_MB (default 2048) of idle blocks, evicting the oldest first;
 // `ann_kernels.empty_grad_cache()` frees them all.
+//
+// Statistics (`ann_kernels.grad_cache_stats()`): buffers handed out (every request, pooled
+// or not: tests assert that no-grad calls request none), pool hits, fresh allocations.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <atomic>
+#include <cstdint>
 #include <cstdlib>
 #include <deque>
 #include <mutex>
@@ -31,8 +36,10 @@ class BufferPool {
   // An uninitialised contiguous tensor of `sizes`, from the cache when possible.
   at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
     const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
+    handed_out_.fetch_add(1, std::memory_order_relaxed);
     if (bytes < kMinPooledBytes) return at::empty(sizes, options);
     auto [data, capacity] = take(bytes);
+    if (data != nullptr) hits_.fetch_add(1, std::memory_order_relaxed);
     if (data == nullptr) {
       capacity = round_up(bytes);
       data = std::aligned_alloc(kAlignment, capacity);
@@ -47,6 +54,11 @@ class BufferPool {
     for (auto& block : idle_) std::free(block.first);
     idle_.clear();
     idle_bytes_ = 0;
+  }
+
+  // (buffers handed out, of which served from the cache) since the process started.
+  std::pair<uint64_t, uint64_t> counts() const {
+    return {handed_out_.load(std::memory_order_relaxed), hits_.load(std::memory_order_relaxed)};
   }
 
   size_t idle_bytes() {
@@ -92,6 +104,8 @@ class BufferPool {
     }
   }
 
+  std::atomic<uint64_t> handed_out_{0};
+  std::atomic<uint64_t> hits_{0};
   std::mutex mutex_;
   std::deque<std::pair<void*, size_t>> idle_;
   size_t idle_bytes_ = 0;

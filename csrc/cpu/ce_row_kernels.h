@@ -244,6 +244,112 @@ inline void row_affine(float* __restrict g, int64_t C, float a, float b) {
   for (int64_t c = 0; c < C; ++c) g[c] = g[c] * a - b;
 }
 
+// Row conversions between 16-bit logits and fp32, 8 values per instruction where the CPU
+// has AVX2 (+ F16C for fp16). The patterns are those of c10::BFloat16 / c10::Half: bf16
+// rounds to nearest even and keeps NaN a (quiet) NaN, as c10 does; fp16 uses the hardware
+// IEEE conversion (round to nearest even), as c10 does. Callers reinterpret their rows as
+// uint16_t (this header includes no torch headers).
+inline float bf16_bits_to_float(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  return __builtin_bit_cast(float, u);
+}
+
+inline uint16_t float_to_bf16_bits(float f) {
+  if (std::isnan(f)) return 0x7FC0;
+  const uint32_t u = __builtin_bit_cast(uint32_t, f);
+  return static_cast<uint16_t>((u + ((u >> 16) & 1) + 0x7FFF) >> 16);
+}
+
+inline void bf16_row_to_float(const uint16_t* __restrict x, int64_t C, float* __restrict out) {
+  int64_t c = 0;
+#if defined(ANN_KERNELS_AVX2)
+  for (; c + 8 <= C; c += 8) {
+    const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + c)));
+    _mm256_storeu_ps(out + c, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+  }
+#endif
+  for (; c < C; ++c) out[c] = bf16_bits_to_float(x[c]);
+}
+
+inline void float_row_to_bf16(const float* __restrict x, int64_t C, uint16_t* __restrict out) {
+  int64_t c = 0;
+#if defined(ANN_KERNELS_AVX2)
+  for (; c + 8 <= C; c += 8) {
+    const __m256 v = _mm256_loadu_ps(x + c);
+    const __m256i b = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+    const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(nan));
+    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + c), packed);
+  }
+#endif
+  for (; c < C; ++c) out[c] = float_to_bf16_bits(x[c]);
+}
+
+#if defined(ANN_KERNELS_AVX2) && defined(__F16C__)
+#define ANN_KERNELS_F16C 1
+inline void f16_row_to_float(const uint16_t* __restrict x, int64_t C, float* __restrict out) {
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) {
+    _mm256_storeu_ps(out + c, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + c))));
+  }
+  if (c < C) {  // the tail through a zero-padded copy
+    alignas(16) uint16_t tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    alignas(32) float tail_out[8];
+    for (int64_t j = c; j < C; ++j) tail[j - c] = x[j];
+    _mm256_store_ps(tail_out, _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(tail))));
+    for (int64_t j = c; j < C; ++j) out[j] = tail_out[j - c];
+  }
+}
+
+inline void float_row_to_f16(const float* __restrict x, int64_t C, uint16_t* __restrict out) {
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) {
+    const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(x + c), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + c), h);
+  }
+  if (c < C) {
+    alignas(32) float tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    alignas(16) uint16_t tail_out[8];
+    for (int64_t j = c; j < C; ++j) tail[j - c] = x[j];
+    _mm_store_si128(reinterpret_cast<__m128i*>(tail_out),
+                    _mm256_cvtps_ph(_mm256_load_ps(tail), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    for (int64_t j = c; j < C; ++j) out[j] = tail_out[j - c];
+  }
+}
+#endif
+
+// Backward of a finite row from its saved log-sum-exp (the deferred low-precision path):
+//   g_c = a * exp(z_c - lse) - b,  a = scale, b = scale * e / C,
+// then the caller subtracts scale * (1 - e) at the target. z_c - lse <= 0 up to rounding,
+// so exp needs no high clamp. `x` is the fp32 row (converted by the caller), `g` fp32.
+inline void row_grad_from_lse(const float* __restrict x, int64_t C, float lse, float a, float b,
+                              float* __restrict g) {
+#if defined(ANN_KERNELS_AVX2)
+  const __m256 vlse = _mm256_set1_ps(lse), va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) {
+    const __m256 e = exp8<false>(_mm256_sub_ps(_mm256_loadu_ps(x + c), vlse));
+    _mm256_storeu_ps(g + c, _mm256_fmsub_ps(e, va, vb));
+  }
+  if (c < C) {
+    const __m256i m = tail_mask(C - c);
+    const __m256 e = exp8<false>(_mm256_sub_ps(_mm256_maskload_ps(x + c, m), vlse));
+    _mm256_maskstore_ps(g + c, m, _mm256_fmsub_ps(e, va, vb));
+  }
+#else
+  for (int64_t c = 0; c < C; ++c) g[c] = a * fast_exp(x[c] - lse) - b;
+#endif
+}
+
+// Step 5 in place on an fp32 gradient that is already w_k s_ik / N_valid * (p - t):
+// multiply by grad_out (backward with grad_out != 1; one more rounding in fp32).
+inline void scale_in_place(float* __restrict g, int64_t n, float factor) {
+  for (int64_t i = 0; i < n; ++i) g[i] *= factor;
+}
+
 #if defined(ANN_KERNELS_AVX2)
 // Largest class count handled by the eight-rows-per-vector layout (its tiles live on the
 // stack: 2 x 16 x 8 floats = 1 KiB).

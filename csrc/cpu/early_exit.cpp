@@ -4,12 +4,14 @@
 //   1. confidence and argmax of every logit row [M, C] (row math in
 //      csrc/include/ann_kernels/early_exit.h, the code the CUDA kernel runs too);
 //   2. the exit decision: confidence >= threshold (threshold mode, exit_count = -1), or
-//      the `exit_count` most confident rows (quota mode; ties by row order, NaN lowest);
+//      the `exit_count` most confident rows (quota mode; ties by row order; NaN
+//      confidences, from rows with a non-finite maximum, never exit there);
 //   3. prediction / exit_index / confidence of the exiting rows written into the [N]
 //      output buffers at their original positions;
 //   4. returns the survivors' original positions [R], their row numbers in this call
 //      (`keep_local` [R], to gather further hidden tensors with index_select), and the
-//      rows of `hidden` [M, ...] that survive, gathered into a new [R, ...] tensor.
+//      rows of `hidden` [M, ...] that survive, gathered into a new [R, ...] tensor of the
+//      same memory format (channels_last in, channels_last out).
 //
 // Cost model (batch 256 x C = 10): the Python -> dispatcher call (~5 us) dominates; the
 // row math is ~2 us, the gather is a memcpy per row. Hence: one serial pass for the
@@ -22,6 +24,7 @@
 
 #include <ann_kernels/early_exit.h>
 
+#include "../hidden_rows.h"
 #include "ce_row_kernels.h"  // exp8, hsum8, tail_mask (AVX2), shared with the loss kernel
 
 #include <algorithm>
@@ -124,7 +127,9 @@ void row_confidence_wide(const float* row, int64_t C, int64_t criterion, float* 
   const __m256 vtop = _mm256_set1_ps(summary.top);
   for (int64_t c = 0; c < C; c += 8) {  // first index of the maximum
     const __m256i m = tail_mask(C - c);
-    const int hits = _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + c), vtop, _CMP_EQ_OQ),
+    // Masked load: the tail lanes read nothing (an unmasked load here read up to 28 bytes
+    // past the row, past the tensor for its last row).
+    const int hits = _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(_mm256_maskload_ps(row + c, m), vtop, _CMP_EQ_OQ),
                                                       _mm256_castsi256_ps(m)));
     if (hits) {
       summary.argmax = c + __builtin_ctz(static_cast<unsigned>(hits));
@@ -206,16 +211,16 @@ void check_buffer(const Tensor& t, const char* name, at::ScalarType dtype, int64
               ": expected a contiguous [N] = [", n, "] tensor, got shape ", t.sizes());
 }
 
-// Rows of `hidden` [M, ...] listed in keep_local [R], as a new contiguous [R, ...] tensor.
-Tensor gather_rows(const Tensor& hidden, const int64_t* keep_local, const Tensor& keep_local_tensor, int64_t R) {
+// Rows of `hidden` [M, ...] listed in keep_local [R], as a new [R, ...] tensor in hidden's
+// layout (channels_last stays channels_last: csrc/hidden_rows.h), one memcpy per row.
+Tensor gather_rows(const Tensor& hidden, const int64_t* keep_local, int64_t R) {
+  const HiddenRowBlocks blocks = hidden_row_blocks(hidden);
   std::vector<int64_t> shape = hidden.sizes().vec();
   shape[0] = R;
-  if (!hidden.is_contiguous()) return at::index_select(hidden, 0, keep_local_tensor);
-  Tensor out = at::detail::empty_cpu(shape, hidden.scalar_type());
-  const int64_t M = hidden.size(0);
-  if (R == 0 || M == 0) return out;
-  const int64_t row_bytes = static_cast<int64_t>(hidden.numel() / M) * static_cast<int64_t>(hidden.element_size());
-  const char* src = static_cast<const char*>(hidden.const_data_ptr());
+  Tensor out = at::detail::empty_strided_cpu(shape, blocks.strides, hidden.scalar_type());
+  const int64_t row_bytes = blocks.row_bytes;
+  if (R == 0 || row_bytes == 0) return out;
+  const char* src = static_cast<const char*>(blocks.source.const_data_ptr());
   char* dst = static_cast<char*>(out.mutable_data_ptr());
   auto copy_rows = [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) std::memcpy(dst + r * row_bytes, src + keep_local[r] * row_bytes, row_bytes);
@@ -299,21 +304,22 @@ std::tuple<Tensor, Tensor, Tensor> early_exit_step_cpu(const Tensor& logits, con
         exits[i] = row_exits(row_conf[i], thr);
         num_exit += exits[i];
       }
-    } else if (exit_count >= M) {
-      std::fill(exits.begin(), exits.end(), uint8_t{1});
-      num_exit = M;
     } else {
-      // Quota: the exit_count most confident rows (key descending, then row ascending).
-      std::vector<int64_t> order(M);
-      std::iota(order.begin(), order.end(), int64_t{0});
+      // Quota: the exit_count most confident eligible (non-NaN) rows (confidence
+      // descending, then row ascending); fewer when fewer rows are eligible.
+      std::vector<int64_t> order;
+      order.reserve(M);
+      for (int64_t i = 0; i < M; ++i)
+        if (exit_eligible(row_conf[i])) order.push_back(i);
+      const int64_t count = std::min<int64_t>(exit_count, static_cast<int64_t>(order.size()));
       const float* conf_ptr = row_conf.data();
       auto more_confident = [conf_ptr](int64_t a, int64_t b) {
-        const float ka = exit_rank_key(conf_ptr[a]), kb = exit_rank_key(conf_ptr[b]);
-        return ka > kb || (ka == kb && a < b);
+        return conf_ptr[a] > conf_ptr[b] || (conf_ptr[a] == conf_ptr[b] && a < b);
       };
-      std::nth_element(order.begin(), order.begin() + exit_count, order.end(), more_confident);
-      for (int64_t j = 0; j < exit_count; ++j) exits[order[j]] = 1;
-      num_exit = exit_count;
+      if (count < static_cast<int64_t>(order.size()))
+        std::nth_element(order.begin(), order.begin() + count, order.end(), more_confident);
+      for (int64_t j = 0; j < count; ++j) exits[order[j]] = 1;
+      num_exit = count;
     }
   }
 
@@ -339,7 +345,7 @@ std::tuple<Tensor, Tensor, Tensor> early_exit_step_cpu(const Tensor& logits, con
       ++r;
     }
   }
-  Tensor hidden_survivors = hidden.has_value() ? gather_rows(*hidden, keep, keep_local, R)
+  Tensor hidden_survivors = hidden.has_value() ? gather_rows(*hidden, keep, R)
                                                : at::detail::empty_cpu({0}, logits.scalar_type());
   return {std::move(survivor_index), std::move(keep_local), std::move(hidden_survivors)};
 }

@@ -1,10 +1,13 @@
-// Fused multi-exit cross-entropy on CPU, and its C++ autograd (device-agnostic: the
-// CUDA kernel behind `multi_exit_ce_fwd` is Triton, registered from Python).
+// Fused multi-exit cross-entropy on CPU, its argument check and its C++ autograd
+// (device-agnostic: the CUDA kernels behind the `_multi_exit_ce_*` backend ops are Triton,
+// registered from Python).
 //
 // One pass over each logit row (k, i) gives: lse, the per-sample loss, max-probability
-// confidence, argmax, and the gradient of the *weighted, averaged* loss
-//     g_ikc = w_k / N_valid * (softmax(z_ik)_c - (1-e)[c = y_i] - e/C),
-// so that backward with grad_out = 1 only hands these buffers over.
+// confidence, argmax and, for fp32 logits, the gradient of the weighted, averaged loss
+//     g_ikc = w_k s_ik / N_valid * (softmax(z_ik)_c - (1-e)[c = y_i] - e/C),
+// which backward hands over for grad_out = 1 and scales in place otherwise. For bf16 / fp16
+// the forward keeps lse only and backward makes g * grad_out in one pass (rounded once).
+// Row loops: multi_exit_ce_rows.h; row math: ce_row_kernels.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/autograd.h>
@@ -14,6 +17,7 @@
 
 #include "buffer_pool.h"
 #include "ce_row_kernels.h"
+#include "multi_exit_ce_rows.h"
 
 #include <algorithm>
 #include <cmath>
@@ -26,113 +30,7 @@ namespace {
 
 using at::Tensor;
 
-struct CeRowsArgs {
-  int64_t K, N, C;
-  const int64_t* y;
-  int64_t ignore_index;
-  float eps, inv_n_valid;
-  const float* w;
-  float* loss_row;
-  float* conf_row;
-  int64_t* pred_row;
-  bool compute_grad;
-};
-
-// Steps 2-5 for every (exit, row) pair, in parallel. Each row's results depend on that
-// row only and the per-exit sums happen serially afterwards, so nothing depends on the
-// thread count.
-template <typename scalar_t>
-void ce_rows(const std::vector<Tensor>& rows, const Tensor& grads, const CeRowsArgs& a) {
-  const int64_t K = a.K, N = a.N, C = a.C;
-  std::vector<const scalar_t*> x_ptr(K);
-  std::vector<int64_t> x_row_stride(K);
-  std::vector<scalar_t*> g_ptr(K, nullptr);
-  for (int64_t k = 0; k < K; ++k) {
-    x_ptr[k] = rows[k].data_ptr<scalar_t>();
-    x_row_stride[k] = rows[k].stride(0);
-    if (a.compute_grad) g_ptr[k] = grads.data_ptr<scalar_t>() + k * N * C;
-  }
-  constexpr bool kFloatIn = std::is_same_v<scalar_t, float>;
-  // Grain: ~16K logits per task keeps OpenMP's fork cost (~5 us) below the work.
-  const int64_t grain = std::max<int64_t>(1, 16384 / C);
-  at::parallel_for(0, K * N, grain, [&](int64_t begin, int64_t end) {
-#if defined(ANN_KERNELS_AVX2)
-    if (C <= kSmallClasses) {
-      // Few classes: eight rows per vector, one row per lane (ce_row_kernels.h).
-      for (int64_t r0 = begin; r0 < end; r0 += 8) {
-        const int num_lanes = static_cast<int>(std::min<int64_t>(8, end - r0));
-        BlockLane<scalar_t> lanes[8];
-        BlockResult results[8];
-        for (int l = 0; l < num_lanes; ++l) {
-          const int64_t r = r0 + l, k = r / N, i = r - k * N, y = a.y[i];
-          const bool valid = y != a.ignore_index;
-          lanes[l] = {x_ptr[k] + i * x_row_stride[k], a.compute_grad ? g_ptr[k] + i * C : nullptr, y,
-                      valid ? a.w[k] * a.inv_n_valid : 0.f};
-        }
-        block8_small_classes(lanes, num_lanes, C, a.eps, a.ignore_index, a.compute_grad, results);
-        for (int l = 0; l < num_lanes; ++l) {
-          const BlockResult& res = results[l];
-          const bool valid = lanes[l].target != a.ignore_index;
-          if (!res.finite) {
-            nonfinite_row(lanes[l].x, C, lanes[l].target, valid, a.eps, lanes[l].scale, lanes[l].g,
-                          &a.loss_row[r0 + l], &a.conf_row[r0 + l], &a.pred_row[r0 + l]);
-            continue;
-          }
-          a.loss_row[r0 + l] = valid ? smoothed_row_loss(res.lse, res.x_target, res.sum_x, C, a.eps) : 0.f;
-          a.conf_row[r0 + l] = res.conf;
-          a.pred_row[r0 + l] = res.argmax;
-        }
-      }
-      return;
-    }
-#endif
-    std::vector<float> scratch;
-    if (!kFloatIn || !a.compute_grad) scratch.resize(kFloatIn ? C : 2 * C);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t k = r / N;
-      const int64_t i = r - k * N;
-      const scalar_t* x = x_ptr[k] + i * x_row_stride[k];
-      const float* xf;
-      float* e;
-      if constexpr (kFloatIn) {
-        xf = x;
-        e = a.compute_grad ? g_ptr[k] + i * C : scratch.data();
-      } else {
-        float* xs = scratch.data() + C;
-        for (int64_t c = 0; c < C; ++c) xs[c] = static_cast<float>(x[c]);
-        xf = xs;
-        e = scratch.data();
-      }
-      const int64_t yi = a.y[i];
-      const bool valid = yi != a.ignore_index;
-      RowStats s;
-      if (!row_softmax_numerator(xf, C, e, &s)) {  // a NaN or infinite maximum: the IEEE path
-        nonfinite_row(x, C, yi, valid, a.eps, valid ? a.w[k] * a.inv_n_valid : 0.f,
-                      a.compute_grad ? g_ptr[k] + i * C : nullptr, &a.loss_row[r], &a.conf_row[r], &a.pred_row[r]);
-        continue;
-      }
-      const float lse = s.max + std::log(s.sum_exp);
-      // 3. l = (1-e)(lse - z_y) + e(lse - mean_c z_c); ignored rows contribute 0.
-      a.loss_row[r] = valid ? smoothed_row_loss(lse, xf[yi], s.sum_x, C, a.eps) : 0.f;
-      // 4. max softmax probability = exp(max - lse) = 1 / sum_exp.
-      a.conf_row[r] = 1.f / s.sum_exp;
-      a.pred_row[r] = s.argmax;
-      if (!a.compute_grad) continue;
-      // 5. g = scale * (e_c / sum_exp - eps / C - (1 - eps)[c = y]), scale = w_k / N_valid.
-      const float scale = valid ? a.w[k] * a.inv_n_valid : 0.f;
-      if (scale == 0.f) {
-        std::fill(e, e + C, 0.f);
-      } else {
-        row_affine(e, C, scale / s.sum_exp, scale * a.eps / static_cast<float>(C));
-        e[yi] -= scale * (1.f - a.eps);
-      }
-      if constexpr (!kFloatIn) {
-        scalar_t* g = g_ptr[k] + i * C;
-        for (int64_t c = 0; c < C; ++c) g[c] = static_cast<scalar_t>(e[c]);
-      }
-    }
-  });
-}
+using namespace multi_exit_ce_detail;
 
 // True for a plain eager CPU tensor; false under tracing (fake / functional tensors carry
 // the Python key), where reading the value would be a data-dependent branch.
@@ -141,11 +39,40 @@ bool is_plain_cpu(const Tensor& t) {
          !t.key_set().has(c10::DispatchKey::Functionalize);
 }
 
+using OptTensor = std::optional<Tensor>;
+
+// Values of a [K] weight vector (or [K, N] / [N] sample weights) checked on the host: only
+// where that read is free (plain CPU tensors). NaN is rejected (it would silently poison
+// the loss and every gradient); so is a negative value. On CUDA nothing is read (a check
+// would synchronise): NaN weights give a NaN loss and NaN gradients there.
+void check_weight_values(const Tensor& t, const char* name) {
+  if (!is_plain_cpu(t)) return;
+  at::NoGradGuard no_grad;  // a read, not part of any graph (weights may require grad)
+  const Tensor v = t.to(at::kFloat).contiguous().view(-1);
+  const float* p = v.data_ptr<float>();
+  const int64_t cols = t.dim() == 2 ? t.size(1) : 0;
+  for (int64_t j = 0; j < v.numel(); ++j) {
+    if (p[j] >= 0.f) continue;
+    const std::string where = cols > 0 ? std::to_string(j / cols) + ", " + std::to_string(j % cols)
+                                       : std::to_string(j);
+    TORCH_CHECK_VALUE(!std::isnan(p[j]), "multi_exit_cross_entropy: ", name, ": must not be NaN, got ", name, "[",
+                      where, "] = nan");
+    TORCH_CHECK_VALUE(false, "multi_exit_cross_entropy: ", name, ": must be non-negative, got ", name, "[", where,
+                      "] = ", p[j]);
+  }
+}
+
+}  // namespace
+
 // Every argument check, with the messages of the Python validation (ValueError / TypeError
-// naming the argument), so the Python fast path can leave them all to this function.
-// Device-independent: it also guards the CUDA (Triton) kernel through the autograd op.
-void check_inputs(at::TensorList logits, const Tensor& target, const Tensor& weights, double label_smoothing,
-                  const std::optional<Tensor>& ema, double momentum) {
+// naming the argument). The one check of every device path: the op's Autograd and
+// CompositeExplicitAutograd kernels run it once per call before dispatching to the CPU
+// kernel here or the CUDA (Triton) kernel, and the pure-torch reference calls it through
+// `ann_kernels._C.check_multi_exit_ce_inputs`. The backend ops (`_multi_exit_ce_*`) do not
+// repeat it (the CPU kernel still range-checks targets, which it reads anyway).
+void check_multi_exit_ce_inputs(at::TensorList logits, const Tensor& target, const OptTensor& weights,
+                                const OptTensor& sample_weights, double label_smoothing, const OptTensor& ema,
+                                double momentum) {
   const char* op = "multi_exit_cross_entropy: ";
   TORCH_CHECK_VALUE(!logits.empty(), op, "logits: expected at least one exit, got 0");
   const auto& first = logits[0];
@@ -166,22 +93,30 @@ void check_inputs(at::TensorList logits, const Tensor& target, const Tensor& wei
   }
   TORCH_CHECK_VALUE(first.size(0) > 0, op, "logits: empty batch (N = 0)");
   TORCH_CHECK_VALUE(first.size(1) > 0, op, "logits: no classes (C = 0)");
+  const int64_t N = first.size(0);
   TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, op, "target: expected int64 class indices, got ",
                    target.scalar_type());
-  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == first.size(0), op, "target: expected shape [",
-                    first.size(0), "] (one class per row), got ", target.sizes());
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == N, op, "target: expected shape [", N,
+                    "] (one class per row), got ", target.sizes());
   TORCH_CHECK_VALUE(target.device() == first.device(), op, "target is on ", target.device(),
                     " but logits are on ", first.device());
-  TORCH_CHECK_VALUE(weights.dim() == 1 && weights.size(0) == K, op, "weights: expected ", K,
-                    " values (one per exit), got shape ", weights.sizes());
-  TORCH_CHECK_VALUE(weights.device() == first.device(), op, "weights is on ", weights.device(),
-                    " but logits are on ", first.device());
-  if (is_plain_cpu(weights)) {  // a host read: only where it costs no synchronisation
-    const Tensor w = weights.to(at::kFloat).contiguous();
-    for (int64_t k = 0; k < K; ++k) {
-      TORCH_CHECK_VALUE(w.data_ptr<float>()[k] >= 0.f, op, "weights: must be non-negative, got weights[", k,
-                        "] = ", w.data_ptr<float>()[k]);
-    }
+  if (weights.has_value() && weights->defined()) {
+    TORCH_CHECK_VALUE(weights->dim() == 1 && weights->size(0) == K, op, "weights: expected ", K,
+                      " values (one per exit), got shape ", weights->sizes());
+    TORCH_CHECK_VALUE(weights->device() == first.device(), op, "weights is on ", weights->device(),
+                      " but logits are on ", first.device());
+    TORCH_CHECK_TYPE(at::isFloatingType(weights->scalar_type()) || !weights->requires_grad(), op,
+                     "weights: expected a floating-point tensor, got ", weights->scalar_type());
+    check_weight_values(*weights, "weights");
+  }
+  if (sample_weights.has_value() && sample_weights->defined()) {
+    const Tensor& s = *sample_weights;
+    TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, op, "sample_weights: expected float32, got ", s.scalar_type());
+    TORCH_CHECK_VALUE((s.dim() == 1 && s.size(0) == N) || (s.dim() == 2 && s.size(0) == K && s.size(1) == N), op,
+                      "sample_weights: expected shape [", N, "] or [", K, ", ", N, "], got ", s.sizes());
+    TORCH_CHECK_VALUE(s.device() == first.device(), op, "sample_weights is on ", s.device(), " but logits are on ",
+                      first.device());
+    check_weight_values(s, "sample_weights");
   }
   if (ema.has_value()) {
     TORCH_CHECK_VALUE(ema->dim() == 1 && ema->size(0) == K && ema->scalar_type() == at::kFloat, op,
@@ -195,69 +130,101 @@ void check_inputs(at::TensorList logits, const Tensor& target, const Tensor& wei
   TORCH_CHECK_VALUE(momentum >= 0.0 && momentum < 1.0, op, "momentum: expected a value in [0, 1), got ", momentum);
 }
 
+namespace {
+
+// grad_mode of the backend forward.
+constexpr int64_t kNoGrad = 0;    // no gradient work at all
+constexpr int64_t kGradBuffer = 1;  // the gradient w_k s_ik / N_valid (p - t), in the logits dtype
+constexpr int64_t kSaveLse = 2;   // only lse [K, N] fp32, for the deferred backward
+
 using FwdResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+using Fwd7 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
-FwdResult multi_exit_ce_fwd_cpu(at::TensorList logits, const Tensor& target, const Tensor& weights,
-                                int64_t ignore_index, double label_smoothing,
-                                const std::optional<Tensor>& ema, double momentum, bool compute_grad) {
-  check_inputs(logits, target, weights, label_smoothing, ema, momentum);
-  const int64_t K = static_cast<int64_t>(logits.size());
-  const int64_t N = logits[0].size(0);
-  const int64_t C = logits[0].size(1);
-
-  // 1. Targets: range check and N_valid, serially (N << N*C).
-  const Tensor target_c = target.contiguous();
-  const int64_t* y = target_c.data_ptr<int64_t>();
+// Step 1 shared by forward and backward: targets' range check and N_valid (serial, N << N*C).
+int64_t count_valid(const int64_t* y, int64_t N, int64_t C, int64_t ignore_index) {
   int64_t n_valid = 0;
   for (int64_t i = 0; i < N; ++i) {
     if (y[i] == ignore_index) continue;
     TORCH_CHECK_VALUE(y[i] >= 0 && y[i] < C, "multi_exit_cross_entropy: target[", i, "] = ", y[i],
-                " is out of range for ", C, " classes (expected 0 <= target < ", C,
-                " or ignore_index = ", ignore_index, ")");
+                      " is out of range for ", C, " classes (expected 0 <= target < ", C,
+                      " or ignore_index = ", ignore_index, ")");
     ++n_valid;
   }
-  const float inv_n_valid = n_valid > 0 ? 1.f / static_cast<float>(n_valid) : 0.f;
-  const Tensor w = weights.to(at::kFloat).contiguous();
-  const float* w_ptr = w.data_ptr<float>();
-  const float eps = static_cast<float>(label_smoothing);
+  return n_valid;
+}
 
-  // Rows must be unit-stride; any row stride is fine (no copy for row slices).
-  std::vector<Tensor> rows(K);
-  for (int64_t k = 0; k < K; ++k) rows[k] = logits[k].stride(1) == 1 ? logits[k] : logits[k].contiguous();
+std::vector<float> weight_values(const OptTensor& weights, int64_t K, double factor) {
+  std::vector<float> w(K, static_cast<float>(factor));
+  if (weights.has_value() && weights->defined()) {
+    const Tensor wd = weights->to(at::kDouble).contiguous();
+    for (int64_t k = 0; k < K; ++k) w[k] = static_cast<float>(wd.data_ptr<double>()[k] * factor);
+  }
+  return w;
+}
+
+std::vector<Tensor> unit_stride_rows(at::TensorList logits) {
+  std::vector<Tensor> rows(logits.size());
+  for (size_t k = 0; k < logits.size(); ++k) rows[k] = logits[k].stride(1) == 1 ? logits[k] : logits[k].contiguous();
+  return rows;
+}
+
+#define ANN_DISPATCH_LOGITS(dtype, ...)                                             \
+  AT_DISPATCH_SWITCH(dtype, "multi_exit_ce_cpu",                                    \
+                     AT_DISPATCH_CASE(at::kFloat, [&] { __VA_ARGS__; })             \
+                     AT_DISPATCH_CASE(at::kHalf, [&] { __VA_ARGS__; })              \
+                     AT_DISPATCH_CASE(at::kBFloat16, [&] { __VA_ARGS__; }))
+
+// `_multi_exit_ce_forward` on CPU (arguments already checked by the caller).
+Fwd7 multi_exit_ce_forward_cpu(at::TensorList logits, const Tensor& target, const OptTensor& weights,
+                               const OptTensor& sample_weights, int64_t ignore_index, double label_smoothing,
+                               const OptTensor& ema, double momentum, int64_t grad_mode) {
+  const int64_t K = static_cast<int64_t>(logits.size());
+  const int64_t N = logits[0].size(0);
+  const int64_t C = logits[0].size(1);
+  const Tensor target_c = target.contiguous();
+  const int64_t* y = target_c.data_ptr<int64_t>();
+  const int64_t n_valid = count_valid(y, N, C, ignore_index);
+  const float inv_n_valid = n_valid > 0 ? 1.f / static_cast<float>(n_valid) : 0.f;
+  const std::vector<float> w = weight_values(weights, K, 1.0);
+  const bool has_s = sample_weights.has_value() && sample_weights->defined();
+  const Tensor s = has_s ? sample_weights->contiguous() : Tensor();
+  const std::vector<Tensor> rows = unit_stride_rows(logits);
 
   const auto f32 = logits[0].options().dtype(at::kFloat);
   Tensor per_sample = at::empty({K, N}, f32);
   Tensor confidence = at::empty({K, N}, f32);
   Tensor prediction = at::empty({K, N}, logits[0].options().dtype(at::kLong));
-  Tensor grads = compute_grad ? BufferPool::instance().empty({K, N, C}, logits[0].options())
-                              : at::empty({0}, logits[0].options());
+  Tensor lse = grad_mode == kSaveLse ? at::empty({K, N}, f32) : at::empty({0}, f32);
+  Tensor grads = grad_mode == kGradBuffer ? BufferPool::instance().empty({K, N, C}, logits[0].options())
+                                          : at::empty({0}, logits[0].options());
   float* loss_row = per_sample.data_ptr<float>();
-  float* conf_row = confidence.data_ptr<float>();
-  int64_t* pred_row = prediction.data_ptr<int64_t>();
+  CeRowsArgs args{K, N, C, y, ignore_index, static_cast<float>(label_smoothing), inv_n_valid, w.data(),
+                  has_s ? s.data_ptr<float>() : nullptr, has_s && s.dim() == 2 ? N : 0, loss_row,
+                  confidence.data_ptr<float>(), prediction.data_ptr<int64_t>(),
+                  grad_mode == kSaveLse ? lse.data_ptr<float>() : nullptr, grad_mode == kGradBuffer};
+  ANN_DISPATCH_LOGITS(logits[0].scalar_type(), ce_rows<scalar_t>(rows, grads, args));
 
-  CeRowsArgs args{K, N, C, y, ignore_index, eps, inv_n_valid, w_ptr, loss_row, conf_row, pred_row, compute_grad};
-  AT_DISPATCH_SWITCH(logits[0].scalar_type(), "multi_exit_ce_cpu",
-                     AT_DISPATCH_CASE(at::kFloat, [&] { ce_rows<scalar_t>(rows, grads, args); })
-                     AT_DISPATCH_CASE(at::kHalf, [&] { ce_rows<scalar_t>(rows, grads, args); })
-                     AT_DISPATCH_CASE(at::kBFloat16, [&] { ce_rows<scalar_t>(rows, grads, args); }));
-
-  // 6. Per-exit means and the weighted loss, in a fixed order (double accumulation).
+  // 6. Per-exit means (unweighted) and the weighted loss sum_k w_k sum_i s_ik l_ik / N_valid,
+  //    in a fixed order (double accumulation).
   Tensor per_exit = at::empty({K}, f32);
   float* per_exit_ptr = per_exit.data_ptr<float>();
   double loss_acc = 0.0;
   for (int64_t k = 0; k < K; ++k) {
-    double acc = 0.0;
-    for (int64_t i = 0; i < N; ++i) acc += loss_row[k * N + i];
+    double acc = 0.0, weighted = 0.0;
+    for (int64_t i = 0; i < N; ++i) {
+      acc += loss_row[k * N + i];
+      if (has_s) weighted += static_cast<double>(args.s[k * args.s_stride_k + i]) * loss_row[k * N + i];
+    }
     per_exit_ptr[k] = static_cast<float>(acc * static_cast<double>(inv_n_valid));
-    loss_acc += static_cast<double>(w_ptr[k]) * static_cast<double>(per_exit_ptr[k]);
+    const double exit_term = has_s ? weighted * static_cast<double>(inv_n_valid) : per_exit_ptr[k];
+    loss_acc += static_cast<double>(w[k]) * exit_term;
   }
   Tensor loss = at::scalar_tensor(loss_acc, f32);
 
   // 7. AdaLoss running average, in place: NaN = unset takes the first finite L_k; a
   //    non-finite L_k never enters the state.
   if (ema.has_value()) {
-    Tensor state = *ema;
-    auto acc = state.accessor<float, 1>();
+    auto acc = ema->accessor<float, 1>();
     const float m = static_cast<float>(momentum);
     for (int64_t k = 0; k < K; ++k) {
       const float l = per_exit_ptr[k];
@@ -265,7 +232,47 @@ FwdResult multi_exit_ce_fwd_cpu(at::TensorList logits, const Tensor& target, con
       acc[k] = std::isnan(acc[k]) ? l : m * acc[k] + (1.f - m) * l;
     }
   }
-  return {loss, per_exit, per_sample, confidence, prediction, std::move(grads)};
+  return {loss, per_exit, per_sample, confidence, prediction, lse, std::move(grads)};
+}
+
+// `_multi_exit_ce_backward` on CPU: the [K, N, C] gradient for grad_out = grad_loss, from
+// the saved lse, in one pass, grad_out folded into the fp32 scale before rounding.
+Tensor multi_exit_ce_backward_cpu(const Tensor& grad_loss, at::TensorList logits, const Tensor& target,
+                                  const OptTensor& weights, const OptTensor& sample_weights, const Tensor& lse,
+                                  int64_t ignore_index, double label_smoothing) {
+  const int64_t K = static_cast<int64_t>(logits.size());
+  const int64_t N = logits[0].size(0);
+  const int64_t C = logits[0].size(1);
+  const Tensor target_c = target.contiguous();
+  const int64_t* y = target_c.data_ptr<int64_t>();
+  const int64_t n_valid = count_valid(y, N, C, ignore_index);
+  const double grad_out = grad_loss.item<double>();
+  // w_k * grad_out / N_valid in double, rounded once to fp32 (0 when no row is valid).
+  const std::vector<float> w = weight_values(weights, K, n_valid > 0 ? grad_out / static_cast<double>(n_valid) : 0.0);
+  const bool has_s = sample_weights.has_value() && sample_weights->defined();
+  const Tensor s = has_s ? sample_weights->contiguous() : Tensor();
+  const Tensor lse_c = lse.contiguous();
+  const std::vector<Tensor> rows = unit_stride_rows(logits);
+  Tensor grads = BufferPool::instance().empty({K, N, C}, logits[0].options());
+  CeRowsArgs args{K, N, C, y, ignore_index, static_cast<float>(label_smoothing), 1.f, w.data(),
+                  has_s ? s.data_ptr<float>() : nullptr, has_s && s.dim() == 2 ? N : 0, nullptr, nullptr, nullptr,
+                  const_cast<float*>(lse_c.data_ptr<float>()), true};
+  ANN_DISPATCH_LOGITS(logits[0].scalar_type(), ce_grad_rows<scalar_t>(rows, grads, args));
+  return grads;
+}
+
+// `_multi_exit_ce_scale_` on CPU: grads *= grad_loss in place, skipped when grad_loss == 1.
+void multi_exit_ce_scale_cpu(const Tensor& grads, const Tensor& grad_loss) {
+  const float factor = grad_loss.item<float>();
+  if (factor == 1.f) return;
+  if (grads.scalar_type() != at::kFloat || !grads.is_contiguous()) {
+    grads.mul_(static_cast<double>(factor));
+    return;
+  }
+  float* g = grads.data_ptr<float>();
+  at::parallel_for(0, grads.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
+    scale_in_place(g + begin, end - begin, factor);
+  });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -274,33 +281,104 @@ FwdResult multi_exit_ce_fwd_cpu(at::TensorList logits, const Tensor& target, con
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-const c10::TypedOperatorHandle<FwdResult(at::TensorList, const Tensor&, const Tensor&, int64_t, double,
-                                         const std::optional<Tensor>&, double, bool)>&
-fwd_op() {
+const c10::TypedOperatorHandle<Fwd7(at::TensorList, const Tensor&, const OptTensor&, const OptTensor&, int64_t,
+                                    double, const OptTensor&, double, int64_t)>&
+forward_op() {
   static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("ann_kernels::multi_exit_ce_fwd", "")
-                             .typed<FwdResult(at::TensorList, const Tensor&, const Tensor&, int64_t, double,
-                                              const std::optional<Tensor>&, double, bool)>();
+                             .findSchemaOrThrow("ann_kernels::_multi_exit_ce_forward", "")
+                             .typed<Fwd7(at::TensorList, const Tensor&, const OptTensor&, const OptTensor&, int64_t,
+                                         double, const OptTensor&, double, int64_t)>();
   return op;
+}
+
+const c10::TypedOperatorHandle<Tensor(const Tensor&, at::TensorList, const Tensor&, const OptTensor&,
+                                      const OptTensor&, const Tensor&, int64_t, double)>&
+backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("ann_kernels::_multi_exit_ce_backward", "")
+                             .typed<Tensor(const Tensor&, at::TensorList, const Tensor&, const OptTensor&,
+                                           const OptTensor&, const Tensor&, int64_t, double)>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<void(const Tensor&, const Tensor&)>& scale_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("ann_kernels::_multi_exit_ce_scale_", "")
+                             .typed<void(const Tensor&, const Tensor&)>();
+  return op;
+}
+
+// The in-place write to `ema` made visible to autograd (its version counter), as the
+// ADInplaceOrView kernel of a mutating ATen op does.
+void bump_ema_version(const OptTensor& ema) {
+  if (ema.has_value() && ema->defined() && !ema->is_inference()) torch::autograd::impl::bump_version(*ema);
+}
+
+OptTensor as_opt(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+
+// The backward as differentiable ATen ops, for create_graph=True (double backward):
+// gradients w.r.t. logits, weights and sample weights, each a function of grad_out, the
+// logits and both weights that autograd can differentiate again.
+std::tuple<std::vector<Tensor>, Tensor, Tensor> composite_backward(const Tensor& grad_out,
+                                                                   const std::vector<Tensor>& logits,
+                                                                   const Tensor& target, const Tensor& weights,
+                                                                   const Tensor& sample_weights, int64_t ignore_index,
+                                                                   double eps) {
+  const int64_t K = static_cast<int64_t>(logits.size());
+  const int64_t C = logits[0].size(1);
+  const Tensor z = at::stack(logits).to(at::kFloat);  // [K, N, C]
+  const Tensor logp = at::log_softmax(z, -1);
+  const Tensor valid = target.ne(ignore_index);
+  const Tensor validf = valid.to(at::kFloat);
+  const Tensor n_valid = validf.sum().clamp_min(1.0);
+  const Tensor y = at::where(valid, target, at::zeros_like(target));
+  const Tensor nll = -logp.gather(2, y.view({1, -1, 1}).expand({K, -1, 1})).squeeze(2);  // [K, N]
+  Tensor l = eps > 0 ? nll * (1.0 - eps) + (-logp.mean(-1)) * eps : nll;
+  l = at::where(valid.unsqueeze(0), l, at::zeros_like(l));
+  const Tensor w = weights.defined() ? weights.to(at::kFloat) : at::ones({K}, z.options());
+  const Tensor s = sample_weights.defined() ? (sample_weights.dim() == 1 ? sample_weights.unsqueeze(0) : sample_weights)
+                                            : at::ones({1, target.size(0)}, z.options());
+  const Tensor go = grad_out.to(at::kFloat);
+  const Tensor coef = go * w.unsqueeze(1) * s * validf.unsqueeze(0) / n_valid;  // [K, N]
+  const Tensor t = at::one_hot(y, C).to(at::kFloat) * (1.0 - eps) + eps / static_cast<double>(C);
+  const Tensor dz = coef.unsqueeze(2) * (logp.exp() - t.unsqueeze(0));
+  std::vector<Tensor> grads(K);
+  for (int64_t k = 0; k < K; ++k) grads[k] = dz.select(0, k).to(logits[k].scalar_type());
+  Tensor dw, ds;
+  if (weights.defined()) dw = (go * (s * l).sum(1) / n_valid).to(weights.scalar_type());
+  if (sample_weights.defined()) {
+    ds = go * w.unsqueeze(1) * l / n_valid;
+    if (sample_weights.dim() == 1) ds = ds.sum(0);
+  }
+  return {grads, dw, ds};
 }
 
 class MultiExitCE : public torch::autograd::Function<MultiExitCE> {
  public:
   static variable_list forward(AutogradContext* ctx, at::TensorList logits, const Tensor& target,
-                               const Tensor& weights, int64_t ignore_index, double label_smoothing,
-                               const std::optional<Tensor>& ema, double momentum) {
+                               const OptTensor& weights, const OptTensor& sample_weights, int64_t ignore_index,
+                               double label_smoothing, const OptTensor& ema, double momentum, bool logits_need_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    bool need_grad = false;
-    for (const auto& z : logits) need_grad = need_grad || z.requires_grad();
-    auto [loss, per_exit, per_sample, confidence, prediction, grads] =
-        fwd_op().call(logits, target, weights, ignore_index, label_smoothing, ema, momentum, need_grad);
-    // The logits are kept (references, no copy) only to recompute the gradient if a
-    // retained graph is run backward again after the buffers were handed over.
+    // fp32: keep the exact pre-scaled gradient (grad_out = 1 hands it over, else it is
+    // scaled in place). bf16 / fp16: keep only lse and make the gradient in backward, where
+    // grad_out is known (a pre-scaled fp16 gradient times 65536 overflows).
+    const int64_t mode = !logits_need_grad ? kNoGrad
+                         : logits[0].scalar_type() == at::kFloat ? kGradBuffer
+                                                                 : kSaveLse;
+    auto [loss, per_exit, per_sample, confidence, prediction, lse, grads] =
+        forward_op().call(logits, target, weights, sample_weights, ignore_index, label_smoothing, ema, momentum, mode);
+    ctx->set_materialize_grads(false);
+    // The logits are kept (references, no copy) for the deferred backward, a recompute if
+    // a retained graph runs backward again after the buffer was handed over, and create_graph.
     std::vector<Tensor> saved(logits.begin(), logits.end());
     saved.push_back(target);
-    saved.push_back(weights);
+    saved.push_back(weights.has_value() ? *weights : Tensor());
+    saved.push_back(sample_weights.has_value() ? *sample_weights : Tensor());
     ctx->save_for_backward(saved);
-    ctx->saved_data["grads"] = grads;
+    if (mode == kGradBuffer) ctx->saved_data["grads"] = grads;
+    if (mode == kSaveLse) ctx->saved_data["lse"] = lse;
+    ctx->saved_data["per_sample"] = per_sample;
+    ctx->saved_data["mode"] = mode;
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["label_smoothing"] = label_smoothing;
     ctx->mark_non_differentiable({per_exit, per_sample, confidence, prediction});
@@ -310,58 +388,141 @@ class MultiExitCE : public torch::autograd::Function<MultiExitCE> {
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const Tensor& grad_loss = grad_outputs[0];
     variable_list saved = ctx->get_saved_variables();
-    const int64_t K = static_cast<int64_t>(saved.size()) - 2;
-    variable_list result(K + 6);  // logits..., target, weights, ignore_index, smoothing, ema, momentum
+    const int64_t K = static_cast<int64_t>(saved.size()) - 3;
+    // logits..., target, weights, sample_weights, ignore_index, smoothing, ema, momentum, flag
+    variable_list result(K + 8);
     if (!grad_loss.defined()) return result;
-    auto saved_grads = ctx->saved_data.find("grads");
-    Tensor grads = saved_grads != ctx->saved_data.end() ? saved_grads->second.toTensor() : Tensor();
-    if (!grads.defined()) {
-      // Buffers already handed to an earlier backward of this graph: recompute them.
-      at::AutoDispatchBelowADInplaceOrView guard;
-      std::vector<Tensor> logits(saved.begin(), saved.begin() + K);
-      grads = std::get<5>(fwd_op().call(logits, saved[K], saved[K + 1], ctx->saved_data["ignore_index"].toInt(),
-                                        ctx->saved_data["label_smoothing"].toDouble(), std::nullopt, 0.0, true));
-    }
-    const bool hand_over = is_plain_cpu(grad_loss) && is_plain_cpu(grads) && grad_loss.item<double>() == 1.0;
-    if (hand_over) {
-      // grad_out = 1: the buffer is the answer. Drop our reference so that whoever
-      // receives it may own it (and modify it) without touching saved state.
+    const std::vector<Tensor> logits(saved.begin(), saved.begin() + K);
+    const Tensor& target = saved[K];
+    const Tensor& weights = saved[K + 1];
+    const Tensor& sample_weights = saved[K + 2];
+    const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
+    const double eps = ctx->saved_data["label_smoothing"].toDouble();
+    const int64_t mode = ctx->saved_data["mode"].toInt();
+    const bool need_w = weights.defined() && weights.requires_grad();
+    const bool need_s = sample_weights.defined() && sample_weights.requires_grad();
+
+    if (at::GradMode::is_enabled()) {  // create_graph=True: differentiable backward
+      auto [grads, dw, ds] = composite_backward(grad_loss, logits, target, weights, sample_weights, ignore_index, eps);
+      if (mode != kNoGrad) {
+        for (int64_t k = 0; k < K; ++k) result[k] = grads[k];
+      }
+      if (need_w) result[K + 1] = dw;
+      if (need_s) result[K + 2] = ds;
       ctx->saved_data.erase("grads");
+      return result;
+    }
+
+    if (mode == kGradBuffer) {
+      auto it = ctx->saved_data.find("grads");
+      Tensor grads;
+      if (it != ctx->saved_data.end()) {
+        grads = it->second.toTensor();
+        ctx->saved_data.erase(it);  // released with the gradient it becomes, whatever grad_out is
+      } else {
+        // Buffer already handed to an earlier backward of this retained graph: recompute it.
+        at::AutoDispatchBelowADInplaceOrView guard;
+        grads = std::get<6>(forward_op().call(logits, target, as_opt(weights), as_opt(sample_weights), ignore_index,
+                                              eps, std::nullopt, 0.0, kGradBuffer));
+      }
+      if (is_plain_cpu(grads) || grads.is_cuda()) {
+        at::AutoDispatchBelowADInplaceOrView guard;
+        scale_op().call(grads, grad_loss);  // in place; nothing at all when grad_out == 1
+      } else {
+        grads = grads * grad_loss.to(grads.scalar_type());  // tracing (fake / functional tensors)
+      }
       for (int64_t k = 0; k < K; ++k) result[k] = grads.select(0, k);
-    } else {
-      const Tensor scaled = grads * grad_loss.to(grads.scalar_type());
-      for (int64_t k = 0; k < K; ++k) result[k] = scaled.select(0, k);
+    } else if (mode == kSaveLse) {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      const Tensor grads = backward_op().call(grad_loss, logits, target, as_opt(weights), as_opt(sample_weights),
+                                              ctx->saved_data["lse"].toTensor(), ignore_index, eps);
+      for (int64_t k = 0; k < K; ++k) result[k] = grads.select(0, k);
+    }
+    if (need_w || need_s) {
+      const Tensor per_sample = ctx->saved_data["per_sample"].toTensor();
+      const Tensor n_valid = target.ne(ignore_index).sum().clamp_min(1).to(at::kFloat);
+      const Tensor go = grad_loss.to(at::kFloat);
+      if (need_w) {
+        const Tensor weighted = sample_weights.defined()
+                                    ? per_sample * (sample_weights.dim() == 1 ? sample_weights.unsqueeze(0) : sample_weights)
+                                    : per_sample;
+        result[K + 1] = (weighted.sum(1) * go / n_valid).to(weights.scalar_type());
+      }
+      if (need_s) {
+        const Tensor w = weights.defined() ? weights.to(at::kFloat) : at::ones({K}, per_sample.options());
+        Tensor ds = per_sample * (w.unsqueeze(1) * go / n_valid);
+        result[K + 2] = sample_weights.dim() == 1 ? ds.sum(0) : ds;
+      }
     }
     return result;
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> multi_exit_ce_autograd(
-    at::TensorList logits, const Tensor& target, const Tensor& weights, int64_t ignore_index,
-    double label_smoothing, const std::optional<Tensor>& ema, double momentum) {
-  check_inputs(logits, target, weights, label_smoothing, ema, momentum);
-  auto out = MultiExitCE::apply(logits, target, weights, ignore_index, label_smoothing, ema, momentum);
+using Out5 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+Out5 forward_without_grad(at::TensorList logits, const Tensor& target, const OptTensor& weights,
+                          const OptTensor& sample_weights, int64_t ignore_index, double label_smoothing,
+                          const OptTensor& ema, double momentum) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  auto out = forward_op().call(logits, target, weights, sample_weights, ignore_index, label_smoothing, ema, momentum,
+                               kNoGrad);
+  bump_ema_version(ema);
+  return {std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out), std::get<4>(out)};
+}
+
+Out5 multi_exit_ce_autograd(at::TensorList logits, const Tensor& target, const OptTensor& weights,
+                            int64_t ignore_index, double label_smoothing, const OptTensor& ema, double momentum,
+                            const OptTensor& sample_weights) {
+  check_multi_exit_ce_inputs(logits, target, weights, sample_weights, label_smoothing, ema, momentum);
+  bool logits_need_grad = false;
+  for (const auto& z : logits) logits_need_grad = logits_need_grad || z.requires_grad();
+  const bool any_need = logits_need_grad || (weights.has_value() && weights->requires_grad()) ||
+                        (sample_weights.has_value() && sample_weights->requires_grad());
+  // No gradient work under no_grad (or when nothing needs a gradient).
+  if (!at::GradMode::is_enabled() || !any_need) {
+    return forward_without_grad(logits, target, weights, sample_weights, ignore_index, label_smoothing, ema, momentum);
+  }
+  auto out = MultiExitCE::apply(logits, target, weights, sample_weights, ignore_index, label_smoothing, ema, momentum,
+                                logits_need_grad);
+  bump_ema_version(ema);
   return {out[0], out[1], out[2], out[3], out[4]};
 }
 
-// Below autograd (inference mode, or tensors that need no grad): no gradient buffers.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> multi_exit_ce_no_grad(
-    at::TensorList logits, const Tensor& target, const Tensor& weights, int64_t ignore_index,
-    double label_smoothing, const std::optional<Tensor>& ema, double momentum) {
-  check_inputs(logits, target, weights, label_smoothing, ema, momentum);
-  auto [loss, per_exit, per_sample, confidence, prediction, grads] =
-      fwd_op().call(logits, target, weights, ignore_index, label_smoothing, ema, momentum, false);
-  return {loss, per_exit, per_sample, confidence, prediction};
+// Below autograd (inference mode): no gradient buffers.
+Out5 multi_exit_ce_no_grad(at::TensorList logits, const Tensor& target, const OptTensor& weights,
+                           int64_t ignore_index, double label_smoothing, const OptTensor& ema, double momentum,
+                           const OptTensor& sample_weights) {
+  check_multi_exit_ce_inputs(logits, target, weights, sample_weights, label_smoothing, ema, momentum);
+  return forward_without_grad(logits, target, weights, sample_weights, ignore_index, label_smoothing, ema, momentum);
+}
+
+// The older backend entry `multi_exit_ce_fwd` (the gradient pre-scaled in the logits dtype
+// for grad_out = 1; used by L2W): the shared check, then the backend forward.
+FwdResult multi_exit_ce_fwd_composite(at::TensorList logits, const Tensor& target, const Tensor& weights,
+                                      int64_t ignore_index, double label_smoothing, const OptTensor& ema,
+                                      double momentum, bool compute_grad) {
+  check_multi_exit_ce_inputs(logits, target, weights, std::nullopt, label_smoothing, ema, momentum);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  auto [loss, per_exit, per_sample, confidence, prediction, lse, grads] =
+      forward_op().call(logits, target, weights, std::nullopt, ignore_index, label_smoothing, ema, momentum,
+                        compute_grad ? kGradBuffer : kNoGrad);
+  bump_ema_version(ema);
+  return {loss, per_exit, per_sample, confidence, prediction, grads};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ann_kernels, CPU, m) { m.impl("multi_exit_ce_fwd", &multi_exit_ce_fwd_cpu); }
+TORCH_LIBRARY_IMPL(ann_kernels, CPU, m) {
+  m.impl("_multi_exit_ce_forward", &multi_exit_ce_forward_cpu);
+  m.impl("_multi_exit_ce_backward", &multi_exit_ce_backward_cpu);
+  m.impl("_multi_exit_ce_scale_", &multi_exit_ce_scale_cpu);
+}
 
 TORCH_LIBRARY_IMPL(ann_kernels, Autograd, m) { m.impl("multi_exit_ce", &multi_exit_ce_autograd); }
 
 TORCH_LIBRARY_IMPL(ann_kernels, CompositeExplicitAutograd, m) {
   m.impl("multi_exit_ce", &multi_exit_ce_no_grad);
+  m.impl("multi_exit_ce_fwd", &multi_exit_ce_fwd_composite);
 }
 
 }  // namespace ann_kernels

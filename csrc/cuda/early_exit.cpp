@@ -12,6 +12,7 @@
 
 #include <ann_kernels/early_exit.h>
 
+#include "../hidden_rows.h"
 #include "early_exit_kernel.h"
 
 #include <cmath>
@@ -37,16 +38,17 @@ void check_buffer(const Tensor& t, const char* name, at::ScalarType dtype, int64
               ": expected a contiguous [N] = [", n, "] tensor, got shape ", t.sizes());
 }
 
+// Survivors' rows of `hidden` as a new [R, ...] tensor in hidden's layout (channels_last
+// stays channels_last; dense row blocks are gathered directly, no full copy first:
+// csrc/hidden_rows.h).
 Tensor gather_hidden(const Tensor& hidden, const Tensor& keep_local, int64_t R, cudaStream_t stream) {
-  const Tensor src = hidden.contiguous();
-  std::vector<int64_t> shape = src.sizes().vec();
+  const HiddenRowBlocks blocks = hidden_row_blocks(hidden);
+  std::vector<int64_t> shape = hidden.sizes().vec();
   shape[0] = R;
-  Tensor out = at::empty(shape, src.options());
-  const int64_t M = src.size(0);
-  if (R == 0 || M == 0) return out;
-  const int64_t row_bytes = static_cast<int64_t>(src.numel() / M) * static_cast<int64_t>(src.element_size());
-  check_cuda(cuda::launch_gather_rows(src.const_data_ptr(), out.mutable_data_ptr(),
-                                      keep_local.const_data_ptr<int64_t>(), R, row_bytes, stream),
+  Tensor out = at::empty_strided(shape, blocks.strides, hidden.options());
+  if (R == 0 || blocks.row_bytes == 0) return out;
+  check_cuda(cuda::launch_gather_rows(blocks.source.const_data_ptr(), out.mutable_data_ptr(),
+                                      keep_local.const_data_ptr<int64_t>(), R, blocks.row_bytes, stream),
              "gather of the hidden rows");
   return out;
 }
@@ -114,14 +116,19 @@ std::tuple<Tensor, Tensor, Tensor> early_exit_step_cuda(const Tensor& logits, co
                           status.mutable_data_ptr<int64_t>()};
   check_cuda(cuda::launch_exit_rows(args, stream), "exit_rows kernel");
   if (exit_count >= 0) {
-    // Quota: the exit_count most confident rows (stable sort: ties by row order; NaN lowest).
-    Tensor exit_mask = at::zeros({M}, keep_flag.options());
+    // Quota: the exit_count most confident eligible rows (stable sort: ties by row order).
+    // NaN confidences (rows with a non-finite maximum) are never eligible: they sort last
+    // (key -inf, below every confidence in [0, 1]) and are masked out of the chosen ones.
+    const Tensor eligible = row_confidence.eq(row_confidence);
+    Tensor exit_mask;
     if (exit_count >= M) {
-      exit_mask.fill_(1);
+      exit_mask = eligible.to(at::kByte);
     } else {
-      const Tensor key = at::where(row_confidence.isnan(), -std::numeric_limits<float>::infinity(), row_confidence);
+      const Tensor key = at::where(eligible, row_confidence, -std::numeric_limits<float>::infinity());
       const Tensor order = std::get<1>(at::sort(key, /*stable=*/true, /*dim=*/0, /*descending=*/true));
+      exit_mask = at::zeros({M}, keep_flag.options());
       exit_mask.index_fill_(0, order.narrow(0, 0, exit_count), 1);
+      exit_mask.mul_(eligible);
     }
     check_cuda(cuda::launch_apply_exit_mask(args, exit_mask.const_data_ptr<uint8_t>(), stream), "exit mask kernel");
   }

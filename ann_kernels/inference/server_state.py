@@ -1,0 +1,90 @@
+"""Pieces of :mod:`ann_kernels.inference.server`: its statistics record, the per-request and
+per-queue-piece state, and argument checks (kept apart so the server module stays the
+scheduling and the stage runs)."""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass
+
+import torch
+
+__all__ = ["ServerStats"]
+
+@dataclass(frozen=True)
+class ServerStats:
+    """Live statistics of an :class:`EarlyExitServer` (:meth:`EarlyExitServer.stats`).
+
+    - ``requests_submitted`` / ``requests_completed`` / ``requests_failed`` / ``requests_in_flight``;
+    - ``rows_completed``; ``rows_per_exit`` [K] (rows of completed requests per exit);
+    - ``mean_flops``: mean cost per completed row (exit accounting, as ``EarlyExitStats``);
+      ``full_flops``: the last exit's cost (0 before the first request);
+    - ``queue_depths`` [K]: rows waiting per stage now;
+    - ``stage_runs`` [K] and ``mean_batch_rows`` [K]: how often each stage ran and on how
+      many rows on average;
+    - ``latency_p50_s`` / ``latency_p90_s`` / ``latency_p99_s``: submit-to-result seconds of the
+      last 10 000 completed requests (NaN before any);
+    - ``uptime_s``: seconds since :meth:`EarlyExitServer.start`.
+    """
+
+    requests_submitted: int
+    requests_completed: int
+    requests_failed: int
+    requests_in_flight: int
+    rows_completed: int
+    rows_per_exit: tuple[int, ...]
+    mean_flops: float
+    full_flops: float
+    queue_depths: tuple[int, ...]
+    stage_runs: tuple[int, ...]
+    mean_batch_rows: tuple[float, ...]
+    latency_p50_s: float
+    latency_p90_s: float
+    latency_p99_s: float
+    uptime_s: float
+
+    def as_dict(self) -> dict:
+        """Plain JSON-ready dict (NaN becomes None)."""
+        return {
+            key: (None if isinstance(v, float) and math.isnan(v) else list(v) if isinstance(v, tuple) else v)
+            for key, v in asdict(self).items()
+        }
+
+
+class _Request:
+    __slots__ = ("future", "x", "rows", "submitted", "deadline", "remaining", "ranges", "deadline_exit", "done")
+
+    def __init__(self, future: Future, x: torch.Tensor, submitted: float, deadline: float) -> None:
+        self.future, self.x, self.rows = future, x, x.shape[0]
+        self.submitted, self.deadline = submitted, deadline
+        self.remaining = self.rows
+        self.ranges: list[tuple[int, int]] = []  # (first position, rows) in the result buffers
+        self.deadline_exit: int | None = None
+        self.done = False  # resolved (result or exception)
+
+
+class _Piece:
+    """Rows waiting in one stage queue: their hidden state, buffer positions (None before
+    stage 0 assigns them), requests ``segments`` [(request, rows)] in row order, the time they
+    joined the queue and their earliest deadline."""
+
+    __slots__ = ("hidden", "positions", "segments", "joined", "deadline", "rows")
+
+    def __init__(self, hidden, positions, segments, joined: float, deadline: float, rows: int) -> None:
+        self.hidden, self.positions, self.segments = hidden, positions, segments
+        self.joined, self.deadline, self.rows = joined, deadline, rows
+
+
+def _check_positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return value
+
+
+def _check_seconds(value, name: str, *, allow_none: bool) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
+        raise ValueError(f"{name}: expected finite seconds >= 0{' or None' if allow_none else ''}, got {value!r}")
+    return float(value)

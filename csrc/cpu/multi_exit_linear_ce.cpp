@@ -1,0 +1,686 @@
+// Fused linear + multi-exit cross-entropy on CPU, and its C++ autograd.
+//
+// K exits send hidden states h_k [N, H] through one LM head W [V, H] (or one head per
+// exit, [K, V, H]) with optional bias. The K x N x V logits are never materialised:
+//
+//   for each chunk of R rows (a row = one (exit, token) pair; with a shared head a chunk
+//   stacks rows of several exits, so each tile of W is read once for all of them):
+//     gather h_chunk [R, H] (fp32)
+//     pass A, per vocabulary tile [v0, v0 + Vt):
+//         logits = h_chunk @ W_tile^T (+ b_tile)        (ATen GEMM, fp32)
+//         merge the tile's row max / sum of exp / sum / argmax / target logit (online lse)
+//     pass B (only with gradients), per tile:
+//         (one tile covering V: reuse pass A's exp values; else recompute the tile)
+//         g = scale * ((1 + 2 z lse) softmax - e/V - (1-e) onehot(y))   in place
+//         grad_h_chunk += g @ W_tile ; grad_W_tile += g^T @ h_chunk ; grad_b_tile += sum_r g
+//
+// scale = w_k * s_ik / N_valid (0 on ignored rows). Per-row loss (PaLM / Liger z-loss):
+//   l_ik = (1-e)(lse - z_y) + e(lse - mean_c z_c) + z * lse^2.
+// Gradients are produced in forward (one tile covering V: 3 GEMMs per chunk; computing
+// them in backward would recompute the logits, 4 GEMMs) in fp32, with grad_out = 1, and
+// backward multiplies them by grad_out in fp32 before any rounding to the input dtype.
+//
+// Chunk sizes come from a memory budget for the logits tile (bytes; 0 = the default,
+// ANN_KERNELS_LINEAR_CE_BUDGET_MB or 32 MiB): the whole vocabulary in one tile when at
+// least kMinRows rows fit, else tiles of the vocabulary for kMinRows rows.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <ann_kernels/row_math.h>
+
+#include "ce_row_kernels.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <vector>
+
+namespace ann_kernels {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kMinRows = 64;
+constexpr int64_t kDefaultBudget = 32ll << 20;
+
+int64_t resolve_budget(int64_t budget) {
+  if (budget > 0) return budget;
+  if (const char* env = std::getenv("ANN_KERNELS_LINEAR_CE_BUDGET_MB")) {
+    const double mb = std::atof(env);
+    if (mb > 0) return static_cast<int64_t>(mb * (1 << 20));
+  }
+  return kDefaultBudget;
+}
+
+// Tile plan: rows per chunk and vocabulary columns per tile (fp32 elements in budget).
+struct Plan {
+  int64_t rows, vtile;
+};
+
+Plan make_plan(int64_t total_rows, int64_t V, int64_t budget_bytes) {
+  const int64_t elems = std::max<int64_t>(budget_bytes / 4, 8 * 8);
+  int64_t vtile = V, rows = elems / V;
+  if (rows < kMinRows && rows < total_rows) {  // vocabulary tiles for kMinRows rows
+    rows = std::min<int64_t>(kMinRows, total_rows);
+    vtile = std::max<int64_t>(8, elems / rows);
+    if (vtile > 256) vtile -= vtile % 256;
+    vtile = std::min(vtile, V);
+  }
+  rows = std::max<int64_t>(1, std::min(rows, total_rows));
+  return {rows, vtile};
+}
+
+struct RowState {
+  float max, sum_exp, sum_x, x_target;
+  int64_t argmax;
+  bool finite;
+};
+
+// Merge one tile row x[0..vt) (columns v0..) into the running row state (online lse).
+// When keep_exp, x is overwritten with exp(x - tile max) (reused by a one-tile pass B).
+// AVX2 (ce_row_kernels.h's exp8 / hsum8 / tail_mask, 8 lanes): max and sum in one pass,
+// the first index of the maximum by a scan that stops at it, then exp with its sum. The
+// summation order depends only on vt. Portable scalar loops otherwise.
+inline void merge_tile_row(float* __restrict x, int64_t vt, int64_t v0, int64_t y, RowState& s, bool keep_exp) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  float m = neg_inf, sx = 0.f, se = 0.f;
+  int64_t am = 0;
+#if defined(ANN_KERNELS_AVX2)
+  __m256 vmax = _mm256_set1_ps(neg_inf), vsum = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 8 <= vt; c += 8) {
+    const __m256 v = _mm256_loadu_ps(x + c);
+    vmax = _mm256_max_ps(vmax, v);
+    vsum = _mm256_add_ps(vsum, v);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  for (int l = 0; l < 8; ++l) m = lanes[l] > m ? lanes[l] : m;
+  sx = hsum8(vsum);
+  for (; c < vt; ++c) {
+    m = x[c] > m ? x[c] : m;
+    sx += x[c];
+  }
+  if (std::isnan(sx) || !std::isfinite(m)) {
+    s.finite = false;
+    return;
+  }
+  const __m256 vm = _mm256_set1_ps(m);
+  am = -1;
+  for (c = 0; c + 8 <= vt; c += 8) {
+    const int hits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + c), vm, _CMP_EQ_OQ));
+    if (hits != 0) {
+      am = c + __builtin_ctz(hits);
+      break;
+    }
+  }
+  for (; am < 0 && c < vt; ++c) {
+    if (x[c] == m) am = c;
+  }
+  if (y >= v0 && y < v0 + vt) s.x_target = x[y - v0];
+  __m256 vse = _mm256_setzero_ps();
+  for (c = 0; c + 8 <= vt; c += 8) {
+    const __m256 e = exp8<false>(_mm256_sub_ps(_mm256_loadu_ps(x + c), vm));
+    if (keep_exp) _mm256_storeu_ps(x + c, e);
+    vse = _mm256_add_ps(vse, e);
+  }
+  se = hsum8(vse);
+  for (; c < vt; ++c) {
+    const float e = fast_exp(x[c] - m);
+    if (keep_exp) x[c] = e;
+    se += e;
+  }
+#else
+  for (int64_t c = 0; c < vt; ++c) {
+    sx += x[c];
+    if (x[c] > m) {
+      m = x[c];
+      am = c;
+    }
+  }
+  if (std::isnan(sx) || !std::isfinite(m)) {
+    s.finite = false;
+    return;
+  }
+  if (y >= v0 && y < v0 + vt) s.x_target = x[y - v0];
+  for (int64_t c = 0; c < vt; ++c) {
+    const float e = fast_exp(x[c] - m);
+    if (keep_exp) x[c] = e;
+    se += e;
+  }
+#endif
+  s.sum_x += sx;
+  if (m > s.max) {
+    s.sum_exp = s.sum_exp * fast_exp(s.max - m) + se;
+    s.max = m;
+    s.argmax = v0 + am;
+  } else {
+    s.sum_exp += se * fast_exp(m - s.max);
+  }
+}
+
+// g = x * a - b over a row, or g = exp(x - l) * a - b when from_logits (vectorised).
+inline void grad_row(float* __restrict x, int64_t vt, float a, float b, bool from_logits, float l) {
+  int64_t c = 0;
+#if defined(ANN_KERNELS_AVX2)
+  const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b), vl = _mm256_set1_ps(l);
+  for (; c + 8 <= vt; c += 8) {
+    __m256 v = _mm256_loadu_ps(x + c);
+    if (from_logits) v = exp8<true>(_mm256_sub_ps(v, vl));
+    _mm256_storeu_ps(x + c, _mm256_fmsub_ps(v, va, vb));
+  }
+#endif
+  for (; c < vt; ++c) x[c] = (from_logits ? fast_exp(x[c] - l) : x[c]) * a - b;
+}
+
+struct Args {
+  int64_t K, N, H, V;
+  int64_t ignore_index;
+  float eps, z;
+  bool compute_grad, per_exit_head;
+  std::vector<int64_t> active;  // exits computed, in order
+};
+
+struct Outputs {
+  Tensor per_sample, confidence, prediction;       // [K, N]
+  Tensor grad_hidden, grad_weight, grad_bias;      // fp32 (undefined without gradients)
+};
+
+Tensor as_f32_contig(const Tensor& t) { return t.scalar_type() == at::kFloat ? t.contiguous() : t.to(at::kFloat).contiguous(); }
+
+// One chunk of rows [r0, r0 + R) of the flattened active rows (slot a = r / N, token r % N).
+void run_chunk(int64_t r0, int64_t R, const Plan& plan, const std::vector<Tensor>& hidden, const Tensor& W32full,
+               const Tensor& weight, const Tensor& bias, const Args& a, const int64_t* y, const float* row_scale,
+               Tensor& h_buf, Tensor& logit_buf, Tensor& w_tile_buf, Tensor& gh_buf, Outputs& out) {
+  const int64_t H = a.H, V = a.V, N = a.N;
+  const int64_t k0 = a.active[r0 / N];
+  // 1. Gather the chunk's hidden rows as fp32 [R, H].
+  Tensor h = h_buf.narrow(0, 0, R * H).view({R, H});
+  float* hp = h.data_ptr<float>();
+  {  // serial: R x H is tiny next to the GEMMs, and a parallel region costs a fork-join
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t g = r0 + r, k = a.active[g / N], i = g % N;
+      const Tensor& src = hidden[k];
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "gather", [&] {
+        const scalar_t* s = src.data_ptr<scalar_t>() + i * src.stride(0);
+        const int64_t st = src.stride(1);
+        for (int64_t c = 0; c < H; ++c) hp[r * H + c] = static_cast<float>(s[c * st]);
+      });
+    }
+  }
+  std::vector<RowState> st(R, RowState{-std::numeric_limits<float>::infinity(), 0.f, 0.f, 0.f, 0, true});
+  std::vector<int64_t> ty(R);
+  for (int64_t r = 0; r < R; ++r) ty[r] = y[(r0 + r) % N];
+  const bool one_tile = plan.vtile >= V;
+  const bool low_precision = weight.scalar_type() != at::kFloat;
+
+  auto w_tile = [&](int64_t v0, int64_t vt) -> Tensor {
+    Tensor Wk = a.per_exit_head ? weight.select(0, k0) : weight;
+    Tensor src = Wk.narrow(0, v0, vt);
+    if (!low_precision) return src;  // fp32: a view, rows contiguous
+    if (W32full.defined()) return (a.per_exit_head ? W32full.select(0, k0) : W32full).narrow(0, v0, vt);
+    Tensor dst = w_tile_buf.narrow(0, 0, vt * H).view({vt, H});
+    dst.copy_(src);
+    return dst;
+  };
+  auto logits_tile = [&](int64_t v0, int64_t vt, const Tensor& Wt) -> Tensor {
+    Tensor z = logit_buf.narrow(0, 0, R * vt).view({R, vt});
+    if (bias.defined()) {
+      Tensor bk = bias.dim() == 2 ? bias.select(0, k0) : bias;
+      at::addmm_out(z, bk.narrow(0, v0, vt), h, Wt.t());
+    } else {
+      at::mm_out(z, h, Wt.t());
+    }
+    return z;
+  };
+  // Bias rows differ between exits of one chunk only for a [K, V] bias with a shared
+  // head; make_chunks keeps such chunks inside one exit.
+
+  // 2. Pass A: statistics (online over tiles).
+  for (int64_t v0 = 0; v0 < V; v0 += plan.vtile) {
+    const int64_t vt = std::min(plan.vtile, V - v0);
+    Tensor z = logits_tile(v0, vt, w_tile(v0, vt));
+    float* zp = z.data_ptr<float>();
+    at::parallel_for(0, R, std::max<int64_t>(1, 16384 / vt), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        if (st[r].finite) merge_tile_row(zp + r * vt, vt, v0, ty[r], st[r], one_tile && a.compute_grad);
+      }
+    });
+  }
+  // 3. Per-row results.
+  float* loss_p = out.per_sample.data_ptr<float>();
+  float* conf_p = out.confidence.data_ptr<float>();
+  int64_t* pred_p = out.prediction.data_ptr<int64_t>();
+  std::vector<float> lse(R);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t g = r0 + r, k = a.active[g / N], i = g % N, o = k * N + i;
+    const bool valid = ty[r] != a.ignore_index;
+    const RowState& s = st[r];
+    if (!s.finite) {
+      const float nan = std::numeric_limits<float>::quiet_NaN();
+      loss_p[o] = valid ? nan : 0.f;
+      conf_p[o] = nan;
+      pred_p[o] = s.argmax;
+      lse[r] = nan;
+      continue;
+    }
+    const float l = s.max + std::log(s.sum_exp);
+    lse[r] = l;
+    float loss = 0.f;
+    if (valid) {
+      loss = l - s.x_target;
+      if (a.eps != 0.f) loss = (1.f - a.eps) * loss + a.eps * (l - s.sum_x / static_cast<float>(V));
+      if (a.z != 0.f) loss += a.z * l * l;
+    }
+    loss_p[o] = loss;
+    conf_p[o] = 1.f / s.sum_exp;
+    pred_p[o] = s.argmax;
+  }
+  if (!a.compute_grad) return;
+
+  // 4. Pass B: gradients.
+  Tensor gh = gh_buf.narrow(0, 0, R * H).view({R, H});
+  for (int64_t v0 = 0; v0 < V; v0 += plan.vtile) {
+    const int64_t vt = std::min(plan.vtile, V - v0);
+    Tensor Wt = w_tile(v0, vt);
+    Tensor z = one_tile ? logit_buf.narrow(0, 0, R * vt).view({R, vt}) : logits_tile(v0, vt, Wt);
+    float* zp = z.data_ptr<float>();
+    at::parallel_for(0, R, std::max<int64_t>(1, 16384 / vt), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        float* x = zp + r * vt;
+        const float scale = row_scale[r0 + r];
+        if (scale == 0.f) {
+          std::fill(x, x + vt, 0.f);
+          continue;
+        }
+        if (!st[r].finite) {
+          std::fill(x, x + vt, std::numeric_limits<float>::quiet_NaN());
+          continue;
+        }
+        const float amp = scale * (1.f + 2.f * a.z * lse[r]);
+        const float off = scale * a.eps / static_cast<float>(V);
+        if (one_tile) {  // x holds exp(x - max); softmax = x / sum_exp
+          grad_row(x, vt, amp / st[r].sum_exp, off, false, 0.f);
+        } else {
+          grad_row(x, vt, amp, off, true, lse[r]);
+        }
+        const int64_t yy = ty[r];
+        if (yy >= v0 && yy < v0 + vt) x[yy - v0] -= scale * (1.f - a.eps);
+      }
+    });
+    if (v0 == 0) {
+      at::mm_out(gh, z, Wt);
+    } else {
+      gh.addmm_(z, Wt);
+    }
+    Tensor gW = a.per_exit_head ? out.grad_weight.select(0, k0) : out.grad_weight;
+    gW.narrow(0, v0, vt).addmm_(z.t(), h);
+    if (out.grad_bias.defined()) {
+      Tensor gb = out.grad_bias.dim() == 2 ? out.grad_bias.select(0, k0) : out.grad_bias;
+      gb.narrow(0, v0, vt).add_(z.sum(0));
+    }
+  }
+  // 5. Scatter grad_h rows back to [K, N, H].
+  float* ghp = gh.data_ptr<float>();
+  float* dst = out.grad_hidden.data_ptr<float>();
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t g = r0 + r, k = a.active[g / N], i = g % N;
+    std::copy(ghp + r * H, ghp + (r + 1) * H, dst + (k * N + i) * H);
+  }
+}
+
+void check_inputs(at::TensorList hidden, const Tensor& weight, const Tensor& target, const Tensor& weights,
+                  const std::optional<Tensor>& bias, const std::optional<Tensor>& sample_weights,
+                  double label_smoothing, double z_loss, const std::optional<Tensor>& ema, double momentum,
+                  at::IntArrayRef active) {
+  const char* op = "multi_exit_linear_cross_entropy: ";
+  TORCH_CHECK_VALUE(!hidden.empty(), op, "hidden: expected at least one exit, got 0");
+  const Tensor& first = hidden[0];
+  const int64_t K = static_cast<int64_t>(hidden.size());
+  for (int64_t k = 0; k < K; ++k) {
+    const Tensor& h = hidden[k];
+    TORCH_CHECK_TYPE(h.scalar_type() == at::kFloat || h.scalar_type() == at::kBFloat16 || h.scalar_type() == at::kHalf,
+                     op, "hidden[", k, "]: expected float32, bfloat16 or float16, got ", h.scalar_type());
+    TORCH_CHECK_VALUE(h.dim() == 2, op, "hidden[", k, "]: expected shape [N, H], got ", h.sizes());
+    TORCH_CHECK_VALUE(h.sizes() == first.sizes(), op, "hidden[", k, "] has shape ", h.sizes(), " but hidden[0] has ",
+                      first.sizes(), ": every exit needs the same token count N and width H");
+    TORCH_CHECK_TYPE(h.scalar_type() == first.scalar_type(), op, "hidden[", k, "] has dtype ", h.scalar_type(),
+                     " but hidden[0] has ", first.scalar_type());
+    TORCH_CHECK_VALUE(h.device() == first.device(), op, "hidden[", k, "] is on ", h.device(), " but hidden[0] is on ",
+                      first.device());
+  }
+  const int64_t N = first.size(0), H = first.size(1);
+  TORCH_CHECK_VALUE(N > 0, op, "hidden: no tokens (N = 0)");
+  TORCH_CHECK_VALUE(weight.dim() == 2 || weight.dim() == 3, op,
+                    "weight: expected one shared head [V, H] or one head per exit [K, V, H], got shape ",
+                    weight.sizes());
+  TORCH_CHECK_TYPE(weight.scalar_type() == first.scalar_type(), op, "weight has dtype ", weight.scalar_type(),
+                   " but hidden has ", first.scalar_type());
+  TORCH_CHECK_VALUE(weight.device() == first.device(), op, "weight is on ", weight.device(), " but hidden is on ",
+                    first.device());
+  if (weight.dim() == 3) {
+    TORCH_CHECK_VALUE(weight.size(0) == K, op, "weight: a per-exit head [K, V, H] needs K = ", K,
+                      " (the number of exits in hidden), got K = ", weight.size(0), " (shape ", weight.sizes(), ")");
+  }
+  const int64_t V = weight.size(-2);
+  TORCH_CHECK_VALUE(weight.size(-1) == H, op, "weight: hidden width H = ", H, " but weight has width ",
+                    weight.size(-1), " (shape ", weight.sizes(), ")");
+  TORCH_CHECK_VALUE(V > 0, op, "weight: empty vocabulary (V = 0)");
+  if (bias.has_value()) {
+    const Tensor& b = *bias;
+    const bool ok = (b.dim() == 1 && b.size(0) == V) || (b.dim() == 2 && b.size(0) == K && b.size(1) == V);
+    TORCH_CHECK_VALUE(ok, op, "bias: expected shape [", V, "] or [", K, ", ", V, "] (vocabulary size V = ", V,
+                      "), got ", b.sizes());
+    TORCH_CHECK_TYPE(b.scalar_type() == first.scalar_type(), op, "bias has dtype ", b.scalar_type(),
+                     " but hidden has ", first.scalar_type());
+    TORCH_CHECK_VALUE(b.device() == first.device(), op, "bias is on ", b.device(), " but hidden is on ",
+                      first.device());
+  }
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, op, "target: expected int64 class indices, got ",
+                   target.scalar_type());
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == N, op, "target: expected shape [", N,
+                    "] (one class per token), got ", target.sizes());
+  TORCH_CHECK_VALUE(target.device() == first.device(), op, "target is on ", target.device(), " but hidden is on ",
+                    first.device());
+  TORCH_CHECK_VALUE(weights.dim() == 1 && weights.size(0) == K, op, "weights: expected ", K,
+                    " values (one per exit), got shape ", weights.sizes());
+  TORCH_CHECK_VALUE(weights.device() == first.device(), op, "weights is on ", weights.device(),
+                    " but hidden is on ", first.device());
+  if (sample_weights.has_value()) {
+    const Tensor& s = *sample_weights;
+    const bool ok = (s.dim() == 1 && s.size(0) == N) || (s.dim() == 2 && s.size(0) == K && s.size(1) == N);
+    TORCH_CHECK_VALUE(ok, op, "sample_weights: expected shape [", N, "] or [", K, ", ", N, "], got ", s.sizes());
+    TORCH_CHECK_TYPE(s.is_floating_point(), op, "sample_weights: expected a float tensor, got ", s.scalar_type());
+    TORCH_CHECK_VALUE(s.device() == first.device(), op, "sample_weights is on ", s.device(), " but hidden is on ",
+                      first.device());
+  }
+  if (ema.has_value()) {
+    TORCH_CHECK_VALUE(ema->dim() == 1 && ema->size(0) == K && ema->scalar_type() == at::kFloat, op,
+                      "ema: expected a float32 tensor of shape [", K, "], got ", ema->scalar_type(), " of shape ",
+                      ema->sizes());
+  }
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
+                    "label_smoothing: expected a value in [0, 1], got ", label_smoothing);
+  TORCH_CHECK_VALUE(z_loss >= 0.0 && std::isfinite(z_loss), op, "z_loss: expected a finite value >= 0, got ", z_loss);
+  TORCH_CHECK_VALUE(momentum >= 0.0 && momentum < 1.0, op, "momentum: expected a value in [0, 1), got ", momentum);
+  int64_t prev = -1;
+  for (int64_t k : active) {
+    TORCH_CHECK_VALUE(k > prev && k < K, op, "active: expected increasing exit indices in [0, ", K, "), got ",
+                      active);
+    prev = k;
+  }
+}
+
+using FwdResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+FwdResult linear_ce_fwd_cpu(at::TensorList hidden, const Tensor& weight, const Tensor& target, const Tensor& weights,
+                            const std::optional<Tensor>& bias, const std::optional<Tensor>& sample_weights,
+                            int64_t ignore_index, double label_smoothing, double z_loss,
+                            const std::optional<Tensor>& ema, double momentum, at::IntArrayRef active,
+                            int64_t budget_bytes, bool compute_grad) {
+  check_inputs(hidden, weight, target, weights, bias, sample_weights, label_smoothing, z_loss, ema, momentum, active);
+  Args a;
+  a.K = static_cast<int64_t>(hidden.size());
+  a.N = hidden[0].size(0);
+  a.H = hidden[0].size(1);
+  a.V = weight.size(-2);
+  a.ignore_index = ignore_index;
+  a.eps = static_cast<float>(label_smoothing);
+  a.z = static_cast<float>(z_loss);
+  a.compute_grad = compute_grad;
+  a.per_exit_head = weight.dim() == 3;
+  a.active.assign(active.begin(), active.end());
+  const int64_t K = a.K, N = a.N, H = a.H, V = a.V;
+
+  const Tensor target_c = target.contiguous();
+  const int64_t* y = target_c.data_ptr<int64_t>();
+  int64_t n_valid = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    if (y[i] == ignore_index) continue;
+    TORCH_CHECK_VALUE(y[i] >= 0 && y[i] < V, "multi_exit_linear_cross_entropy: target[", i, "] = ", y[i],
+                      " is out of range for a vocabulary of ", V, " (expected 0 <= target < ", V,
+                      " or ignore_index = ", ignore_index, ")");
+    ++n_valid;
+  }
+  const double inv_n_valid = n_valid > 0 ? 1.0 / static_cast<double>(n_valid) : 0.0;
+  const Tensor w = weights.detach().to(at::kFloat).contiguous();
+  const float* wp = w.data_ptr<float>();
+  Tensor s32;
+  if (sample_weights.has_value()) s32 = sample_weights->detach().to(at::kFloat).contiguous();
+  const int64_t A = static_cast<int64_t>(a.active.size());
+  const int64_t total = A * N;
+  // Row scales w_k s_ik / N_valid of the flattened active rows.
+  std::vector<float> row_scale(total);
+  for (int64_t r = 0; r < total; ++r) {
+    const int64_t k = a.active[r / N], i = r % N;
+    float s = 1.f;
+    if (s32.defined()) s = s32.dim() == 1 ? s32.data_ptr<float>()[i] : s32.data_ptr<float>()[k * N + i];
+    row_scale[r] = y[i] == ignore_index ? 0.f : static_cast<float>(wp[k] * s * inv_n_valid);
+  }
+
+  const auto f32 = hidden[0].options().dtype(at::kFloat);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  Outputs out;
+  out.per_sample = at::zeros({K, N}, f32);  // exits not computed: 0 (per_exit NaN)
+  out.confidence = at::full({K, N}, nan, f32);
+  out.prediction = at::full({K, N}, -1, hidden[0].options().dtype(at::kLong));
+  if (compute_grad) {
+    out.grad_hidden = at::zeros({K, N, H}, f32);
+    out.grad_weight = at::zeros(weight.sizes(), f32);
+    if (bias.has_value()) out.grad_bias = at::zeros(bias->sizes(), f32);
+  }
+  std::vector<Tensor> hid(hidden.begin(), hidden.end());
+  const Tensor b32 = bias.has_value() ? as_f32_contig(*bias) : Tensor();
+  // Chunks: a shared head (and a shared bias) stacks exits; otherwise stay in one exit.
+  const bool split_by_exit = a.per_exit_head || (b32.defined() && b32.dim() == 2);
+  const Plan plan = make_plan(split_by_exit ? N : total, V, resolve_budget(budget_bytes));
+  // Low precision: the head in fp32 once when that fits the budget, else tile by tile.
+  Tensor W32full;
+  const bool low_precision = weight.scalar_type() != at::kFloat;
+  const int64_t w_elems = weight.numel();
+  if (low_precision && (plan.vtile >= V) && w_elems * 4 <= resolve_budget(budget_bytes) * 4) {
+    W32full = weight.to(at::kFloat).contiguous();
+  }
+  const Tensor Wc = low_precision ? weight : weight.contiguous();
+  Tensor h_buf = at::empty({plan.rows * H}, f32);
+  Tensor logit_buf = at::empty({plan.rows * plan.vtile}, f32);
+  Tensor w_tile_buf = low_precision && !W32full.defined() ? at::empty({plan.vtile * H}, f32) : Tensor();
+  Tensor gh_buf = compute_grad ? at::empty({plan.rows * H}, f32) : Tensor();
+  if (A > 0) {
+    for (int64_t r0 = 0; r0 < total;) {
+      int64_t R = std::min(plan.rows, total - r0);
+      if (split_by_exit) R = std::min(R, (r0 / N + 1) * N - r0);
+      run_chunk(r0, R, plan, hid, W32full, Wc, b32, a, y, row_scale.data(), h_buf, logit_buf, w_tile_buf, gh_buf, out);
+      r0 += R;
+    }
+  }
+  // Per-exit means L_k = sum_i s_ik l_ik / N_valid and the loss, serially in double.
+  Tensor per_exit = at::full({K}, nan, f32);
+  float* pe = per_exit.data_ptr<float>();
+  const float* lp = out.per_sample.data_ptr<float>();
+  double loss_acc = 0.0;
+  for (int64_t k : a.active) {
+    double acc = 0.0;
+    for (int64_t i = 0; i < N; ++i) {
+      double s = 1.0;
+      if (s32.defined()) s = s32.dim() == 1 ? s32.data_ptr<float>()[i] : s32.data_ptr<float>()[k * N + i];
+      if (y[i] != ignore_index) acc += s * lp[k * N + i];
+    }
+    pe[k] = static_cast<float>(acc * inv_n_valid);
+    loss_acc += static_cast<double>(wp[k]) * pe[k];
+  }
+  if (ema.has_value()) {
+    Tensor state = *ema;
+    auto acc = state.accessor<float, 1>();
+    const float m = static_cast<float>(momentum);
+    for (int64_t k = 0; k < K; ++k) {
+      const float l = pe[k];
+      if (!std::isfinite(l)) continue;
+      acc[k] = std::isnan(acc[k]) ? l : m * acc[k] + (1.f - m) * l;
+    }
+  }
+  const auto empty = [&] { return at::empty({0}, f32); };
+  return {at::scalar_tensor(loss_acc, f32), per_exit, out.per_sample, out.confidence, out.prediction,
+          compute_grad ? out.grad_hidden : empty(), compute_grad ? out.grad_weight : empty(),
+          out.grad_bias.defined() ? out.grad_bias : empty()};
+}
+
+// ---------------------------------------------------------------------------------------
+// Autograd.
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using FwdSig = FwdResult(at::TensorList, const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                         const std::optional<Tensor>&, int64_t, double, double, const std::optional<Tensor>&, double,
+                         at::IntArrayRef, int64_t, bool);
+
+const c10::TypedOperatorHandle<FwdSig>& fwd_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("ann_kernels::multi_exit_linear_ce_fwd", "").typed<FwdSig>();
+  return op;
+}
+
+bool is_plain_cpu(const Tensor& t) {
+  return t.defined() && t.device().is_cpu() && !t.key_set().has(c10::DispatchKey::Python) &&
+         !t.key_set().has(c10::DispatchKey::Functionalize);
+}
+
+class MultiExitLinearCE : public torch::autograd::Function<MultiExitLinearCE> {
+ public:
+  static variable_list forward(AutogradContext* ctx, at::TensorList hidden, const Tensor& weight,
+                               const Tensor& target, const Tensor& weights, const std::optional<Tensor>& bias,
+                               const std::optional<Tensor>& sample_weights, int64_t ignore_index,
+                               double label_smoothing, double z_loss, const std::optional<Tensor>& ema,
+                               double momentum, at::IntArrayRef active, int64_t budget_bytes) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    bool need = weight.requires_grad() || (bias.has_value() && bias->requires_grad());
+    for (const auto& h : hidden) need = need || h.requires_grad();
+    auto [loss, per_exit, per_sample, confidence, prediction, gh, gw, gb] =
+        fwd_op().call(hidden, weight, target, weights, bias, sample_weights, ignore_index, label_smoothing, z_loss,
+                      ema, momentum, active, budget_bytes, need);
+    const int64_t K = static_cast<int64_t>(hidden.size());
+    ctx->saved_data["K"] = K;
+    ctx->saved_data["gh"] = gh;
+    ctx->saved_data["gw"] = gw;
+    ctx->saved_data["gb"] = gb;
+    ctx->saved_data["per_exit"] = per_exit;
+    ctx->saved_data["per_sample"] = per_sample;
+    // N_valid as a tensor (no host read: this also runs on fake tensors under torch.compile).
+    ctx->saved_data["n_valid"] = (target != ignore_index).sum().clamp_min(1).to(at::kFloat);
+    ctx->saved_data["hidden_dtype"] = static_cast<int64_t>(hidden[0].scalar_type());
+    ctx->saved_data["weights_grad"] = weights.requires_grad();
+    ctx->saved_data["sw_grad"] = sample_weights.has_value() && sample_weights->requires_grad();
+    ctx->saved_data["sw_dim"] = sample_weights.has_value() ? sample_weights->dim() : int64_t{0};
+    ctx->saved_data["sw_dtype"] =
+        static_cast<int64_t>(sample_weights.has_value() ? sample_weights->scalar_type() : at::kFloat);
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["label_smoothing"] = label_smoothing;
+    ctx->saved_data["z_loss"] = z_loss;
+    ctx->saved_data["active"] = active.vec();
+    ctx->saved_data["budget"] = budget_bytes;
+    // Inputs are kept (references) to recompute the gradients if a retained graph runs
+    // backward again after the buffers were handed over.
+    std::vector<Tensor> saved(hidden.begin(), hidden.end());
+    saved.push_back(weight);
+    saved.push_back(target);
+    saved.push_back(weights);
+    saved.push_back(bias.has_value() ? *bias : Tensor());
+    saved.push_back(sample_weights.has_value() ? *sample_weights : Tensor());
+    ctx->save_for_backward(saved);
+    ctx->mark_non_differentiable({per_exit, per_sample, confidence, prediction});
+    return {loss, per_exit, per_sample, confidence, prediction};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const Tensor& go = grad_outputs[0];
+    const int64_t K = ctx->saved_data["K"].toInt();
+    variable_list result(K + 12);  // hidden..., weight, target, weights, bias, sample_weights, ...
+    if (!go.defined()) return result;
+    const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["hidden_dtype"].toInt());
+    variable_list saved = ctx->get_saved_variables();
+    const Tensor& weights = saved[K + 2];
+    const Tensor go32 = go.to(at::kFloat);
+    const bool unit = is_plain_cpu(go) && go.item<double>() == 1.0;
+    if (!ctx->saved_data.count("gh") || !ctx->saved_data.count("gw") || !ctx->saved_data.count("gb")) {  // handed over to an earlier backward: recompute
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::vector<Tensor> hidden(saved.begin(), saved.begin() + K);
+      auto opt = [](const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; };
+      const auto active = ctx->saved_data["active"].toIntVector();
+      auto r = fwd_op().call(hidden, saved[K], saved[K + 1], weights, opt(saved[K + 3]), opt(saved[K + 4]),
+                             ctx->saved_data["ignore_index"].toInt(), ctx->saved_data["label_smoothing"].toDouble(),
+                             ctx->saved_data["z_loss"].toDouble(), std::nullopt, 0.0, active,
+                             ctx->saved_data["budget"].toInt(), true);
+      ctx->saved_data["gh"] = std::get<5>(r);
+      ctx->saved_data["gw"] = std::get<6>(r);
+      ctx->saved_data["gb"] = std::get<7>(r);
+    }
+    auto scaled = [&](const char* key) -> Tensor {
+      Tensor g = ctx->saved_data[key].toTensor();
+      if (!g.defined() || g.numel() == 0) return Tensor();
+      if (unit) {
+        if (dtype != at::kFloat) return g.to(dtype);
+        ctx->saved_data.erase(key);  // the buffer is the answer; let autograd own it
+        return g;
+      }
+      return (g * go32).to(dtype);  // grad_out folded in fp32 before rounding
+    };
+    Tensor gh = scaled("gh");
+    if (gh.defined()) {
+      for (int64_t k = 0; k < K; ++k) result[k] = gh.select(0, k);
+    }
+    result[K] = scaled("gw");
+    result[K + 3] = scaled("gb");
+    const Tensor per_exit = ctx->saved_data["per_exit"].toTensor();
+    // dLoss/dw_k = L_k (exits that were not computed have weight 0 and get 0).
+    if (ctx->saved_data["weights_grad"].toBool()) {
+      result[K + 2] = (at::nan_to_num(per_exit, 0.0) * go32).to(weights.scalar_type());
+    }
+    // dLoss/ds_ik = w_k l_ik / N_valid (per_sample is 0 on ignored rows).
+    if (ctx->saved_data["sw_grad"].toBool()) {
+      const Tensor ps = at::nan_to_num(ctx->saved_data["per_sample"].toTensor(), 0.0);
+      Tensor ds = ps * weights.detach().to(at::kFloat).unsqueeze(1) * go32 / ctx->saved_data["n_valid"].toTensor();
+      if (ctx->saved_data["sw_dim"].toInt() == 1) ds = ds.sum(0);
+      result[K + 4] = ds.to(static_cast<at::ScalarType>(ctx->saved_data["sw_dtype"].toInt()));
+    }
+    return result;
+  }
+};
+
+using OutResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+OutResult linear_ce_autograd(at::TensorList hidden, const Tensor& weight, const Tensor& target, const Tensor& weights,
+                             const std::optional<Tensor>& bias, const std::optional<Tensor>& sample_weights,
+                             int64_t ignore_index, double label_smoothing, double z_loss,
+                             const std::optional<Tensor>& ema, double momentum, at::IntArrayRef active,
+                             int64_t budget_bytes) {
+  check_inputs(hidden, weight, target, weights, bias, sample_weights, label_smoothing, z_loss, ema, momentum, active);
+  auto out = MultiExitLinearCE::apply(hidden, weight, target, weights, bias, sample_weights, ignore_index,
+                                      label_smoothing, z_loss, ema, momentum, active, budget_bytes);
+  return {out[0], out[1], out[2], out[3], out[4]};
+}
+
+OutResult linear_ce_no_grad(at::TensorList hidden, const Tensor& weight, const Tensor& target, const Tensor& weights,
+                            const std::optional<Tensor>& bias, const std::optional<Tensor>& sample_weights,
+                            int64_t ignore_index, double label_smoothing, double z_loss,
+                            const std::optional<Tensor>& ema, double momentum, at::IntArrayRef active,
+                            int64_t budget_bytes) {
+  auto r = fwd_op().call(hidden, weight, target, weights, bias, sample_weights, ignore_index, label_smoothing, z_loss,
+                         ema, momentum, active, budget_bytes, false);
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r), std::get<4>(r)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ann_kernels, CPU, m) { m.impl("multi_exit_linear_ce_fwd", &linear_ce_fwd_cpu); }
+
+TORCH_LIBRARY_IMPL(ann_kernels, Autograd, m) { m.impl("multi_exit_linear_ce", &linear_ce_autograd); }
+
+TORCH_LIBRARY_IMPL(ann_kernels, CompositeExplicitAutograd, m) {
+  m.impl("multi_exit_linear_ce", &linear_ce_no_grad);
+}
+
+}  // namespace ann_kernels

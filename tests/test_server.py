@@ -1,0 +1,266 @@
+"""EarlyExitServer: many client threads get predict()'s answers row by row; close() drains;
+a failing stage fails only its requests; bad input fails only its future; the latency bound
+at light load; deadlines on a sleeping stage; asyncio; statistics."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from ann_kernels import EarlyExitEngine
+from ann_kernels.inference import EarlyExitServer
+from ann_kernels.nn import MultiExitNetwork
+from tests.test_engine import CountingSleep, K, inputs, safe_thresholds, simulate, small_mlp, tuple_net
+from tests.utils import DEVICES, requires_ext
+
+pytestmark = [requires_ext, pytest.mark.usefixtures("one_thread")]
+INF = math.inf
+
+
+def thresholds_for(model, x, quantile=0.5):
+    _, _, _, conf = simulate(model.cpu(), x.cpu(), [0.0] * model.num_exits)
+    return safe_thresholds(conf, quantile)
+
+
+def request_sizes(total: int, seed: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    sizes, left = [], total
+    while left:
+        n = min(left, int(torch.randint(1, 9, (1,), generator=gen)))
+        sizes.append(n)
+        left -= n
+    return sizes
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("net", ["mlp", "tuple"])
+def test_many_threads_get_predicts_answers_row_by_row(device, net):
+    model = small_mlp(seed=3) if net == "mlp" else tuple_net(seed=3)
+    x = inputs(600, seed=4)
+    thresholds = thresholds_for(model, x)
+    model, x = model.to(device), x.to(device)
+    engine = EarlyExitEngine(model)
+    expected = engine.predict(x, thresholds=thresholds)
+    sizes = request_sizes(600, seed=5)
+    starts = [0] + list(torch.tensor(sizes).cumsum(0)[:-1].tolist())
+    results: dict[int, object] = {}
+    errors = []
+    with EarlyExitServer(engine, thresholds=thresholds, max_batch_size=48, max_wait_s=0.001) as server:
+
+        def client(worker: int):
+            try:
+                mine = list(range(worker, len(sizes), 6))
+                futures = [(i, server.submit(x[starts[i]:starts[i] + sizes[i]])) for i in mine]
+                for i, future in futures:
+                    results[i] = future.result(timeout=60)
+            except Exception as error:  # noqa: BLE001  (surfaced below)
+                errors.append(error)
+
+        threads = [threading.Thread(target=client, args=(w,)) for w in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        stats = server.stats()
+    assert not errors, errors
+    ordered = [results[i] for i in range(len(sizes))]
+    assert [r.prediction.shape[0] for r in ordered] == sizes
+    assert torch.equal(torch.cat([r.prediction for r in ordered]), expected.prediction)
+    assert torch.equal(torch.cat([r.exit_index for r in ordered]), expected.exit_index)
+    assert torch.allclose(torch.cat([r.confidence for r in ordered]), expected.confidence, atol=1e-5)
+    for r in ordered:
+        assert sum(r.stats.samples_per_exit) == r.prediction.shape[0]
+        assert r.prediction.device == x.device
+    assert stats.requests_completed == len(sizes) and stats.requests_in_flight == 0
+    assert stats.rows_completed == 600
+    assert stats.rows_per_exit == expected.stats.samples_per_exit
+    assert stats.mean_flops == pytest.approx(expected.stats.mean_flops)
+    assert stats.queue_depths == (0,) * model.num_exits
+    assert max(stats.mean_batch_rows) > 8  # rows of several requests ran together
+    assert stats.latency_p50_s <= stats.latency_p99_s
+
+
+def test_close_drains_every_request():
+    model = small_mlp(seed=6)
+    engine, x = EarlyExitEngine(model), inputs(300, seed=7)
+    thresholds = thresholds_for(model, x)
+    expected = engine.predict(x, thresholds=thresholds)
+    server = EarlyExitServer(engine, thresholds=thresholds, max_batch_size=256, max_wait_s=10.0).start()
+    futures = [server.submit(x[i:i + 3]) for i in range(0, 300, 3)]
+    server.close()  # max_wait_s = 10 s: only the drain can have run these
+    assert all(f.done() for f in futures)
+    assert torch.equal(torch.cat([f.result().exit_index for f in futures]), expected.exit_index)
+    assert torch.equal(torch.cat([f.result().prediction for f in futures]), expected.prediction)
+    with pytest.raises(RuntimeError, match="closed"):
+        server.submit(x[:1])
+    with pytest.raises(RuntimeError, match="not started"):
+        EarlyExitServer(engine).submit(x[:1])
+
+
+class Poisoned(nn.Module):
+    """Raises on any batch holding a row whose first feature is >= 1e3."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, h):
+        if bool((h[:, 0] >= 1e3).any()):
+            raise RuntimeError("poisoned row")
+        return self.inner(h)
+
+
+def test_a_failing_stage_fails_only_its_requests():
+    base = small_mlp(seed=8)
+    model = MultiExitNetwork([Poisoned(base.stages[0])] + list(base.stages[1:]), list(base.heads), num_classes=5)
+    engine, x = EarlyExitEngine(model), inputs(40, seed=9)
+    expected = engine.predict(x, thresholds=[INF] * K)
+    bad = x[:2].clone()
+    bad[1, 0] = 1e4
+    # max_wait_s large and batches of 4 rows: the poisoned request shares its run with one other.
+    with EarlyExitServer(engine, thresholds=[INF] * K, max_batch_size=4, max_wait_s=0.5) as server:
+        futures = [server.submit(x[i:i + 2]) for i in range(0, 20, 2)]
+        poisoned = server.submit(bad)
+        more = [server.submit(x[i:i + 2]) for i in range(20, 40, 2)]
+        with pytest.raises(RuntimeError, match="poisoned row"):
+            poisoned.result(timeout=60)
+        # The request that shared the poisoned run failed too; every other one succeeded.
+        outcomes = [f.exception(timeout=60) for f in futures + more]
+        assert sum(e is not None for e in outcomes) <= 1
+        for i, (f, error) in enumerate(zip(futures + more, outcomes)):
+            if error is None:
+                assert torch.equal(f.result().prediction, expected.prediction[2 * i:2 * i + 2])
+        after = server.submit(x[:2]).result(timeout=60)  # and the server keeps serving
+        assert torch.equal(after.prediction, expected.prediction[:2])
+        stats = server.stats()
+    assert stats.requests_failed == 1 + sum(e is not None for e in outcomes)
+
+
+def test_bad_input_fails_only_that_future():
+    model = small_mlp(seed=10)
+    engine, x = EarlyExitEngine(model), inputs(10, seed=11)
+    with EarlyExitServer(engine, max_batch_size=8, max_wait_s=0.001) as server:
+        first = server.submit(torch.randn(2, 17))  # the first shape is not trusted before it runs
+        with pytest.raises(ValueError, match=r"x: the model failed on samples of shape \[17\]"):
+            first.result(timeout=60)
+        assert torch.equal(server.submit(x).result(timeout=60).prediction, engine.predict(x).prediction)
+        cases = {
+            "shape": (server.submit(torch.randn(3, 17)), ValueError, r"x: expected samples of shape \[16\]"),
+            "dtype": (server.submit(x.double()), TypeError, "x: expected dtype torch.float32"),
+            "empty": (server.submit(x[:0]), ValueError, "x: expected a non-empty batch"),
+            "type": (server.submit([[0.0] * 16]), TypeError, "x: expected a tensor"),
+            "deadline": (server.submit(x, deadline_s=-1), ValueError, "deadline_s"),
+        }
+        good = server.submit(x)
+        for name, (future, kind, message) in cases.items():
+            with pytest.raises(kind, match=message):
+                future.result(timeout=60)
+        assert torch.equal(good.result(timeout=60).prediction, engine.predict(x).prediction)
+
+
+def test_light_load_latency_is_bounded_by_max_wait_not_batch_size():
+    model = small_mlp(seed=12)
+    engine = EarlyExitEngine(model)
+    x = inputs(3, seed=13)
+    with EarlyExitServer(engine, thresholds=[0.5] * K, max_batch_size=4096, max_wait_s=0.005) as server:
+        server.submit(x).result(timeout=60)  # warm-up (FLOP counting, first calls)
+        results = [server.submit(x[i:i + 1]).result(timeout=60) for i in range(3)]
+    # A 4096-row batch would never fill: the answer came after ~max_wait_s. Generous bound
+    # (a loaded 2-core machine), far below "never".
+    for r in results:
+        assert r.stats.total_seconds < 2.0
+
+
+def test_deadline_on_a_sleeping_stage_is_honoured():
+    base = small_mlp(seed=14)
+    stages = list(base.stages)
+    slow = stages[2] = CountingSleep(stages[2], 0.2)
+    model = MultiExitNetwork(stages, list(base.heads), num_classes=5)
+    engine, x = EarlyExitEngine(model), inputs(6, seed=15)
+    with torch.no_grad():
+        exit1 = model(x)[1].argmax(dim=1)
+    with EarlyExitServer(engine, thresholds=[INF] * K, max_batch_size=64, max_wait_s=0.001) as server:
+        warm = server.submit(x).result(timeout=60)  # measures the stages at this batch size
+        assert (warm.exit_index == K - 1).all()
+        calls = slow.calls
+        result = server.submit(x, deadline_s=0.1).result(timeout=60)
+        assert slow.calls == calls, "a stage measured at 0.2 s started for a 0.1 s deadline"
+        assert (result.exit_index == 1).all() and torch.equal(result.prediction, exit1)
+        assert result.stats.deadline_exit == 2
+        relaxed = server.submit(x, deadline_s=30.0).result(timeout=60)
+        assert (relaxed.exit_index == K - 1).all() and relaxed.stats.deadline_exit is None
+
+
+def test_asyncio_infer_and_quota():
+    model = small_mlp(seed=16)
+    engine, x = EarlyExitEngine(model), inputs(64, seed=17)
+    with EarlyExitServer(engine, quota=[0.5, 0.25, 0.125, 0.125], max_batch_size=64, max_wait_s=0.05) as server:
+
+        async def main():
+            return await asyncio.gather(*(server.infer(x[i:i + 8]) for i in range(0, 64, 8)))
+
+        results = asyncio.run(main())
+    exits = torch.cat([r.exit_index for r in results])
+    assert exits.shape == (64,)
+    counts = torch.bincount(exits, minlength=K).tolist()
+    assert sum(counts) == 64 and counts[0] >= 16  # conditional quota per run: about half at exit 0
+
+
+def test_constructor_errors():
+    engine = EarlyExitEngine(small_mlp())
+    with pytest.raises(TypeError, match="engine"):
+        EarlyExitServer(object())
+    with pytest.raises(ValueError, match="max_batch_size"):
+        EarlyExitServer(engine, max_batch_size=0)
+    with pytest.raises(ValueError, match="max_wait_s"):
+        EarlyExitServer(engine, max_wait_s=-1.0)
+    with pytest.raises(ValueError, match="thresholds and quota"):
+        EarlyExitServer(engine, thresholds=[0.5] * K, quota=[0.25] * K)
+
+
+def test_stats_as_dict_is_json_ready():
+    import json
+
+    engine = EarlyExitEngine(small_mlp())
+    with EarlyExitServer(engine) as server:
+        before = server.stats().as_dict()
+        server.submit(inputs(5)).result(timeout=60)
+        after = server.stats().as_dict()
+    assert before["latency_p50_s"] is None and after["requests_completed"] == 1
+    json.dumps(after)
+    assert after["rows_per_exit"][-1] == 5 and time.perf_counter() > 0
+
+
+def conv_net(seed: int = 0) -> MultiExitNetwork:
+    torch.manual_seed(seed)
+    stages = [nn.Sequential(nn.Conv2d(3 if k == 0 else 8, 8, 3, padding=1), nn.ReLU()) for k in range(3)]
+    heads = [nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)) for _ in range(3)]
+    return MultiExitNetwork(stages, heads, num_classes=5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_channels_last_requests_get_predicts_answers(device):
+    from ann_kernels.inference.engine import _gather_rows
+
+    model = conv_net(seed=30).to(device)
+    x = torch.randn(40, 3, 6, 6, generator=torch.Generator().manual_seed(31)).to(device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    engine = EarlyExitEngine(model)
+    with torch.no_grad():
+        conf = torch.stack([torch.softmax(z, 1).max(1).values for z in model(x)]).cpu()
+    thresholds = safe_thresholds(conf, 0.5)
+    expected = engine.predict(x, thresholds=thresholds)
+    with EarlyExitServer(engine, thresholds=thresholds, max_batch_size=16, max_wait_s=0.001) as server:
+        futures = [server.submit(x[i:i + 4], deadline_s=None if i % 8 else 30.0) for i in range(0, 40, 4)]
+        results = [f.result(timeout=60) for f in futures]
+    assert torch.equal(torch.cat([r.exit_index for r in results]), expected.exit_index)
+    assert torch.equal(torch.cat([r.prediction for r in results]), expected.prediction)
+    rows = torch.tensor([5, 1, 3], device=device)
+    gathered = _gather_rows(x, rows)  # the layout the masking and deadline paths keep
+    assert gathered.is_contiguous(memory_format=torch.channels_last) and torch.equal(gathered, x[[5, 1, 3]])
