@@ -171,3 +171,18 @@ def test_anytime_linear_loss_bad_args():
         AnytimeLinearLoss(nn.Conv1d(1, 1, 1), 2)
     with pytest.raises(ValueError, match="lm_head"):
         AnytimeLinearLoss([nn.Linear(2, 3)] * 3, 2)
+
+
+@requires_ext
+def test_anytime_linear_loss_schemes_that_need_logits_fall_back_with_a_warning():
+    """IMTA's distillation weights the logits themselves: they are materialised (warned)."""
+    from ann_kernels import AnytimeLoss
+
+    head, hidden, target = _lm(seed=3)
+    fused = AnytimeLinearLoss(head, 3, "imta_kd")
+    with pytest.warns(RuntimeWarning, match="materialising"):
+        loss = fused(hidden, target)
+    want = AnytimeLoss(3, "imta_kd")([head(h) for h in hidden], target)
+    torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
+    for name in ("sdn", "ge"):  # weight schedules: fused path, no warning
+        AnytimeLinearLoss(head, 3, name)(hidden, target)

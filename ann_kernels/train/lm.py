@@ -31,9 +31,9 @@ __all__ = ["LM_FORMAT", "add_text_args", "train_lm", "evaluate_lm", "cmd_train_l
 
 LM_FORMAT = "ann_kernels-lm-1"
 DEFAULT_MODEL = {"dim": 128, "layers": 4, "heads": 4}
-# Measured on this shared 2-core CPU (load ~4): ~1-2.7 s per step at vocabulary 4096;
-# vocabulary 2048 and 2000 sequences (125 steps) keep the demo to a few minutes.
-DEMO = {"vocab_size": 2048, "seq_len": 64, "batch_size": 16, "limit_train": 2000, "limit_eval": 100, "epochs": 1,
+# Measured on this shared 2-core CPU: 0.3 s per step at load ~3 (2.7 s at load ~9, vocabulary 4096);
+# vocabulary 2048 and 4000 sequences (250 steps): ~1.5 min at load ~3, longer under heavy load.
+DEMO = {"vocab_size": 2048, "seq_len": 64, "batch_size": 16, "limit_train": 4000, "limit_eval": 100, "epochs": 1,
         "lr": 5e-3, "model": {"dim": 96, "layers": 4, "heads": 4}}
 
 
