@@ -270,3 +270,36 @@ def test_wrong_number_of_exits_raises():
         crit(make_logits(1, 4, 5)[0], make_target(4, 5))
     with pytest.raises(ValueError, match=r"target"):
         crit(make_logits(3, 4, 5), torch.tensor([0, 1, 2, 9]))
+
+
+@pytest.mark.parametrize("weighting", ["const", "linear", "imta_kd", "l2w"])
+@pytest.mark.parametrize("per_exit_weights", [False, True])
+def test_sample_weights_pass_through_every_scheme(weighting, per_exit_weights):
+    """AnytimeLoss(..)(logits, target, sample_weights=s): the scheme's loss with each sample's
+    cross-entropy term multiplied by s (L2W: its predicted W times s), gradients w.r.t. s."""
+    k, n, c = 3, 6, 5
+    gen = torch.Generator().manual_seed(3)
+    logits, target = make_logits(k, n, c), make_target(n, c)
+    shape = (k, n) if per_exit_weights else (n,)
+    s = torch.rand(shape, generator=gen).add_(0.25).requires_grad_(True)
+    crit = AnytimeLoss(k, weighting)
+    loss = crit(logits, target, sample_weights=s)
+    if weighting == "l2w":
+        w_exp = crit.weighting.last_sample_weights.detach()  # W * s, [K, N]
+        plain = AnytimeLoss(k, "l2w")
+        plain.load_state_dict(crit.state_dict())
+        plain(logits, target)
+        torch.testing.assert_close(w_exp, plain.weighting.last_sample_weights.detach() * s.detach().expand(k, n))
+        ref = (w_exp * torch.stack([F.cross_entropy(z.detach(), target, reduction="none") for z in logits])).sum() / n
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+        return
+    ce = torch.stack([F.cross_entropy(z, target, reduction="none") for z in logits])  # [K, N]
+    ref = (crit.weights.view(k, 1) * s.expand(k, n) * ce).sum() / n
+    if weighting == "imta_kd":  # the distillation term is not sample-weighted
+        ref = ref + AnytimeLoss(k, weighting)(logits, target) - (crit.weights.view(k, 1) * ce).sum() / n
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    got = torch.autograd.grad(loss, [s, *logits])
+    want = torch.autograd.grad(ref, [s, *logits])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert got[0].abs().max() > 1e-3  # d loss / d s is not vacuous

@@ -56,7 +56,11 @@ class AnytimeLoss(nn.Module):
         """float32 [K]: the weights of the latest call (before any call: the initial ones)."""
         return self.last_weights
 
-    def forward(self, logits: Sequence[torch.Tensor] | torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: Sequence[torch.Tensor] | torch.Tensor, target: torch.Tensor,
+                sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Scalar loss (float32). ``sample_weights``: optional per-sample weights, float32 [N]
+        (shared by the exits) or [K, N]; loss = sum_k w_k sum_i s_ik l_ik / N_valid, in the
+        fused pass, differentiable w.r.t. them (``last_per_exit`` stays the unweighted L_k)."""
         heads = list(logits.unbind(0)) if isinstance(logits, torch.Tensor) and logits.dim() == 3 else logits
         if isinstance(heads, torch.Tensor) or not isinstance(heads, Sequence):
             raise TypeError(f"logits: expected {self.num_exits} exit tensors [N, C] or one [K, N, C] tensor, "
@@ -65,8 +69,9 @@ class AnytimeLoss(nn.Module):
         heads = list(heads)
         if len(heads) != self.num_exits:
             raise ValueError(f"logits: expected {self.num_exits} exits (num_exits), got {len(heads)}")
+        extra = {} if sample_weights is None else {"sample_weights": sample_weights}
         out, weights = self.weighting.compute(heads, target, ignore_index=self.ignore_index,
-                                              label_smoothing=self.label_smoothing)
+                                              label_smoothing=self.label_smoothing, **extra)
         self.weighting.after_step(out)
         with torch.no_grad():
             self.last_weights.copy_(weights)

@@ -125,10 +125,11 @@ class IMTADistillation(Weighting):
             total = total + self.base[k].to(z.device) * (kl * valid).sum() / n_valid
         return self.alpha * t * t * total
 
-    def compute(self, heads, target, *, ignore_index, label_smoothing):
+    def compute(self, heads, target, *, ignore_index, label_smoothing, sample_weights=None):
+        # sample_weights weight the cross-entropy terms; the distillation term stays unweighted.
         weights = self.ce_weights.to(heads[0].device)
         out = multi_exit_cross_entropy(heads, target, weights, ignore_index=ignore_index,
-                                       label_smoothing=label_smoothing)
+                                       label_smoothing=label_smoothing, sample_weights=sample_weights)
         if self.alpha > 0 and len(heads) > 1:
             out = out._replace(loss=out.loss + self.distillation(list(heads), target, ignore_index))
         return out, weights

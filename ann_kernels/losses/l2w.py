@@ -360,10 +360,12 @@ class L2W(Weighting):
     def weights_for_step(self) -> Tensor:  # exit weights before any step: all ones
         return torch.ones(self.num_exits)
 
-    def compute(self, heads, target, *, ignore_index, label_smoothing):
+    def compute(self, heads, target, *, ignore_index, label_smoothing, sample_weights=None):
+        # A caller's own sample_weights ([N] or [K, N]) multiply the predicted W.
         def weight_fn(per_sample, confidence, valid):
             with torch.no_grad():
-                return self.sample_weights(per_sample, confidence, valid)
+                w = self.sample_weights(per_sample, confidence, valid)
+                return w if sample_weights is None else w * sample_weights.to(w.device, torch.float32)
 
         out, w = sample_weighted_cross_entropy(heads, target, weight_fn, ignore_index=ignore_index,
                                                label_smoothing=label_smoothing)

@@ -190,14 +190,15 @@ class Weighting(nn.Module):
         return None
 
     def compute(self, heads: list[torch.Tensor], target: torch.Tensor, *, ignore_index: int,
-                label_smoothing: float) -> tuple[ExitLoss, torch.Tensor]:
-        """``(ExitLoss of the fused op, the weights [K] it used)``."""
+                label_smoothing: float, sample_weights: torch.Tensor | None = None) -> tuple[ExitLoss, torch.Tensor]:
+        """``(ExitLoss of the fused op, the weights [K] it used)``; ``sample_weights`` ([N]
+        or [K, N] float32, optional) multiply each sample's loss inside the fused op."""
         weights = self.weights_for_step()
         if weights.device != heads[0].device:
             weights = weights.to(heads[0].device)
         out = multi_exit_cross_entropy(heads, target, weights, ignore_index=ignore_index,
                                        label_smoothing=label_smoothing, ema=self.ema_state(),
-                                       momentum=self.momentum)
+                                       momentum=self.momentum, sample_weights=sample_weights)
         return out, weights
 
     def pre_step(self, model: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor, *, ignore_index: int,
