@@ -76,10 +76,10 @@ def test_interpreter_only_files_are_run_apart(tmp_path):
     assert gpu_check.interpreter_only(str(forced)) and not gpu_check.interpreter_only(str(plain))
     plan = gpu_check.plan(str(tmp_path), jobs=2, arch="8.0")
     tests = next(p for p in plan if p.name == "tests-cuda")
-    interp = [p for p in plan if p.name == "triton-compile"]
-    ignored = [c.split("=", 1)[1] for c in tests.command if c.startswith("--ignore=")]
-    if interp:
-        assert sorted(ignored) == sorted(c for c in interp[0].command if c.endswith(".py"))
+    ignored = sorted(c.split("=", 1)[1] for c in tests.command if c.startswith("--ignore="))
+    expected = sorted(p for p in (os.path.join(ROOT, "tests", f) for f in os.listdir(os.path.join(ROOT, "tests"))
+                                  if f.startswith("test_") and f.endswith(".py")) if gpu_check.interpreter_only(p))
+    assert ignored == expected
 
 
 def test_bench_convention_detection(tmp_path):
