@@ -206,3 +206,17 @@ def test_calibrated_thresholds_run_as_simulated_by_the_op(device):
         active = step.survivor_index
     assert active.numel() == 0
     assert torch.bincount(exit_index.cpu(), minlength=k).tolist() == expected_counts.tolist()
+
+
+def test_nan_confidences_are_never_counted_towards_an_exit():
+    """A NaN confidence (non-finite logits) never passes a threshold, so calibration must
+    not count it: asking exit 0 for 3 of 4 rows when only 2 are finite used to give
+    threshold -inf there (every row, NaN ones included, left at the first exit)."""
+    nan = float("nan")
+    confidence = torch.tensor([[0.9, nan, 0.8, nan], [0.5, 0.6, 0.7, 0.8], [1.0, 1.0, 1.0, 1.0]])
+    thresholds = calibrate_thresholds(confidence, [0.75, 0.25, 0.0])
+    assert thresholds[0] == math.inf  # the count is unreachable among finite rows: nobody exits
+    assert thresholds[1] == pytest.approx(0.8)  # the most confident row still running
+    assert thresholds[2] == -math.inf
+    # Reachable among finite rows: the threshold is the count-th finite confidence.
+    assert calibrate_thresholds(confidence, [0.5, 0.25, 0.0])[0] == pytest.approx(0.8)

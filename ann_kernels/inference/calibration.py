@@ -106,8 +106,10 @@ def _thresholds_for_fractions(confidence: torch.Tensor, fractions: torch.Tensor)
     thresholds = torch.full((num_candidates, num_exits), math.inf, dtype=confidence.dtype)
     thresholds[:, -1] = -math.inf
     exited = torch.zeros(num_candidates, n, dtype=torch.bool)
+    finite_key = ~confidence.isnan()  # a NaN confidence never passes a threshold: never counted
     for k in range(num_exits - 1):
-        remaining_sorted = (~exited[:, order[k]]).to(torch.int64)  # [P, N], by confidence[k] desc
+        # [P, N], by confidence[k] desc: rows still running that could exit here.
+        remaining_sorted = (~exited[:, order[k]] & finite_key[k, order[k]]).to(torch.int64)
         seen = remaining_sorted.cumsum(dim=1)
         wanted = counts[:, k]
         position = (seen >= wanted.unsqueeze(1)).to(torch.int8).argmax(dim=1)  # first reaching the count
