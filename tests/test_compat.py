@@ -49,3 +49,16 @@ def test_register_fake_and_new_dynamic_size(tmp_path):
     x = torch.tensor([0.0, 1.0, 0.0, 2.0])
     assert torch.ops.ann_kernels_compat_test.nonzero_rows(x).tolist() == [1, 3]
     torch.library.opcheck(torch.ops.ann_kernels_compat_test.nonzero_rows.default, (x,))
+
+
+def test_version_dependent_apis_only_through_compat():
+    """The one guarded spot: no module but _compat calls the APIs that differ across torch
+    2.11-2.13 directly (a direct call is how a version break would slip back in)."""
+    import pathlib
+
+    package = pathlib.Path(ann_kernels.__file__).parent
+    guarded = ("torch.compiler.is_compiling(", "torch.library.register_fake(", "torch._dynamo.is_compiling(",
+               "torch.library.impl_abstract(", "get_ctx().new_dynamic_size(", "get_ctx().create_unbacked_symint(")
+    offenders = [f"{path.relative_to(package)}: {api}" for path in sorted(package.rglob("*.py"))
+                 if path.name != "_compat.py" for api in guarded if api in path.read_text()]
+    assert not offenders, offenders

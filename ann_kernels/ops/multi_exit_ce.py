@@ -32,6 +32,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ann_kernels import _compat
 from ann_kernels._ext import HAS_CPP_EXT, HAS_TRITON, warn_fallback
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -137,7 +138,7 @@ def _validate(logits, target, weights, ema, label_smoothing, momentum, *, check_
         if not weights.dtype.is_floating_point:
             weights = weights.float()
         # A host read: only for CPU tensors outside tracing (a CUDA check would sync).
-        if check_values and weights.device.type == "cpu" and not torch.compiler.is_compiling():
+        if check_values and weights.device.type == "cpu" and not _compat.is_compiling():
             if bool(weights.isnan().any()):
                 raise ValueError(f"weights: must not be NaN, got {weights.tolist()}")
             if bool((weights < 0).any()):
@@ -325,7 +326,7 @@ if HAS_CPP_EXT:
             torch.empty(num_exits, n, dtype=torch.int64, device=logits[0].device),
         )
 
-    @torch.library.register_fake("ann_kernels::multi_exit_ce")
+    @_compat.register_fake("ann_kernels::multi_exit_ce")
     def _multi_exit_ce_fake(logits, target, weights, ignore_index, label_smoothing, ema, momentum,
                             sample_weights=None):
         # Meta / fake tensors get the same errors as real ones (the check reads no values here).
@@ -334,13 +335,13 @@ if HAS_CPP_EXT:
         _C.check_multi_exit_ce_inputs(list(logits), target, weights, sample_weights, label_smoothing, ema, momentum)
         return _outputs_fake(logits)
 
-    @torch.library.register_fake("ann_kernels::multi_exit_ce_fwd")
+    @_compat.register_fake("ann_kernels::multi_exit_ce_fwd")
     def _multi_exit_ce_fwd_fake(logits, target, weights, ignore_index, label_smoothing, ema, momentum, compute_grad):
         out = _multi_exit_ce_fake(logits, target, weights, ignore_index, label_smoothing, ema, momentum)
         n, c = logits[0].shape
         return *out, logits[0].new_empty((len(logits), n, c) if compute_grad else (0,))
 
-    @torch.library.register_fake("ann_kernels::_multi_exit_ce_forward")
+    @_compat.register_fake("ann_kernels::_multi_exit_ce_forward")
     def _multi_exit_ce_forward_fake(logits, target, weights, sample_weights, ignore_index, label_smoothing, ema,
                                     momentum, grad_mode):
         n, c = logits[0].shape
@@ -348,13 +349,13 @@ if HAS_CPP_EXT:
         grads = logits[0].new_empty((len(logits), n, c) if grad_mode == 1 else (0,))
         return *_outputs_fake(logits), lse, grads
 
-    @torch.library.register_fake("ann_kernels::_multi_exit_ce_backward")
+    @_compat.register_fake("ann_kernels::_multi_exit_ce_backward")
     def _multi_exit_ce_backward_fake(grad_loss, logits, target, weights, sample_weights, lse, ignore_index,
                                      label_smoothing):
         n, c = logits[0].shape
         return logits[0].new_empty((len(logits), n, c))
 
-    @torch.library.register_fake("ann_kernels::_multi_exit_ce_scale_")
+    @_compat.register_fake("ann_kernels::_multi_exit_ce_scale_")
     def _multi_exit_ce_scale_fake(grads, grad_loss):
         return None
 

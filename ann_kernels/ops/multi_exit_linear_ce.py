@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ann_kernels import _compat
 from ann_kernels._ext import HAS_CPP_EXT, HAS_TRITON, warn_fallback
 from ann_kernels.ops.multi_exit_ce import ExitLoss, update_ema_
 
@@ -104,7 +105,7 @@ def _validate(hidden, weight, target, weights, bias, sample_weights, label_smoot
         weights = torch.as_tensor(weights, dtype=torch.float32, device=first.device)
     if weights.shape != (num_exits,):
         raise ValueError(f"{op}weights: expected {num_exits} values (one per exit), got shape {tuple(weights.shape)}")
-    if check_values and weights.device.type == "cpu" and not torch.compiler.is_compiling() and bool((weights < 0).any()):
+    if check_values and weights.device.type == "cpu" and not _compat.is_compiling() and bool((weights < 0).any()):
         raise ValueError(f"{op}weights: must be non-negative, got {weights.tolist()}")
     if sample_weights is not None:
         if tuple(sample_weights.shape) not in ((n,), (num_exits, n)):
@@ -192,7 +193,7 @@ def _active_exits(weights, num_exits: int, skip_zero: bool) -> list[int]:
     if not skip_zero or weights is None:
         return list(range(num_exits))
     if isinstance(weights, torch.Tensor):
-        if weights.device.type != "cpu" or weights.requires_grad or torch.compiler.is_compiling():
+        if weights.device.type != "cpu" or weights.requires_grad or _compat.is_compiling():
             return list(range(num_exits))
         if weights.shape != (num_exits,):
             return list(range(num_exits))  # the op raises with the message
@@ -271,7 +272,7 @@ _LINEAR_CE = torch.ops.ann_kernels.multi_exit_linear_ce.default if HAS_CPP_EXT e
 
 if HAS_CPP_EXT:
 
-    @torch.library.register_fake("ann_kernels::multi_exit_linear_ce")
+    @_compat.register_fake("ann_kernels::multi_exit_linear_ce")
     def _linear_ce_fake(hidden, weight, target, weights, bias, sample_weights, ignore_index, label_smoothing,
                         z_loss, ema, momentum, active, budget_bytes):
         _validate(hidden, weight, target, weights, bias, sample_weights, label_smoothing, z_loss, ema, momentum,
@@ -282,7 +283,7 @@ if HAS_CPP_EXT:
                 torch.empty(num_exits, n, **f32),
                 torch.empty(num_exits, n, dtype=torch.int64, device=hidden[0].device))
 
-    @torch.library.register_fake("ann_kernels::multi_exit_linear_ce_fwd")
+    @_compat.register_fake("ann_kernels::multi_exit_linear_ce_fwd")
     def _linear_ce_fwd_fake(hidden, weight, target, weights, bias, sample_weights, ignore_index, label_smoothing,
                             z_loss, ema, momentum, active, budget_bytes, compute_grad):
         outs = _linear_ce_fake(hidden, weight, target, weights, bias, sample_weights, ignore_index,
