@@ -235,6 +235,24 @@ def test_bad_inputs_name_the_argument(device):
         fused(hidden, weight, target, z_loss=-1.0)
 
 
+def test_weight_values_follow_the_logits_ops_rule():
+    """One rule for weight values on both loss ops (csrc/cpu/weight_checks.h): NaN exit or
+    sample weights and negative exit weights are rejected on CPU; negative sample weights
+    (L2W-DEN with eps > 0.5) are allowed and match the reference."""
+    hidden, weight, b, target = make_case(2, 5, 8, 20)
+    nan = float("nan")
+    with pytest.raises(ValueError, match=r"weights: must not be NaN, got weights\[1\] = nan"):
+        fused(hidden, weight, target, torch.tensor([1.0, nan]))
+    with pytest.raises(ValueError, match=r"weights: must be non-negative"):
+        fused(hidden, weight, target, torch.tensor([1.0, -0.5]), skip_zero_weight_exits=False)
+    with pytest.raises(ValueError, match=r"sample_weights: must not be NaN, got sample_weights\[0, 2\] = nan"):
+        fused(hidden, weight, target, sample_weights=torch.tensor([[1.0, 1, nan, 1, 1], [1.0] * 5]))
+    s = torch.tensor([[1.0, -0.6, 2.0, 0.5, 1.0], [-0.2, 1.0, 1.0, 1.0, 2.6]])
+    got = fused(hidden, weight, target, sample_weights=s).loss
+    want = reference(hidden, weight, target, sample_weights=s).loss
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_opcheck():
     # (opcheck compares outputs without equal_nan, so every exit stays active here.)
     hidden, weight, b, target = make_case(2, 6, 8, 30, bias=True, seed=7)

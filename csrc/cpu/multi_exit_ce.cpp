@@ -18,6 +18,7 @@
 #include "buffer_pool.h"
 #include "ce_row_kernels.h"
 #include "multi_exit_ce_rows.h"
+#include "weight_checks.h"
 
 #include <algorithm>
 #include <cmath>
@@ -32,37 +33,7 @@ using at::Tensor;
 
 using namespace multi_exit_ce_detail;
 
-// True for a plain eager CPU tensor; false under tracing (fake / functional tensors carry
-// the Python key), where reading the value would be a data-dependent branch.
-bool is_plain_cpu(const Tensor& t) {
-  return t.defined() && t.device().is_cpu() && !t.key_set().has(c10::DispatchKey::Python) &&
-         !t.key_set().has(c10::DispatchKey::Functionalize);
-}
-
 using OptTensor = std::optional<Tensor>;
-
-// Values of a [K] weight vector (or [K, N] / [N] sample weights) checked on the host: only
-// where that read is free (plain CPU tensors). NaN is rejected (it would silently poison
-// the loss and every gradient); so is a negative exit weight. Negative sample weights are
-// allowed (`allow_negative`): L2W-DEN's W = 1 + eps (g - mean g) goes below 0 for
-// eps > 0.5, as in the original. On CUDA nothing is read (a check would synchronise): NaN
-// weights give a NaN loss and NaN gradients there.
-void check_weight_values(const Tensor& t, const char* name, bool allow_negative = false) {
-  if (!is_plain_cpu(t)) return;
-  at::NoGradGuard no_grad;  // a read, not part of any graph (weights may require grad)
-  const Tensor v = t.to(at::kFloat).contiguous().view(-1);
-  const float* p = v.data_ptr<float>();
-  const int64_t cols = t.dim() == 2 ? t.size(1) : 0;
-  for (int64_t j = 0; j < v.numel(); ++j) {
-    if (p[j] >= 0.f || (allow_negative && !std::isnan(p[j]))) continue;
-    const std::string where = cols > 0 ? std::to_string(j / cols) + ", " + std::to_string(j % cols)
-                                       : std::to_string(j);
-    TORCH_CHECK_VALUE(!std::isnan(p[j]), "multi_exit_cross_entropy: ", name, ": must not be NaN, got ", name, "[",
-                      where, "] = nan");
-    TORCH_CHECK_VALUE(false, "multi_exit_cross_entropy: ", name, ": must be non-negative, got ", name, "[", where,
-                      "] = ", p[j]);
-  }
-}
 
 }  // namespace
 
@@ -109,7 +80,7 @@ void check_multi_exit_ce_inputs(at::TensorList logits, const Tensor& target, con
                       " but logits are on ", first.device());
     TORCH_CHECK_TYPE(at::isFloatingType(weights->scalar_type()) || !weights->requires_grad(), op,
                      "weights: expected a floating-point tensor, got ", weights->scalar_type());
-    check_weight_values(*weights, "weights");
+    check_weight_values(*weights, op, "weights");
   }
   if (sample_weights.has_value() && sample_weights->defined()) {
     const Tensor& s = *sample_weights;
@@ -118,7 +89,7 @@ void check_multi_exit_ce_inputs(at::TensorList logits, const Tensor& target, con
                       "sample_weights: expected shape [", N, "] or [", K, ", ", N, "], got ", s.sizes());
     TORCH_CHECK_VALUE(s.device() == first.device(), op, "sample_weights is on ", s.device(), " but logits are on ",
                       first.device());
-    check_weight_values(s, "sample_weights", /*allow_negative=*/true);
+    check_weight_values(s, op, "sample_weights", /*allow_negative=*/true);
   }
   if (ema.has_value()) {
     TORCH_CHECK_VALUE(ema->dim() == 1 && ema->size(0) == K && ema->scalar_type() == at::kFloat, op,

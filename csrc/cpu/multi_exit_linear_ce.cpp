@@ -31,6 +31,8 @@
 #include <ann_kernels/row_math.h>
 
 #include "ce_row_kernels.h"
+#include "multi_exit_linear_ce_rows.h"
+#include "weight_checks.h"
 
 #include <algorithm>
 #include <cmath>
@@ -42,139 +44,7 @@ namespace ann_kernels {
 namespace {
 
 using at::Tensor;
-
-constexpr int64_t kMinRows = 64;
-constexpr int64_t kDefaultBudget = 32ll << 20;
-
-int64_t resolve_budget(int64_t budget) {
-  if (budget > 0) return budget;
-  if (const char* env = std::getenv("ANN_KERNELS_LINEAR_CE_BUDGET_MB")) {
-    const double mb = std::atof(env);
-    if (mb > 0) return static_cast<int64_t>(mb * (1 << 20));
-  }
-  return kDefaultBudget;
-}
-
-// Tile plan: rows per chunk and vocabulary columns per tile (fp32 elements in budget).
-struct Plan {
-  int64_t rows, vtile;
-};
-
-Plan make_plan(int64_t total_rows, int64_t V, int64_t budget_bytes) {
-  const int64_t elems = std::max<int64_t>(budget_bytes / 4, 8 * 8);
-  int64_t vtile = V, rows = elems / V;
-  if (rows < kMinRows && rows < total_rows) {  // vocabulary tiles for kMinRows rows
-    rows = std::min<int64_t>(kMinRows, total_rows);
-    vtile = std::max<int64_t>(8, elems / rows);
-    if (vtile > 256) vtile -= vtile % 256;
-    vtile = std::min(vtile, V);
-  }
-  rows = std::max<int64_t>(1, std::min(rows, total_rows));
-  return {rows, vtile};
-}
-
-struct RowState {
-  float max, sum_exp, sum_x, x_target;
-  int64_t argmax;
-  bool finite;
-};
-
-// Merge one tile row x[0..vt) (columns v0..) into the running row state (online lse).
-// When keep_exp, x is overwritten with exp(x - tile max) (reused by a one-tile pass B).
-// AVX2 (ce_row_kernels.h's exp8 / hsum8 / tail_mask, 8 lanes): max and sum in one pass,
-// the first index of the maximum by a scan that stops at it, then exp with its sum. The
-// summation order depends only on vt. Portable scalar loops otherwise.
-inline void merge_tile_row(float* __restrict x, int64_t vt, int64_t v0, int64_t y, RowState& s, bool keep_exp) {
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  float m = neg_inf, sx = 0.f, se = 0.f;
-  int64_t am = 0;
-#if defined(ANN_KERNELS_AVX2)
-  __m256 vmax = _mm256_set1_ps(neg_inf), vsum = _mm256_setzero_ps();
-  int64_t c = 0;
-  for (; c + 8 <= vt; c += 8) {
-    const __m256 v = _mm256_loadu_ps(x + c);
-    vmax = _mm256_max_ps(vmax, v);
-    vsum = _mm256_add_ps(vsum, v);
-  }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, vmax);
-  for (int l = 0; l < 8; ++l) m = lanes[l] > m ? lanes[l] : m;
-  sx = hsum8(vsum);
-  for (; c < vt; ++c) {
-    m = x[c] > m ? x[c] : m;
-    sx += x[c];
-  }
-  if (std::isnan(sx) || !std::isfinite(m)) {
-    s.finite = false;
-    return;
-  }
-  const __m256 vm = _mm256_set1_ps(m);
-  am = -1;
-  for (c = 0; c + 8 <= vt; c += 8) {
-    const int hits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + c), vm, _CMP_EQ_OQ));
-    if (hits != 0) {
-      am = c + __builtin_ctz(hits);
-      break;
-    }
-  }
-  for (; am < 0 && c < vt; ++c) {
-    if (x[c] == m) am = c;
-  }
-  if (y >= v0 && y < v0 + vt) s.x_target = x[y - v0];
-  __m256 vse = _mm256_setzero_ps();
-  for (c = 0; c + 8 <= vt; c += 8) {
-    const __m256 e = exp8<false>(_mm256_sub_ps(_mm256_loadu_ps(x + c), vm));
-    if (keep_exp) _mm256_storeu_ps(x + c, e);
-    vse = _mm256_add_ps(vse, e);
-  }
-  se = hsum8(vse);
-  for (; c < vt; ++c) {
-    const float e = fast_exp(x[c] - m);
-    if (keep_exp) x[c] = e;
-    se += e;
-  }
-#else
-  for (int64_t c = 0; c < vt; ++c) {
-    sx += x[c];
-    if (x[c] > m) {
-      m = x[c];
-      am = c;
-    }
-  }
-  if (std::isnan(sx) || !std::isfinite(m)) {
-    s.finite = false;
-    return;
-  }
-  if (y >= v0 && y < v0 + vt) s.x_target = x[y - v0];
-  for (int64_t c = 0; c < vt; ++c) {
-    const float e = fast_exp(x[c] - m);
-    if (keep_exp) x[c] = e;
-    se += e;
-  }
-#endif
-  s.sum_x += sx;
-  if (m > s.max) {
-    s.sum_exp = s.sum_exp * fast_exp(s.max - m) + se;
-    s.max = m;
-    s.argmax = v0 + am;
-  } else {
-    s.sum_exp += se * fast_exp(m - s.max);
-  }
-}
-
-// g = x * a - b over a row, or g = exp(x - l) * a - b when from_logits (vectorised).
-inline void grad_row(float* __restrict x, int64_t vt, float a, float b, bool from_logits, float l) {
-  int64_t c = 0;
-#if defined(ANN_KERNELS_AVX2)
-  const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b), vl = _mm256_set1_ps(l);
-  for (; c + 8 <= vt; c += 8) {
-    __m256 v = _mm256_loadu_ps(x + c);
-    if (from_logits) v = exp8<true>(_mm256_sub_ps(v, vl));
-    _mm256_storeu_ps(x + c, _mm256_fmsub_ps(v, va, vb));
-  }
-#endif
-  for (; c < vt; ++c) x[c] = (from_logits ? fast_exp(x[c] - l) : x[c]) * a - b;
-}
+using namespace linear_ce_detail;
 
 struct Args {
   int64_t K, N, H, V;
@@ -389,6 +259,7 @@ void check_inputs(at::TensorList hidden, const Tensor& weight, const Tensor& tar
                     " values (one per exit), got shape ", weights.sizes());
   TORCH_CHECK_VALUE(weights.device() == first.device(), op, "weights is on ", weights.device(),
                     " but hidden is on ", first.device());
+  check_weight_values(weights, op, "weights");  // the logits op's rule (weight_checks.h)
   if (sample_weights.has_value()) {
     const Tensor& s = *sample_weights;
     const bool ok = (s.dim() == 1 && s.size(0) == N) || (s.dim() == 2 && s.size(0) == K && s.size(1) == N);
@@ -396,6 +267,7 @@ void check_inputs(at::TensorList hidden, const Tensor& weight, const Tensor& tar
     TORCH_CHECK_TYPE(s.is_floating_point(), op, "sample_weights: expected a float tensor, got ", s.scalar_type());
     TORCH_CHECK_VALUE(s.device() == first.device(), op, "sample_weights is on ", s.device(), " but hidden is on ",
                       first.device());
+    check_weight_values(s, op, "sample_weights", /*allow_negative=*/true);
   }
   if (ema.has_value()) {
     TORCH_CHECK_VALUE(ema->dim() == 1 && ema->size(0) == K && ema->scalar_type() == at::kFloat, op,
@@ -542,11 +414,6 @@ const c10::TypedOperatorHandle<FwdSig>& fwd_op() {
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("ann_kernels::multi_exit_linear_ce_fwd", "").typed<FwdSig>();
   return op;
-}
-
-bool is_plain_cpu(const Tensor& t) {
-  return t.defined() && t.device().is_cpu() && !t.key_set().has(c10::DispatchKey::Python) &&
-         !t.key_set().has(c10::DispatchKey::Functionalize);
 }
 
 class MultiExitLinearCE : public torch::autograd::Function<MultiExitLinearCE> {
