@@ -83,6 +83,34 @@ def _max_first_index(value1, index1, value2, index2):
 
 
 @triton.jit
+def _exit_rows(table_ptr, target_ptr, N, C, K, ignore_index, DTYPE: tl.constexpr, BLOCK_N: tl.constexpr,
+               ALIGN_BYTES: tl.constexpr):
+    """This program's rows [pid_n * BLOCK_N, +BLOCK_N) of exit k = program_id(1), shared by
+    the forward and the deferred backward kernel. Returns (k, rows [BLOCK_N] int64 clamped
+    to N-1, row_mask, row_ptrs [BLOCK_N] typed row starts, y, valid, bad)."""
+    pid_n = tl.program_id(0)
+    k = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    rows = tl.minimum(rows, N - 1).to(tl.int64)  # int64: row * stride may exceed 2^31
+    # The exit's logits: an int64 address from the table, cast back to a typed pointer.
+    x_base = tl.load(table_ptr + k).to(tl.pointer_type(DTYPE))
+    x_stride = tl.load(table_ptr + K + k)
+    # A pointer from an integer carries no alignment, so restate what the launcher checked:
+    # every row starts on an ALIGN_BYTES boundary (16 lets the compiler issue 128-bit loads;
+    # without the hint every element is a scalar load). (The hint goes on the 1-D [BLOCK_N]
+    # row pointers: with BLOCK_N = 1 the compiler folds them to a scalar, and a 2-D hint on
+    # a scalar crashes its alignment analysis.)
+    row_ptrs = tl.multiple_of(x_base + rows * x_stride, [ALIGN_BYTES])
+    y = tl.load(target_ptr + rows)
+    valid = y != ignore_index
+    # A valid target outside [0, C) cannot raise without a host sync: its row's loss and
+    # gradient become NaN instead (and it is never dereferenced: class 0 is read in its place).
+    bad = valid & ((y < 0) | (y >= C))
+    return k, rows, row_mask, row_ptrs, y, valid, bad
+
+
+@triton.jit
 def _multi_exit_ce_kernel(
     table_ptr,  # [2K] int64: each head's base address, then each head's row stride (elements)
     target_ptr,  # [N] int64
@@ -123,29 +151,10 @@ def _multi_exit_ce_kernel(
     # 1. Who am I: rows [pid_n * BLOCK_N, +BLOCK_N) of exit k. Rows past N (last block)
     #    recompute row N-1 instead of loading -inf padding (no NaN from -inf - -inf);
     #    every store of them is masked off.
-    pid_n = tl.program_id(0)
-    k = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    rows = tl.minimum(rows, N - 1).to(tl.int64)  # int64: row * stride may exceed 2^31
+    k, rows, row_mask, row_ptrs, y, valid, bad = _exit_rows(table_ptr, target_ptr, N, C, K, ignore_index,
+                                                            DTYPE, BLOCK_N, ALIGN_BYTES)
     cols0 = tl.arange(0, BLOCK_C)
-
-    # The exit's logits: an int64 address from the table, cast back to a typed pointer.
-    x_base = tl.load(table_ptr + k).to(tl.pointer_type(DTYPE))
-    x_stride = tl.load(table_ptr + K + k)
-    # Row starts, as [BLOCK_N, 1]. A pointer from an integer carries no alignment, so restate
-    # what the launcher checked: every row starts on an ALIGN_BYTES boundary (16 lets the
-    # compiler issue 128-bit loads; without the hint every element is a scalar load).
-    # (The hint goes on the 1-D [BLOCK_N] row pointers: with BLOCK_N = 1 the compiler folds
-    # them to a scalar, and a 2-D hint on a scalar crashes its alignment analysis.)
-    row_ptrs = tl.multiple_of(x_base + rows * x_stride, [ALIGN_BYTES])
     x_rows = row_ptrs[:, None]
-
-    y = tl.load(target_ptr + rows)
-    valid = y != ignore_index
-    # A valid target outside [0, C) cannot raise without a host sync: its row's loss and
-    # gradient become NaN instead (and it is never dereferenced: class 0 is read in its place).
-    bad = valid & ((y < 0) | (y >= C))
     in_range = valid & ~bad
     # The target's logit: one load per row (cheaper than a gather-by-compare per chunk).
     z_y = tl.load(row_ptrs + tl.where(in_range, y, 0)).to(tl.float32)
@@ -306,19 +315,10 @@ def _multi_exit_ce_bwd_kernel(
     #   g_c = scale * (exp(z_c - lse) - (1-e)[c = y] - e/C).
     # A row whose lse is not finite (NaN or infinite logits) gets NaN, as torch gives; rows
     # with scale = 0 get exact zeros; an out-of-range target poisons its row (as forward).
-    pid_n = tl.program_id(0)
-    k = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    rows = tl.minimum(rows, N - 1).to(tl.int64)
+    k, rows, row_mask, row_ptrs, y, valid, bad = _exit_rows(table_ptr, target_ptr, N, C, K, ignore_index,
+                                                            DTYPE, BLOCK_N, ALIGN_BYTES)
     cols0 = tl.arange(0, BLOCK_C)
-    x_base = tl.load(table_ptr + k).to(tl.pointer_type(DTYPE))
-    x_stride = tl.load(table_ptr + K + k)
-    row_ptrs = tl.multiple_of(x_base + rows * x_stride, [ALIGN_BYTES])
     x_rows = row_ptrs[:, None]
-    y = tl.load(target_ptr + rows)
-    valid = y != ignore_index
-    bad = valid & ((y < 0) | (y >= C))
     n_valid = tl.load(n_valid_ptr).to(tl.float32)
     inv_n_valid = tl.where(n_valid > 0, 1.0 / tl.maximum(n_valid, 1.0), 0.0)
     go = tl.load(grad_loss_ptr).to(tl.float32)
