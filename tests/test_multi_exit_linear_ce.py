@@ -271,7 +271,7 @@ def test_opcheck():
 
 def test_inside_torch_compile_fullgraph():
     torch._dynamo.reset()
-    K, N, H, V = 2, 8, 16, 40
+    N, H, V = 8, 16, 40
     torch.manual_seed(0)
     body = torch.nn.Linear(H, H)
     head = torch.nn.Linear(H, V)
