@@ -17,7 +17,8 @@ $(PY):
 # would pull a multi-GB CUDA build. Install it only when the venv has no torch yet.
 $(VENV)/.deps: pyproject.toml | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q setuptools wheel numpy pybind11 ninja tqdm matplotlib pytest hypothesis triton tokenizers fastapi uvicorn
+	$(PIP) install -q setuptools wheel numpy pybind11 ninja tqdm matplotlib pytest hypothesis triton tokenizers \
+		fastapi uvicorn prometheus_client transformers openai 'tritonclient[http]' 'ray[serve]'
 	touch $@
 
 # --no-build-isolation: compile against the torch installed above.
