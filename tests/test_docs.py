@@ -44,7 +44,8 @@ def broken_links(path: Path) -> list[str]:
         file_part, _, anchor = target.partition("#")
         dest = (path.parent / file_part).resolve() if file_part else path
         if not dest.exists():
-            bad.append(f"{target} (no such file {dest.relative_to(ROOT) if dest.is_relative_to(ROOT) else dest})")
+            shown = dest.relative_to(ROOT) if dest.is_relative_to(ROOT) else dest
+            bad.append(f"{target} (no such file {shown})")
         elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
             bad.append(f"{target} (no heading with anchor #{anchor} in {dest.name})")
     return bad
