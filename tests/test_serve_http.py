@@ -17,7 +17,7 @@ import torch
 
 from ann_kernels import EarlyExitEngine
 from ann_kernels.inference import EarlyExitServer
-from tests.test_engine import K, inputs, mlp_checkpoint, small_mlp  # noqa: F401  (fixture)
+from tests.early_exit_helpers import K, inputs, mlp_checkpoint, small_mlp  # noqa: F401  (fixture)
 from tests.utils import requires_ext
 
 try:

@@ -16,7 +16,7 @@ import torch
 
 from ann_kernels import EarlyExitEngine
 from ann_kernels.inference import EarlyExitServer
-from tests.test_engine import inputs, small_mlp
+from tests.early_exit_helpers import inputs, small_mlp
 from tests.utils import http_call, requires_ext
 
 tritonclient_http = pytest.importorskip(

@@ -87,8 +87,7 @@ class ServeMetrics:
         self._stage_rows = [stage_rows.labels(m, str(k)) for k in range(server.num_exits)]
         self._stage_seconds = [stage_seconds.labels(m, str(k)) for k in range(server.num_exits)]
         r.register(_ServerCollector(server, m))
-        if hasattr(server, "add_stage_listener"):  # interim: until serve_core's listener lands
-            server.add_stage_listener(self._on_stage)
+        server.add_stage_listener(self._on_stage)
 
     def _on_stage(self, stage: int, batch_rows: int, exited_rows: int, seconds: float) -> None:
         """Stage listener (the server's worker thread; prometheus_client is thread-safe)."""
@@ -99,7 +98,7 @@ class ServeMetrics:
         """One answered request: its latency, outcome and (a result) queue time."""
         self._latency[protocol].observe(seconds)
         self._outcome[protocol, outcome_of(status)].inc()
-        if result is not None and hasattr(result, "queue_s"):  # interim: until serve_core's queue_s lands
+        if result is not None:
             self._queue_seconds.observe(result.queue_s)
 
     def exposition(self) -> bytes:
