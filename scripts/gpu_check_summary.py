@@ -48,8 +48,9 @@ def missing_modules(names=REQUIRED_MODULES) -> list[str]:
 
 
 def exit_status(results: list, verdicts=(), missing=()) -> int:
-    """``results``: gpu_check.Result per phase; ``verdicts``: bench/targets.py Verdicts. 1 when a required package is missing or a phase that counts failed or timed out; else
-    3 when a GPU target was missed (a verdict, not a note); else 0."""
+    """1 when a required package is missing or a phase that counts failed or timed out; else
+    3 when a GPU target was missed (a verdict, not a note); else 0. ``results``: one
+    gpu_check.Result per phase; ``verdicts``: bench/targets.py Verdicts."""
     if missing or any(r.status in ("failed", "timeout") and r.phase.fails_run for r in results):
         return 1
     if any(v.status == "missed" and "dry run" not in v.reason for v in verdicts):
