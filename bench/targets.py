@@ -144,17 +144,22 @@ def eager_ce(logits, target, weights: list[float]):
 
 
 def make_inputs(op: str, shape, dtype, device):
-    gen = torch.Generator().manual_seed(0)
+    """Leaves (logits, or hidden states + the head's weight) made on the device in their dtype
+    (a 1 G-element randn on the host would take longer than the measurement), the targets and
+    host-side exit weights."""
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*size, scale=1.0):
+        return torch.randn(*size, generator=gen, device=device, dtype=dtype).mul_(scale).requires_grad_()
+
     if op == "logits":
         k, n, c = shape
-        leaves = [(torch.randn(n, c, generator=gen) * 3).to(device, dtype).requires_grad_() for _ in range(k)]
-        target = torch.randint(0, c, (n,), generator=gen).to(device)
+        leaves = [randn(n, c, scale=3.0) for _ in range(k)]
     else:
-        k, n, h, v = shape
-        leaves = [torch.randn(n, h, generator=gen).to(device, dtype).requires_grad_() for _ in range(k)]
-        leaves.append((torch.randn(v, h, generator=gen) / h**0.5).to(device, dtype).requires_grad_())
-        target = torch.randint(0, v, (n,), generator=gen).to(device)
-    weights = torch.rand(k, generator=gen) + 0.5
+        k, n, h, c = shape
+        leaves = [randn(n, h) for _ in range(k)] + [randn(c, h, scale=h**-0.5)]
+    target = torch.randint(0, c, (n,), generator=gen, device=device)
+    weights = torch.rand(k, generator=torch.Generator().manual_seed(1)) + 0.5
     return leaves, target, weights
 
 

@@ -134,6 +134,10 @@ def write_outputs(out_dir: str, results: list, budget_s: float, total_s: float, 
               f"{counts.get('not measured', 0)} not measured; bench/README.md)"]
     lines += [f"- {v.line()}" for v in verdicts]
     lines += ["", "## CUDA tests"]
+    registration_log = os.path.join(out_dir, "check-registration.log")
+    if os.path.exists(registration_log):  # e.g. no Triton: the loss tests would test the reference
+        with open(registration_log, encoding="utf-8") as handle:
+            lines += [f"- **{line.strip()}**" for line in handle if line.startswith("FAIL:")]
     tests = next((r for r in results if r.phase.name == "tests-cuda"), None)
     xml_path = os.path.join(out_dir, "tests-cuda.xml")
     test_counts = junit_counts(xml_path)

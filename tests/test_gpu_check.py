@@ -179,6 +179,16 @@ def test_verdicts_from_a_recorded_csv():
     assert len(lines) == len(targets.TARGETS)
 
 
+def test_target_runner_past_its_deadline_writes_not_measured_rows(tmp_path):
+    import torch
+
+    path = targets.run_targets(str(tmp_path), torch.device("cpu"), deadline_s=0.0)
+    rows = targets.read_rows(path)
+    assert len(rows) == sum(len(targets.PROVIDERS[op]) for op, _, _ in targets.validate_targets())
+    assert all(r["notes"].startswith("not measured: the deadline") for r in rows)
+    assert {v.status for v in targets.judge(rows)} == {"not measured"}
+
+
 def test_summary_opens_with_the_target_verdicts_then_tests_then_skips(tmp_path):
     (tmp_path / "targets").mkdir()
     shutil.copy(RECORDED, tmp_path / "targets" / targets.CSV_NAME)
@@ -191,6 +201,7 @@ def test_summary_opens_with_the_target_verdicts_then_tests_then_skips(tmp_path):
     (bench_dir / "demo.csv").write_text(
         "op,provider,shape,metric,p20,p50,p80\n"
         "loss,ours,4x8192x32000,fwd_bwd_ms,1,2,3\nloss,eager,4x8192x32000,fwd_bwd_ms,5,6,7\n")
+    (tmp_path / "check-registration.log").write_text("ops ...\nFAIL: TRITON IS NOT INSTALLED: ...\n")
     results = [Result(Phase("tests-cuda", 1, 0, ("x",)), "ok", 3.0, 10.0),
                Result(Phase("targets", 1, 0, ("x",)), "ok", 10.0, 10.0),
                Result(Phase("bench:bench_slow", 1, 0, ("x",), fails_run=False), "timeout", 10.0, 10.0,
@@ -201,8 +212,9 @@ def test_summary_opens_with_the_target_verdicts_then_tests_then_skips(tmp_path):
     assert lines[2] == "## GPU targets (2 met, 4 missed, 3 not measured; bench/README.md)"
     assert lines[3].startswith("- NOT MEASURED") and lines[5].startswith("- MISSED: logits op")
     assert lines[13] == "## CUDA tests"
-    assert lines[14].startswith("- 5 tests: 1 failed, 0 errors, 2 skipped")
-    assert lines[15] == "- FAILED tests/test_a.py::test_x[cuda]: AssertionError: 3 != 4"
+    assert lines[14] == "- **FAIL: TRITON IS NOT INSTALLED: ...**"
+    assert lines[15].startswith("- 5 tests: 1 failed, 0 errors, 2 skipped")
+    assert lines[16] == "- FAILED tests/test_a.py::test_x[cuda]: AssertionError: 3 != 4"
     skips = text.split("## Skipped, and why")[1].split("## Run")[0]
     assert "phase bench:bench_slow timed out" in skips and "bench:bench_demo: no time left" in skips
     if importlib.util.find_spec("liger_kernel") is None:
