@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from ann_kernels import EarlyExitEngine
-from ann_kernels.inference import EarlyExitServer
+from ann_kernels.inference import EarlyExitResult, EarlyExitServer
 from ann_kernels.nn import MultiExitNetwork
-from tests.test_engine import CountingSleep, K, inputs, safe_thresholds, simulate, small_mlp, tuple_net
+from tests.early_exit_helpers import CountingSleep, K, inputs, safe_thresholds, simulate, small_mlp, tuple_net
 from tests.utils import DEVICES, requires_ext
 
 pytestmark = [requires_ext, pytest.mark.usefixtures("one_thread")]
@@ -246,7 +246,7 @@ def conv_net(seed: int = 0) -> MultiExitNetwork:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_channels_last_requests_get_predicts_answers(device):
-    from ann_kernels.inference.engine import _gather_rows
+    from ann_kernels.inference.rows import gather_rows
 
     model = conv_net(seed=30).to(device)
     x = torch.randn(40, 3, 6, 6, generator=torch.Generator().manual_seed(31)).to(device)
@@ -262,5 +262,46 @@ def test_channels_last_requests_get_predicts_answers(device):
     assert torch.equal(torch.cat([r.exit_index for r in results]), expected.exit_index)
     assert torch.equal(torch.cat([r.prediction for r in results]), expected.prediction)
     rows = torch.tensor([5, 1, 3], device=device)
-    gathered = _gather_rows(x, rows)  # the layout the masking and deadline paths keep
+    gathered = gather_rows(x, rows)  # the layout the masking and deadline paths keep
     assert gathered.is_contiguous(memory_format=torch.channels_last) and torch.equal(gathered, x[[5, 1, 3]])
+
+
+def test_stage_listeners_queue_times_and_live_counts(caplog):
+    """The observation hooks: every stage run reaches the listeners with the rows it ran and
+    the rows that got their answer there (they add up to stats()); a raising listener is
+    logged once and serving goes on; queue_s is submit -> first stage start; queued_rows()
+    and in_flight() count what waits."""
+    model = small_mlp(seed=40)
+    engine, x = EarlyExitEngine(model), inputs(90, seed=41)
+    thresholds = thresholds_for(model, x)
+    expected = engine.predict(x, thresholds=thresholds)
+    calls = []
+
+    def broken(*args):
+        raise ZeroDivisionError("listener bug")
+
+    server = EarlyExitServer(engine, thresholds=thresholds, max_batch_size=1024, max_wait_s=30.0).start()
+    server.add_stage_listener(lambda *args: calls.append(args))
+    server.add_stage_listener(broken)
+    with pytest.raises(TypeError, match="fn"):
+        server.add_stage_listener("not callable")
+    futures = [server.submit(x[i:i + 3]) for i in range(0, 90, 3)]
+    # max_wait_s = 30 s and 1024-row batches: nothing can run before close() drains.
+    assert server.queued_rows() == 90 and server.in_flight() == 30
+    time.sleep(0.05)
+    with caplog.at_level("ERROR", logger="ann_kernels.inference.server"):
+        server.close()
+    results = [f.result(timeout=0) for f in futures]
+    assert server.queued_rows() == 0 and server.in_flight() == 0
+    assert torch.equal(torch.cat([r.exit_index for r in results]), expected.exit_index)
+    for r in results:  # queued from its submit until close(): at least the 50 ms slept, at most its latency
+        assert isinstance(r, EarlyExitResult) and 0.05 <= r.queue_s <= r.stats.total_seconds
+    stats = server.stats()
+    assert [sum(1 for c in calls if c[0] == k) for k in range(K)] == list(stats.stage_runs)
+    for k in range(K):
+        rows = sum(c[1] for c in calls if c[0] == k)
+        assert rows == pytest.approx(stats.mean_batch_rows[k] * stats.stage_runs[k])
+        assert sum(c[2] for c in calls if c[0] == k) == expected.stats.samples_per_exit[k]
+    assert all(c[3] >= 0 for c in calls) and calls[0][:2] == (0, 90)
+    logged = [r for r in caplog.records if "listener" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].exc_info[0] is ZeroDivisionError
