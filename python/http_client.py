@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     smoke = args.smoke or os.environ.get("ANN_EXAMPLES_SMOKE", "0") not in ("", "0")
-    from ann_kernels.inference import serve
+    from ann_kernels import serve
 
     try:
         serve.require_serve_extra()
