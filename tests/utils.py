@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,6 +89,24 @@ def tiny_mlp_exit_net(*, in_features: int, hidden: int, num_exits: int, num_clas
     stages = [stage(in_features)] + [stage(hidden) for _ in range(num_exits - 1)]
     heads = [nn.Linear(hidden, num_classes) for _ in range(num_exits)]
     return MultiExitNetwork(stages, heads, num_classes=num_classes)
+
+
+def tiny_cli_args(*, hidden: int = 16, limit_train: int = 80, limit_eval: int = 40, batch_size: int = 40,
+                  epochs: int | None = 1) -> list[str]:
+    """``ann-kernels train`` arguments for a tiny run: a 3-exit MLP on the synthetic dataset, no
+    progress bars (seconds on one CPU thread)."""
+    args = ["--dataset", "synthetic", "--model", "mlp", "--num-exits", "3", "--model-arg", f"hidden={hidden}",
+            "--limit-train", str(limit_train), "--limit-eval", str(limit_eval),
+            "--batch-size", str(batch_size), "--no-progress"]
+    return args + (["--epochs", str(epochs)] if epochs is not None else [])
+
+
+def subprocess_env(*first_on_path: str, **variables: str) -> dict[str, str]:
+    """The environment for running the package in a fresh interpreter: this checkout first on
+    PYTHONPATH (after ``first_on_path``), then the caller's PYTHONPATH; ``variables`` set on top."""
+    root = str(Path(__file__).resolve().parents[1])
+    path = [*first_on_path, root, os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p), **variables}
 
 
 def tiny_causal_lm(vocab_size: int = 40, *, dim: int = 32, layers: int = 4, heads: int = 2, max_len: int = 48,
