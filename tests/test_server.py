@@ -305,3 +305,73 @@ def test_stage_listeners_queue_times_and_live_counts(caplog):
     assert all(c[3] >= 0 for c in calls) and calls[0][:2] == (0, 90)
     logged = [r for r in caplog.records if "listener" in r.getMessage()]
     assert len(logged) == 1 and logged[0].exc_info[0] is ZeroDivisionError
+
+
+def test_submit_many_equals_submit_per_request_in_order():
+    """The vectorised intake: one future per batch, in order, each answered as submit() answers
+    that batch (and as predict() answers its rows); bad batches fail only their own future."""
+    model = small_mlp(seed=42)
+    engine, x = EarlyExitEngine(model), inputs(240, seed=43)
+    thresholds = thresholds_for(model, x)
+    sizes = request_sizes(240, seed=44)
+    batches = list(torch.split(x, sizes))
+    bad = {3: (torch.randn(2, 17), ValueError, r"x: expected samples of shape \[16\]"),
+           7: (x[:2].double(), TypeError, "x: expected dtype torch.float32"),
+           11: (x[:0], ValueError, "x: expected a non-empty batch")}
+    mixed = list(batches)
+    for i, (b, _, _) in sorted(bad.items()):
+        mixed.insert(i, b)
+    with EarlyExitServer(engine, thresholds=thresholds, max_batch_size=32, max_wait_s=0.001) as server:
+        one_by_one = [f.result(timeout=60) for f in [server.submit(b) for b in batches]]
+        futures = server.submit_many(mixed)
+        assert len(futures) == len(mixed)
+        for i, (_, kind, message) in bad.items():
+            with pytest.raises(kind, match=message):
+                futures[i].result(timeout=60)
+        good = [f.result(timeout=60) for i, f in enumerate(futures) if i not in bad]
+        with pytest.raises(ValueError, match="deadline_s"):
+            server.submit_many(batches[:2], deadline_s=-1.0)[1].result(timeout=60)
+        assert server.submit_many([]) == []
+    assert [r.prediction.shape[0] for r in good] == sizes
+    for got, alone, b in zip(good, one_by_one, batches):
+        expected = engine.predict(b, thresholds=thresholds)
+        for result in (got, alone):
+            assert torch.equal(result.prediction, expected.prediction)
+            assert torch.equal(result.exit_index, expected.exit_index)
+            assert torch.allclose(result.confidence, expected.confidence, atol=1e-5)
+            assert result.stats.samples_per_exit == expected.stats.samples_per_exit
+            assert result.stats.mean_flops == pytest.approx(expected.stats.mean_flops)
+            assert result.stats.executed_flops == pytest.approx(
+                sum(c * f for c, f in zip(expected.stats.samples_per_exit, executed_per_exit(engine, b, thresholds)))
+                / b.shape[0])
+    with pytest.raises(RuntimeError, match="closed"):
+        server.submit_many(batches[:1])
+
+
+def executed_per_exit(engine, x, thresholds) -> list[float]:
+    """Hand oracle of the executed FLOPs of a row leaving at exit e: stages 0..e, head e, and
+    the heads of the exits before it that were evaluated (threshold not +inf)."""
+    stage, head = engine.model.stage_flops(x[:1]).tolist(), engine.model.head_flops(x[:1]).tolist()
+    return [sum(stage[:e + 1]) + head[e] + sum(h for h, t in zip(head[:e], thresholds) if t != INF)
+            for e in range(len(stage))]
+
+
+def test_submit_many_a_failing_stage_fails_only_the_requests_of_its_run():
+    base = small_mlp(seed=8)
+    model = MultiExitNetwork([Poisoned(base.stages[0])] + list(base.stages[1:]), list(base.heads), num_classes=5)
+    engine, x = EarlyExitEngine(model), inputs(40, seed=9)
+    expected = engine.predict(x, thresholds=[INF] * K)
+    batches = [x[i:i + 2] for i in range(0, 40, 2)]
+    poisoned = x[:2].clone()
+    poisoned[1, 0] = 1e4
+    with EarlyExitServer(engine, thresholds=[INF] * K, max_batch_size=4, max_wait_s=0.5) as server:
+        futures = server.submit_many(batches[:5] + [poisoned] + batches[5:])
+        outcomes = [f.exception(timeout=60) for f in futures]
+    # Runs of 4 rows = 2 requests: the poisoned request and the one sharing its run fail.
+    assert [i for i, e in enumerate(outcomes) if e is not None] == [4, 5]
+    assert "poisoned row" in str(outcomes[5])
+    answered = [f.result() for i, f in enumerate(futures) if i not in (4, 5)]
+    kept = [b for i, b in enumerate(batches) if i != 4]
+    assert torch.equal(torch.cat([r.prediction for r in answered]), torch.cat([engine.predict(b).prediction for b in kept]))
+    assert torch.equal(torch.cat([r.prediction for r in answered]),
+                       torch.cat([expected.prediction[2 * i:2 * i + 2] for i in range(20) if i != 4]))

@@ -90,6 +90,30 @@ def tiny_mlp_exit_net(*, in_features: int, hidden: int, num_exits: int, num_clas
     return MultiExitNetwork(stages, heads, num_classes=num_classes)
 
 
+def tiny_causal_lm(vocab_size: int = 40, *, dim: int = 32, layers: int = 4, heads: int = 2, max_len: int = 48,
+                   exit_layers=None, head_scale: float = 8.0, seed: int = 0, dtype=torch.float64):
+    """A tiny random ``CausalExitLM`` (eval mode) for generation tests: an exit after every
+    layer by default; the shared head's weight scaled by ``head_scale`` so the exits'
+    confidences spread over (0, 1) instead of sitting near 1 / V; float64 by default so greedy
+    comparisons with the cache-free oracle are not at the mercy of near-ties."""
+    from ann_kernels.nn.causal_lm import causal_exit_lm
+
+    torch.manual_seed(seed)
+    model = causal_exit_lm(vocab_size, dim=dim, layers=layers, heads=heads, max_len=max_len,
+                           exit_layers=exit_layers, tie_embeddings=False)
+    with torch.no_grad():
+        model.lm_heads[0].weight.mul_(head_scale)
+    return model.to(dtype).eval()
+
+
+def ragged_prompts(batch: int, vocab_size: int, *, min_len: int = 1, max_len: int = 9, seed: int = 0) -> list[list[int]]:
+    """``batch`` random prompts of lengths in [min_len, max_len] (the first two: both ends)."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_len, max_len + 1, (batch,), generator=gen).tolist()
+    lengths[:2] = [min_len, max_len][:batch]
+    return [torch.randint(0, vocab_size, (n,), generator=gen).tolist() for n in lengths]
+
+
 def free_port() -> int:
     """An unused TCP port on 127.0.0.1 (for a server started in another process)."""
     import socket
