@@ -17,8 +17,12 @@ So under load new requests fill stage 0 while survivors of earlier ones fill the
 stages, and every stage runs at a full batch: the time-ideal speed-up of early exit becomes
 reachable even where small batches are not proportionally cheaper (the MLP). Decisions
 are per row (thresholds / budget mode), so each row gets what
-:meth:`~ann_kernels.EarlyExitEngine.predict` gives it alone, up to float rounding at a
-threshold (a batch's GEMM may round differently). ``quota`` fractions apply per stage run,
+:meth:`~ann_kernels.EarlyExitEngine.predict` gives it alone, with one tie rule: a row whose
+confidence lies within float rounding (a few ulps, ~1e-7 relative in float32) of a threshold
+may exit one stage apart between a batched and an unbatched run, because a GEMM at another
+batch size rounds differently. Calibrated thresholds
+(:func:`~ann_kernels.inference.calibration.calibrate_thresholds`) sit in the gap between two
+calibration samples, so the calibration data itself is never on a threshold. ``quota`` fractions apply per stage run,
 conditionally (exit k takes q_k / (1 - q_0 - ... - q_{k-1}) of the rows reaching it), so
 they hold on average, not per request.
 
@@ -73,6 +77,7 @@ logger = logging.getLogger(__name__)
 #: fn(stage, batch_rows, exited_rows, seconds), called by the worker after every stage run.
 StageListener = Callable[[int, int, int, float], None]
 
+_FLUSH_REQUESTS = 32  # finished requests answered together (fewer: when idle or after max_wait_s)
 _LATENCY_WINDOW = 10000  # completed requests whose latencies the percentiles cover
 
 
@@ -126,7 +131,8 @@ class EarlyExitServer:
         self._step = None
         self._executed = None  # executed FLOPs per exit, once the costs are known
         self._costs = None
-        self._finished: list[Request] = []  # completed in the current stage run
+        self._finished: list[Request] = []  # all rows exited, answer not sent yet
+        self._finished_since = 0.0  # perf_counter() when the oldest of them finished
         # statistics
         self._submitted = self._completed = self._failed = self._rows_completed = 0
         self._deadline_requests = 0
@@ -189,40 +195,68 @@ class EarlyExitServer:
 
     # ------------------------------------------------------------------ clients
     def submit(self, x: torch.Tensor, *, deadline_s: float | None = None) -> Future:
-        """Queue the batch ``x`` [n, *sample_shape] (n >= 1); returns a Future whose result is an
-        :class:`~ann_kernels.inference.ServedResult` (an ``EarlyExitResult`` + ``queue_s``) with prediction / exit_index / confidence
-        [n] in x's row order. ``deadline_s``: seconds from now (module docstring). Bad input
-        fails the returned future (ValueError / TypeError naming the argument)."""
+        """Queue the batch ``x`` [n, *sample_shape] (n >= 1); returns a Future whose result is a
+        :class:`~ann_kernels.inference.ServedResult` (an ``EarlyExitResult`` + ``queue_s``) with
+        prediction / exit_index / confidence [n] in x's row order. ``deadline_s``: seconds from
+        now (module docstring). Bad input fails the returned future (ValueError / TypeError
+        naming the argument)."""
+        return self.submit_many((x,), deadline_s=deadline_s)[0]
+
+    def submit_many(self, xs, *, deadline_s: float | None = None) -> list[Future]:
+        """Queue many requests at once: ``xs`` a sequence of batches [n_i, *sample_shape];
+        returns one Future per batch, in order, each answered exactly as :meth:`submit` would
+        answer that batch alone (rows are decided one by one). One lock, one concatenation
+        and one queue entry for all of them: the vectorised intake for bursts (an HTTP front
+        that drains its socket, a batch job). Bad input fails only its own future;
+        ``deadline_s`` (seconds from now) applies to each request."""
         submitted = time.perf_counter()
-        future: Future = Future()
-        future.set_running_or_notify_cancel()
+        xs = list(xs)
+        futures = [Future() for _ in xs]
+        for future in futures:
+            future.set_running_or_notify_cancel()
         try:
             deadline_s = check_seconds(deadline_s, "deadline_s", allow_none=True)
-            self._check_input(x)
-        except (TypeError, ValueError) as error:
-            future.set_exception(error)
-            return future
+        except ValueError as error:
+            for future in futures:
+                future.set_exception(error)
+            return futures
         deadline = math.inf if deadline_s is None else submitted + deadline_s
-        request = Request(future, x, submitted, deadline)
+        requests = []
+        for x, future in zip(xs, futures):
+            try:
+                self._check_input(x)
+            except (TypeError, ValueError) as error:
+                future.set_exception(error)
+                continue
+            requests.append(Request(future, x, submitted, deadline))
         with self._cond:
             if self._closing or self._closed:
                 raise RuntimeError("server: closed; submit() after close()")
             if self._worker is None:
                 raise RuntimeError("server: not started; call start() or use `with EarlyExitServer(...)`")
-            if self._sample_shape is None:
-                self._sample_shape = tuple(x.shape[1:])
-            elif tuple(x.shape[1:]) != self._sample_shape:
-                future.set_exception(ValueError(
-                    f"x: expected samples of shape {list(self._sample_shape)} ([n, {', '.join(map(str, self._sample_shape))}]), "
-                    f"got a batch of shape {list(x.shape)}"))
-                return future
-            self._submitted += 1
+            if requests and self._sample_shape is None:
+                self._sample_shape = tuple(requests[0].x.shape[1:])
+            accepted = []
+            for request in requests:
+                if request.x.shape[1:] == self._sample_shape:
+                    accepted.append(request)
+                else:
+                    shape = self._sample_shape
+                    request.future.set_exception(ValueError(
+                        f"x: expected samples of shape {list(shape)} ([n, {', '.join(map(str, shape))}]), "
+                        f"got a batch of shape {list(request.x.shape)}"))
+            if not accepted:
+                return futures
+            self._submitted += len(accepted)
             self._last_submit = submitted
             if deadline != math.inf:
-                self._deadline_requests += 1  # from now on, pieces compute their earliest deadline
-            self._scheduler.push(0, QueuePiece(x, None, [(request, request.rows)], submitted, deadline, request.rows))
+                self._deadline_requests += len(accepted)  # from now on, pieces compute their earliest deadline
+            rows = sum(r.rows for r in accepted)
+            hidden = accepted[0].x if len(accepted) == 1 else torch.cat([r.x for r in accepted])
+            self._scheduler.push(0, QueuePiece(hidden, None, [(r, r.rows) for r in accepted], submitted, deadline,
+                                               rows))
             self._cond.notify()
-        return future
+        return futures
 
     async def infer(self, x: torch.Tensor, *, deadline_s: float | None = None) -> ServedResult:
         """``await server.infer(x)``: :meth:`submit` for asyncio callers."""
@@ -302,22 +336,37 @@ class EarlyExitServer:
                 with self._cond:
                     while True:
                         k, wait = scheduler.choose(time.perf_counter(), self._last_submit, self._closing)
-                        if k is not None:
+                        if k is not None or self._finished:  # a stage to run, or answers to send first
                             break
                         if self._closing and not any(scheduler.queued):
                             return
                         self._cond.wait(None if wait == math.inf else wait)
-                    hidden, positions, segments, rows, deadline = scheduler.take(k)
+                    if k is not None:
+                        hidden, positions, segments, rows, deadline = scheduler.take(k)
+                if k is None:  # nothing runnable now: answer the finished requests before waiting
+                    with torch.inference_mode():
+                        self._flush_completed()
+                    continue
                 start = time.perf_counter()
                 self._exited_in_run = 0
                 with torch.inference_mode():
-                    try:
-                        self._run_stage(k, hidden, positions, segments, rows, deadline != math.inf, start)
-                    finally:
+                    self._run_stage(k, hidden, positions, segments, rows, deadline != math.inf, start)
+                    # Answers go out in bulk: once enough requests finished, once the oldest has
+                    # waited max_wait_s, or (above) as soon as no stage is runnable.
+                    finished = self._finished
+                    if finished and (len(finished) >= _FLUSH_REQUESTS
+                                     or time.perf_counter() - self._finished_since >= self.max_wait_s):
                         self._flush_completed()
                 if self._listeners:
                     self._notify_listeners(k, rows, self._exited_in_run, time.perf_counter() - start)
         except BaseException as error:  # an internal bug: fail everything left, never hang a client
+            try:
+                with torch.inference_mode():
+                    self._flush_completed()  # their rows all exited: their answers are in the buffers
+            except BaseException as flush_error:  # noqa: BLE001
+                for request in self._finished:
+                    request.future.set_exception(flush_error)
+                self._finished = []
             with self._cond:
                 self._closing = True
                 leftovers = self._scheduler.drain()
@@ -507,10 +556,12 @@ class EarlyExitServer:
         """All rows of ``request`` have exited: resolved at the end of this stage run (in bulk)."""
         if not request.done:
             request.done = True
+            if not self._finished:
+                self._finished_since = time.perf_counter()
             self._finished.append(request)
 
     def _flush_completed(self) -> None:
-        """Resolve the requests finished in this stage run (:meth:`ResultBuffers.collect`)."""
+        """Answer the finished requests, all at once (:meth:`ResultBuffers.collect`)."""
         finished, self._finished = self._finished, []
         if not finished:
             return

@@ -98,17 +98,17 @@ class StageScheduler:
         return concat_rows(hidden_parts), positions, segments, rows, deadline
 
     def _split_head(self, k: int, piece: QueuePiece, want: int) -> QueuePiece:
-        """The first ``want`` rows of ``piece``; the rest goes back to the head of queue k."""
-        head_segments, rest_segments, count = [], [], 0
-        for request, n in piece.segments:
-            if count >= want:
-                rest_segments.append((request, n))
-            elif count + n > want:
-                head_segments.append((request, want - count))
-                rest_segments.append((request, count + n - want))
-            else:
-                head_segments.append((request, n))
-            count += n
+        """The first ``want`` rows of ``piece``; the rest goes back to the head of queue k.
+        Walks only the segments up to the cut (a burst's piece may hold thousands)."""
+        segments, count, i = piece.segments, 0, 0
+        while count + segments[i][1] <= want:
+            count += segments[i][1]
+            i += 1
+        head_segments, rest_segments = segments[:i], segments[i:]
+        if count < want:  # the cut falls inside segment i: it is split between the two
+            request, n = segments[i]
+            head_segments.append((request, want - count))
+            rest_segments[0] = (request, count + n - want)
         hidden, rest = split_rows(piece.hidden, want)
         positions = None if piece.positions is None else piece.positions[:want]
         rest_piece = QueuePiece(rest, None if piece.positions is None else piece.positions[want:],

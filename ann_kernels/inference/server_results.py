@@ -75,43 +75,50 @@ class ResultBuffers:
             occupied[a:a + n] = bytes(n)
 
     def collect(self, finished: list[Request], exit_flops, executed_costs, per_row_seconds, now: float):
-        """The results of the requests ``finished`` (all rows exited): one gather per result
-        buffer for all of them, then per request only views and a few Python sums.
+        """The results of the requests ``finished`` (all rows exited), vectorised: one gather
+        per result buffer for all of them, the per-request exit counts, mean and executed FLOPs
+        and stage-time shares as tensor ops over all rows; per request only the views, two
+        tuples and the result record.
 
+        ``exit_flops`` / ``executed_costs`` / ``per_row_seconds``: K floats each.
         Returns (results, rows per exit [K] summed over them, their FLOPs sum, their rows)."""
-        positions = [p for r in finished for a, n in r.ranges for p in range(a, a + n)]
-        index = torch.tensor(positions, dtype=torch.int64, device=self.device)
-        sizes = [r.rows for r in finished]
+        num_exits, count = len(exit_flops), len(finished)
+        sizes, starts, lengths = [], [], []
+        for r in finished:
+            sizes.append(r.rows)
+            for a, n in r.ranges:
+                starts.append(a)
+                lengths.append(n)
+            self.release(r)
+        # 1. positions of all their rows, request after request: start of its range + offset in it
+        total = sum(sizes)
+        lengths_t = torch.tensor(lengths, dtype=torch.int64)
+        shift = torch.tensor(starts, dtype=torch.int64) - (lengths_t.cumsum(0) - lengths_t)
+        index = (torch.arange(total, dtype=torch.int64) + shift.repeat_interleave(lengths_t)).to(self.device)
+        # 2. one gather per buffer, split into per-request views
         preds = self.prediction.index_select(0, index).split_with_sizes(sizes)  # the C++ method: no wrapper
         exits_all = self.exit_index.index_select(0, index)
         exits = exits_all.split_with_sizes(sizes)
         confs = self.confidence.index_select(0, index).split_with_sizes(sizes)
-        exit_list = exits_all.tolist()
-        for r in finished:
-            self.release(r)
-        num_exits = len(exit_flops)
-        results, offset = [], 0
-        totals = [0] * num_exits
-        flops_sum = 0.0
-        flop_of, executed_of = exit_flops.__getitem__, executed_costs.__getitem__
+        # 3. per-request exit counts [R, K] and what follows from them, for all requests at once
+        sizes_t = torch.tensor(sizes, dtype=torch.int64)
+        owner = torch.arange(count, dtype=torch.int64).repeat_interleave(sizes_t)
+        counts = torch.bincount(owner * num_exits + exits_all.cpu(), minlength=count * num_exits)
+        counts = counts.view(count, num_exits)
+        counts_f = counts.double()
+        flops_sum = counts_f @ torch.tensor(exit_flops, dtype=torch.float64)
+        executed = counts_f @ torch.tensor(executed_costs, dtype=torch.float64)
+        reach = sizes_t.unsqueeze(1) - (counts.cumsum(1) - counts)  # rows that ran stage j
+        seconds = reach.double() * torch.tensor(per_row_seconds, dtype=torch.float64)
+        sizes_f = sizes_t.double()
+        mean_l, executed_l = (flops_sum / sizes_f).tolist(), (executed / sizes_f).tolist()
+        counts_l, seconds_l = counts.tolist(), seconds.tolist()
+        full = exit_flops[-1]
+        results = []
         for i, r in enumerate(finished):
-            n = r.rows
-            mine = exit_list[offset:offset + n]
-            offset += n
-            counts = [0] * num_exits
-            for e in mine:
-                counts[e] += 1
-            mean = sum(map(flop_of, mine)) / n
-            executed = sum(map(executed_of, mine)) / n
-            reach, seconds = n, []
-            for j in range(num_exits):
-                seconds.append(reach * per_row_seconds[j])
-                reach -= counts[j]
-                totals[j] += counts[j]
-            flops_sum += mean * n
-            stats = EarlyExitStats(tuple(counts), mean, executed, exit_flops[-1], tuple(seconds), now - r.submitted,
-                                   r.deadline_exit)
+            stats = EarlyExitStats(tuple(counts_l[i]), mean_l[i], executed_l[i], full, tuple(seconds_l[i]),
+                                   now - r.submitted, r.deadline_exit)
             queue_s = (r.started if r.started is not None else now) - r.submitted
             results.append(ServedResult(preds[i], exits[i], confs[i], stats, queue_s))
             r.x = None
-        return results, totals, flops_sum, offset
+        return results, counts.sum(0).tolist(), float(flops_sum.sum()), total
