@@ -104,12 +104,19 @@ def _early_exit_server_facts(out: str, smoke: bool) -> None:
     per_thread = 20 if smoke else 200
     answered = int(_one(r"^CHECK (\d+) requests from 8 threads \+ asyncio equal predict\(\) on their "
                         r"rows ok$", out).group(1))
-    assert answered == 8 * per_thread + 1
+    # 8 threads x per_thread, the asyncio request, and (once serve_core's issue-25 version lands)
+    # the 20 late ones, which that version also compares with predict.
+    assert answered in (8 * per_thread + 1, 8 * per_thread + 21), answered
     stats = _one(r"^requests (\d+), rows per exit \[(.*)\], mean cost", out)
     # stats() was read after the urgent request's answer, before the 20 late ones were all answered.
-    assert answered + 1 <= int(stats.group(1)) <= answered + 1 + 20, (stats.group(1), answered)
+    first = 8 * per_thread + 2
+    assert first <= int(stats.group(1)) <= first + 20, (stats.group(1), answered)
     mean_rows = _floats(_one(r"mean rows per stage run \[(.*)\]\) ok$", out).group(1))
     assert len(mean_rows) == len(stats.group(2).split(",")) == 4 and max(mean_rows) > 8
+    near = re.search(r"^(\d+) of the (\d+) distinct requested rows lie within 1e-6 of a threshold; (\d+) "
+                     r"answered rows exited one stage apart", out, flags=re.M)
+    if near:  # rows may exit a stage apart from predict only where they sit on a threshold
+        assert int(near.group(1)) <= int(near.group(2)) and (int(near.group(1)) > 0 or near.group(3) == "0")
 
 
 def _http_client_facts(out: str, smoke: bool) -> None:
@@ -161,7 +168,7 @@ EXAMPLES: dict[str, Example] = {
         lines=[r"budget .* -> exit 0 \(member 0, exit 0\)"],
         facts=_eann_facts),
     "early_exit_server.py": Example(
-        checks=[r"CHECK close\(\) resolved every submitted request ok",
+        checks=[r"CHECK close\(\) (resolved|answered) every submitted request( \(no exception\))? ok",
                 r"CHECK \d+ requests from 8 threads \+ asyncio equal predict\(\) on their rows ok",
                 rf"CHECK rows of several requests ran together \(mean rows per stage run \[.*\]\) ok",
                 r"CHECK an immediate deadline returns exit-0 answers ok"],
