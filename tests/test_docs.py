@@ -155,8 +155,8 @@ def script_options(script: Path) -> set[str]:
         seen.add(path)
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
-                options |= {a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)
-                            and a.value.startswith("--")}
+                options |= {a.value for a in node.args
+                            if isinstance(a, ast.Constant) and str(a.value).startswith("--")}
             elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in (
                     "bench", "scripts"):
                 todo.append(ROOT / (node.module.replace(".", "/") + ".py"))
