@@ -162,7 +162,8 @@ def write_outputs(out_dir: str, results: list, budget_s: float, total_s: float, 
               "(0 all good, 1 a check failed, 3 a target missed)", "",
               "| phase | status | s | limit | detail |", "|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r.phase.name} | {r.status} | {r.seconds:.0f} | {r.limit_s:.0f} | {r.detail or r.phase.note} |")
+        detail = r.detail or r.phase.note
+        lines.append(f"| {r.phase.name} | {r.status} | {r.seconds:.0f} | {r.limit_s:.0f} | {detail} |")
     for csv_path in sorted(glob.glob(os.path.join(out_dir, "bench_*", "*.csv"))):
         table = bench_table(csv_path, max_rows=4)
         if table:

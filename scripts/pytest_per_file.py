@@ -36,6 +36,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -373,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     pytest_args = ["-m", args.markexpr] if args.markexpr else []
     pytest_args += [p for p in args.paths if p.startswith("-")]
     paths = [p for p in args.paths if not p.startswith("-")]
-    out_xml = os.path.abspath(args.junitxml or "pytest_per_file.xml")
+    # Without --junitxml everything goes to a fresh temporary folder (never into the tree).
+    out_xml = os.path.abspath(args.junitxml or os.path.join(tempfile.mkdtemp(prefix="pytest_per_file_"), "out.xml"))
     runner = Runner(pytest_args=pytest_args, cwd=os.getcwd(), out_xml=out_xml,
                     work_dir=os.path.abspath(args.work_dir or os.path.splitext(out_xml)[0]),
                     deadline=time.monotonic() + args.deadline_s, workers=args.workers, slow_keep=args.slow_keep)

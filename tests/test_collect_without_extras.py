@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 import tomllib
+
+from tests.utils import run_python_with_packages_hidden
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPU_MACHINE_PACKAGES = {"torch", "triton", "numpy", "pytest", "hypothesis", "tqdm"}
@@ -30,31 +30,7 @@ IMPORT_NAMES = {"ray": "ray", "tritonclient": "tritonclient", "prometheus-client
 STACK_EXTRAS = {"starlette", "httpx", "anyio", "uvicorn", "huggingface_hub", "safetensors", "aiohttp", "grpc",
                 "liger_kernel"}
 
-HIDE_AND_COLLECT = r'''
-import importlib.util
-import sys
-
-HIDDEN = set(sys.argv[1].split(","))
-
-
-class Hiding:
-    """Wraps a meta-path finder: the hidden top-level packages are never found."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in HIDDEN:
-            return None
-        return self.inner.find_spec(name, path, target)
-
-    def __getattr__(self, attr):
-        return getattr(self.inner, attr)
-
-
-sys.meta_path[:] = [Hiding(finder) for finder in sys.meta_path]
-for name in HIDDEN:  # the hiding itself works (else this test would prove nothing)
-    assert importlib.util.find_spec(name) is None, name
+COLLECT = r'''
 try:
     import fastapi  # noqa: F401
 except ModuleNotFoundError:
@@ -87,10 +63,7 @@ def test_hidden_set_covers_the_extras():
 
 
 def test_every_test_module_collects_with_the_extras_hidden():
-    env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",  # no plugin of a hidden package loads
-           "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-c", HIDE_AND_COLLECT, ",".join(sorted(hidden_packages()))], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = run_python_with_packages_hidden(COLLECT, hidden_packages())
     output = done.stdout + done.stderr
     assert "HIDING WORKS" in output, output[-3000:]
     errors = [line for line in output.splitlines() if line.startswith("ERROR ")]

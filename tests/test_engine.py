@@ -82,15 +82,26 @@ def test_tuple_hidden_state():
 
 
 def test_quota_takes_the_most_confident_remaining_samples():
+    """Hand oracle: quota [0.25, 0.3, 0.0, 0.2] on 100 rows gives floor(N * cumulative) minus
+    those already gone: 25 at exit 0 (the most confident by exit 0's confidence), then the 30
+    most confident of the 75 left by exit 1's, none at exit 2, the 45 left at the last exit;
+    each row's prediction is its exit's argmax."""
     model, x = small_mlp(seed=5), inputs(100, seed=6)
     quota = [0.25, 0.3, 0.0, 0.2]
     result = EarlyExitEngine(model).predict(x, quota=quota)
-    # floor(N * cumulative) - already exited: 25, 30, 0, then the last exit takes the rest.
     assert result.stats.samples_per_exit == (25, 30, 0, 45)
     with torch.no_grad():
-        conf0 = exit_confidence_reference(model(x)[0])[0]
-    left_first = result.exit_index == 0
-    assert float(conf0[left_first].min()) >= float(conf0[~left_first].max()) - 1e-6
+        logits = model(x)
+    confidence = [exit_confidence_reference(z)[0].tolist() for z in logits]
+    expected, remaining = [None] * 100, list(range(100))
+    for k, take in enumerate((25, 30, 0, 45)):
+        for i in sorted(remaining, key=lambda i: -confidence[k][i])[:take]:
+            expected[i] = k
+        remaining = [i for i in remaining if expected[i] is None]
+    assert result.exit_index.tolist() == expected
+    assert result.prediction.tolist() == [int(logits[e][i].argmax()) for i, e in enumerate(expected)]
+    assert torch.allclose(result.confidence, torch.tensor([confidence[e][i] for i, e in enumerate(expected)]),
+                          atol=1e-6)
 
 
 def test_quota_errors():

@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+from tests.utils import run_python_with_packages_hidden
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(ROOT, "scripts", "gpu_check.py"))
 gpu_check = importlib.util.module_from_spec(_spec)
@@ -245,6 +247,17 @@ def test_dry_run_rehearses_the_whole_plan(tmp_path):
     assert summary.startswith("# gpu-check DRY RUN") and summary.count("dry run: CPU stand-in") >= 3
     assert (tmp_path / "targets" / "targets.csv").exists()
     print(f"dry run took {time.monotonic() - start:.1f} s")
+
+
+def test_registration_check_says_loudly_when_triton_is_missing():
+    """Without Triton the CUDA loss ops would run the pure-torch reference and their CUDA
+    tests would pass on it: the check fails and says so (simulated: triton hidden)."""
+    scripts = os.path.join(ROOT, "scripts")
+    code = (f"sys.path.insert(0, {scripts!r})\n"
+            "import gpu_check\nsys.exit(gpu_check.main(['--check-registration']))\n")
+    done = run_python_with_packages_hidden(code, {"triton"})
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "FAIL: TRITON IS NOT INSTALLED" in done.stdout and "pure-torch reference" in done.stdout
 
 
 def test_without_a_gpu_the_real_run_refuses_clearly(tmp_path):

@@ -152,3 +152,21 @@ def test_drain_finishes_in_flight_requests_then_stops():
     with pytest.raises(OSError):
         http_call(front.port, "GET", "/v2/health/live", timeout=5)
     server.close()
+
+
+def test_serve_flags_model_name_default_and_replicas_need_ray(mlp_checkpoint, capsys):  # noqa: F811
+    import argparse
+
+    from ann_kernels import cli
+    from ann_kernels.inference.commands import add_parser, model_name_of
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", "--checkpoint", str(mlp_checkpoint)])
+    assert model_name_of(args) == "run" and args.backend == "local" and args.replicas == 1  # runs/<name>/last.pt
+    assert args.drain_timeout_s == 30.0
+    assert model_name_of(parser.parse_args(["serve", "--checkpoint", "x/last.pt", "--model-name", "m"])) == "m"
+    assert cli.main(["serve", "--checkpoint", str(mlp_checkpoint), "--replicas", "2"]) == 2
+    assert "replicas: 2 replicas need --backend ray" in capsys.readouterr().err
+    assert cli.main(["serve", "--checkpoint", str(mlp_checkpoint), "--drain-timeout-s", "-1"]) == 2
+    assert "drain-timeout-s: expected finite seconds >= 0, got -1.0" in capsys.readouterr().err

@@ -212,6 +212,9 @@ def test_framing_errors_unknown_models_and_limits(front):
         tensor = tritonclient_http.InferInput("input", [1, 16], "FP32")
         tensor.set_data_from_numpy(np.zeros((1, 16), np.float32))
         front.client.infer("other", [tensor])
+    for method, path, code in (("GET", "/v2/nothing", 404), ("GET", f"/v2/models/{MODEL}/infer", 405)):
+        status, _, raw = http_call(front.port, method, path)
+        assert status == code and path in json.loads(raw)["error"], raw  # errors are {"error": ...} everywhere
     assert front.client.is_server_ready()  # and the server is unharmed
 
 

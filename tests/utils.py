@@ -173,3 +173,49 @@ def write_mlp_checkpoint(directory, *, num_exits: int = 3, hidden: int = 32, see
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"format": CHECKPOINT_FORMAT, "spec": spec, "model": model.state_dict(), "epoch": 0}, path)
     return path
+
+
+# Prepended to the code of a fresh interpreter (run_python_with_packages_hidden): the top-level
+# packages named in $HIDDEN_PACKAGES are never found, as on a machine without them: ``import``
+# raises ModuleNotFoundError and ``importlib.util.find_spec`` returns None.
+HIDE_PACKAGES_PRELUDE = r'''
+import importlib.util
+import os
+import sys
+
+HIDDEN = set(filter(None, os.environ["HIDDEN_PACKAGES"].split(",")))
+
+
+class Hiding:
+    """Wraps a meta-path finder: the hidden top-level packages are never found."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in HIDDEN:
+            return None
+        return self.inner.find_spec(name, path, target)
+
+    def __getattr__(self, attr):
+        return getattr(self.inner, attr)
+
+
+sys.meta_path[:] = [Hiding(finder) for finder in sys.meta_path]
+for name in HIDDEN:  # the hiding itself works (else a test built on it would prove nothing)
+    assert importlib.util.find_spec(name) is None, name
+'''
+
+
+def run_python_with_packages_hidden(code: str, hidden, *, timeout: float = 300, extra_env=None):
+    """Runs ``code`` in a fresh interpreter (cwd = the repository root, on PYTHONPATH) with the
+    top-level packages ``hidden`` made unfindable; pytest plugins are not auto-loaded (a
+    hidden package's plugin would fail to load). Returns the CompletedProcess (text output)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "HIDDEN_PACKAGES": ",".join(sorted(hidden)), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])), **(extra_env or {})}
+    return subprocess.run([sys.executable, "-c", HIDE_PACKAGES_PRELUDE + code], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=timeout)

@@ -41,15 +41,22 @@ class KVCache:
         self.scratch = max_positions
         self._heads = torch.arange(num_kv_heads, device=device).view(1, -1, 1)
 
-    def write(self, layer: int, write_pos: Tensor, k: Tensor, v: Tensor, rows=None) -> None:
-        """Store k, v [n, Hkv, s, d] at positions ``write_pos`` [n, s] of slots ``rows``
-        (None: 0..n-1; an int r: r..r+n-1; a tensor [n] of slots)."""
-        n = k.shape[0]
+    def write_index(self, write_pos: Tensor, rows=None) -> tuple[Tensor, Tensor, Tensor]:
+        """The ``index_put_`` index of positions ``write_pos`` [n, s] (device int64) of slots
+        ``rows`` (None: 0..n-1; an int r: r..r+n-1; a device tensor [n] of slots)."""
+        n = write_pos.shape[0]
         if rows is None or isinstance(rows, int):
-            slots = torch.arange(0 if rows is None else rows, (0 if rows is None else rows) + n, device=k.device)
+            first = 0 if rows is None else rows
+            slots = torch.arange(first, first + n, device=write_pos.device)
         else:
             slots = rows
-        index = (slots.view(n, 1, 1), self._heads, write_pos.unsqueeze(1))
+        return slots.view(n, 1, 1), self._heads, write_pos.unsqueeze(1)
+
+    def write(self, layer: int, write_pos: Tensor, k: Tensor, v: Tensor, rows=None, index=None) -> None:
+        """Store k, v [n, Hkv, s, d] at positions ``write_pos`` [n, s] of slots ``rows`` (see
+        :meth:`write_index`; ``index``: that index, precomputed)."""
+        if index is None:
+            index = self.write_index(write_pos, rows)
         self.keys[layer].index_put_(index, k)
         self.values[layer].index_put_(index, v)
 
@@ -60,12 +67,13 @@ class KVCache:
 
 
 def cached_attention(cache: KVCache, layer: int, q: Tensor, k: Tensor, v: Tensor, write_pos: Tensor,
-                     mask: Tensor | None, window: int, gqa: bool, scale: float | None, rows=None) -> Tensor:
+                     mask: Tensor | None, window: int, gqa: bool, scale: float | None, rows=None,
+                     index=None) -> Tensor:
     """Write k, v into the cache, then attend q [n, Hq, s, d] over positions 0..window-1 of
     slots ``rows`` (as in :meth:`KVCache.write`; a prefix or an int offset is a view, a tensor
     of slots a gather) with ``mask`` [n, 1, s, window] (bool, True = attend; None = all).
     Returns [n, s, Hq * d]."""
-    cache.write(layer, write_pos, k, v, rows)
+    cache.write(layer, write_pos, k, v, rows, index)
     n = q.shape[0]
     if rows is None or isinstance(rows, int):
         first = 0 if rows is None else rows

@@ -245,9 +245,10 @@ class DecodeState:
             mask = (keys <= qpos.view(qpos.shape[0], 1, qpos.shape[1], 1)).to(self.device)
         qpos_d, write_d = qpos.to(self.device), write.to(self.device)
         rope = ad.rope(qpos_d, h)
+        index = self.cache.write_index(write_d, rows)
         for i in layers:
             q, k, v = ad.qkv(i, h, rope)
-            a = cached_attention(self.cache, i, q, k, v, write_d, mask, window, self.gqa, self.scale, rows)
+            a = cached_attention(self.cache, i, q, k, v, write_d, mask, window, self.gqa, self.scale, rows, index)
             h = ad.finish_layer(i, h, a)
         return h
 

@@ -1,7 +1,7 @@
 """Budgeted early-exit inference: the engine (stage-by-stage execution on the still-active
 samples with the fused exit op), MSDNet threshold calibration, deadlines and stream
 rebatching, the request server (:class:`EarlyExitServer`: stage-level continuous batching)
-and its HTTP front (:mod:`.serve`, optional extra ``[serve]``). CLI commands ``calibrate``,
+(its HTTP front: :mod:`ann_kernels.serve`, optional extra ``[serve]``). CLI commands ``calibrate``,
 ``infer`` and ``serve`` live in :mod:`.commands`."""
 
 from ann_kernels.inference.calibration import (

@@ -309,8 +309,6 @@ def _serve_on_ray(args) -> int:
     mode, info = _serve_info(args, spec)
     name = model_name_of(args)
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     cpus = replica_cpus(args.replicas)
     application = server_deployment(
         functools.partial(build_replica_server, args), replicas=args.replicas, num_cpus=cpus,
@@ -318,6 +316,8 @@ def _serve_on_ray(args) -> int:
         app_options={"model_name": name, "sample_shape": tuple(spec["input_shape"]),
                      "max_body_bytes": args.max_body_bytes, "info": info})
     with local_ray(host=args.host, port=args.port) as serve:
+        for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own handlers
+            signal.signal(sig, lambda *_: stop.set())
         serve.run(application, name=name, route_prefix="/", blocking=False)
         print(f"serving {args.checkpoint} as model {name!r} on Ray Serve: {args.replicas} replica(s), {cpus:g} CPU "
               f"each, http://{args.host}:{args.port} (the single-process routes)", flush=True)

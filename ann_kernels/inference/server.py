@@ -17,8 +17,12 @@ So under load new requests fill stage 0 while survivors of earlier ones fill the
 stages, and every stage runs at a full batch: the time-ideal speed-up of early exit becomes
 reachable even where small batches are not proportionally cheaper (the MLP). Decisions
 are per row (thresholds / budget mode), so each row gets what
-:meth:`~ann_kernels.EarlyExitEngine.predict` gives it alone, up to float rounding at a
-threshold (a batch's GEMM may round differently). ``quota`` fractions apply per stage run,
+:meth:`~ann_kernels.EarlyExitEngine.predict` gives it alone, with one tie rule: a row whose
+confidence lies within float rounding (a few ulps, ~1e-7 relative in float32) of a threshold
+may exit one stage apart between a batched and an unbatched run, because a GEMM at another
+batch size rounds differently. Calibrated thresholds
+(:func:`~ann_kernels.inference.calibration.calibrate_thresholds`) sit in the gap between two
+calibration samples, so the calibration data itself is never on a threshold. ``quota`` fractions apply per stage run,
 conditionally (exit k takes q_k / (1 - q_0 - ... - q_{k-1}) of the rows reaching it), so
 they hold on average, not per request.
 

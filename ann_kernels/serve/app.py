@@ -41,6 +41,22 @@ def require_serve_extra():  # noqa: D401
     return fastapi, uvicorn
 
 
+def add_error_handlers(app) -> None:
+    """Every error answer is ``{"error": "..."}`` (what OIP clients parse): unknown routes (404),
+    wrong methods (405), and (500) a bug in a handler."""
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        return JSONResponse({"error": f"{request.method} {request.url.path}: {exc.detail}"},
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, exc: Exception):
+        return JSONResponse({"error": f"internal: {type(exc).__name__}: {exc}"}, status_code=500)
+
+
 def create_app(server, *, model_name: str = "model", sample_shape=None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                info: dict | None = None, protocols=DEFAULT_PROTOCOLS, metrics: bool | None = None, registry=None):
     """A FastAPI app serving ``server`` (started by the caller, who also closes it).
@@ -75,6 +91,7 @@ def create_app(server, *, model_name: str = "model", sample_shape=None, max_body
     state = ServingState(server, model, max_body_bytes=max_body_bytes, metrics=serve_metrics)
     app = fastapi.FastAPI(title="ann_kernels early-exit server", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serving = state
+    add_error_handlers(app)
     for name in protocols:
         PROTOCOLS[name](app, state)
     if serve_metrics is not None:

@@ -131,6 +131,7 @@ class HttpFront:
 
         ok = asyncio.run_coroutine_threadsafe(run(), self._uvicorn.loop).result()
         self._thread.join(30)
+        self._socket.close()
         return ok
 
     def close(self, timeout: float = 30.0) -> None:

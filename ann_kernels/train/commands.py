@@ -129,20 +129,37 @@ def spec_kwargs_from_args(args) -> dict:
 # ---------------------------------------------------------------- train
 
 
-def _train_worker(rank: int, world_size: int, spec: dict, config_dict: dict, out: str, resume: bool) -> None:
+def _train_worker(rank: int, world_size: int, spec: dict, config_dict: dict, out: str, resume: bool,
+                  until_epoch: int | None = None) -> None:
     from ann_kernels.train.runs import build_trainer
     from ann_kernels.train.trainer import TrainConfig
 
     cfg = TrainConfig.from_dict(config_dict)
     cfg.progress = cfg.progress and rank == 0
-    build_trainer(spec, cfg, out, resume=resume).fit()
+    build_trainer(spec, cfg, out, resume=resume).fit(until_epoch=until_epoch)
 
 
 def cmd_train(args) -> int:
+    from ann_kernels.train.distributed import init_from_env, launch
+
+    group = init_from_env()  # torchrun: this process is one rank of an external group
+    if group is not None and args.nproc > 1:
+        raise ValueError(f"--nproc: {args.nproc} processes requested inside a torchrun group of {group[1]}; "
+                         "use one or the other")
+    try:
+        return _run_train(args, group, launch)
+    finally:
+        if group is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run_train(args, group, launch) -> int:
     from ann_kernels.train.metrics import exit_table, read_jsonl
     from ann_kernels.train.runs import make_spec
 
-    if args.dataset == "text":  # early-exit language model (issue 11)
+    if args.dataset == "text":  # early-exit language model (issues 11, 23)
         from ann_kernels.train.lm import cmd_train_lm
 
         return cmd_train_lm(args)
@@ -151,11 +168,13 @@ def cmd_train(args) -> int:
     spec = make_spec(weighting=args.weighting, seed=args.seed, **spec_kwargs_from_args(args))
     cfg = train_config_from_args(args)
     if args.nproc > 1:
-        from ann_kernels.train.distributed import launch
-
-        launch(_train_worker, args.nproc, spec, cfg.__dict__, str(args.out), args.resume)
+        launch(_train_worker, args.nproc, spec, cfg.__dict__, str(args.out), args.resume, args.stop_after_epoch)
+    elif group is not None:  # one rank of torchrun's group; rank 0 reports
+        _train_worker(group[0], group[1], spec, cfg.__dict__, str(args.out), args.resume, args.stop_after_epoch)
+        if group[0] != 0:
+            return 0
     else:
-        _train_worker(0, 1, spec, cfg.__dict__, str(args.out), args.resume)
+        _train_worker(0, 1, spec, cfg.__dict__, str(args.out), args.resume, args.stop_after_epoch)
     last = read_jsonl(Path(args.out) / "metrics.jsonl")[-1]
     cols = {f"{s} ({args.weighting})": last[f"{s}_acc"] for s in ("val", "test") if f"{s}_acc" in last}
     print(exit_table(last["exit_flops"], cols))
@@ -266,7 +285,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
-    p.add_argument("--nproc", type=positive_int, default=1, help="data-parallel processes (DDP, gloo)")
+    p.add_argument("--nproc", type=positive_int, default=1,
+                   help="data-parallel processes (DDP, gloo); or launch with torchrun --nproc-per-node N -m ann_kernels")
+    p.add_argument("--stop-after-epoch", type=positive_int, default=None, metavar="E",
+                   help="stop after epoch E of the --epochs schedule (continue later with --resume)")
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("eval", help="per-exit accuracy and cost of a trained checkpoint")
