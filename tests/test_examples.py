@@ -32,6 +32,10 @@ EXPECTED = {
     "early_exit_budget.py": [r"CHECK every plan's validation cost is within its budget ok",
                              r"CHECK each test prediction is the network's prediction at the exit taken ok",
                              r"^\s+1\.00\s+[\d.]+%"],  # the table's full-budget row
+    "finetune_hf_llama.py": [r"CHECK fused loss [\d.]+ == eager per-exit cross-entropy [\d.]+ ok",
+                             r"CHECK every exit's held-out loss fell ok"],
+    "fsdp2_early_exit_lm.py": [r"CHECK step 1: loss [\d.]+ and every gradient equal one process",
+                               r"CHECK reading the sharded head outside the objective raises a clear error ok"],
     "eann.py": [r"CHECK member cost ratios are ~2 ok",
                 r"budget .* -> exit 0 \(member 0, exit 0\)",
                 r"CHECK each budget returns the latest exit that fits, with that exit's prediction ok",
