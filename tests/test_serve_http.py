@@ -17,7 +17,7 @@ import torch
 
 from ann_kernels import EarlyExitEngine
 from ann_kernels.inference import EarlyExitServer
-from tests.test_engine import K, inputs, mlp_checkpoint, small_mlp  # noqa: F401  (fixture)
+from tests.early_exit_helpers import K, inputs, mlp_checkpoint, small_mlp  # noqa: F401  (fixture)
 from tests.utils import requires_ext
 
 try:
@@ -48,7 +48,7 @@ def request(port: int, method: str, path: str, body: bytes | None = None, header
 
 @pytest.fixture(scope="module")
 def front():
-    from ann_kernels.inference.serve import start_http
+    from ann_kernels.serve import start_http
 
     torch.set_num_threads(1)
     model = small_mlp(seed=21)
@@ -131,7 +131,7 @@ def test_wrong_method_and_path(front):
 
 def test_build_server_from_a_checkpoint_with_a_budget(mlp_checkpoint):  # noqa: F811
     from ann_kernels.inference.commands import add_parser, build_server
-    from ann_kernels.inference.serve import start_http
+    from ann_kernels.serve import start_http
 
     import argparse
 

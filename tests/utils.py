@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,3 +89,133 @@ def tiny_mlp_exit_net(*, in_features: int, hidden: int, num_exits: int, num_clas
     stages = [stage(in_features)] + [stage(hidden) for _ in range(num_exits - 1)]
     heads = [nn.Linear(hidden, num_classes) for _ in range(num_exits)]
     return MultiExitNetwork(stages, heads, num_classes=num_classes)
+
+
+def tiny_cli_args(*, hidden: int = 16, limit_train: int = 80, limit_eval: int = 40, batch_size: int = 40,
+                  epochs: int | None = 1) -> list[str]:
+    """``ann-kernels train`` arguments for a tiny run: a 3-exit MLP on the synthetic dataset, no
+    progress bars (seconds on one CPU thread)."""
+    args = ["--dataset", "synthetic", "--model", "mlp", "--num-exits", "3", "--model-arg", f"hidden={hidden}",
+            "--limit-train", str(limit_train), "--limit-eval", str(limit_eval),
+            "--batch-size", str(batch_size), "--no-progress"]
+    return args + (["--epochs", str(epochs)] if epochs is not None else [])
+
+
+def subprocess_env(*first_on_path: str, **variables: str) -> dict[str, str]:
+    """The environment for running the package in a fresh interpreter: this checkout first on
+    PYTHONPATH (after ``first_on_path``), then the caller's PYTHONPATH; ``variables`` set on top."""
+    root = str(Path(__file__).resolve().parents[1])
+    path = [*first_on_path, root, os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p), **variables}
+
+
+def tiny_causal_lm(vocab_size: int = 40, *, dim: int = 32, layers: int = 4, heads: int = 2, max_len: int = 48,
+                   exit_layers=None, head_scale: float = 8.0, seed: int = 0, dtype=torch.float64):
+    """A tiny random ``CausalExitLM`` (eval mode) for generation tests: an exit after every
+    layer by default; the shared head's weight scaled by ``head_scale`` so the exits'
+    confidences spread over (0, 1) instead of sitting near 1 / V; float64 by default so greedy
+    comparisons with the cache-free oracle are not at the mercy of near-ties."""
+    from ann_kernels.nn.causal_lm import causal_exit_lm
+
+    torch.manual_seed(seed)
+    model = causal_exit_lm(vocab_size, dim=dim, layers=layers, heads=heads, max_len=max_len,
+                           exit_layers=exit_layers, tie_embeddings=False)
+    with torch.no_grad():
+        model.lm_heads[0].weight.mul_(head_scale)
+    return model.to(dtype).eval()
+
+
+def ragged_prompts(batch: int, vocab_size: int, *, min_len: int = 1, max_len: int = 9, seed: int = 0) -> list[list[int]]:
+    """``batch`` random prompts of lengths in [min_len, max_len] (the first two: both ends)."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_len, max_len + 1, (batch,), generator=gen).tolist()
+    lengths[:2] = [min_len, max_len][:batch]
+    return [torch.randint(0, vocab_size, (n,), generator=gen).tolist() for n in lengths]
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1 (for a server started in another process)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_call(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+              timeout: float = 60.0):
+    """(status, headers dict (lower-case names), raw body) of one HTTP request to 127.0.0.1:port."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        connection.close()
+
+
+def write_mlp_checkpoint(directory, *, num_exits: int = 3, hidden: int = 32, seed: int = 0):
+    """``directory/last.pt`` in the trainer's checkpoint format: a small untrained MLP ANN on
+    synthetic 1x28x28 data (10 classes); returns the path."""
+    from pathlib import Path
+
+    from ann_kernels.train.runs import build_model, make_spec
+    from ann_kernels.train.trainer import CHECKPOINT_FORMAT
+
+    spec = make_spec(dataset="synthetic", model="mlp", limit_train=64, limit_eval=300,
+                     model_kwargs={"num_exits": num_exits, "hidden": hidden})
+    spec.update(num_classes=10, input_shape=[1, 28, 28])
+    torch.manual_seed(seed)
+    model = build_model("mlp", 10, (1, 28, 28), **spec["model_kwargs"])
+    path = Path(directory) / "last.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": CHECKPOINT_FORMAT, "spec": spec, "model": model.state_dict(), "epoch": 0}, path)
+    return path
+
+
+# Prepended to the code of a fresh interpreter (run_python_with_packages_hidden): the top-level
+# packages named in $HIDDEN_PACKAGES are never found, as on a machine without them: ``import``
+# raises ModuleNotFoundError and ``importlib.util.find_spec`` returns None.
+HIDE_PACKAGES_PRELUDE = r'''
+import importlib.util
+import os
+import sys
+
+HIDDEN = set(filter(None, os.environ["HIDDEN_PACKAGES"].split(",")))
+
+
+class Hiding:
+    """Wraps a meta-path finder: the hidden top-level packages are never found."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in HIDDEN:
+            return None
+        return self.inner.find_spec(name, path, target)
+
+    def __getattr__(self, attr):
+        return getattr(self.inner, attr)
+
+
+sys.meta_path[:] = [Hiding(finder) for finder in sys.meta_path]
+for name in HIDDEN:  # the hiding itself works (else a test built on it would prove nothing)
+    assert importlib.util.find_spec(name) is None, name
+'''
+
+
+def run_python_with_packages_hidden(code: str, hidden, *, timeout: float = 300, extra_env=None):
+    """Runs ``code`` in a fresh interpreter (cwd = the repository root, on PYTHONPATH) with the
+    top-level packages ``hidden`` made unfindable; pytest plugins are not auto-loaded (a
+    hidden package's plugin would fail to load). Returns the CompletedProcess (text output)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "HIDDEN_PACKAGES": ",".join(sorted(hidden)), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])), **(extra_env or {})}
+    return subprocess.run([sys.executable, "-c", HIDE_PACKAGES_PRELUDE + code], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=timeout)
