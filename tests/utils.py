@@ -219,3 +219,23 @@ def run_python_with_packages_hidden(code: str, hidden, *, timeout: float = 300, 
            "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])), **(extra_env or {})}
     return subprocess.run([sys.executable, "-c", HIDE_PACKAGES_PRELUDE + code], cwd=root, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+class CharTokenizer:
+    """A character tokenizer for the tiny LMs of the serving tests: id 0 is the end-of-text
+    token (decoded as nothing), ids 1.. the characters of ``alphabet``; ``encode(text)`` ->
+    ids, ``decode(ids)`` -> text (the interface ``GenerationServer`` accepts)."""
+
+    def __init__(self, alphabet: str = "abcdefghijklmnopqrstuvwxyz .,;:!?'-()0\n"):
+        self.alphabet = alphabet
+        self.vocab_size = len(alphabet) + 1
+        self.index = {c: i + 1 for i, c in enumerate(alphabet)}
+
+    def encode(self, text: str) -> list[int]:
+        bad = sorted(set(text) - set(self.index))
+        if bad:
+            raise ValueError(f"text: characters {bad} are not in the tokenizer's alphabet")
+        return [self.index[c] for c in text]
+
+    def decode(self, ids) -> str:
+        return "".join(self.alphabet[i - 1] for i in ids if 0 < i <= len(self.alphabet))
