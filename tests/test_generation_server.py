@@ -13,7 +13,7 @@ import torch
 
 import ann_kernels
 from ann_kernels.generation import GenerationServer, ServerBusyError
-from tests.utils import CharTokenizer, ragged_prompts, tiny_causal_lm
+from tests.utils import CharTokenizer, WorkerGate, ragged_prompts, tiny_causal_lm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,32 +27,6 @@ MODES = [
 @pytest.fixture(scope="module")
 def model():
     return tiny_causal_lm(40, max_len=48)
-
-
-class Gate:
-    """Holds the server's worker inside its next forward (the model's embedding) until
-    :meth:`release`: the test then knows exactly what the worker is doing."""
-
-    def __init__(self, server):
-        self.armed, self.open, self.entered = False, threading.Event(), threading.Event()
-        embed = server.adapter.embed
-
-        def gated(tokens, positions):
-            if self.armed:
-                self.entered.set()
-                assert self.open.wait(30), "gate never released"
-            return embed(tokens, positions)
-
-        server.adapter.embed = gated
-
-    def hold(self):
-        self.armed = True
-        self.open.clear()
-        self.entered.clear()
-
-    def release(self):
-        self.armed = False
-        self.open.set()
 
 
 def reference(model, prompt, **kw):
@@ -94,7 +68,7 @@ def test_seeded_sampling_equals_generate_with_that_generator(model):
 
 def test_a_request_submitted_mid_generation_joins_the_running_batch(model):
     with GenerationServer(model, max_batch_size=4, max_wait_s=0) as server:
-        gate = Gate(server)
+        gate = WorkerGate(server)
         first = server.stream([5, 6, 7], max_new_tokens=20)
         next(first)  # A is generating
         gate.hold()
@@ -159,7 +133,7 @@ def test_eos_ends_a_row_and_is_not_in_the_text(model):
 
 def test_cancel_and_deadline_free_the_row(model):
     with GenerationServer(model, max_batch_size=2, max_wait_s=0) as server:
-        gate = Gate(server)
+        gate = WorkerGate(server)
         stream = server.stream([4, 4, 4], max_new_tokens=40)
         next(stream)
         assert stream.cancel()
@@ -195,7 +169,7 @@ def test_close_drains_every_accepted_request(model):
 
 def test_backpressure_answers_busy(model):
     with GenerationServer(model, max_batch_size=1, max_queue=1, max_wait_s=0) as server:
-        gate = Gate(server)
+        gate = WorkerGate(server)
         gate.hold()
         running = server.submit([1, 2], max_new_tokens=3)
         assert gate.entered.wait(30)  # held inside the first request's prefill

@@ -239,3 +239,38 @@ class CharTokenizer:
 
     def decode(self, ids) -> str:
         return "".join(self.alphabet[i - 1] for i in ids if 0 < i <= len(self.alphabet))
+
+
+class WorkerGate:
+    """Holds a ``GenerationServer``'s worker inside a forward (the model's embedding) until
+    :meth:`release`, so a test knows what the worker is doing without timing. After
+    :meth:`hold` (``skip`` = forwards let through first), the next forward blocks;
+    :attr:`entered` is set once it does."""
+
+    def __init__(self, server):
+        import threading
+
+        self.armed, self.skip = False, 0
+        self.open, self.entered = threading.Event(), threading.Event()
+        embed = server.adapter.embed
+
+        def gated(tokens, positions):
+            if self.armed:
+                if self.skip > 0:
+                    self.skip -= 1
+                else:
+                    self.entered.set()
+                    assert self.open.wait(60), "WorkerGate: never released"
+            return embed(tokens, positions)
+
+        server.adapter.embed = gated
+
+    def hold(self, skip: int = 0) -> None:
+        self.open.clear()
+        self.entered.clear()
+        self.skip = skip
+        self.armed = True
+
+    def release(self) -> None:
+        self.armed = False
+        self.open.set()
