@@ -225,3 +225,15 @@ def test_bad_arguments_name_themselves(model, kwargs, match):
         GenerationServer(model, max_batch_size=0)
     with pytest.raises(ValueError, match="exit_index"):
         GenerationServer(model, mode="self_speculative")
+
+
+def test_a_request_mode_does_not_inherit_the_server_mode_settings(model):
+    with GenerationServer(model, mode="self_speculative", exit_index=1, draft_len=2, max_new_tokens=5) as server:
+        default = server.submit([2, 3]).result(60)
+        full = server.submit([2, 3], mode="full").result(60)
+        confident = server.submit([2, 3], mode="confidence", threshold=0.3).result(60)
+    spec = reference(model, [2, 3], max_new_tokens=5, mode="self_speculative", exit_index=1, draft_len=2)
+    assert (default.token_ids, default.exits) == spec and default.mode == "self_speculative"
+    assert (full.token_ids, full.exits) == reference(model, [2, 3], max_new_tokens=5)
+    assert (confident.token_ids, confident.exits) == reference(model, [2, 3], max_new_tokens=5, mode="confidence",
+                                                               threshold=0.3)

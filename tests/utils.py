@@ -274,3 +274,25 @@ class WorkerGate:
     def release(self) -> None:
         self.armed = False
         self.open.set()
+
+
+def write_lm_checkpoint(directory, *, layers: int = 3, dim: int = 32, max_len: int = 64, seed: int = 0):
+    """``directory/last.pt``: a tiny random ``CausalExitLM`` in the LM trainer's format, with a
+    real byte-level BPE ``tokenizer.json`` (300 tokens, trained on the standard library's
+    ``json`` package sources) and ``tokens.pt`` beside it; returns the path. Needs ``tokenizers``."""
+    import sysconfig
+    from pathlib import Path
+
+    from ann_kernels.nn.causal_lm import causal_exit_lm
+    from ann_kernels.train.lm import LM_FORMAT
+    from ann_kernels.train.text import load_text_data
+
+    directory = Path(directory)
+    text_glob = str(Path(sysconfig.get_paths()["stdlib"]) / "json" / "*.py")
+    data = load_text_data(directory, text_glob=text_glob, vocab_size=300, seq_len=16, progress=False)
+    torch.manual_seed(seed)
+    kwargs = {"dim": dim, "layers": layers, "heads": 2}
+    model = causal_exit_lm(data.vocab_size, max_len=max_len, **kwargs)
+    torch.save({"format": LM_FORMAT, "spec": {"seq_len": max_len, "model_kwargs": kwargs}, "epoch": 1,
+                "model": model.state_dict(), "vocab_size": data.vocab_size}, directory / "last.pt")
+    return directory / "last.pt"

@@ -96,7 +96,9 @@ class GenerationServer:
             (:data:`REQUEST_PARAMS`: ``max_new_tokens``, ``mode``, ``exit_index``,
             ``draft_len``, ``threshold``, ``criterion``, ``kv_policy``, ``verify_chunk``,
             ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop``,
-            ``deadline_s``), validated here.
+            ``deadline_s``), validated here. A request that names its own ``mode`` takes
+            the other mode settings (``exit_index``, ``threshold``, ...) from its own
+            parameters only (the built-in defaults otherwise), never from the server's.
 
     The worker starts at once; ``close()`` drains. Use as a context manager.
     """
@@ -250,7 +252,10 @@ class GenerationServer:
         if any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
             raise ValueError("prompt: expected token ids (ints)")
         ids = [int(t) for t in ids]
-        row, config, stop, deadline, max_new = self._resolve({**self.defaults, **params})
+        base = self.defaults
+        if "mode" in params:  # a request's own mode: the server's mode settings do not leak into it
+            base = {**base, **{k: REQUEST_PARAMS[k] for k in _MODE_KEYS if k not in ("mode", "criterion")}}
+        row, config, stop, deadline, max_new = self._resolve({**base, **params})
         if not ids:
             raise ValueError("prompt: empty prompt (a request needs at least one token)")
         check_prompts([ids], self.adapter.vocab_size, self.max_len, [max_new])
