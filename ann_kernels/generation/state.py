@@ -112,6 +112,7 @@ class DecodeState:
         generator: the shared generator of sampling rows without their own.
     """
 
+    @torch.inference_mode()
     def __init__(self, adapter: DecoderAdapter, config: ModeConfig, *, max_batch_size: int, max_positions: int,
                  eos_token_id=None, generator: torch.Generator | None = None):
         self.adapter, self.config = adapter, config
@@ -156,6 +157,7 @@ class DecodeState:
     def num_rows(self) -> int:
         return len(self.row_ids)
 
+    @torch.inference_mode()
     def add_rows(self, prompts: list[list[int]], params: list[RowParams], row_ids: list) -> None:
         """Append rows (prompts of >= 1 token ids) and prefill their caches (batched)."""
         b, n = len(prompts), self.num_rows
@@ -201,6 +203,7 @@ class DecodeState:
         self.run_layers(layers, h, qpos, write, rows=first, window=s, force_mask=True)
         self.counters.prefill_evals += float(counts.sum()) * len(layers)
 
+    @torch.inference_mode()
     def remove_rows(self, row_ids) -> None:
         """Take rows out of the batch (finished or cancelled); their slots are freed."""
         drop = set(row_ids)
@@ -270,6 +273,7 @@ class DecodeState:
                            any_sample, plain)
 
     # ------------------------------------------------------------------ step
+    @torch.inference_mode()
     def step(self) -> list[StepEvent]:
         """One decode step of every active row (each gets >= 1 new token); finished rows
         leave the batch. Returns one event per row that was active."""
