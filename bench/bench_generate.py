@@ -96,7 +96,7 @@ def engine_overhead(model, prompts, new_tokens, reps):
     ad = as_adapter(model)
     b = len(prompts)
     st = DecodeState(ad, ModeConfig("full"), max_batch_size=b, max_positions=max(map(len, prompts)) + new_tokens + reps)
-    st.add_rows(prompts, [RowParams(10_000)] * b, list(range(b)))
+    st.add_rows(prompts, [RowParams(new_tokens + reps)] * b, list(range(b)))
     steps = []
     for _ in range(reps):
         t0 = time.perf_counter()
