@@ -219,3 +219,25 @@ def run_python_with_packages_hidden(code: str, hidden, *, timeout: float = 300, 
            "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])), **(extra_env or {})}
     return subprocess.run([sys.executable, "-c", HIDE_PACKAGES_PRELUDE + code], cwd=root, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def profiled_ops(fn, *, profile_memory: bool = False):
+    """Run ``fn()`` under torch.profiler (CPU activity, shapes recorded) and return its
+    kineto events (``.name()``, ``.dtypes()``, ``.shapes()``, ``.nbytes()``, ``.start_ns()``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True, profile_memory=profile_memory) as prof:
+        fn()
+    return list(prof.profiler.kineto_results.events())
+
+
+def peak_allocated_bytes(fn) -> int:
+    """Peak of the bytes allocated (and not yet freed) while ``fn()`` runs, from the
+    allocator's own records (torch.profiler memory events: every allocation and free of
+    torch's CPU/CUDA allocators, in time order), not from wall-clock or RSS."""
+    events = [e for e in profiled_ops(fn, profile_memory=True) if e.name() == "[memory]"]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
