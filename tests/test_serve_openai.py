@@ -224,3 +224,28 @@ def test_drain_answers_accepted_requests_and_refuses_new_ones(model):
     server.close()
     assert drained == [True] and len(results[0].choices[0].text) >= 0
     assert results[0].usage.completion_tokens == 6 or results[0].choices[0].finish_reason == "stop"
+
+
+def test_metrics_count_what_was_served(served):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    server, front, client, _ = served
+    client.completions.create(model=NAME, prompt="count me", max_tokens=5, temperature=0,
+                              extra_body={"early_exit": {"mode": "self_speculative", "exit_index": 0}})
+    code, headers, raw = http_call(front.port, "GET", "/metrics")
+    assert code == 200
+    samples = {}
+    for family in text_string_to_metric_families(raw.decode()):
+        for s in family.samples:
+            samples.setdefault(s.name, []).append(s)
+    stats = server.stats()
+    value = lambda name: sum(s.value for s in samples[name])  # noqa: E731
+    assert value("ann_kernels:generation_tokens_total") == stats.generated_tokens
+    assert value("ann_kernels:exit_tokens_total") == stats.generated_tokens
+    assert value("ann_kernels:spec_decode_num_draft_tokens_total") == stats.drafted_tokens > 0
+    assert value("ann_kernels:mean_exit") == pytest.approx(stats.mean_exit)
+    finished = sum(stats.requests_finished.values())
+    assert value("ann_kernels:request_success_total") == finished
+    assert value("ann_kernels:time_to_first_token_seconds_count") <= finished
+    assert value("ann_kernels:inter_token_latency_seconds_count") > 0
+    assert value("ann_kernels:num_requests_running") == 0
