@@ -184,8 +184,9 @@ def main() -> int:
         base = held_load["full"]
         for name, value in held_load.items():
             if name != "full":
-                ratio = value / base if base > 0 else float("inf")
-                print(f"  {name}: {ratio:.2f}x full's (target >= 1.3x for the better early-exit mode)")
+                ratio = f"{value / base:.2f}x" if base > 0 else ("n/a (full held no load)" if value == 0 else
+                                                                "above full (full held no load)")
+                print(f"  {name}: {ratio} full's (target >= 1.3x for the better early-exit mode)")
         # 4. light load: one client against generate at batch 1
         light = make_requests(model, run_dir, 6, args.prompt_lens, args.new_tokens, seed=7)
         server_ttft, server_itl, gen_ttft, gen_itl = [], [], [], []
