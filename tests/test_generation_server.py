@@ -47,7 +47,7 @@ def test_rows_equal_generate_alone_in_a_busy_batch_every_mode(model):
             assert out.token_ids == tokens and out.exits == exits, kw
             assert out.finish_reason == "length" and out.prompt_tokens == len(p)
             assert out.ttft_s is not None and len(out.inter_token_s) == len(tokens) - 1
-        log = list(server.step_log)
+        log = server.steps()
     decodes = [r for r in log if r.kind == "decode"]
     assert max(len(r.request_ids) for r in decodes) > 1  # rows really shared steps
     assert all(len(r.request_ids) <= 4 for r in log)
@@ -79,7 +79,7 @@ def test_a_request_submitted_mid_generation_joins_the_running_batch(model):
         rest = list(first)
         assert rest[-1].finish_reason == "length"
         a, b = first.request_id, second.request_id
-        log = list(server.step_log)
+        log = server.steps()
     prefill_b = next(r.index for r in log if r.kind == "prefill" and b in r.request_ids)
     assert a not in next(r for r in log if r.index == prefill_b).request_ids  # B prefilled alone
     shared = [r for r in log if r.kind == "decode" and {a, b} <= set(r.request_ids)]
@@ -150,7 +150,7 @@ def test_cancel_and_deadline_free_the_row(model):
         out = late.result(60)
         assert out.finish_reason == "deadline" and len(out.token_ids) < 40
         after = server.submit([1], max_new_tokens=2).result(60)
-        log = list(server.step_log)
+        log = server.steps()
         stats = server.stats()
     assert stats.requests_running == 0 and stats.requests_finished["cancelled"] == 1
     last_cancelled = max(r.index for r in log if cancelled_id in r.request_ids)

@@ -69,7 +69,7 @@ def test_eight_concurrent_clients_equal_generate(served, model):
     prompts = ["the cat", "a dog ran", "hi", "once upon", "zebra", "quiet night", "ok", "be brief"]
     modes = [{}, {"mode": "self_speculative", "exit_index": 1}, {"mode": "confidence", "threshold": 0.4}]
     results = [None] * len(prompts)
-    first_step = len(server.step_log) and server.step_log[-1].index
+    first_step = len(server.steps()) and server.steps()[-1].index
 
     def call(i):
         mode = modes[i % 3]
@@ -86,7 +86,7 @@ def test_eight_concurrent_clients_equal_generate(served, model):
         text, _, exits = expected(model, p, 12, **modes[i % 3])
         assert results[i].choices[0].text == text, (i, p)
         assert results[i].choices[0].model_extra["exit_index"] == exits
-    steps = [r for r in server.step_log if r.index > first_step and r.kind == "decode"]
+    steps = [r for r in server.steps() if r.index > first_step and r.kind == "decode"]
     assert max(len(r.request_ids) for r in steps) > 1  # the clients shared decode steps
 
 

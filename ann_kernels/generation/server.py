@@ -13,7 +13,7 @@ One worker thread owns the batch and the KV caches. Its loop:
 4. one decode step of every mode's batch; each row's new tokens go to its stream; rows that
    hit EOS, ``max_new_tokens`` or a stop string leave at once.
 
-Every prefill and decode step is logged (:attr:`GenerationServer.step_log`, a bounded deque of
+Every prefill and decode step is logged (:meth:`GenerationServer.steps`, from a bounded deque of
 :class:`~ann_kernels.generation.requests.StepRecord`), which is how the tests see which
 requests shared a step. A row's greedy tokens do not depend on the batch around it (the
 decode state's property): equal to :func:`ann_kernels.generate` on that prompt alone.
@@ -91,7 +91,7 @@ class GenerationServer:
         max_queue: waiting requests beyond which ``submit`` raises ``ServerBusyError``.
         eos_token_id: None, an id or ids that end a row.
         exit_layers: for Hugging Face models (see ``generate``).
-        step_log_size: entries kept in :attr:`step_log`.
+        step_log_size: entries kept in the step log (:meth:`steps`).
         mode, **generate_defaults: the defaults of every request's parameters
             (:data:`REQUEST_PARAMS`: ``max_new_tokens``, ``mode``, ``exit_index``,
             ``draft_len``, ``threshold``, ``criterion``, ``kv_policy``, ``verify_chunk``,
@@ -200,6 +200,12 @@ class GenerationServer:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def steps(self) -> list[StepRecord]:
+        """A copy of the step log (the latest ``step_log_size`` prefills and decode steps, in
+        order): which requests shared each forward. Safe while the worker runs."""
+        with self._cond:
+            return list(self.step_log)
+
     def stats(self) -> GenerationServerStats:
         """A snapshot of the counters (:class:`GenerationServerStats`)."""
         with self._cond:
@@ -270,7 +276,7 @@ class GenerationServer:
             self._next_id += 1
             future = GenerationFuture(rid)
             token_stream = TokenStream(future)
-            text = StopTextState(self.tokenizer, stop, self._eos)
+            text = StopTextState(self.tokenizer, stop, self._eos, incremental=stream or bool(stop))
             req = _Request(rid, ids, row, config, text, None, future, token_stream if stream else None)
             if deadline is not None:
                 req.deadline = req.submitted + deadline
@@ -321,7 +327,9 @@ class GenerationServer:
         self._states.clear()
 
     def _log(self, kind: str, mode: str, ids) -> None:
-        self.step_log.append(StepRecord(self._steps, kind, mode, tuple(ids)))
+        record = StepRecord(self._steps, kind, mode, tuple(ids))
+        with self._cond:
+            self.step_log.append(record)
         self._steps += 1
 
     def _state_for(self, config: ModeConfig) -> DecodeState:

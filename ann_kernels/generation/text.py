@@ -24,10 +24,12 @@ class StopTextState:
     """One request's decoded text. ``add(tokens, final)`` -> (new text to show, stopped);
     ``flush()`` releases what was held back (a request cut short); ``text``: everything
     shown so far (the completion once finished). EOS ids are not decoded. Without a tokenizer
-    every text is ''."""
+    every text is ''. ``incremental=False`` (no stream, no stop strings): nothing is decoded
+    until the request finishes (one decode instead of one per step)."""
 
-    def __init__(self, tokenizer, stop: tuple[str, ...] = (), eos=frozenset()) -> None:
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), eos=frozenset(), incremental: bool = True) -> None:
         self.tokenizer, self.stop, self.eos = tokenizer, tuple(stop), set(eos)
+        self.incremental = incremental or bool(stop)
         self.ids: list[int] = []
         self.text = ""
         self._full = ""
@@ -36,6 +38,8 @@ class StopTextState:
         if self.tokenizer is None:
             return "", False
         self.ids.extend(t for t in tokens if t not in self.eos)
+        if not (self.incremental or final):
+            return "", False
         full = self._full = self.tokenizer.decode(self.ids)
         if self.stop:
             hits = [i for i in (full.find(s) for s in self.stop) if i >= 0]
@@ -55,6 +59,8 @@ class StopTextState:
     def flush(self) -> str:
         if self.tokenizer is None:
             return ""
+        if not self.incremental:
+            self._full = self.tokenizer.decode(self.ids)
         return self._show(self._full)
 
     def _show(self, upto: str) -> str:
