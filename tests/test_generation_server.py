@@ -159,12 +159,14 @@ def test_cancel_and_deadline_free_the_row(model):
 
 
 def test_close_drains_every_accepted_request(model):
-    server = GenerationServer(model, max_batch_size=2)
+    server = GenerationServer(model, max_batch_size=2).start()
     futures = [server.submit([i + 1], max_new_tokens=6) for i in range(5)]
     assert server.close(timeout=60)
     assert all(f.result(0).finish_reason == "length" and len(f.result(0).token_ids) == 6 for f in futures)
     with pytest.raises(RuntimeError, match="closed"):
         server.submit([1])
+    with pytest.raises(RuntimeError, match="closed"):
+        server.start()
 
 
 def test_backpressure_answers_busy(model):

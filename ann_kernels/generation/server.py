@@ -151,6 +151,13 @@ class GenerationServer:
         quick): the metrics module observes TTFT, inter-token latency and queue time here."""
         self._listeners.append(callback)
 
+    def start(self) -> GenerationServer:
+        """The worker runs from construction; this is for callers written for
+        ``EarlyExitServer`` (``server.start()``, e.g. the Ray Serve wrapper). Raises once closed."""
+        if self._closing:
+            raise RuntimeError("server: closed; create a new GenerationServer")
+        return self
+
     @property
     def closing(self) -> bool:
         return self._closing
