@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install .[test])")
 fastapi = pytest.importorskip("fastapi", reason="FastAPI is not installed (pip install .[serve])")
@@ -249,3 +250,19 @@ def test_metrics_count_what_was_served(served):
     assert value("ann_kernels:time_to_first_token_seconds_count") <= finished
     assert value("ann_kernels:inter_token_latency_seconds_count") > 0
     assert value("ann_kernels:num_requests_running") == 0
+
+
+def test_prompt_lists_stream_per_choice_and_seeded_sampling_repeats(served, model):
+    server, front, client, _ = served
+    prompts = ["first one", "second"]
+    texts = {0: "", 1: ""}
+    for chunk in client.completions.create(model=NAME, prompt=prompts, max_tokens=7, temperature=0, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert [texts[0], texts[1]] == [expected(model, p, 7)[0] for p in prompts]
+    sampled = [client.completions.create(model=NAME, prompt="roll", max_tokens=8, temperature=0.9, top_p=0.95,
+                                         seed=11, extra_body={"top_k": 20}).choices[0].text for _ in range(2)]
+    assert sampled[0] == sampled[1]
+    ref = ann_kernels.generate(model, [TOK.encode("roll")], max_new_tokens=8, eos_token_id=EOS, do_sample=True,
+                               temperature=0.9, top_p=0.95, top_k=20, generator=torch.Generator().manual_seed(11))
+    assert sampled[0] == TOK.decode([t for t in ref.tokens[0] if t != EOS])
