@@ -66,7 +66,7 @@ def test_cache_after_recompute_equals_teacher_forced_pass(model, prompts):
     ad = as_adapter(model)
     st = DecodeState(ad, ModeConfig("confidence", thresholds=(0.8, 0.8, 0.8, 0.0)), max_batch_size=8,
                      max_positions=30)
-    st.add_rows(prompts, [RowParams(100)] * 8, list(range(8)))
+    st.add_rows(prompts, [RowParams(20)] * 8, list(range(8)))
     with torch.inference_mode():
         for _ in range(10):
             st.step()
@@ -112,3 +112,13 @@ def test_calibration_meets_the_budget(model):
     assert all(len(t) == 6 for t in out.tokens)
     with pytest.raises(ValueError, match="budget"):
         calibrate_generation(model, held_out, 0.01)
+
+
+def test_infinite_threshold_skips_that_exit(model, prompts):
+    """+inf at an exit: its head is never evaluated and no row leaves there; the rest as the oracle."""
+    thresholds = [float("inf"), 0.8, float("inf")]
+    out = ann_kernels.generate(model, prompts, max_new_tokens=8, mode="confidence", threshold=thresholds)
+    for p, toks, exits in zip(prompts, out.tokens, out.exit_index):
+        assert (toks, exits) == generate_reference(model, p, 8, mode="confidence", threshold=thresholds)
+        assert set(exits) <= {1, 3}
+    assert out.stats["exit_counts"][0] == out.stats["exit_counts"][2] == 0 < out.stats["exit_counts"][1]

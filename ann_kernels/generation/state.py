@@ -112,12 +112,14 @@ class DecodeState:
         generator: the shared generator of sampling rows without their own.
     """
 
+    @torch.inference_mode()
     def __init__(self, adapter: DecoderAdapter, config: ModeConfig, *, max_batch_size: int, max_positions: int,
                  eos_token_id=None, generator: torch.Generator | None = None):
         self.adapter, self.config = adapter, config
         ad = adapter
         self.device = ad.device
         slack = config.draft_len + 1 if config.mode == "self_speculative" else 0
+        self.max_positions = max_positions
         self.T = max_positions + slack  # cache positions; column T is the padding scratch
         self.slots = max_batch_size
         self.num_exits = ad.num_exits
@@ -156,11 +158,23 @@ class DecodeState:
     def num_rows(self) -> int:
         return len(self.row_ids)
 
+    @torch.inference_mode()
     def add_rows(self, prompts: list[list[int]], params: list[RowParams], row_ids: list) -> None:
         """Append rows (prompts of >= 1 token ids) and prefill their caches (batched)."""
         b, n = len(prompts), self.num_rows
         if n + b > self.slots:
             raise ValueError(f"prompts: {b} new rows do not fit; {n} of {self.slots} slots are in use")
+        if len(params) != b or len(row_ids) != b:
+            raise ValueError(f"params / row_ids: expected {b} each (one per prompt), got {len(params)} / {len(row_ids)}")
+        limit = min(self.max_positions, self.adapter.max_len)
+        for i, (p, rp) in enumerate(zip(prompts, params)):
+            if not p:
+                raise ValueError(f"prompts[{i}]: empty prompt (a row needs at least one token)")
+            if min(p) < 0 or max(p) >= self.adapter.vocab_size:
+                raise ValueError(f"prompts[{i}]: token ids must lie in [0, {self.adapter.vocab_size})")
+            if rp.max_new_tokens < 1 or len(p) + rp.max_new_tokens > limit:
+                raise ValueError(f"max_new_tokens: prompts[{i}] has {len(p)} tokens; {len(p)} + max_new_tokens "
+                                 f"{rp.max_new_tokens} exceeds the {limit} positions a row may use here")
         lens = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
         width = int(lens.max())
         padded = torch.zeros(b, width, dtype=torch.int64)
@@ -201,6 +215,7 @@ class DecodeState:
         self.run_layers(layers, h, qpos, write, rows=first, window=s, force_mask=True)
         self.counters.prefill_evals += float(counts.sum()) * len(layers)
 
+    @torch.inference_mode()
     def remove_rows(self, row_ids) -> None:
         """Take rows out of the batch (finished or cancelled); their slots are freed."""
         drop = set(row_ids)
@@ -270,6 +285,7 @@ class DecodeState:
                            any_sample, plain)
 
     # ------------------------------------------------------------------ step
+    @torch.inference_mode()
     def step(self) -> list[StepEvent]:
         """One decode step of every active row (each gets >= 1 new token); finished rows
         leave the batch. Returns one event per row that was active."""
