@@ -8,14 +8,16 @@ meaningful, acceptance and exits do not: the script says so). Prompts: blocks of
 test split cut to mixed lengths (``--prompt-lens``, uniform); each request asks for a uniform
 number of new tokens in ``--new-tokens`` (no EOS stop: the lengths are the asked ones), greedy.
 
-1. Capacity: ``full`` saturated (every request submitted at once), in requests/s.
+1. Capacity: ``full`` saturated (every request submitted at once; the better of two runs),
+   in requests/s.
 2. For each offered load (``--loads``: fractions of that capacity, 10% to 150%), interleaved
    over the providers: Poisson arrivals for ``--duration`` seconds (the same arrival times and
    requests for every provider), in-process ``submit`` (no HTTP: the server's own latencies);
    per provider: generated tokens/s (tokens over first arrival to last finish), TTFT and
    inter-token latency p50/p99, whether it kept up (finished within 1.5x the arrival window).
-3. The highest load held: the largest offered load whose p99 inter-token latency is under
-   the SLO (``--itl-slo-ms``; default 3x ``full``'s p50 at the lowest load) and which kept up.
+3. The highest load held: the largest offered load such that it and every lower one had a p99
+   inter-token latency under the SLO (``--itl-slo-ms``; default 3x ``full``'s p50 at the
+   lowest load) and kept up.
 4. Light load (one client, sequential requests): TTFT and inter-token latency against
    ``ann_kernels.generate`` at batch 1 on the same prompts.
 
@@ -148,7 +150,8 @@ def main() -> int:
         warm = make_requests(model, run_dir, 8, args.prompt_lens, args.new_tokens, seed=99)
         run_load(server, warm, [0.0] * len(warm), providers["full"])
         sat = make_requests(model, run_dir, 2 * args.max_batch_size, args.prompt_lens, args.new_tokens, seed=1)
-        done, elapsed = run_load(server, sat, [0.0] * len(sat), providers["full"])
+        runs = [run_load(server, sat, [0.0] * len(sat), providers["full"]) for _ in range(2)]
+        done, elapsed = min(runs, key=lambda r: r[1])  # the better of two (other processes share the CPU)
         capacity = len(sat) / elapsed
         print(f"full capacity: {capacity:.2f} requests/s ({summarise(done, elapsed)['tokens_per_s']:.0f} tokens/s)")
         csv.add("serving_lm", "full", shape, "capacity_requests_per_s", value=capacity, notes=notes)
@@ -175,8 +178,11 @@ def main() -> int:
         slo = args.itl_slo_ms / 1e3 if args.itl_slo_ms else 3 * results["full"][0]["itl_p50"]
         held_load = {}
         for name, rows in results.items():
-            ok = [r["load"] for r in rows if r["itl_p99"] <= slo and r["kept_up"]]
-            held_load[name] = max(ok) if ok else 0.0
+            held_load[name] = 0.0
+            for r in rows:  # the loads in increasing order: the first one missed bounds it
+                if not (r["itl_p99"] <= slo and r["kept_up"]):
+                    break
+                held_load[name] = r["load"]
             csv.add("serving_lm", name, shape, "max_load_under_itl_slo", value=held_load[name],
                     notes=f"{notes}; SLO p99 ITL {1e3 * slo:.1f} ms")
         print(f"ITL SLO (p99) {1e3 * slo:.1f} ms; highest offered load held (fraction of full capacity): "
