@@ -3,8 +3,8 @@
 An early-exit causal transformer (6 layers, width 128, an exit after every layer, one LM
 head tied to the embedding, LayerSkip's recipe: layer dropout rising with depth to 0.1 and
 the early-exit loss with ``sum`` scales and the ``gradual`` curriculum) trained on the
-CPython standard library's source (byte-level BPE, 4096 tokens, split by file), in about
-10-15 minutes on 2 CPU cores. Unlike ``demo --lm`` (perplexity ~400 at every exit) its
+CPython standard library's source (byte-level BPE, 2048 tokens, split by file), in about
+10-15 minutes on 2 idle CPU cores. Unlike ``demo --lm`` (perplexity ~400 at every exit) its
 exits differ usefully: the deeper the exit, the lower the perplexity.
 
     python scripts/train_bench_lm.py                 # train (or reuse) runs/bench_lm/
@@ -32,9 +32,10 @@ import torch
 from ann_kernels.nn.causal_lm import causal_exit_lm
 from ann_kernels.train.lm import LM_FORMAT, evaluate_lm, load_text_data, plot_lm, train_lm
 
-# 2 epochs x 400 steps x 16 sequences x 128 tokens = 1.6 M training tokens (0.8 M distinct).
-BENCH = {"vocab_size": 4096, "seq_len": 128, "batch_size": 16, "epochs": 2, "limit_train": 6400, "limit_eval": 200,
-         "lr": 3e-3, "warmup_steps": 50,
+# 2 epochs x 150 steps x 16 sequences x 128 tokens = 0.6 M training tokens (sized for a shared
+# 2-core machine: ~1.2 CPU-s per step with 2 threads).
+BENCH = {"vocab_size": 2048, "seq_len": 128, "batch_size": 16, "epochs": 2, "limit_train": 2400, "limit_eval": 100,
+         "lr": 3e-3, "warmup_steps": 30,
          "model": {"dim": 128, "layers": 6, "heads": 4, "layer_dropout": 0.1, "layer_dropout_scale": "exp"},
          "weighting_kwargs": {"scale": "sum", "curriculum": "gradual"}}
 SHORT = {"vocab_size": 512, "seq_len": 32, "batch_size": 8, "epochs": 1, "limit_train": 64, "limit_eval": 16,

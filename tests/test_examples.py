@@ -138,6 +138,24 @@ def _train_early_exit_lm_facts(out: str, smoke: bool) -> None:
     _loss_went_down(out)
 
 
+def _finetune_hf_llama_facts(out: str, smoke: bool) -> None:
+    fused, eager = map(float, _one(rf"^CHECK fused loss ({NUMBER}) == eager per-exit cross-entropy ({NUMBER}) ok$",
+                                   out).groups())
+    assert abs(fused - eager) <= 1e-4, (fused, eager)
+    falls = re.findall(rf"^exit after layer (\d+): held-out loss ({NUMBER}) -> ({NUMBER})$", out, flags=re.M)
+    assert [int(f[0]) for f in falls] == [1, 3], falls  # every exit reported, and each fell
+    assert all(float(b) < float(a) for _, a, b in falls), falls
+
+
+def _fsdp2_early_exit_lm_facts(out: str, smoke: bool) -> None:
+    step1, ref = map(float, _one(rf"^CHECK step 1: loss ({NUMBER}) and every gradient equal one process on the "
+                                 rf"global batch \(({NUMBER})\) ok$", out).groups())
+    assert abs(step1 - ref) <= 1e-4, (step1, ref)
+    first = float(_one(rf"^step +1  loss ({NUMBER}) ", out).group(1))
+    assert abs(first - step1) <= 1e-3, (first, step1)
+    _loss_went_down(out)
+
+
 # full_in_ci: the full run's CPU time (user + sys, one thread, synthetic data; measured with
 # /usr/bin/time while the machine was loaded, load average ~15): fused_loss_amp 13.9 s, early_exit_server
 # 4.5 s, http_client 5.6 s, train_early_exit_lm 5.6 s; not in CI: eann 19.4 s, adaloss_checkpoint 26.6 s,
@@ -178,6 +196,18 @@ EXAMPLES: dict[str, Example] = {
                 r"CHECK malformed body -> 400 \(.*\.\.\.\), oversized -> 413 ok",
                 r"CHECK /stats counts \d+ requests, rows per exit \[.*\] ok"],
         facts=_http_client_facts, full_in_ci=True),
+    "finetune_hf_llama.py": Example(
+        checks=[rf"CHECK fused loss {NUMBER} == eager per-exit cross-entropy {NUMBER} ok",
+                r"CHECK every exit's held-out loss fell ok",
+                r"CHECK the model's own forward equals the last exit ok"],
+        facts=_finetune_hf_llama_facts),
+    "fsdp2_early_exit_lm.py": Example(
+        checks=[r"CHECK reading the sharded head outside the objective raises a clear error ok",
+                rf"CHECK step 1: loss {NUMBER} and every gradient equal one process on the global batch "
+                rf"\({NUMBER}\) ok",
+                rf"CHECK loss went down \({NUMBER} -> {NUMBER}\) ok",
+                r"CHECK the ranks' gathered parameters are identical ok"],
+        facts=_fsdp2_early_exit_lm_facts),
     "train_early_exit_lm.py": Example(
         checks=[rf"CHECK fused loss {NUMBER} == eager F\.linear \+ F\.cross_entropy {NUMBER} ok",
                 r"CHECK the rotational curriculum trained exit sets \[.*\] ok",
