@@ -43,9 +43,11 @@ bench: build
 	$(PY) bench/bench_multi_exit_ce.py
 
 # On a CUDA machine, with its own preinstalled torch (no venv, no downloads): build with CUDA
-# for the present GPU, the CUDA tests, the GPU benchmarks -> $$GPU_CHECK_OUT (gpu-check/).
+# for the present GPU, the CUDA tests, the GPU targets, the quick benchmarks -> $$GPU_CHECK_OUT
+# (gpu-check/summary.md). GPU_CHECK_ARGS=--full: every slow test; --dry-run: the rehearsal.
+# docs/gpu.md.
 gpu-check:
-	PYTHON=$(PYTHON) scripts/gpu_check.sh
+	PYTHON=$(PYTHON) scripts/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build *.egg-info ann_kernels/_C*.so $(VENV)

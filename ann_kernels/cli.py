@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "ann_kernels.train.commands",  # train, eval, compare, demo
     "ann_kernels.sequence.commands",  # eann train, eann eval
     "ann_kernels.inference.commands",  # calibrate, infer, serve
+    "ann_kernels.generation.commands",  # generate
 ]
 
 

@@ -17,13 +17,16 @@ Requests carry 1-8 samples (uniform). Offered loads are 10%..150% of the full-de
 capacity (rows/s of ``server_full_depth`` under saturation, measured first). For each
 provider and rate: throughput (rows/s completed), p50 / p99 latency (from the scheduled
 arrival, so a provider that falls behind pays its backlog), rows per exit. Per provider: the
-highest offered rate sustained with p99 under the SLO (default 50 ms). Under saturation (a closed burst): throughput of each server and the
+highest offered rate sustained with p99 under the SLO (default 50 ms). Under saturation (a closed burst, queued
+through ``EarlyExitServer.submit_many``): throughput of each server (also in rows per CPU second of
+the process, the load-robust figure on a shared machine), the server's own cost per request
+(its time per row beyond the model's, times the rows per request), and the
 time-ideal gain of early exit, t_full / sum_k reach_k t_k, from every stage and head timed
 alone at the full batch (p20), against the best of several interleaved saturation rounds
 (machine load only ever slows a round); target: measured gain >= 0.85 x the time-ideal gain.
 
 Usage: ``python bench/bench_serving.py [--device cpu] [--quick] [--out DIR] [--threads 1]
-[--slo-ms 50] [--checkpoint runs/x/last.pt]``. Writes ``serving.csv`` (long format,
+[--slo-ms 50] [--checkpoint runs/x/last.pt] [--nets resann mlp] [--gc-freeze]``. Writes ``serving.csv`` (long format,
 appended) and ``serving.png`` (p99 latency vs offered load) to ``--out``.
 """
 
@@ -123,13 +126,20 @@ def percentile(sorted_values, q):
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
-def saturation(provider, requests) -> float:
-    """Rows/s when every request is queued at once (closed burst)."""
-    start = time.perf_counter()
-    futures = [provider.submit(x) for x in requests]
+def saturation(provider, requests) -> tuple[float, float]:
+    """(rows/s of wall time, rows per CPU second of this process) when every request is
+    queued at once (a closed burst, through ``submit_many`` where the provider has it). The
+    CPU-time figure is the load-robust one on a shared machine: other processes stretch the
+    wall clock, not the CPU seconds this process spends (1 intra-op thread: compute + Python)."""
+    rows = sum(x.shape[0] for x in requests)
+    start, cpu = time.perf_counter(), time.process_time()
+    if hasattr(provider, "submit_many"):
+        futures = provider.submit_many(requests)
+    else:
+        futures = [provider.submit(x) for x in requests]
     for f in futures:
         f.result(timeout=600)
-    return sum(x.shape[0] for x in requests) / (time.perf_counter() - start)
+    return rows / (time.perf_counter() - start), rows / (time.process_time() - cpu)
 
 
 def time_ideal(model, x, thresholds, counts, device):
@@ -162,6 +172,23 @@ def time_ideal(model, x, thresholds, counts, device):
     return full / rows, ideal / rows
 
 
+def full_depth_cpu_seconds_per_row(model, x, reps: int = 10, rounds: int = 3) -> float:
+    """CPU seconds of this process per row for the full network (every stage + the last
+    head) at the batch ``x``: the best of ``rounds`` rounds of ``reps`` calls (the model's
+    cost in the unit of the CPU-time saturation figures)."""
+    best = math.inf
+    with torch.inference_mode():
+        for _ in range(rounds):
+            start = time.process_time()
+            for _ in range(reps):
+                h = x
+                for k in range(model.num_exits):
+                    h = model.forward_stage(k, h)
+                model.forward_head(model.num_exits - 1, h)
+            best = min(best, (time.process_time() - start) / reps)
+    return best / x.shape[0]
+
+
 def bench_network(name, model, pool, args, csv, summary, device):
     model = model.eval().to(device)
     pool = pool.to(device)
@@ -180,18 +207,27 @@ def bench_network(name, model, pool, args, csv, summary, device):
         providers = {"server_early_exit": early, "server_full_depth": full, "predict_per_request": per_request}
         for provider in providers.values():  # warm-up: FLOP counting, first calls, stage timings
             saturation(provider, burst[: max(8, len(burst) // 8)])
-        sat = {n: [] for n in ("server_early_exit", "server_full_depth")}
+        rounds = {n: [] for n in ("server_early_exit", "server_full_depth")}
         for _ in range(3 if args.quick else 5):  # interleaved
-            for n in sat:
-                sat[n].append(saturation(providers[n], burst))
-        sat = {n: max(v) for n, v in sat.items()}  # best round: machine load only ever slows a round
+            for n in rounds:
+                rounds[n].append(saturation(providers[n], burst))
+        # best round: machine load only ever slows a round
+        sat = {n: max(w for w, _ in v) for n, v in rounds.items()}
+        sat_cpu = {n: max(c for _, c in v) for n, v in rounds.items()}
         counts = [0] * num_exits
-        for r in [early.submit(x) for x in burst]:
+        for r in early.submit_many(burst):
             for k, c in enumerate(r.result().stats.samples_per_exit):
                 counts[k] += c
         t_full_row, t_ideal_row = time_ideal(model, pool[:MAX_BATCH], thresholds, counts, device)
         ideal_gain = t_full_row / t_ideal_row
         gain = sat["server_early_exit"] / sat["server_full_depth"]
+        gain_cpu = sat_cpu["server_early_exit"] / sat_cpu["server_full_depth"]
+        # The server's own cost per request: its time per row beyond the model's (stages timed
+        # alone at the full batch), times the mean rows per request, at full depth (no exits).
+        rows_per_request = sum(x.shape[0] for x in burst) / len(burst)
+        overhead_us = 1e6 * rows_per_request * (1 / sat["server_full_depth"] - t_full_row)
+        t_full_row_cpu = full_depth_cpu_seconds_per_row(model, pool[:MAX_BATCH]) if device.type == "cpu" else t_full_row
+        overhead_cpu_us = 1e6 * rows_per_request * (1 / sat_cpu["server_full_depth"] - t_full_row_cpu)
         capacity = sat["server_full_depth"]  # rows/s at full depth
         shape = f"{name} B={MAX_BATCH} wait={args.max_wait_ms}ms threads={torch.get_num_threads()} dev={device.type}"
         for n, v in sat.items():
@@ -200,6 +236,11 @@ def bench_network(name, model, pool, args, csv, summary, device):
         csv.add("serving", "time_ideal", shape + " saturation", "gain_vs_full_depth", value=ideal_gain)
         csv.add("serving", "server_early_exit", shape + " saturation", "fraction_of_time_ideal_gain",
                 value=gain / ideal_gain)
+        csv.add("serving", "server_early_exit", shape + " saturation cpu-time", "fraction_of_time_ideal_gain",
+                value=gain_cpu / ideal_gain)
+        csv.add("serving", "server_full_depth", shape + " saturation", "overhead_us_per_request", value=overhead_us)
+        csv.add("serving", "server_full_depth", shape + " saturation cpu-time", "overhead_us_per_request",
+                value=overhead_cpu_us)
         curves = {n: [] for n in providers}
         mean_rows = 4.5
         loads = QUICK_LOADS if args.quick else LOADS
@@ -230,7 +271,8 @@ def bench_network(name, model, pool, args, csv, summary, device):
             sustained[n] = max(ok) if ok else 0.0
             csv.add("serving", n, shape + f" slo={args.slo_ms}ms", "max_sustained_rows_per_s", value=sustained[n])
         summary.append(dict(net=name, sat=sat, gain=gain, ideal_gain=ideal_gain, sustained=sustained, curves=curves,
-                            counts=counts, capacity=capacity))
+                            counts=counts, capacity=capacity, gain_cpu=gain_cpu, overhead_us=overhead_us,
+                            overhead_cpu_us=overhead_cpu_us, rows_per_request=rows_per_request))
 
 
 def plot(summary, path, slo_ms):
@@ -269,6 +311,10 @@ def main(argv=None) -> int:
     parser.add_argument("--burst", type=int, default=None, help="requests in a saturation burst")
     parser.add_argument("--checkpoint", default=None, help="a ResANN last.pt (default: a freshly built ResANN)")
     parser.add_argument("--nets", nargs="+", default=["resann", "mlp"], choices=["resann", "mlp"])
+    parser.add_argument("--gc-freeze", action="store_true",
+                        help="gc.freeze() after building the models, as a deployment would after loading: the "
+                             "cyclic collector then no longer rescans torch's ~10^5 long-lived objects while "
+                             "requests allocate their futures and results")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device")
@@ -292,6 +338,11 @@ def main(argv=None) -> int:
         else:
             model, pool = mlp_ann(), torch.randn(4096, 256)
         print(f"{net}: ...", flush=True)
+        if args.gc_freeze:
+            import gc
+
+            gc.collect()
+            gc.freeze()
         bench_network(net, model, pool, args, csv, summary, device)
     path = csv.write()
     png = os.path.join(args.out, "serving.png")
@@ -303,6 +354,9 @@ def main(argv=None) -> int:
         print(f"{s['net']:>6}: saturation rows/s early-exit {sat['server_early_exit']:.0f}, full-depth "
               f"{sat['server_full_depth']:.0f} -> gain {s['gain']:.2f}x; time-ideal gain {s['ideal_gain']:.2f}x; "
               f"fraction {s['gain'] / s['ideal_gain']:.2f} (target >= 0.85); exits {s['counts']}")
+        print(f"        by CPU time: gain {s['gain_cpu']:.2f}x, fraction {s['gain_cpu'] / s['ideal_gain']:.2f}; server "
+              f"overhead per request ({s['rows_per_request']:.1f} rows) {s['overhead_us']:.1f} us wall, "
+              f"{s['overhead_cpu_us']:.1f} us CPU")
         print("        highest offered rows/s with p99 <= SLO: " + ", ".join(
             f"{n} {v:.0f}" for n, v in s["sustained"].items())
               + (f"; early exit / full depth {s['sustained']['server_early_exit'] / s['sustained']['server_full_depth']:.2f}x"

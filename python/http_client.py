@@ -4,7 +4,7 @@ Starts an ``EarlyExitServer`` with its FastAPI + uvicorn front on an ephemeral l
 (what ``ann-kernels serve --checkpoint runs/x/last.pt --port 8000`` runs), then talks to it
 with ``urllib``: ``POST /predict`` (JSON in, JSON out), ``GET /stats``, ``GET /healthz``, and a
 malformed body. Needs the ``[serve]`` extra (``pip install -e '.[serve]'``); without it, it
-checks that the front says so.
+prints ``SKIP`` with the front's own message (how to install them) and exits 0.
 
 Checks (printed as ``CHECK ... ok``): the HTTP answers equal ``EarlyExitEngine.predict``; a
 malformed body gets 400 and an oversized one 413; /stats counts the requests.
@@ -40,13 +40,12 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     smoke = args.smoke or os.environ.get("ANN_EXAMPLES_SMOKE", "0") not in ("", "0")
-    from ann_kernels.inference import serve
+    from ann_kernels import serve
 
     try:
         serve.require_serve_extra()
-    except ImportError as error:
-        assert "ann_kernels[serve]" in str(error)
-        print(f"CHECK without FastAPI/uvicorn the front says how to install them ({error}) ok")
+    except ImportError as error:  # the convention (python/README.md): SKIP <reason>, exit 0
+        print(f"SKIP {error}")
         return
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -1,35 +1,41 @@
-"""`make gpu-check`: everything CUDA-specific of ann_kernels in one short run on a CUDA machine
-(called by scripts/gpu_check.sh; design: /work/shared/DESIGN.md "GPU", issue 14).
+"""`make gpu-check`: everything CUDA-specific of ann_kernels in one short run on a CUDA machine,
+ending in a verdict on the GPU targets (called by scripts/gpu_check.sh; docs/gpu.md; issue 22).
 
-On a fresh machine with its own preinstalled torch (>= 2.11), no network and no downloads:
+On a fresh machine with its own preinstalled torch (>= 2.11), no network and no downloads
+(it needs torch, triton, numpy, pytest, hypothesis, tqdm; ninja and setuptools to build):
 
-1. ``build``           the extension in place with CUDA, for the present GPU's arch only
-                       (TORCH_CUDA_ARCH_LIST from torch.cuda.get_device_capability()), then a
-                       check that the CUDA kernels registered;
-2. ``tests-cuda``      ``pytest -m cuda``: the CUDA case of every device-parametrised test and
-                       the CUDA-only tests (tests/utils.py DEVICES): the C++/CUDA early-exit
-                       kernel and the Triton loss kernels on real CUDA tensors (e.g.
-                       tests/test_losses_on_device.py). The interpreter-only Triton files
-                       (they set TRITON_INTERPRET=1 at import, CPU tensors; their sm_80 /
-                       sm_90 compile tests run in CI) are left out: they would switch the
-                       whole process to the interpreter;
-3. ``bench:<name>``    every bench/bench_*.py with ``--device cuda --quick --out DIR``.
+1. ``build``              the extension in place with CUDA for the present GPU's arch only,
+                          ninja on PATH (the interpreter's bin directory first), jobs = cores;
+2. ``check-registration`` every op with a CPU kernel has a CUDA kernel, Triton imports and is
+                          not in interpreter mode, and a tiny CUDA call of each loss op runs
+                          its kernel (no fallback to the pure-torch reference);
+3. ``tests-cuda``         ``pytest -m cuda`` through scripts/pytest_per_file.py: one process
+                          per test file, restarted after a context-breaking CUDA error, so one
+                          device assert cannot fail other tests; the JUnit XML is rewritten
+                          after every file (a timed-out phase keeps its counts). Tests marked
+                          slow are sampled (about 1 in 4, at least one per file) unless
+                          ``--full``. Interpreter-only Triton files are left out (they would
+                          switch the process to the interpreter; CI runs them);
+4. ``targets``            bench/targets.py: the loss ops at the target shapes and dtypes of
+                          bench/README.md, one torch.compile per shape, rows written as each
+                          finishes, peak memory from the CUDA allocator in process;
+5. ``bench:<name>``       then every bench/bench_*.py with ``--device cuda --quick`` while
+                          time remains (these phases reserve no time).
 
-Each phase runs in its own process group under its own time limit (a hang cannot eat the
-rest); the limits shrink so that the whole run fits ``--budget`` seconds (default 450: under
-8 minutes with the summary). Writes ``phases.csv``, ``phases.png``, the benchmarks' CSV and
-PNG files, logs and a one-screen ``summary.md`` into GPU_CHECK_OUT (default ``gpu-check/``).
-Exit status: non-zero when the build failed, any CUDA test failed or errored, or a phase
-timed out; 0 otherwise. ``--dry-run`` lists the phases and checks syntax and imports without
-a GPU (used by tests/test_gpu_check.py in CI).
+Each phase runs in its own process group under its own time limit; the limits shrink so that
+the whole run fits ``--budget`` seconds (default 540: the device machine's 10-minute command
+limit, with room for start-up and the summary). Writes ``summary.md`` (the target verdicts
+first), ``phases.csv``/``.png``, ``targets/``, the benchmarks' CSV and PNG, and logs into
+GPU_CHECK_OUT (default ``gpu-check/``). Exit status: 1 when a required package is missing,
+the build, the registration check or a CUDA test failed, or a counting phase timed out; 3 when
+all of that passed but a GPU target was missed; 0 otherwise. ``--dry-run`` rehearses the whole
+plan on a CPU-only machine (tests/test_gpu_check.py runs it in CI).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import datetime as dt
 import glob
 import importlib.util
 import os
@@ -39,14 +45,21 @@ import signal
 import subprocess
 import sys
 import time
-import xml.etree.ElementTree as ET
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_check_summary import (  # noqa: E402  (the verdict half of this script)
+    exit_status,
+    missing_modules,
+    target_verdicts,
+    targets_module,
+    write_outputs,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_BUDGET_S = 450.0
-# Needed for the run (the listed preinstalled packages); the others only enrich it.
-REQUIRED_MODULES = ("torch", "pytest", "hypothesis", "ninja", "setuptools", "numpy")
-OPTIONAL_MODULES = ("triton", "tqdm", "matplotlib", "pybind11", "liger_kernel")
+DEFAULT_BUDGET_S = 540.0
+OPTIONAL_MODULES = ("matplotlib", "liger_kernel")  # plots; the Liger baselines
 BENCH_CONVENTION = ("--device", "--quick", "--out")
+SLOW_KEEP = 4  # without --full: about one in SLOW_KEEP slow CUDA tests (at least one per file)
 
 
 # ---------------------------------------------------------------------------------------
@@ -98,17 +111,18 @@ class Phase:
     name: str
     nominal_s: float  # the limit of this phase when time is plentiful
     minimum_s: float  # below this the phase is not started (skipped: "no time left")
-    command: tuple[str, ...] = ()
+    command: tuple[str, ...] = ()  # "{deadline_s}" in an argument becomes the limit less 10 s
     env: tuple[tuple[str, str], ...] = ()
     note: str = ""
     fails_run: bool = True  # a failure / timeout of this phase makes the exit status non-zero
+    reserved: bool = True  # earlier phases leave this phase its minimum (False: "if time remains")
 
 
 def phase_limit(phases: list[Phase], index: int, elapsed_s: float, budget_s: float) -> float:
     """Time limit of ``phases[index]`` started ``elapsed_s`` into a run of ``budget_s``:
-    its nominal limit, cut so that every later phase can still get its minimum. 0 means
-    "do not start" (less than the phase's own minimum is left)."""
-    reserved = sum(p.minimum_s for p in phases[index + 1:])
+    its nominal limit, cut so that every later reserved phase can still get its minimum. 0
+    means "do not start" (less than the phase's own minimum is left)."""
+    reserved = sum(p.minimum_s for p in phases[index + 1:] if p.reserved)
     left = budget_s - elapsed_s - reserved
     limit = min(phases[index].nominal_s, left)
     return limit if limit >= phases[index].minimum_s else 0.0
@@ -128,34 +142,48 @@ def follows_bench_convention(path: str) -> bool:
     return all(f'"{flag}"' in source or f"'{flag}'" in source for flag in BENCH_CONVENTION)
 
 
+def build_path(python: str, environ=os.environ) -> str:
+    """PATH for the build: the interpreter's bin directory first (a venv's or conda's ninja is
+    there; without ninja on PATH torch's build falls back to one serial compile)."""
+    return os.pathsep.join(filter(None, [os.path.dirname(os.path.abspath(python)), environ.get("PATH")]))
+
+
 def plan(out_dir: str, *, jobs: int, arch: str, python: str = sys.executable,
-         cuda_home: str | None = None) -> list[Phase]:
+         cuda_home: str | None = None, full: bool = False) -> list[Phase]:
     """The phases of a run (nothing started)."""
     tests = os.path.join(ROOT, "tests")
     interp = sorted(p for p in glob.glob(os.path.join(tests, "test_*.py")) if interpreter_only(p))
-    pytest_common = (python, "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider")
+    workers = max(1, min(4, jobs // 4))
     phases = [
-        Phase("build", 170, 60,
+        Phase("build", 150, 60,
               (python, "setup.py", "build_ext", "--inplace"),
               (("TORCH_CUDA_ARCH_LIST", arch), ("ANN_KERNELS_MAX_JOBS", str(jobs)), ("MAX_JOBS", str(jobs)),
-               *((("CUDA_HOME", cuda_home),) if cuda_home else ())),
-              note=f"TORCH_CUDA_ARCH_LIST={arch}, {jobs} jobs, CUDA_HOME={cuda_home or 'not found: CPU-only build'}"),
-        Phase("check-registration", 30, 10,
-              (python, os.path.abspath(__file__), "--check-registration")),
-        Phase("tests-cuda", 210, 60,
-              pytest_common + ("-m", "cuda", f"--junitxml={os.path.join(out_dir, 'tests-cuda.xml')}",
-                               *[f"--ignore={p}" for p in interp], tests),
-              (("ANN_KERNELS_REQUIRE_EXT", "1"), ("OMP_NUM_THREADS", "4")),
-              note="pytest -m cuda"),
+               ("PATH", build_path(python)), *((("CUDA_HOME", cuda_home),) if cuda_home else ())),
+              note=f"TORCH_CUDA_ARCH_LIST={arch}, {jobs} jobs, ninja "
+                   f"{'found' if shutil.which('ninja', path=build_path(python)) else 'NOT FOUND: serial build'}, "
+                   f"CUDA_HOME={cuda_home or 'not found: CPU-only build'}"),
+        Phase("check-registration", 25, 10, (python, os.path.abspath(__file__), "--check-registration")),
+        Phase("tests-cuda", 150, 60,
+              (python, os.path.join(ROOT, "scripts", "pytest_per_file.py"),
+               f"--junitxml={os.path.join(out_dir, 'tests-cuda.xml')}", "--deadline-s={deadline_s}",
+               f"--workers={workers}", f"--slow-keep={1 if full else SLOW_KEEP}", "-m", "cuda", "--",
+               *[f"--ignore={p}" for p in interp], tests),
+              (("ANN_KERNELS_REQUIRE_EXT", "1"), ("OMP_NUM_THREADS", str(max(1, jobs // workers)))),
+              note=f"pytest -m cuda, one process per file, {workers} at a time, "
+                   + ("every slow test (--full)" if full else f"slow tests sampled 1 in {SLOW_KEEP} (--full: all)")),
+        Phase("targets", 240, 90,
+              (python, os.path.join(ROOT, "bench", "targets.py"), "--device", "cuda",
+               "--out", os.path.join(out_dir, "targets"), "--deadline-s={deadline_s}"),
+              note="bench/targets.py: the GPU targets of bench/README.md"),
     ]
     for script in sorted(glob.glob(os.path.join(ROOT, "bench", "bench_*.py"))):
         name = os.path.splitext(os.path.basename(script))[0]
         if not follows_bench_convention(script):
             phases.append(Phase(f"bench:{name}", 0, 0, note="skipped: no --device/--quick/--out"))
             continue
-        phases.append(Phase(f"bench:{name}", 60, 15,
+        phases.append(Phase(f"bench:{name}", 60, 20,
                             (python, script, "--device", "cuda", "--quick", "--out", os.path.join(out_dir, name)),
-                            note="--device cuda --quick", fails_run=False))
+                            note="--device cuda --quick, if time remains", fails_run=False, reserved=False))
     return phases
 
 
@@ -166,21 +194,6 @@ class Result:
     seconds: float
     limit_s: float
     detail: str = ""
-
-
-def junit_counts(path: str) -> dict[str, int]:
-    """tests / failures / errors / skipped summed over a pytest --junitxml file ({} if absent)."""
-    if not os.path.exists(path):
-        return {}
-    root = ET.parse(path).getroot()
-    suites = [root] if root.tag == "testsuite" else list(root)
-    keys = ("tests", "failures", "errors", "skipped")
-    return {k: sum(int(s.get(k, 0)) for s in suites) for k in keys}
-
-
-def exit_status(results: list[Result]) -> int:
-    """1 when a phase that counts failed or timed out, else 0."""
-    return int(any(r.status in ("failed", "timeout") and r.phase.fails_run for r in results))
 
 
 # ---------------------------------------------------------------------------------------
@@ -194,11 +207,13 @@ def run_phase(phase: Phase, limit_s: float, log_path: str) -> Result:
         return Result(phase, "skipped", 0.0, 0.0, "no time left in the budget")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
            **dict(phase.env)}
+    # A phase with its own deadline ends itself (and writes what it has) before being killed.
+    command = [c.replace("{deadline_s}", f"{max(limit_s - 10, 0.8 * limit_s):.0f}") for c in phase.command]
     start = time.monotonic()
     with open(log_path, "w", encoding="utf-8") as log:
-        log.write("$ " + " ".join(phase.command) + "\n")
+        log.write("$ " + " ".join(command) + "\n")
         log.flush()
-        proc = subprocess.Popen(phase.command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # own process group: a timeout kills it all
         try:
             code = proc.wait(timeout=limit_s)
@@ -214,152 +229,176 @@ def run_phase(phase: Phase, limit_s: float, log_path: str) -> Result:
     return Result(phase, "ok" if code == 0 else "failed", seconds, limit_s, "" if code == 0 else f"exit {code}")
 
 
-def check_registration() -> int:
-    """After the build: the extension loads and the CUDA kernels are registered."""
+def registered_ops(dispatch_key: str) -> list[str]:
+    import torch
+
+    return sorted(n for n in torch._C._dispatch_get_registrations_for_dispatch_key(dispatch_key)
+                  if n.startswith("ann_kernels::"))
+
+
+def check_registration(*, expect_cuda: bool = True) -> int:
+    """After the build: the extension loads; every op with a CPU kernel has a CUDA kernel
+    (the early-exit CUDA kernel, the Triton loss kernels); Triton imports and is not in
+    interpreter mode; on a GPU, one tiny call of each loss op runs its kernel, not the
+    pure-torch reference. ``expect_cuda=False`` (dry run): report, do not fail on CUDA."""
+    import warnings
+
     import torch
 
     import ann_kernels
-    from ann_kernels import _compat
+    from ann_kernels import _ext
 
+    problems = []
     if not ann_kernels.HAS_CPP_EXT:
-        print("FAIL: ann_kernels._C did not load:", ann_kernels._ext.EXT_IMPORT_ERROR)
-        return 1
-    missing = [op for op in ("ann_kernels::early_exit_step",) if not _compat.has_kernel_for(op, "CUDA")]
+        problems.append(f"ann_kernels._C did not load: {_ext.EXT_IMPORT_ERROR}")
     for key in ("CPU", "CUDA", "Autograd"):
-        ops = sorted(n for n in torch._C._dispatch_get_registrations_for_dispatch_key(key)
-                     if n.startswith("ann_kernels::"))
-        print(f"ann_kernels ops with a {key} kernel: {ops}")
-    if missing:
-        print("FAIL: no CUDA kernel for", missing, "(was nvcc found? CUDA_HOME =",
-              __import__("torch.utils.cpp_extension", fromlist=["CUDA_HOME"]).CUDA_HOME, ")")
-        return 1
-    print("ok")
-    return 0
+        print(f"ann_kernels ops with a {key} kernel: {registered_ops(key)}")
+    no_cuda = sorted(set(registered_ops("CPU")) - set(registered_ops("CUDA")))
+    if no_cuda:
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        problems.append(f"no CUDA kernel for {no_cuda} (was nvcc found? CUDA_HOME = {CUDA_HOME})")
+    if not ann_kernels.HAS_TRITON:
+        problems.append("TRITON IS NOT INSTALLED: on CUDA tensors the loss ops would run the pure-torch reference, "
+                        "and the CUDA loss tests would pass on it without testing a single kernel")
+    else:
+        try:
+            import triton
+
+            import ann_kernels.triton.multi_exit_ce  # noqa: F401
+            import ann_kernels.triton.multi_exit_linear_ce  # noqa: F401
+
+            print(f"triton {triton.__version__}: the Triton loss kernels import")
+        except Exception as error:  # noqa: BLE001  (any import failure is the finding)
+            problems.append(f"the Triton loss kernels do not import: {type(error).__name__}: {error}")
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            problems.append("TRITON_INTERPRET is set: the Triton kernels would run in the interpreter")
+    if expect_cuda and torch.cuda.is_available() and not problems:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            logits = torch.randn(2, 8, 16, device="cuda", requires_grad=True)
+            target = torch.randint(0, 16, (8,), device="cuda")
+            ann_kernels.multi_exit_cross_entropy(logits, target).loss.backward()
+            hidden = torch.randn(2, 8, 4, device="cuda", requires_grad=True)
+            weight = torch.randn(16, 4, device="cuda", requires_grad=True)
+            ann_kernels.multi_exit_linear_cross_entropy(hidden, weight, target).loss.backward()
+            torch.cuda.synchronize()
+        fallbacks = [str(w.message) for w in caught if "pure-torch reference" in str(w.message)]
+        if fallbacks:
+            problems.append(f"a loss op ran its pure-torch reference on CUDA: {fallbacks}")
+        else:
+            print("a tiny CUDA call of each loss op ran its kernel (no fallback)")
+    for problem in problems:
+        print(("FAIL: " if expect_cuda else "on this machine: ") + problem)
+    if not problems:
+        print("ok")
+    return 1 if problems and expect_cuda else 0
 
 
-def environment_lines() -> list[str]:
+def import_by_path(path: str):
+    """Imports a script as a module (its ``if __name__ == "__main__"`` part does not run)."""
+    name = "gpu_check_dry_" + re.sub(r"\W", "_", os.path.relpath(path, ROOT))
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def dry_run(out_dir: str, budget_s: float = DEFAULT_BUDGET_S, full: bool = False) -> int:
+    """The whole plan on a CPU-only machine: syntax of every script and test file, the
+    required packages, every phase's program and script (each script imported), ninja on the
+    build's PATH, the registration check (reported, not judged), the CUDA test plan (the
+    runner's collect pass), the target table and the target runner with the CPU standing in
+    (miniature shapes, compile stubbed), the summary from those rows, and the planned time
+    per phase. Exit status 1 on any problem."""
     import torch
 
-    lines = [f"torch {torch.__version__} (CUDA {torch.version.cuda})"]
-    for module in ("triton", "pytest", "hypothesis", "liger_kernel"):
-        if importlib.util.find_spec(module) is not None:
-            try:
-                lines.append(f"{module} {__import__(module).__version__}")
-            except Exception as error:  # noqa: BLE001  (a broken optional package is a note)
-                lines.append(f"{module}: {type(error).__name__}")
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        lines.insert(0, f"GPU {props.name}, sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB, "
-                        f"{torch.cuda.device_count()} device(s), {os.cpu_count()} CPU cores")
-    return lines
-
-
-def bench_table(csv_path: str, max_rows: int = 6) -> list[str]:
-    """A few lines of a long-format bench CSV: p50 per provider (in the CSV's unit) for the
-    first shapes."""
-    with open(csv_path, newline="", encoding="utf-8") as handle:
-        rows = [r for r in csv.DictReader(handle) if r.get("p50") not in (None, "")]
-    if not rows:
-        return []
-    providers = list(dict.fromkeys(r["provider"] for r in rows))[:5]
-    keys = list(dict.fromkeys((r["op"], r["shape"], r.get("dtype", ""), r["metric"]) for r in rows))
-    lines = ["| op | shape | dtype | metric | " + " | ".join(providers) + " |",
-             "|" + "---|" * (4 + len(providers))]
-    table = {(r["op"], r["shape"], r.get("dtype", ""), r["metric"], r["provider"]): r["p50"] for r in rows}
-    for key in keys[:max_rows]:
-        cells = [table.get((*key, provider), "") for provider in providers]
-        lines.append("| " + " | ".join(key) + " | " + " | ".join(f"{float(c):.4g}" if c else "" for c in cells) + " |")
-    if len(keys) > max_rows:
-        lines.append(f"({len(keys) - max_rows} more rows in {os.path.basename(csv_path)})")
-    return lines
-
-
-def write_outputs(out_dir: str, results: list[Result], budget_s: float, total_s: float) -> str:
-    with open(os.path.join(out_dir, "phases.csv"), "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["phase", "status", "seconds", "limit_s", "detail"])
-        for r in results:
-            writer.writerow([r.phase.name, r.status, f"{r.seconds:.1f}", f"{r.limit_s:.0f}", r.detail])
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(8, 0.4 * len(results) + 1.2))
-        names = [r.phase.name for r in results]
-        colors = {"ok": "tab:green", "failed": "tab:red", "timeout": "tab:orange", "skipped": "tab:gray"}
-        ax.barh(names, [r.limit_s for r in results], color="none", edgecolor="black", label="limit")
-        ax.barh(names, [r.seconds for r in results], color=[colors[r.status] for r in results], label="used")
-        ax.invert_yaxis()
-        ax.set_xlabel("seconds")
-        ax.set_title(f"gpu-check: {total_s:.0f} s of a {budget_s:.0f} s budget")
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "phases.png"), dpi=100)
-        plt.close(fig)
-    except ImportError:
-        pass
-    lines = [f"# gpu-check {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC", ""]
-    lines += [f"- {line}" for line in environment_lines()]
-    lines += [f"- total {total_s:.0f} s (budget {budget_s:.0f} s); exit status {exit_status(results)}", "",
-              "| phase | status | s | limit | detail |", "|---|---|---|---|---|"]
-    for r in results:
-        detail = r.detail or r.phase.note
-        counts = junit_counts(os.path.join(out_dir, f"{r.phase.name}.xml"))
-        if counts:
-            detail = (f"{counts['tests']} tests: {counts['failures']} failed, {counts['errors']} errors, "
-                      f"{counts['skipped']} skipped")
-        lines.append(f"| {r.phase.name} | {r.status} | {r.seconds:.0f} | {r.limit_s:.0f} | {detail} |")
-    for csv_path in sorted(glob.glob(os.path.join(out_dir, "bench_*", "*.csv"))):
-        table = bench_table(csv_path)
-        if table:
-            lines += ["", f"**{os.path.relpath(csv_path, out_dir)}** (p50; judge with bench/README.md, GPU targets)"]
-            lines += table
-    lines += ["", "Logs: `<phase>.log`; failing tests: `grep -E 'FAILED|ERROR' tests-cuda.log`."]
-    text = "\n".join(lines) + "\n"
-    with open(os.path.join(out_dir, "summary.md"), "w", encoding="utf-8") as handle:
-        handle.write(text)
-    return text
-
-
-def dry_run(out_dir: str) -> int:
-    """Lists the phases (with a placeholder arch), checks the syntax of this script, the
-    shell wrapper, the test files and the bench scripts, and the imports the run needs."""
+    torch.set_num_threads(1)  # miniature shapes: a second thread only adds hand-off cost here
     problems = []
     wrapper = os.path.join(ROOT, "scripts", "gpu_check.sh")
     done = subprocess.run(["bash", "-n", wrapper], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         problems.append(f"bash -n {wrapper}: {done.stderr.strip()}")
     for path in [__file__, *glob.glob(os.path.join(ROOT, "bench", "*.py")),
-                 *glob.glob(os.path.join(ROOT, "tests", "*.py"))]:
+                 *glob.glob(os.path.join(ROOT, "scripts", "*.py")), *glob.glob(os.path.join(ROOT, "tests", "*.py"))]:
         with open(path, encoding="utf-8") as handle:
             source = handle.read()
         try:
             compile(source, path, "exec")  # syntax only: nothing written, nothing run
         except SyntaxError as error:
             problems.append(f"{path}: {error}")
-    for module in REQUIRED_MODULES:
-        if importlib.util.find_spec(module) is None:
-            problems.append(f"required module {module} is not installed")
+    missing = missing_modules()
+    problems += [f"required package {m} is not installed (the GPU machine must have it too)" for m in missing]
     optional = [m for m in OPTIONAL_MODULES if importlib.util.find_spec(m) is None]
-    import torch  # noqa: F401  (the run needs it; it must import here too)
-
-    import ann_kernels  # noqa: F401
-
-    print(f"gpu-check dry run: out={out_dir}, budget {DEFAULT_BUDGET_S:.0f} s")
     phases = plan(out_dir, jobs=os.cpu_count() or 1, arch="<from torch.cuda.get_device_capability()>",
-                  cuda_home=find_cuda_home())
-    elapsed = 0.0
+                  cuda_home=find_cuda_home(), full=full)
+    # The CUDA test plan runs in the background while the rest is checked.
+    tests = next(p for p in phases if p.name == "tests-cuda")
+    collect_cmd = [c for c in tests.command if not c.startswith(("--junitxml", "--deadline-s"))]
+    collect_cmd.insert(2, "--collect-only")
+    collect_cmd.insert(3, f"--junitxml={os.path.join(out_dir, 'dry-collect.xml')}")
+    collect = subprocess.Popen(collect_cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                   filter(None, [ROOT, os.environ.get("PYTHONPATH")]))})
+    print(f"gpu-check dry run: out={out_dir}, budget {budget_s:.0f} s; the CPU stands in for the GPU")
+    for phase in phases:
+        if not phase.command:
+            continue
+        program = phase.command[0]
+        if not (os.path.isfile(program) or shutil.which(program)):
+            problems.append(f"{phase.name}: program {program} not found")
+        script = phase.command[1] if len(phase.command) > 1 else ""
+        if script.endswith(".py"):
+            path = script if os.path.isabs(script) else os.path.join(ROOT, script)
+            if not os.path.isfile(path):
+                problems.append(f"{phase.name}: script {script} not found")
+            elif os.path.basename(path) not in ("setup.py", os.path.basename(__file__)):
+                try:
+                    import_by_path(path)
+                except Exception as error:  # noqa: BLE001  (any import failure is the finding)
+                    problems.append(f"{phase.name}: {os.path.relpath(path, ROOT)} does not import: "
+                                    f"{type(error).__name__}: {error}")
+    try:
+        import torch.utils.cpp_extension  # noqa: F401  (what setup.py builds with)
+    except ImportError as error:
+        problems.append(f"build: torch.utils.cpp_extension does not import: {error}")
+    if not shutil.which("ninja", path=dict(phases[0].env)["PATH"]):
+        problems.append("build: ninja is not on the build's PATH (the build would be serial)")
+    print("check-registration (reported only: this machine has no CUDA build):")
+    check_registration(expect_cuda=False)
+    targets = targets_module()
+    try:
+        units = targets.validate_targets()
+        print(f"target table: {len(targets.TARGETS)} targets in {len(units)} shapes")
+        targets.run_targets(os.path.join(out_dir, "targets"), torch.device("cpu"), deadline_s=120, dry_run=True)
+    except Exception as error:  # noqa: BLE001
+        problems.append(f"targets: {type(error).__name__}: {error}")
+    collect_out, _ = collect.communicate(timeout=300)
+    print("CUDA test plan (" + " ".join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c
+                                        for c in collect_cmd[1:4]) + "):")
+    print("\n".join("  " + line for line in collect_out.strip().splitlines()[-14:]))
+    if collect.returncode != 0:
+        problems.append(f"tests-cuda: the collect pass exited {collect.returncode}")
+    print("planned time per phase (limits; the optional benchmarks run only if time remains):")
+    elapsed, results = 0.0, []
     for i, phase in enumerate(phases):
-        limit = phase_limit(phases, i, elapsed, DEFAULT_BUDGET_S) if phase.command else 0.0
+        limit = phase_limit(phases, i, elapsed, budget_s) if phase.command else 0.0
         elapsed += limit
         command = " ".join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in phase.command)
-        print(f"  {phase.name:<32} limit {phase.nominal_s:>4.0f} s (>= {limit:.0f} s if every earlier phase "
-              f"used its whole limit)  {phase.note or ''}")
+        print(f"  {phase.name:<32} {limit:>4.0f} s (nominal {phase.nominal_s:.0f}, at least {phase.minimum_s:.0f})"
+              f"  {phase.note}")
         if command:
-            print(f"      $ {command}")
+            print(f"      $ {command[:300]}")
+        detail = "" if limit else (phase.note or "no time left in the budget")
+        if phase.name == "tests-cuda":
+            detail = "dry run: " + (collect_out.strip().splitlines() or ["collect pass printed nothing"])[-1]
+        results.append(Result(phase, "planned" if limit else "skipped", 0.0, limit, detail))
     if optional:
-        print("  optional modules missing (their parts are skipped):", ", ".join(optional))
+        print("  optional packages missing (their parts are skipped):", ", ".join(optional))
+    summary = write_outputs(out_dir, results, budget_s, elapsed, missing=missing, title="gpu-check DRY RUN")
+    print("summary.md (dry run; CPU stand-in numbers are not verdicts):")
+    print("\n".join("  " + line for line in summary.splitlines()[:16]))
     for problem in problems:
         print("PROBLEM:", problem)
     print("dry run ok" if not problems else f"dry run found {len(problems)} problem(s)")
@@ -368,9 +407,10 @@ def dry_run(out_dir: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dry-run", action="store_true", help="list the phases, check syntax and imports")
+    parser.add_argument("--dry-run", action="store_true", help="rehearse the whole plan here, the CPU standing in")
     parser.add_argument("--budget", type=float, default=float(os.environ.get("GPU_CHECK_BUDGET_S", DEFAULT_BUDGET_S)),
                         help="seconds for the whole run (phase limits shrink to fit)")
+    parser.add_argument("--full", action="store_true", help="every slow CUDA test (default: sampled)")
     parser.add_argument("--out", default=os.environ.get("GPU_CHECK_OUT", os.path.join(ROOT, "gpu-check")))
     parser.add_argument("--check-registration", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -381,15 +421,19 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = os.path.abspath(args.out)
     os.makedirs(out_dir, exist_ok=True)
     if args.dry_run:
-        return dry_run(out_dir)
+        return dry_run(out_dir, args.budget, args.full)
 
     import torch
 
     if not torch.cuda.is_available():
         print("gpu-check: no CUDA device (torch.cuda.is_available() is False); use --dry-run", file=sys.stderr)
         return 2
+    missing = missing_modules()
+    if missing:  # go on: the rest of the run is still worth having; the exit status says 1
+        print(f"gpu-check: REQUIRED PACKAGES MISSING: {', '.join(missing)}", flush=True)
     caps = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
-    phases = plan(out_dir, jobs=os.cpu_count() or 1, arch=arch_list(caps), cuda_home=find_cuda_home())
+    phases = plan(out_dir, jobs=os.cpu_count() or 1, arch=arch_list(caps), cuda_home=find_cuda_home(),
+                  full=args.full)
     start = time.monotonic()
     results = []
     for i, phase in enumerate(phases):
@@ -400,8 +444,9 @@ def main(argv: list[str] | None = None) -> int:
         results.append(result)
         if phase.name == "build" and result.status != "ok":
             print("build failed: the tests would only run the previous build; see build.log", flush=True)
-    print(write_outputs(out_dir, results, args.budget, time.monotonic() - start))
-    return exit_status(results)
+    text = write_outputs(out_dir, results, args.budget, time.monotonic() - start, missing=missing)
+    print(text)
+    return exit_status(results, target_verdicts(out_dir), missing)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# One command on a CUDA machine: build with CUDA for the present GPU, run the CUDA tests and the
-# GPU benchmarks, write CSV + PNG + summary.md into $GPU_CHECK_OUT (default gpu-check/).
-# Under 8 minutes on an H100-class GPU; no network, no downloads: it uses the preinstalled
-# torch (>= 2.11), pytest, hypothesis, triton, ninja. Phases, time limits and the exit status:
-# scripts/gpu_check.py (its docstring).
+# One command on a CUDA machine: build with CUDA for the present GPU, check every CUDA kernel
+# registered, run the CUDA tests (one process per test file), judge the GPU targets of
+# bench/README.md, then the quick benchmarks while time remains; CSV + PNG + summary.md into
+# $GPU_CHECK_OUT (default gpu-check/). 540 s by default (the device machine's 10-minute
+# command limit, with room to spare); no network, no downloads: it uses the preinstalled torch
+# (>= 2.11), triton, numpy, pytest, hypothesis, tqdm, setuptools, ninja. Phases, limits and the
+# exit status: scripts/gpu_check.py (its docstring) and docs/gpu.md.
 #
 #   scripts/gpu_check.sh              # or: make gpu-check
-#   scripts/gpu_check.sh --dry-run    # list the phases, check syntax and imports (no GPU needed)
+#   scripts/gpu_check.sh --full       # every slow CUDA test (default: sampled)
+#   scripts/gpu_check.sh --dry-run    # the whole plan rehearsed here, the CPU standing in
 #   GPU_CHECK_OUT=/tmp/out PYTHON=/opt/venv/bin/python scripts/gpu_check.sh --budget 400
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

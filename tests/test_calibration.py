@@ -1,4 +1,7 @@
-"""MSDNet threshold calibration: a hand-worked example, the budget search, bad input."""
+"""MSDNet threshold calibration: hand-worked examples, a transcription of MSDNet's own walk
+(kalviny/MSDNet-PyTorch, adaptive_inference.py, Tester.dynamic_eval_find_threshold) as the
+oracle of the exits, thresholds in the gap below a sample (robust to rounding), the budget
+search, bad input."""
 
 from __future__ import annotations
 
@@ -27,35 +30,91 @@ CONFIDENCE = torch.tensor(
 )
 
 
+def msdnet_thresholds(confidence: torch.Tensor, fractions) -> list[float]:
+    """Transcription of MSDNet's Tester.dynamic_eval_find_threshold (T[k] = the confidence of
+    the floor(n p_k)-th most confident sample not filtered yet; 1e8 = nobody; the last -1e8),
+    with this project's floor guard against binary rounding."""
+    m, n = confidence.shape
+    conf = confidence.tolist()
+    filtered = [False] * n
+    thresholds = [1e8] * m
+    for k in range(m - 1):
+        out_n, count = math.floor(n * float(fractions[k]) + 1e-9), 0
+        for i in sorted(range(n), key=lambda j: -conf[k][j]):
+            if not filtered[i]:
+                count += 1
+                if count == out_n:
+                    thresholds[k] = conf[k][i]
+                    break
+        filtered = [f or conf[k][i] >= thresholds[k] for i, f in enumerate(filtered)]
+    thresholds[m - 1] = -1e8
+    return thresholds
+
+
+def exits_of(confidence: torch.Tensor, thresholds) -> list[int]:
+    """The first exit k with confidence[k] >= thresholds[k], per sample (plain Python)."""
+    conf, t = confidence.tolist(), [float(v) for v in thresholds]
+    return [next(k for k in range(len(t)) if k == len(t) - 1 or conf[k][i] >= t[k]) for i in range(len(conf[0]))]
+
+
 def test_hand_worked_equal_fractions():
     # p = 1/3 each: floor(6/3) = 2 per exit.
-    # exit 0: sorted 0.9 (s0), 0.8 (s2) -> T0 = 0.8; s0, s2 exit.
-    # exit 1: remaining s1 .7, s3 .95, s4 .6, s5 .65 -> 2nd most confident: 0.7; s1, s3 exit.
+    # exit 0: sorted 0.9 (s0), 0.8 (s2) -> MSDNet's T0 = 0.8; s0, s2 exit. The next lower
+    #   confidence at exit 0 is 0.6: the threshold is the midpoint 0.7.
+    # exit 1: remaining s1 .7, s3 .95, s4 .6, s5 .65 -> 2nd most confident: 0.7 (MSDNet's T1);
+    #   s1, s3 exit. Next lower at exit 1: 0.65 -> 0.675.
     # exit 2: -inf (takes s4, s5).
     thresholds = calibrate_thresholds(CONFIDENCE, [1 / 3, 1 / 3, 1 / 3])
-    assert thresholds.tolist() == pytest.approx([0.8, 0.7, -INF])
+    assert thresholds.tolist() == pytest.approx([0.7, 0.675, -INF])
     assert thresholds.dtype == CONFIDENCE.dtype
+    assert exits_of(CONFIDENCE, thresholds) == exits_of(CONFIDENCE, torch.tensor([0.8, 0.7, -INF])) == [0, 1, 0, 1, 2, 2]
 
 
 def test_hand_worked_zero_fraction_gives_inf():
-    # p0 = 0: nobody leaves at exit 0 (+inf); exit 1: floor(6 * 0.5) = 3 of all six -> 0.65.
+    # p0 = 0: nobody leaves at exit 0 (+inf); exit 1: floor(6 * 0.5) = 3 of all six -> 0.65
+    # (MSDNet's), next lower 0.6 -> 0.625.
     thresholds = calibrate_thresholds(CONFIDENCE, [0.0, 0.5, 0.5])
-    assert thresholds.tolist() == pytest.approx([INF, 0.65, -INF])
+    assert thresholds.tolist() == pytest.approx([INF, 0.625, -INF])
 
 
 def test_ties_exit_together_and_too_few_remaining_gives_inf():
     confidence = torch.tensor([[0.5, 0.5, 0.5, 0.5, 0.1, 0.1], [0.9, 0.8, 0.7, 0.6, 0.5, 0.4], [0.0] * 6])
-    # exit 0: count 1 -> T0 = 0.5, but all four tied samples leave (>=).
+    # exit 0: count 1 -> MSDNet's T0 = 0.5 and all four tied samples leave (>=); the next
+    #   lower confidence is 0.1 -> 0.3, the same four leave.
     # exit 1: count floor(6 * 4/6) = 4 > 2 remaining -> +inf (MSDNet's rule).
     thresholds = calibrate_thresholds(confidence, [1 / 6, 4 / 6, 1 / 6])
-    assert thresholds.tolist() == pytest.approx([0.5, INF, -INF])
+    assert thresholds.tolist() == pytest.approx([0.3, INF, -INF])
+    assert exits_of(confidence, thresholds) == [0, 0, 0, 0, 2, 2]
 
 
 def test_floor_is_robust_to_binary_rounding():
-    # 100 * 0.29 = 28.999999999999996 in binary floating point; MSDNet's floor means 29.
+    # 100 * 0.29 = 28.999999999999996 in binary floating point; MSDNet's floor means 29: the
+    # 29th confidence (index 28) is the last to exit, the threshold lies between it and the 30th.
     confidence = torch.linspace(1.0, 0.01, 100).unsqueeze(0).repeat(2, 1)
     thresholds = calibrate_thresholds(confidence, [0.29, 0.71])
-    assert thresholds[0] == confidence[0, 28]
+    assert confidence[0, 29] < thresholds[0] < confidence[0, 28]
+    assert float(thresholds[0]) == pytest.approx((float(confidence[0, 28]) + float(confidence[0, 29])) / 2)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_same_exits_as_msdnet_and_no_sample_on_a_threshold(seed):
+    """The calibration split's exits equal those of MSDNet's own walk (transcribed), for
+    MSDNet's geometric family; and a calibration sample's exit no longer flips when its
+    confidence moves by one ulp either way (the rounding of a GEMM at another batch size),
+    where MSDNet's thresholds, which sit on a sample, flip at least one sample."""
+    confidence, _, _ = synthetic_held_out(k=4, n=300, seed=seed)
+    up = torch.nextafter(confidence, torch.full_like(confidence, 2.0))
+    down = torch.nextafter(confidence, torch.full_like(confidence, -2.0))
+    msdnet_flips = 0
+    for ratio in (0.25, 0.5, 1.0, 1.5):
+        fractions = geometric_exit_fractions(4, ratio)
+        ours = calibrate_thresholds(confidence, fractions)
+        theirs = msdnet_thresholds(confidence, fractions.tolist())
+        exits = exits_of(confidence, ours)
+        assert exits == exits_of(confidence, theirs)
+        assert exits_of(up, ours) == exits == exits_of(down, ours)
+        msdnet_flips += exits_of(down, theirs) != exits
+    assert msdnet_flips > 0  # the oracle can tell: MSDNet's thresholds sit on samples
 
 
 def test_simulation_matches_hand_count():
@@ -168,17 +227,30 @@ def test_search_covers_every_prefix_of_the_exits(fraction_of_full):
 # ---------------------------------------------------------------------------- devices
 
 
-def test_device_inputs_give_the_cpu_answer(device):
-    """Confidences computed on a device calibrate exactly as their CPU copy."""
-    confidence, correct, flops = synthetic_held_out(k=4, n=500, seed=5)
-    on_cpu = calibrate_for_budget(confidence, correct, flops, 0.4 * float(flops[-1]))
-    on_dev = calibrate_for_budget(confidence.to(device), correct.to(device), flops.to(device),
-                                  0.4 * float(flops[-1]))
-    assert torch.equal(on_dev.thresholds.cpu(), on_cpu.thresholds)
-    assert on_dev.accuracy == on_cpu.accuracy and on_dev.mean_flops == on_cpu.mean_flops
+def test_device_inputs_give_the_independent_answer(device):
+    """Confidences on ``device`` (CPU included) calibrate to what an independent plain-Python
+    oracle gives: the exits of MSDNet's transcribed walk, and for a budget the best held-out
+    accuracy over every candidate fraction vector within the budget, each candidate's
+    accuracy and cost counted sample by sample."""
+    confidence, correct, flops = synthetic_held_out(k=4, n=200, seed=5)
     fractions = [0.3, 0.3, 0.2, 0.2]
-    assert torch.equal(calibrate_thresholds(confidence.to(device), fractions).cpu(),
-                       calibrate_thresholds(confidence, fractions))
+    on_dev = calibrate_thresholds(confidence.to(device), fractions).cpu()
+    assert exits_of(confidence, on_dev) == exits_of(confidence, msdnet_thresholds(confidence, fractions))
+    budget = 0.4 * float(flops[-1])
+    result = calibrate_for_budget(confidence.to(device), correct.to(device), flops.to(device), budget)
+    right, cost = correct.tolist(), flops.tolist()
+    best = -1.0
+    for m in range(1, 5):  # the network cut after exit m - 1, which takes everyone left
+        for c in candidate_exit_fractions(m).tolist():
+            thresholds = msdnet_thresholds(confidence[:m], c) + [1e8] * (4 - m)
+            exits = exits_of(confidence, thresholds[:3] + [-1e8])
+            mean_cost = sum(cost[e] for e in exits) / len(exits)
+            if mean_cost <= budget:
+                best = max(best, sum(right[e][i] for i, e in enumerate(exits)) / len(exits))
+    assert result.mean_flops <= budget
+    assert result.accuracy == pytest.approx(best, abs=1e-12)
+    exits = exits_of(confidence, result.thresholds.cpu())
+    assert result.accuracy == pytest.approx(sum(right[e][i] for i, e in enumerate(exits)) / len(exits))
 
 
 def test_calibrated_thresholds_run_as_simulated_by_the_op(device):
@@ -216,7 +288,9 @@ def test_nan_confidences_are_never_counted_towards_an_exit():
     confidence = torch.tensor([[0.9, nan, 0.8, nan], [0.5, 0.6, 0.7, 0.8], [1.0, 1.0, 1.0, 1.0]])
     thresholds = calibrate_thresholds(confidence, [0.75, 0.25, 0.0])
     assert thresholds[0] == math.inf  # the count is unreachable among finite rows: nobody exits
-    assert thresholds[1] == pytest.approx(0.8)  # the most confident row still running
+    # exit 1: the most confident row still running (0.8), next lower 0.7 -> 0.75
+    assert thresholds[1] == pytest.approx(0.75)
     assert thresholds[2] == -math.inf
-    # Reachable among finite rows: the threshold is the count-th finite confidence.
-    assert calibrate_thresholds(confidence, [0.5, 0.25, 0.0])[0] == pytest.approx(0.8)
+    # Reachable among finite rows: the count-th finite confidence (0.8) is the lowest finite
+    # one at exit 0 (NaN ranks below everything but is no neighbour): 0.8 - 2^-16.
+    assert float(calibrate_thresholds(confidence, [0.5, 0.25, 0.0])[0]) == pytest.approx(0.8 - 2**-16, abs=1e-7)

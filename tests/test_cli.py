@@ -12,10 +12,10 @@ import torch
 
 from ann_kernels.cli import COMMAND_MODULES, build_parser, main
 from ann_kernels.train import read_jsonl
+from tests.utils import tiny_cli_args
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-TINY = ["--dataset", "synthetic", "--model", "mlp", "--num-exits", "3", "--model-arg", "hidden=24",
-        "--limit-train", "200", "--limit-eval", "100", "--batch-size", "40", "--no-progress"]
+TINY = tiny_cli_args(hidden=24, limit_train=200, limit_eval=100, epochs=None)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

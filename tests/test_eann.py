@@ -258,11 +258,17 @@ def _first_passing(confidence, thresholds):
     return passes.to(torch.int8).argmax(dim=0)
 
 
+def _sequence_and_data(*, model_seed: int, data_seed: int, n_val: int, n_test: int):
+    """A 3-member MLP EANN whose later members exit at their stages 2 and 3, and random inputs
+    [n, 32] with labels in 0..9: (model, (x_val, y_val, x_test))."""
+    model = _mlp_eann(3, exits=[None, [2, 3], [2, 3]], seed=model_seed)
+    gen = torch.Generator().manual_seed(data_seed)
+    x_val, y_val = torch.randn(n_val, 32, generator=gen), torch.randint(0, 10, (n_val,), generator=gen)
+    return model, (x_val, y_val, torch.randn(n_test, 32, generator=gen))
+
+
 def test_early_exit_over_sequence_matches_calibration():
-    model = _mlp_eann(3, exits=[None, [2, 3], [2, 3]], seed=1)
-    gen = torch.Generator().manual_seed(0)
-    x_val, y_val = torch.randn(400, 32, generator=gen), torch.randint(0, 10, (400,), generator=gen)
-    x_test = torch.randn(300, 32, generator=gen)
+    model, (x_val, y_val, x_test) = _sequence_and_data(model_seed=1, data_seed=0, n_val=400, n_test=300)
     engine = EANNEngine(model)
     calibration = engine.calibrate(x_val, y_val, batch_size=128)
     costs = model.exit_flops(x_val)
@@ -427,10 +433,7 @@ def test_early_exit_over_sequence_on_device(device):
     """The EANN engine on ``device``: each sample leaves at its first exit whose confidence
     (the kernel's, on that device) passes; against the CPU run, decisions agree except for
     samples whose CPU confidence sits within float rounding of a threshold."""
-    model = _mlp_eann(3, exits=[None, [2, 3], [2, 3]], seed=2)
-    gen = torch.Generator().manual_seed(4)
-    x_val, y_val = torch.randn(300, 32, generator=gen), torch.randint(0, 10, (300,), generator=gen)
-    x_test = torch.randn(200, 32, generator=gen)
+    model, (x_val, y_val, x_test) = _sequence_and_data(model_seed=2, data_seed=4, n_val=300, n_test=200)
     cpu_engine = EANNEngine(model)
     cal = cpu_engine.calibrate(x_val, y_val, batch_size=128)
     thresholds = cpu_engine.calibrate_budget(float(cal.exit_flops[3])).thresholds

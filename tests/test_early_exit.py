@@ -119,6 +119,57 @@ def test_confidence_matches_reference(criterion, num_classes, num_rows, device):
     assert ((conf >= 0) & (conf <= 1)).all()
 
 
+LN = math.log
+# Hand-computed confidences (max_prob, margin, entropy) of rows whose softmax is known exactly.
+# entropy confidence = 1 - H(p) / ln C with H in nats; for p = (1/4, 3/4) over C = 2 that is
+# 1 - (2 - (3/4) log2 3) = (3/4) log2 3 - 1; over C = 3 with one zero class it is 1 - H / ln 3.
+HAND_CONFIDENCES = [
+    ([0.0, LN(3)], (0.75, 0.5, 0.75 * math.log2(3) - 1)),                       # p = (1/4, 3/4)
+    ([LN(0.5), LN(0.3), LN(0.2)], (0.5, 0.2, 0.0627694368)),                   # H = 1.0296530 nats
+    ([100 + LN(0.7)] + [100 + LN(0.1)] * 3, (0.7, 0.6, 0.3216101753)),         # shift invariant
+    ([1.0, 1.0, 1.0, 1.0], (0.25, 0.0, 0.0)),                                  # uniform: no confidence
+    ([2.0, 2.0, 0.0], (math.e ** 2 / (2 * math.e ** 2 + 1), 0.0, None)),       # a tie on top: margin 0
+    ([0.0, -INF, LN(3)], (0.75, 0.5, 1 - 0.5623351446 / LN(3))),               # -inf: probability 0
+    ([1000.0, 0.0], (1.0, 1.0, 1.0)),                                          # certain
+    ([5.0], (1.0, 1.0, 1.0)),                                                  # one class
+]
+
+
+@pytest.mark.parametrize("row,want", HAND_CONFIDENCES,
+                         ids=lambda v: str(v)[:24] if isinstance(v, list) else "")
+def test_confidence_hand_values(row, want, device):
+    """max_prob = max p, margin = p(1) - p(2) (top two), entropy = 1 - H(p)/ln C, by hand."""
+    logits = torch.tensor([row, row[::-1]], dtype=torch.float32)  # the reversed row: same confidence
+    for criterion, value in zip(("max_prob", "margin", "entropy"), want):
+        if value is None:
+            continue
+        conf, pred = confidences(logits, criterion, device)
+        ref_conf, _ = exit_confidence_reference(logits, criterion)
+        assert conf.tolist() == pytest.approx([value, value], abs=2e-6), criterion
+        assert ref_conf.tolist() == pytest.approx([value, value], abs=2e-6), criterion
+        assert pred.tolist() == [row.index(max(row)), row[::-1].index(max(row))]  # ties: the first
+
+
+def independent_confidence(row: list[float], criterion: str) -> float:
+    """The confidence of one row from the definitions, in float64 Python arithmetic (no torch):
+    NaN when the softmax is undefined (a NaN or +inf logit, or every logit -inf)."""
+    if any(math.isnan(v) or v == INF for v in row) or all(v == -INF for v in row):
+        return NAN
+    top = max(row)
+    exps = [math.exp(v - top) for v in row]
+    total = math.fsum(exps)
+    probs = sorted((e / total for e in exps), reverse=True)
+    if criterion == "max_prob":
+        return probs[0]
+    if criterion == "margin":
+        return probs[0] - probs[1] if len(row) > 1 else probs[0]
+    if len(row) == 1:
+        return 1.0
+    log_total = math.log(total)
+    entropy = -math.fsum(math.exp(v - top - log_total) * (v - top - log_total) for v in row if v != -INF)
+    return min(1.0, max(0.0, 1.0 - entropy / math.log(len(row))))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("num_classes", [10, 100])
 def test_low_precision_logits(dtype, num_classes, device):
@@ -300,6 +351,10 @@ def test_fuzz_confidence_in_unit_interval_or_nan(c, criterion, seed, scale, spec
     assert torch.equal(conf.isnan(), ref_conf.isnan())
     assert ((conf >= 0) & (conf <= 1) | conf.isnan()).all(), conf
     assert torch.equal(pred, ref_pred)
+    # The values, against the definitions in float64 (not the reference's torch code).
+    want = torch.tensor([independent_confidence(row, criterion) for row in logits.double().tolist()])
+    assert torch.equal(conf.isnan(), want.isnan()), (conf, want)
+    assert max_abs_err(conf.nan_to_num(), want.nan_to_num()) <= 1e-5, (conf, want)
 
 
 def test_wide_scan_reads_nothing_past_the_tensor():

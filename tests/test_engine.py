@@ -1,13 +1,12 @@
 """EarlyExitEngine: invariants (+inf = full depth, -inf = exit 0, per-sample decisions equal
-a full-network simulation), tuple hidden states, quota, deadline, budget, stream == predict,
-threads, bad input."""
+a full-network simulation), tuple hidden states, quota, budget, threads, bad input, the
+masking cost model and the budget cache. Deadlines: tests/test_engine_deadlines.py; the
+stream: tests/test_stream.py; the CLI: tests/test_engine_cli.py."""
 
 from __future__ import annotations
 
-import itertools
 import math
 import threading
-import time
 
 import pytest
 import torch
@@ -16,80 +15,11 @@ from torch import nn
 from ann_kernels import EarlyExitEngine
 from ann_kernels.inference import engine as engine_module
 from ann_kernels.inference.stage_timing import StageTimes
-from ann_kernels.nn import MultiExitNetwork, mlp_ann
 from ann_kernels.ops.early_exit import early_exit_step_reference, exit_confidence_reference
+from tests.early_exit_helpers import INF, K, inputs, safe_thresholds, simulate, small_mlp, tuple_net
 from tests.utils import requires_ext
 
 pytestmark = [requires_ext, pytest.mark.usefixtures("one_thread")]
-INF = math.inf
-K = 4
-
-
-def small_mlp(seed: int = 0) -> MultiExitNetwork:
-    torch.manual_seed(seed)
-    return mlp_ann(in_features=16, hidden=32, num_exits=K, num_classes=5)
-
-
-class TwoScale(nn.Module):
-    """A stage with a tuple hidden state (two tensors of different trailing shapes)."""
-
-    def __init__(self, first: bool):
-        super().__init__()
-        self.first = first
-        self.a = nn.Linear(16 if first else 8, 8)
-        self.b = nn.Conv2d(1 if first else 2, 2, 3, padding=1)
-
-    def forward(self, h):
-        if self.first:
-            return torch.relu(self.a(h)), torch.relu(self.b(h[:, :9].reshape(-1, 1, 3, 3)))
-        a, b = h
-        return torch.relu(self.a(a)), torch.relu(self.b(b))
-
-
-class TwoScaleHead(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.linear = nn.Linear(8 + 18, 5)
-
-    def forward(self, h):
-        a, b = h
-        return self.linear(torch.cat([a, b.flatten(1)], dim=1))
-
-
-def tuple_net(seed: int = 0) -> MultiExitNetwork:
-    torch.manual_seed(seed)
-    return MultiExitNetwork(
-        [TwoScale(k == 0) for k in range(3)], [TwoScaleHead() for _ in range(3)], num_classes=5
-    )
-
-
-def inputs(n: int, seed: int = 1) -> torch.Tensor:
-    return 2 * torch.randn(n, 16, generator=torch.Generator().manual_seed(seed))
-
-
-def simulate(model, x, thresholds, criterion="max_prob"):
-    """Oracle: run the whole network, then take for each sample the first exit whose
-    (reference) confidence reaches its threshold; the last exit always accepts."""
-    with torch.no_grad():
-        logits = model(x)
-    conf = torch.stack([exit_confidence_reference(z, criterion)[0] for z in logits])
-    passes = conf >= torch.tensor(thresholds, dtype=torch.float32).unsqueeze(1)
-    passes[-1] = True
-    exit_at = passes.to(torch.int8).argmax(dim=0)
-    preds = torch.stack([z.argmax(dim=1) for z in logits])
-    rows = torch.arange(x.shape[0])
-    return preds[exit_at, rows], exit_at, conf[exit_at, rows], conf
-
-
-def safe_thresholds(conf: torch.Tensor, quantile: float, gap: float = 1e-4) -> list[float]:
-    """Per exit, a threshold near the quantile lying in a gap between observed confidences."""
-    out = []
-    for row in conf:
-        values = torch.unique(row.double()).tolist()
-        mids = [(a + b) / 2 for a, b in itertools.pairwise(values) if b - a > gap] or [values[-1] + gap]
-        target = float(torch.quantile(row.double(), quantile))
-        out.append(min(mids, key=lambda t: abs(t - target)))
-    return out
 
 
 def test_infinite_thresholds_give_full_depth_exactly():
@@ -143,15 +73,26 @@ def test_tuple_hidden_state():
 
 
 def test_quota_takes_the_most_confident_remaining_samples():
+    """Hand oracle: quota [0.25, 0.3, 0.0, 0.2] on 100 rows gives floor(N * cumulative) minus
+    those already gone: 25 at exit 0 (the most confident by exit 0's confidence), then the 30
+    most confident of the 75 left by exit 1's, none at exit 2, the 45 left at the last exit;
+    each row's prediction is its exit's argmax."""
     model, x = small_mlp(seed=5), inputs(100, seed=6)
     quota = [0.25, 0.3, 0.0, 0.2]
     result = EarlyExitEngine(model).predict(x, quota=quota)
-    # floor(N * cumulative) - already exited: 25, 30, 0, then the last exit takes the rest.
     assert result.stats.samples_per_exit == (25, 30, 0, 45)
     with torch.no_grad():
-        conf0 = exit_confidence_reference(model(x)[0])[0]
-    left_first = result.exit_index == 0
-    assert float(conf0[left_first].min()) >= float(conf0[~left_first].max()) - 1e-6
+        logits = model(x)
+    confidence = [exit_confidence_reference(z)[0].tolist() for z in logits]
+    expected, remaining = [None] * 100, list(range(100))
+    for k, take in enumerate((25, 30, 0, 45)):
+        for i in sorted(remaining, key=lambda i: -confidence[k][i])[:take]:
+            expected[i] = k
+        remaining = [i for i in remaining if expected[i] is None]
+    assert result.exit_index.tolist() == expected
+    assert result.prediction.tolist() == [int(logits[e][i].argmax()) for i, e in enumerate(expected)]
+    assert torch.allclose(result.confidence, torch.tensor([confidence[e][i] for i, e in enumerate(expected)]),
+                          atol=1e-6)
 
 
 def test_quota_errors():
@@ -162,41 +103,6 @@ def test_quota_errors():
         engine.predict(x, quota=[0.5, 0.5])
     with pytest.raises(ValueError, match="quota"):
         engine.predict(x, quota=[-0.1, 0.5, 0.1, 0.1])
-
-
-class SlowStage(nn.Module):
-    def __init__(self, inner: nn.Module, seconds: float):
-        super().__init__()
-        self.inner, self.seconds = inner, seconds
-
-    def forward(self, h):
-        time.sleep(self.seconds)
-        return self.inner(h)
-
-
-def test_deadline_zero_returns_exit_zero_predictions():
-    model, x = small_mlp(), inputs(40)
-    result = EarlyExitEngine(model).predict(x, thresholds=[INF] * K, deadline_s=0)
-    with torch.no_grad():
-        first = model(x)[0]
-    assert (result.exit_index == 0).all() and torch.equal(result.prediction, first.argmax(dim=1))
-    assert result.stats.deadline_exit == 0
-
-
-def test_deadline_mid_network_returns_latest_predictions():
-    base = small_mlp(seed=7)
-    stages = list(base.stages)
-    stages[1] = SlowStage(stages[1], 0.05)
-    model = MultiExitNetwork(stages, list(base.heads), num_classes=5)
-    x = inputs(30)
-    result = EarlyExitEngine(model).predict(x, deadline_s=0.02)  # passes during stage 1
-    with torch.no_grad():
-        first = model(x)[0]
-    # Exit 1 finished late: everyone takes exit 0, the latest finished in time.
-    assert (result.exit_index == 0).all() and torch.equal(result.prediction, first.argmax(dim=1))
-    assert result.stats.deadline_exit == 1
-    relaxed = EarlyExitEngine(model).predict(x, deadline_s=60.0)
-    assert (relaxed.exit_index == K - 1).all() and relaxed.stats.deadline_exit is None
 
 
 def test_budget_from_calibration():
@@ -225,47 +131,6 @@ def test_budget_from_calibration():
     again = engine.calibrate(loader)
     assert torch.equal(again.correct, calibration.correct)
     assert torch.allclose(again.confidence, calibration.confidence, atol=1e-6)
-
-
-@pytest.mark.parametrize("net", ["mlp", "tuple"])
-def test_stream_equals_predict(net):
-    model = small_mlp(seed=10) if net == "mlp" else tuple_net(seed=10)
-    x = inputs(157, seed=11)
-    engine = EarlyExitEngine(model)
-    _, _, _, conf = simulate(model, x, [0.0] * model.num_exits)
-    thresholds = safe_thresholds(conf, 0.5)
-    expected = engine.predict(x, thresholds=thresholds)
-    sizes = [40, 1, 33, 50, 33]
-    batches = list(torch.split(x, sizes))
-    results = list(engine.stream(iter(batches), thresholds=thresholds, batch_size=16))
-    assert [r.prediction.shape[0] for r in results] == sizes
-    assert torch.equal(torch.cat([r.prediction for r in results]), expected.prediction)
-    assert torch.equal(torch.cat([r.exit_index for r in results]), expected.exit_index)
-    assert torch.allclose(torch.cat([r.confidence for r in results]), expected.confidence, atol=1e-6)
-    for r in results:
-        assert sum(r.stats.samples_per_exit) == r.prediction.shape[0]
-    assert not torch.is_inference_mode_enabled()
-
-
-def test_stream_long_run_shifts_buffers():
-    model, engine = small_mlp(seed=12), None
-    engine = EarlyExitEngine(model)
-    x = inputs(3000, seed=13)
-    thresholds = [0.5, 0.5, 0.5, -INF]
-    expected = engine.predict(x, thresholds=thresholds)
-    results = list(engine.stream(torch.split(x, 100), thresholds=thresholds))
-    assert torch.equal(torch.cat([r.exit_index for r in results]), expected.exit_index)
-    assert torch.equal(torch.cat([r.prediction for r in results]), expected.prediction)
-
-
-def test_stream_rejects_quota_and_bad_batches():
-    engine = EarlyExitEngine(small_mlp())
-    with pytest.raises(ValueError, match="quota"):
-        engine.stream([inputs(4)], quota=[0.5, 0.5, 0, 0])
-    with pytest.raises(ValueError, match="deadline_s"):
-        engine.stream([inputs(4)], deadline_s=-1.0)
-    with pytest.raises(ValueError, match="batches: batch 1"):
-        list(engine.stream([inputs(4), inputs(0)], thresholds=[INF] * K))
 
 
 def test_threads_give_serial_results():
@@ -329,186 +194,6 @@ def test_bad_inputs_name_the_argument():
     engine.model.train()
     with pytest.raises(RuntimeError, match="training mode"):
         engine.predict(x)
-
-
-# ---------------------------------------------------------------- CLI: calibrate / infer
-
-
-@pytest.fixture
-def mlp_checkpoint(tmp_path):
-    """A checkpoint in the trainer's format: a small (untrained) MLP ANN on synthetic data."""
-    from ann_kernels.train.runs import build_model, make_spec
-    from ann_kernels.train.trainer import CHECKPOINT_FORMAT
-
-    spec = make_spec(
-        dataset="synthetic",
-        model="mlp",
-        limit_train=64,
-        limit_eval=300,
-        model_kwargs={"num_exits": 3, "hidden": 32},
-    )
-    spec.update(num_classes=10, input_shape=[1, 28, 28])
-    torch.manual_seed(0)
-    model = build_model("mlp", 10, (1, 28, 28), **spec["model_kwargs"])
-    path = tmp_path / "run" / "last.pt"
-    path.parent.mkdir()
-    torch.save({"format": CHECKPOINT_FORMAT, "spec": spec, "model": model.state_dict(), "epoch": 0}, path)
-    return path
-
-
-def test_cli_calibrate_and_infer(mlp_checkpoint, tmp_path, capsys):
-    from ann_kernels import cli
-
-    out = tmp_path / "calib"
-    assert (
-        cli.main(
-            [
-                "calibrate",
-                "--checkpoint",
-                str(mlp_checkpoint),
-                "--budgets",
-                "0.95",
-                "0.99",
-                "--out",
-                str(out),
-                "--threads",
-                "1",
-            ]
-        )
-        == 0
-    )
-    printed = capsys.readouterr().out
-    assert "test acc %" in printed and (out / "budgeted.png").stat().st_size > 0
-    import json
-
-    saved = json.loads((out / "calibration.json").read_text())
-    assert len(saved["budgets"]) == 2
-    for row in saved["budgets"]:
-        assert row["val_flops"] <= row["budget"] * (1 + 1e-9) and row["thresholds"][-1] == -INF
-    assert (
-        cli.main(
-            [
-                "infer",
-                "--checkpoint",
-                str(mlp_checkpoint),
-                "--budget",
-                "0.97",
-                "--batch-size",
-                "64",
-                "--threads",
-                "1",
-                "--warmup",
-                "1",
-            ]
-        )
-        == 0
-    )
-    printed = capsys.readouterr().out
-    assert "early exit : accuracy" in printed and "images/s" in printed and "speedup" in printed
-    assert (
-        cli.main(
-            [
-                "infer",
-                "--checkpoint",
-                str(mlp_checkpoint),
-                "--budget",
-                "0.97",
-                "--stream",
-                "--threads",
-                "1",
-                "--warmup",
-                "0",
-            ]
-        )
-        == 0
-    )
-
-
-def test_cli_budget_out_of_range_is_a_one_line_error(mlp_checkpoint, capsys):
-    from ann_kernels import cli
-
-    assert cli.main(["infer", "--checkpoint", str(mlp_checkpoint), "--budget", "1e15", "--threads", "1"]) == 2
-    err = capsys.readouterr().err
-    assert "budget" in err and "above the full network" in err
-
-
-# ---------------------------------------------------------------------------------------
-# Deadlines that hold, the masking cost model, the budget cache (issue 12).
-
-
-class CountingSleep(nn.Module):
-    """A stage that sleeps ``seconds`` and counts its calls."""
-
-    def __init__(self, inner: nn.Module, seconds: float):
-        super().__init__()
-        self.inner, self.seconds, self.calls = inner, seconds, 0
-
-    def forward(self, h):
-        self.calls += 1
-        time.sleep(self.seconds)
-        return self.inner(h)
-
-
-def sleepy_model(stage: int, seconds: float, seed: int = 7) -> tuple[MultiExitNetwork, CountingSleep]:
-    base = small_mlp(seed=seed)
-    stages = list(base.stages)
-    slow = stages[stage] = CountingSleep(stages[stage], seconds)
-    return MultiExitNetwork(stages, list(base.heads), num_classes=5), slow
-
-
-@pytest.mark.parametrize("thresholds", [None, [INF] * K, [0.99, 0.99, 0.99, 0.0]])
-def test_deadline_does_not_start_a_stage_measured_to_overrun(thresholds):
-    model, slow = sleepy_model(stage=2, seconds=0.2)
-    engine, x = EarlyExitEngine(model), inputs(24)
-    engine.predict(x, thresholds=thresholds)  # measures every stage (and FLOPs) at this batch size
-    calls = slow.calls
-    result = engine.predict(x, thresholds=thresholds, deadline_s=0.1)
-    assert slow.calls == calls, "the deadline check let the sleeping stage start"
-    with torch.no_grad():
-        logits = model(x)
-    # Rows left before stage 2 take exit 1, the latest reached in time (head 1 is evaluated
-    # for them even where a +inf threshold skipped it).
-    full = engine.predict(x, thresholds=thresholds)
-    late = full.exit_index >= 2
-    assert (result.exit_index[late] == 1).all()
-    assert torch.equal(result.prediction[late], logits[1].argmax(dim=1)[late])
-    assert torch.equal(result.exit_index[~late], full.exit_index[~late])
-    assert torch.equal(result.prediction[~late], full.prediction[~late])
-    assert result.stats.deadline_exit == (2 if late.any() else None)
-    assert result.stats.samples_per_exit[2:] == (0, 0)
-    assert result.stats.total_seconds < 0.2  # did not sleep (a structural bound, not a timing one)
-
-
-def test_deadline_unmeasured_stage_overrunning_then_measured():
-    model, slow = sleepy_model(stage=2, seconds=0.1)
-    engine, x = EarlyExitEngine(model), inputs(16)
-    engine.exit_flops(x)  # FLOP counting runs the stages once
-    engine.predict(x[:1], thresholds=[INF] * K)  # stages 0 and 1 measured, at another size
-    calls = slow.calls
-    with torch.no_grad():
-        second = model(x)[1].argmax(dim=1)
-    result = engine.predict(x, deadline_s=0.05)  # stage 2 not measured: it runs and overruns
-    assert slow.calls == calls + 1 and result.stats.deadline_exit == 2
-    assert (result.exit_index == 1).all() and torch.equal(result.prediction, second)
-    # Measured now: the next call does not start stage 2 at all, with the same answer.
-    again = engine.predict(x, deadline_s=0.05)
-    assert slow.calls == calls + 1 and again.stats.deadline_exit == 2
-    assert (again.exit_index == 1).all() and torch.equal(again.prediction, second)
-
-
-def test_stage_times_interpolate_and_extrapolate_conservatively():
-    times = StageTimes(2)
-    assert times.estimate(0, 10) is None
-    times.record(0, 8, 0.008)
-    times.record(0, 64, 0.016)
-    assert times.estimate(0, 8) == pytest.approx(0.008)
-    assert times.estimate(0, 36) == pytest.approx(0.012)  # halfway between the two points
-    assert times.estimate(0, 128) == pytest.approx(0.032)  # above: proportional
-    assert times.estimate(0, 2) == pytest.approx(0.008)  # below: not cheaper than the smallest
-    assert times.measured(0, 15) and not times.measured(0, 16)
-    assert times.estimate(1, 8) is None
-    times.record(1, 8, 0.001, head=False)
-    assert times.estimate(1, 8, head=True) == pytest.approx(0.001)  # the other setting as fallback
 
 
 @pytest.mark.parametrize("net", ["mlp", "tuple"])
@@ -587,87 +272,3 @@ def test_concurrent_calibrate_never_leaves_stale_thresholds(monkeypatch):
     fresh = EarlyExitEngine(model)
     fresh.calibrate(val_b, 1 - y.clamp(max=1))
     assert torch.equal(engine.thresholds_for_budget(budget), fresh.thresholds_for_budget(budget))
-
-
-def test_stream_max_wait_bounds_the_wait_for_a_full_batch():
-    model = small_mlp(seed=12)
-    engine = EarlyExitEngine(model)
-    thresholds = [INF, INF, INF, -INF]
-    x = inputs(8, seed=13)
-    produced = []
-
-    def batches():
-        for i in range(4):
-            produced.append(i)
-            yield x[i : i + 1]
-            time.sleep(0.02)
-
-    gen = engine.stream(batches(), thresholds=thresholds, batch_size=64, max_wait_s=0.01)
-    first = next(gen)
-    # Without max_wait_s the 64-row batches would wait for the end of the stream.
-    assert len(produced) < 4 and first.prediction.shape == (1,)
-    rest = list(gen)
-    expected = engine.predict(x[:4], thresholds=thresholds)
-    assert torch.equal(torch.cat([first.prediction] + [r.prediction for r in rest]), expected.prediction)
-    with pytest.raises(ValueError, match="max_wait_s"):
-        engine.stream([x], max_wait_s=-1)
-
-
-@pytest.mark.parametrize("thresholds", [None, [0.99] * 3 + [0.0]])
-def test_eann_deadlines_follow_the_same_rule(thresholds):
-    """EANNEngine and EANN.anytime_predict: a segment measured to overrun is not started."""
-    from ann_kernels import EANN, EANNEngine
-
-    first = small_mlp(seed=50)
-    second, slow = sleepy_model(stage=0, seconds=0.2, seed=51)  # member 1's first stage sleeps
-    members = [
-        MultiExitNetwork(list(first.stages[:2]), list(first.heads[:2]), num_classes=5),
-        MultiExitNetwork(list(second.stages[:2]), list(second.heads[:2]), num_classes=5),
-    ]
-    model = EANN(members).eval()
-    engine, x = EANNEngine(model), inputs(12)
-    model.exit_flops(x)
-    with torch.no_grad():
-        exit1 = model(x)[1].argmax(dim=1)
-    engine.predict(x, thresholds=thresholds)  # measures every segment
-    calls = slow.calls
-    full = engine.predict(x, thresholds=thresholds)
-    calls_full = slow.calls - calls
-    result = engine.predict(x, thresholds=thresholds, deadline_s=0.1)
-    assert slow.calls == calls + calls_full, "a segment measured at 0.2 s started under a 0.1 s deadline"
-    late = full.exit_index >= 2
-    assert late.any()
-    assert (result.exit_index[late] == 1).all() and torch.equal(result.prediction[late], exit1[late])
-    assert torch.equal(result.exit_index[~late], full.exit_index[~late])
-    assert result.stats.deadline_exit == 2
-    anytime = model.anytime_predict(x, deadline_s=0.1)  # its segments: measured by the same table
-    assert slow.calls == calls + calls_full
-    assert anytime.exit_index == 1 and anytime.deadline_met and torch.equal(anytime.prediction, exit1)
-
-
-def test_stream_deadline_does_not_start_a_stage_measured_to_overrun():
-    model, slow = sleepy_model(stage=2, seconds=0.2)
-    engine, x = EarlyExitEngine(model), inputs(24, seed=60)
-    engine.predict(x, thresholds=[INF] * K)  # measures every stage at this batch size
-    calls = slow.calls
-    with torch.no_grad():
-        exit1 = model(x)[1].argmax(dim=1)
-    slow.calls = calls
-    results = list(engine.stream(torch.split(x, 8), thresholds=[INF] * K, batch_size=24, deadline_s=0.1))
-    assert slow.calls == calls, "the stream started a stage measured at 0.2 s for a 0.1 s deadline"
-    assert torch.equal(torch.cat([r.exit_index for r in results]), torch.ones(24, dtype=torch.int64))
-    assert torch.equal(torch.cat([r.prediction for r in results]), exit1)
-    relaxed = list(engine.stream(torch.split(x, 8), thresholds=[INF] * K, batch_size=24, deadline_s=30.0))
-    assert (torch.cat([r.exit_index for r in relaxed]) == K - 1).all()
-
-
-def test_stream_deadline_passing_during_a_stage_takes_the_exit_before():
-    model, slow = sleepy_model(stage=2, seconds=0.1)
-    engine, x = EarlyExitEngine(model), inputs(16, seed=61)
-    engine.exit_flops(x)  # FLOP counting runs the stages once
-    with torch.no_grad():
-        exit1 = model(x)[1].argmax(dim=1)
-    calls = slow.calls
-    results = list(engine.stream([x], thresholds=[INF] * K, deadline_s=0.05))  # stage 2 not measured yet
-    assert slow.calls == calls + 1
-    assert (results[0].exit_index == 1).all() and torch.equal(results[0].prediction, exit1)

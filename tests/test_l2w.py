@@ -20,7 +20,7 @@ from ann_kernels.losses.l2w import (
     per_sample_cross_entropy, sample_weighted_cross_entropy, sgd_lookahead, split_halves,
 )
 from ann_kernels.train import TrainConfig, Trainer, load_splits, seed_everything
-from tests.utils import make_logits, make_target, max_abs_err, requires_ext, tiny_mlp_exit_net
+from tests.utils import make_logits, make_target, max_abs_err, requires_ext, tiny_cli_args, tiny_mlp_exit_net
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -346,8 +346,7 @@ def test_trainer_resume_with_l2w_is_bit_exact(tmp_path):
 def test_cli_trains_l2w(tmp_path):
     from ann_kernels.cli import main
 
-    tiny = ["--dataset", "synthetic", "--model", "mlp", "--num-exits", "3", "--model-arg", "hidden=16",
-            "--limit-train", "120", "--limit-eval", "40", "--batch-size", "40", "--no-progress", "--epochs", "1"]
+    tiny = tiny_cli_args(limit_train=120)
     assert main(["train", *tiny, "--weighting", "l2w", "--weighting-arg", "hidden=8",
                  "--weighting-arg", "meta_interval=2", "--out", str(tmp_path)]) == 0
     ckpt = torch.load(tmp_path / "last.pt", weights_only=False)

@@ -4,6 +4,7 @@ torchtune/modules/early_exit_loss.py), and AnytimeLinearLoss with every weightin
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -142,16 +143,64 @@ def test_anytime_linear_loss_matches_eager(weighting, kwargs):
         assert loss_fn.weights.tolist() == pytest.approx(weights)
 
 
+def _per_exit_ce(head, hidden, target) -> list[float]:
+    """Each exit's mean cross-entropy, float64 (the oracle for per-exit losses)."""
+    weight, bias = head.weight.detach().double(), head.bias.detach().double()
+    return [F.cross_entropy(F.linear(h.detach().double(), weight, bias), target).item() for h in hidden]
+
+
 @requires_ext
-def test_anytime_linear_loss_adaloss_and_oscillating_run():
+def test_anytime_linear_loss_adaloss_two_steps_against_the_hand_formula():
+    """AdaLoss's running average over two steps (ema <- L_1, then 0.9 ema + 0.1 L_2, the original's
+    momentum), and the weights recomputed from it after the update step (w = 1/ema + 1e-8, divided
+    by its max, then 0.93 w + 0.07): adaloss.py's docstring, written out by hand."""
     head, hidden, target = _lm(seed=1)
-    ada = AnytimeLinearLoss(head, 3, "adaloss")
-    ada(hidden, target)
-    assert torch.isfinite(ada.weighting.ema).all()
+    _, hidden2, target2 = _lm(seed=4)
+    ada = AnytimeLinearLoss(head, 3, "adaloss", update_every=2)
+    loss1 = ada(hidden, target)
+    l1 = _per_exit_ce(head, hidden, target)
+    assert loss1.item() == pytest.approx(sum(l1), rel=1e-5)  # all ones before the first update
+    assert ada.weighting.ema.tolist() == pytest.approx(l1, rel=1e-5)
+    loss2 = ada(hidden2, target2)
+    l2 = _per_exit_ce(head, hidden2, target2)
+    assert loss2.item() == pytest.approx(sum(l2), rel=1e-5)  # still ones: the update comes after step 2
+    ema = [0.9 * a + 0.1 * b for a, b in zip(l1, l2)]
+    assert ada.weighting.ema.tolist() == pytest.approx(ema, rel=1e-5)
+    inv = [1 / e + 1e-8 for e in ema]
+    want = [0.93 * w / max(inv) + 0.07 for w in inv]
+    assert ada.weighting.weights_for_step().tolist() == pytest.approx(want, rel=1e-5)
+    loss3 = ada(hidden, target)
+    assert loss3.item() == pytest.approx(sum(w * l for w, l in zip(want, l1)), rel=1e-5)
+
+
+@requires_ext
+def test_anytime_linear_loss_oscillating_matches_eager():
+    head, hidden, target = _lm(seed=1)
     torch.manual_seed(0)
     osc = AnytimeLinearLoss(head, 3, "oscillating")
     loss = osc(hidden, target)
     torch.testing.assert_close(loss, _eager(head, hidden, target, osc.weights.tolist()), atol=1e-5, rtol=1e-5)
+
+
+@requires_ext
+def test_anytime_linear_loss_sdn_and_ge_against_hand_weights():
+    """SDN (baselines.py, Kaya et al.'s schedule): caps k/K = [1/3, 2/3, 1], start 0.01; at epoch e
+    of E the internal exits weigh min(cap, 0.01 + cap e / E), the last 1. GE is CONST weights (its
+    gradient rescaling lives on the model, installed by the Trainer)."""
+    head, hidden, target = _lm(seed=5)
+    ce = _per_exit_ce(head, hidden, target)
+    sdn = AnytimeLinearLoss(head, 3, "sdn")
+    for epoch, total, weights in [(0, 2, [0.01, 0.01, 1.0]), (1, 2, [0.01 + 1 / 6, 0.01 + 1 / 3, 1.0]),
+                                  (2, 2, [1 / 3, 2 / 3, 1.0])]:
+        if epoch:
+            sdn.weighting.set_epoch(epoch, total)
+        loss = sdn(hidden, target)
+        assert sdn.weights.tolist() == pytest.approx(weights, rel=1e-6)
+        assert loss.item() == pytest.approx(sum(w * c for w, c in zip(weights, ce)), rel=1e-5)
+    ge = AnytimeLinearLoss(head, 3, "ge")
+    assert ge.weighting.gradient_equilibrium is True
+    assert ge(hidden, target).item() == pytest.approx(sum(ce), rel=1e-5)
+    assert ge.weights.tolist() == [1.0, 1.0, 1.0]
 
 
 @requires_ext
@@ -184,5 +233,7 @@ def test_anytime_linear_loss_schemes_that_need_logits_fall_back_with_a_warning()
         loss = fused(hidden, target)
     want = AnytimeLoss(3, "imta_kd")([head(h) for h in hidden], target)
     torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
-    for name in ("sdn", "ge"):  # weight schedules: fused path, no warning
-        AnytimeLinearLoss(head, 3, name)(hidden, target)
+    for name in ("sdn", "ge"):  # weight schedules: fused path, no warning (hand values above)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            AnytimeLinearLoss(head, 3, name)(hidden, target)

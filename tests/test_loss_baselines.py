@@ -11,7 +11,7 @@ from ann_kernels.losses import AnytimeLoss, GradientEquilibrium, IMTADistillatio
 from ann_kernels.losses.baselines import sdn_weights
 from ann_kernels.nn import disable_gradient_equilibrium, enable_gradient_equilibrium
 from ann_kernels.train import TrainConfig, Trainer, load_splits, seed_everything
-from tests.utils import make_logits, make_target, max_abs_err, tiny_mlp_exit_net
+from tests.utils import make_logits, make_target, max_abs_err, tiny_cli_args, tiny_mlp_exit_net
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -129,8 +129,7 @@ def test_ge_weighting_and_config_enable_the_hooks():
 def test_cli_trains_the_baselines(tmp_path):
     from ann_kernels.cli import main
 
-    tiny = ["--dataset", "synthetic", "--model", "mlp", "--num-exits", "3", "--model-arg", "hidden=16",
-            "--limit-train", "80", "--limit-eval", "40", "--batch-size", "40", "--no-progress", "--epochs", "1"]
+    tiny = tiny_cli_args(limit_train=80)
     assert main(["train", *tiny, "--weighting", "imta_kd", "--weighting-arg", "temperature=2",
                  "--out", str(tmp_path / "kd")]) == 0
     assert main(["train", *tiny, "--weighting", "sdn", "--gradient-equilibrium", "--out", str(tmp_path / "c")]) == 0

@@ -17,7 +17,7 @@ import torch
 
 from ann_kernels import EarlyExitEngine
 from ann_kernels.inference import EarlyExitServer
-from tests.test_engine import K, inputs, mlp_checkpoint, small_mlp  # noqa: F401  (fixture)
+from tests.early_exit_helpers import K, inputs, mlp_checkpoint, small_mlp  # noqa: F401  (fixture)
 from tests.utils import requires_ext
 
 try:
@@ -48,7 +48,7 @@ def request(port: int, method: str, path: str, body: bytes | None = None, header
 
 @pytest.fixture(scope="module")
 def front():
-    from ann_kernels.inference.serve import start_http
+    from ann_kernels.serve import start_http
 
     torch.set_num_threads(1)
     model = small_mlp(seed=21)
@@ -80,7 +80,13 @@ def test_stats_and_healthz(front):
     request(front.port, "POST", "/predict", json.dumps({"inputs": inputs(2).tolist()}).encode())
     status, stats = request(front.port, "GET", "/stats")
     assert status == 200 and stats["requests_completed"] >= 1 and len(stats["rows_per_exit"]) == K
-    assert stats["latency_p99_s"] >= stats["latency_p50_s"] > 0
+    for n in (1, 3, 2, 4):  # a few latencies, so that the percentiles are different requests
+        request(front.port, "POST", "/predict", json.dumps({"inputs": inputs(n).tolist()}).encode())
+    _, stats = request(front.port, "GET", "/stats")
+    direct = front.server.stats()  # the API's answer at the same moment (nothing in flight in between)
+    assert [stats[f"latency_p{q}_s"] for q in (50, 90, 99)] == [
+        direct.latency_p50_s, direct.latency_p90_s, direct.latency_p99_s]
+    assert stats["requests_completed"] == direct.requests_completed and direct.latency_p50_s > 0
     status, health = request(front.port, "GET", "/healthz")
     assert status == 200 and health == {"status": "ok", "num_exits": K, "sample_shape": [16]}
 
@@ -131,7 +137,7 @@ def test_wrong_method_and_path(front):
 
 def test_build_server_from_a_checkpoint_with_a_budget(mlp_checkpoint):  # noqa: F811
     from ann_kernels.inference.commands import add_parser, build_server
-    from ann_kernels.inference.serve import start_http
+    from ann_kernels.serve import start_http
 
     import argparse
 

@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from ann_kernels import EarlyExitEngine
-from ann_kernels.inference import EarlyExitServer
+from ann_kernels.inference import EarlyExitResult, EarlyExitServer
 from ann_kernels.nn import MultiExitNetwork
-from tests.test_engine import CountingSleep, K, inputs, safe_thresholds, simulate, small_mlp, tuple_net
+from ann_kernels.ops.early_exit import exit_confidence_reference
+from tests.early_exit_helpers import CountingSleep, K, inputs, safe_thresholds, simulate, small_mlp, tuple_net
 from tests.utils import DEVICES, requires_ext
 
 pytestmark = [requires_ext, pytest.mark.usefixtures("one_thread")]
@@ -83,7 +84,10 @@ def test_many_threads_get_predicts_answers_row_by_row(device, net):
     assert stats.mean_flops == pytest.approx(expected.stats.mean_flops)
     assert stats.queue_depths == (0,) * model.num_exits
     assert max(stats.mean_batch_rows) > 8  # rows of several requests ran together
-    assert stats.latency_p50_s <= stats.latency_p99_s
+    # the percentiles are those of the answers' own latencies (rank int(q n), as stats() documents)
+    latencies = sorted(r.stats.total_seconds for r in ordered)
+    for q, value in ((0.5, stats.latency_p50_s), (0.9, stats.latency_p90_s), (0.99, stats.latency_p99_s)):
+        assert value == latencies[min(len(latencies) - 1, int(q * len(latencies)))]
 
 
 def test_close_drains_every_request():
@@ -165,16 +169,28 @@ def test_bad_input_fails_only_that_future():
 
 
 def test_light_load_latency_is_bounded_by_max_wait_not_batch_size():
+    """A 4096-row batch never fills at light load: a request waits max_wait_s, not for a full
+    batch. As an ordering: the same row sent at once to a server waiting 5 ms and to one
+    waiting 300 ms is answered by the first before the second, each only after its own wait."""
     model = small_mlp(seed=12)
     engine = EarlyExitEngine(model)
     x = inputs(3, seed=13)
-    with EarlyExitServer(engine, thresholds=[0.5] * K, max_batch_size=4096, max_wait_s=0.005) as server:
-        server.submit(x).result(timeout=60)  # warm-up (FLOP counting, first calls)
-        results = [server.submit(x[i:i + 1]).result(timeout=60) for i in range(3)]
-    # A 4096-row batch would never fill: the answer came after ~max_wait_s. Generous bound
-    # (a loaded 2-core machine), far below "never".
-    for r in results:
-        assert r.stats.total_seconds < 2.0
+    short = EarlyExitServer(engine, thresholds=[0.5] * K, max_batch_size=4096, max_wait_s=0.005)
+    long = EarlyExitServer(engine, thresholds=[0.5] * K, max_batch_size=4096, max_wait_s=0.3)
+    with short, long:
+        for server in (short, long):
+            server.submit(x).result(timeout=60)  # warm-up (FLOP counting, first calls)
+        for i in range(3):
+            done_at = {}
+            futures = {name: server.submit(x[i:i + 1]) for name, server in (("short", short), ("long", long))}
+            for name, future in futures.items():
+                future.add_done_callback(lambda f, name=name: done_at.setdefault(name, time.perf_counter()))
+            answers = {name: f.result(timeout=60) for name, f in futures.items()}
+            assert done_at["short"] < done_at["long"]
+            # each waited its own max_wait_s for a fuller batch; the short wait ends before the long one
+            assert 0.005 <= answers["short"].queue_s < 0.3 <= answers["long"].queue_s
+            assert answers["short"].stats.total_seconds < answers["long"].stats.total_seconds
+            assert torch.equal(answers["short"].prediction, answers["long"].prediction)
 
 
 def test_deadline_on_a_sleeping_stage_is_honoured():
@@ -197,19 +213,56 @@ def test_deadline_on_a_sleeping_stage_is_honoured():
         assert (relaxed.exit_index == K - 1).all() and relaxed.stats.deadline_exit is None
 
 
-def test_asyncio_infer_and_quota():
+def test_asyncio_infer_equals_predict():
     model = small_mlp(seed=16)
     engine, x = EarlyExitEngine(model), inputs(64, seed=17)
-    with EarlyExitServer(engine, quota=[0.5, 0.25, 0.125, 0.125], max_batch_size=64, max_wait_s=0.05) as server:
+    thresholds = thresholds_for(model, x)
+    with EarlyExitServer(engine, thresholds=thresholds, max_batch_size=64, max_wait_s=0.005) as server:
 
         async def main():
             return await asyncio.gather(*(server.infer(x[i:i + 8]) for i in range(0, 64, 8)))
 
         results = asyncio.run(main())
+    expected = engine.predict(x, thresholds=thresholds)
+    assert torch.equal(torch.cat([r.exit_index for r in results]), expected.exit_index)
+    assert torch.equal(torch.cat([r.prediction for r in results]), expected.prediction)
+
+
+def quota_oracle(model, x, conditional):
+    """Hand oracle of the server's quota mode when every stage runs once on all the rows that
+    reach it: exit k takes floor(r_k * conditional[k]) of the r_k rows reaching it, the most
+    confident by exit k's (reference) confidence; the last exit takes the rest."""
+    with torch.no_grad():
+        logits = model(x)
+    confidence = [exit_confidence_reference(z)[0].tolist() for z in logits]
+    exit_at, remaining = [None] * x.shape[0], list(range(x.shape[0]))
+    for k, fraction in enumerate(conditional):
+        take = len(remaining) if k == len(conditional) - 1 else math.floor(len(remaining) * fraction + 1e-9)
+        leaving = sorted(remaining, key=lambda i: -confidence[k][i])[:take]
+        for i in leaving:
+            exit_at[i] = k
+        remaining = [i for i in remaining if exit_at[i] is None]
+    prediction = [int(logits[e][i].argmax()) for i, e in enumerate(exit_at)]
+    return torch.tensor(exit_at), torch.tensor(prediction)
+
+
+def test_quota_against_a_hand_oracle():
+    """quota [0.5, 0.25, 0.125, 0.125] on 64 rows is the conditional fraction 1/2 of the rows
+    reaching each of the first three exits: 32, 16, 8, then 8 at the last exit, the most
+    confident rows of each stage run. submit_many queues all 64 rows at once, so stage 0 runs
+    once on all of them and each deeper stage once on all its survivors (nothing arrives
+    during max_wait_s)."""
+    model = small_mlp(seed=16)
+    engine, x = EarlyExitEngine(model), inputs(64, seed=17)
+    with EarlyExitServer(engine, quota=[0.5, 0.25, 0.125, 0.125], max_batch_size=64, max_wait_s=0.2) as server:
+        results = [f.result(timeout=60) for f in server.submit_many(list(torch.split(x, 8)))]
+        stats = server.stats()
     exits = torch.cat([r.exit_index for r in results])
-    assert exits.shape == (64,)
-    counts = torch.bincount(exits, minlength=K).tolist()
-    assert sum(counts) == 64 and counts[0] >= 16  # conditional quota per run: about half at exit 0
+    assert stats.stage_runs == (1, 1, 1, 1)
+    assert torch.bincount(exits, minlength=K).tolist() == [32, 16, 8, 8]
+    expected_exits, expected_prediction = quota_oracle(model, x, [0.5, 0.5, 0.5, 1.0])
+    assert torch.equal(exits, expected_exits)
+    assert torch.equal(torch.cat([r.prediction for r in results]), expected_prediction)
 
 
 def test_constructor_errors():
@@ -233,8 +286,12 @@ def test_stats_as_dict_is_json_ready():
         server.submit(inputs(5)).result(timeout=60)
         after = server.stats().as_dict()
     assert before["latency_p50_s"] is None and after["requests_completed"] == 1
-    json.dumps(after)
-    assert after["rows_per_exit"][-1] == 5 and time.perf_counter() > 0
+    assert json.loads(json.dumps(after)) == after  # JSON-ready: survives a round trip unchanged
+    expected = engine.predict(inputs(5))
+    assert after["rows_per_exit"] == list(expected.stats.samples_per_exit) == [0, 0, 0, 5]
+    assert after["mean_flops"] == pytest.approx(expected.stats.mean_flops)
+    assert after["full_flops"] == pytest.approx(expected.stats.full_flops)
+    assert after["latency_p50_s"] == after["latency_p99_s"] > 0  # one request: every percentile is it
 
 
 def conv_net(seed: int = 0) -> MultiExitNetwork:
@@ -246,7 +303,7 @@ def conv_net(seed: int = 0) -> MultiExitNetwork:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_channels_last_requests_get_predicts_answers(device):
-    from ann_kernels.inference.engine import _gather_rows
+    from ann_kernels.inference.rows import gather_rows
 
     model = conv_net(seed=30).to(device)
     x = torch.randn(40, 3, 6, 6, generator=torch.Generator().manual_seed(31)).to(device)
@@ -262,5 +319,116 @@ def test_channels_last_requests_get_predicts_answers(device):
     assert torch.equal(torch.cat([r.exit_index for r in results]), expected.exit_index)
     assert torch.equal(torch.cat([r.prediction for r in results]), expected.prediction)
     rows = torch.tensor([5, 1, 3], device=device)
-    gathered = _gather_rows(x, rows)  # the layout the masking and deadline paths keep
+    gathered = gather_rows(x, rows)  # the layout the masking and deadline paths keep
     assert gathered.is_contiguous(memory_format=torch.channels_last) and torch.equal(gathered, x[[5, 1, 3]])
+
+
+def test_stage_listeners_queue_times_and_live_counts(caplog):
+    """The observation hooks: every stage run reaches the listeners with the rows it ran and
+    the rows that got their answer there (they add up to stats()); a raising listener is
+    logged once and serving goes on; queue_s is submit -> first stage start; queued_rows()
+    and in_flight() count what waits."""
+    model = small_mlp(seed=40)
+    engine, x = EarlyExitEngine(model), inputs(90, seed=41)
+    thresholds = thresholds_for(model, x)
+    expected = engine.predict(x, thresholds=thresholds)
+    calls = []
+
+    def broken(*args):
+        raise ZeroDivisionError("listener bug")
+
+    server = EarlyExitServer(engine, thresholds=thresholds, max_batch_size=1024, max_wait_s=30.0).start()
+    server.add_stage_listener(lambda *args: calls.append(args))
+    server.add_stage_listener(broken)
+    with pytest.raises(TypeError, match="fn"):
+        server.add_stage_listener("not callable")
+    futures = [server.submit(x[i:i + 3]) for i in range(0, 90, 3)]
+    # max_wait_s = 30 s and 1024-row batches: nothing can run before close() drains.
+    assert server.queued_rows() == 90 and server.in_flight() == 30
+    time.sleep(0.05)
+    with caplog.at_level("ERROR", logger="ann_kernels.inference.server"):
+        server.close()
+    results = [f.result(timeout=0) for f in futures]
+    assert server.queued_rows() == 0 and server.in_flight() == 0
+    assert torch.equal(torch.cat([r.exit_index for r in results]), expected.exit_index)
+    for r in results:  # queued from its submit until close(): at least the 50 ms slept, at most its latency
+        assert isinstance(r, EarlyExitResult) and 0.05 <= r.queue_s <= r.stats.total_seconds
+    stats = server.stats()
+    assert [sum(1 for c in calls if c[0] == k) for k in range(K)] == list(stats.stage_runs)
+    for k in range(K):
+        rows = sum(c[1] for c in calls if c[0] == k)
+        assert rows == pytest.approx(stats.mean_batch_rows[k] * stats.stage_runs[k])
+        assert sum(c[2] for c in calls if c[0] == k) == expected.stats.samples_per_exit[k]
+    assert all(c[3] >= 0 for c in calls) and calls[0][:2] == (0, 90)
+    logged = [r for r in caplog.records if "listener" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].exc_info[0] is ZeroDivisionError
+
+
+def test_submit_many_equals_submit_per_request_in_order():
+    """The vectorised intake: one future per batch, in order, each answered as submit() answers
+    that batch (and as predict() answers its rows); bad batches fail only their own future."""
+    model = small_mlp(seed=42)
+    engine, x = EarlyExitEngine(model), inputs(240, seed=43)
+    thresholds = thresholds_for(model, x)
+    sizes = request_sizes(240, seed=44)
+    batches = list(torch.split(x, sizes))
+    bad = {3: (torch.randn(2, 17), ValueError, r"x: expected samples of shape \[16\]"),
+           7: (x[:2].double(), TypeError, "x: expected dtype torch.float32"),
+           11: (x[:0], ValueError, "x: expected a non-empty batch")}
+    mixed = list(batches)
+    for i, (b, _, _) in sorted(bad.items()):
+        mixed.insert(i, b)
+    with EarlyExitServer(engine, thresholds=thresholds, max_batch_size=32, max_wait_s=0.001) as server:
+        one_by_one = [f.result(timeout=60) for f in [server.submit(b) for b in batches]]
+        futures = server.submit_many(mixed)
+        assert len(futures) == len(mixed)
+        for i, (_, kind, message) in bad.items():
+            with pytest.raises(kind, match=message):
+                futures[i].result(timeout=60)
+        good = [f.result(timeout=60) for i, f in enumerate(futures) if i not in bad]
+        with pytest.raises(ValueError, match="deadline_s"):
+            server.submit_many(batches[:2], deadline_s=-1.0)[1].result(timeout=60)
+        assert server.submit_many([]) == []
+    assert [r.prediction.shape[0] for r in good] == sizes
+    for got, alone, b in zip(good, one_by_one, batches):
+        expected = engine.predict(b, thresholds=thresholds)
+        for result in (got, alone):
+            assert torch.equal(result.prediction, expected.prediction)
+            assert torch.equal(result.exit_index, expected.exit_index)
+            assert torch.allclose(result.confidence, expected.confidence, atol=1e-5)
+            assert result.stats.samples_per_exit == expected.stats.samples_per_exit
+            assert result.stats.mean_flops == pytest.approx(expected.stats.mean_flops)
+            assert result.stats.executed_flops == pytest.approx(
+                sum(c * f for c, f in zip(expected.stats.samples_per_exit, executed_per_exit(engine, b, thresholds)))
+                / b.shape[0])
+    with pytest.raises(RuntimeError, match="closed"):
+        server.submit_many(batches[:1])
+
+
+def executed_per_exit(engine, x, thresholds) -> list[float]:
+    """Hand oracle of the executed FLOPs of a row leaving at exit e: stages 0..e, head e, and
+    the heads of the exits before it that were evaluated (threshold not +inf)."""
+    stage, head = engine.model.stage_flops(x[:1]).tolist(), engine.model.head_flops(x[:1]).tolist()
+    return [sum(stage[:e + 1]) + head[e] + sum(h for h, t in zip(head[:e], thresholds) if t != INF)
+            for e in range(len(stage))]
+
+
+def test_submit_many_a_failing_stage_fails_only_the_requests_of_its_run():
+    base = small_mlp(seed=8)
+    model = MultiExitNetwork([Poisoned(base.stages[0])] + list(base.stages[1:]), list(base.heads), num_classes=5)
+    engine, x = EarlyExitEngine(model), inputs(40, seed=9)
+    expected = engine.predict(x, thresholds=[INF] * K)
+    batches = [x[i:i + 2] for i in range(0, 40, 2)]
+    poisoned = x[:2].clone()
+    poisoned[1, 0] = 1e4
+    with EarlyExitServer(engine, thresholds=[INF] * K, max_batch_size=4, max_wait_s=0.5) as server:
+        futures = server.submit_many(batches[:5] + [poisoned] + batches[5:])
+        outcomes = [f.exception(timeout=60) for f in futures]
+    # Runs of 4 rows = 2 requests: the poisoned request and the one sharing its run fail.
+    assert [i for i, e in enumerate(outcomes) if e is not None] == [4, 5]
+    assert "poisoned row" in str(outcomes[5])
+    answered = [f.result() for i, f in enumerate(futures) if i not in (4, 5)]
+    kept = [b for i, b in enumerate(batches) if i != 4]
+    assert torch.equal(torch.cat([r.prediction for r in answered]), torch.cat([engine.predict(b).prediction for b in kept]))
+    assert torch.equal(torch.cat([r.prediction for r in answered]),
+                       torch.cat([expected.prediction[2 * i:2 * i + 2] for i in range(20) if i != 4]))

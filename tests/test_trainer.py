@@ -221,6 +221,33 @@ def test_plots_write_pngs(tmp_path):
         plot_weights([0], [], tmp_path / "bad.png")
 
 
+def test_demo_plot_shows_opt_as_a_point_and_zooms_to_the_curves():
+    """issue 21: OPT's untrained early exits (2-20 %) must not squash CONST and AdaLoss into one line."""
+    from ann_kernels.train.compare import anytime_plot_inputs
+    from ann_kernels.train.plots import anytime_figure
+
+    flops = [1e6, 2e6, 3e6]
+    summary = {"exit_flops": flops, "runs": {
+        "const": {"0": {"test_acc": [0.84, 0.88, 0.899]}, "1": {"test_acc": [0.85, 0.89, 0.901]}},
+        "adaloss": {"0": {"test_acc": [0.80, 0.87, 0.893]}, "1": {"test_acc": [0.81, 0.88, 0.895]}},
+        "opt": {"0": {"test_acc": [0.02, 0.20, 0.890]}, "1": {"test_acc": [0.03, 0.15, 0.892]}}}}
+    inputs = anytime_plot_inputs(summary)
+    assert set(inputs["runs"]) == {"const", "adaloss"}
+    assert inputs["references"] == {"OPT (final exit only)": (3e6, [0.890, 0.892])}
+    fig = anytime_figure(**inputs)
+    acc_ax, delta_ax = fig.axes
+    lo, hi = acc_ax.get_ylim()
+    assert 79.0 < lo < 80.5 and 90.1 < hi < 91.0, (lo, hi)  # the curves' ±std span plus a 5 % margin
+    drawn = [y for line in acc_ax.get_lines() for y in line.get_ydata()]
+    assert min(drawn) > 79 and 89.1 in [round(y, 6) for y in drawn]  # OPT: its final exit's mean only
+    # The panel below: adaloss - const per exit, mean of the paired per-seed differences, in points.
+    diffs = [line.get_ydata() for line in delta_ax.get_lines() if len(line.get_ydata()) == 3]
+    assert [round(d, 6) for d in diffs[0]] == [-4.0, -1.0, -0.6]
+    # OPT alone is still drawn as a curve (nothing else to compare with).
+    alone = anytime_plot_inputs({"exit_flops": flops, "runs": {"opt": summary["runs"]["opt"]}})
+    assert set(alone["runs"]) == {"opt"} and alone["references"] is None
+
+
 def test_exit_table_mean_std_and_delta():
     table = exit_table([1.5e6, 3e6], {"const": [[0.5, 0.8], [0.7, 0.8]], "adaloss": [0.7, 0.79]},
                        delta=("const", "adaloss"))

@@ -9,8 +9,20 @@ exit k with ``confidence[k] >= thresholds[k]``; the last threshold is -inf.
 
 - :func:`calibrate_thresholds`: MSDNet's walk for given exit fractions p [K]: for k < K-1,
   among the samples that have not exited yet, sorted by confidence[k] descending, the
-  threshold is the confidence of the floor(N p_k)-th one (+inf when that count is 0 or
-  fewer samples remain); every sample with confidence[k] >= threshold then exits.
+  floor(N p_k)-th one sets the threshold (+inf when that count is 0 or fewer samples
+  remain); every sample with confidence[k] >= threshold then exits.
+
+  **Deviation from MSDNet** (kalviny/MSDNet-PyTorch, ``adaptive_inference.py``,
+  ``Tester.dynamic_eval_find_threshold``, which sets ``T[k]`` to exactly that sample's
+  confidence): the threshold is placed in the gap *below* it, at the midpoint between that
+  confidence c_n and the largest confidence at exit k strictly below c_n (of any calibration
+  sample, so every calibration sample is at least half that gap away); with nothing below,
+  at c_n - 2^-16 max(1, |c_n|). The calibration split's own exits are exactly MSDNet's (the
+  same samples are >= the threshold), but no calibration sample sits *on* a threshold,
+  where the few-ulp rounding differences between batch sizes (a GEMM at another batch size,
+  the server's batching) would flip its exit between a batched and an unbatched run. Where
+  c_n and the next lower confidence are adjacent floats (no float in between), MSDNet's c_n
+  is kept.
 - :func:`calibrate_for_budget`: the thresholds with the best held-out accuracy among those
   whose held-out mean cost is within the budget, over MSDNet's geometric family
   p_k proportional to r^k (MSDNet's r = 1/20 ... 39/20 plus a log grid 1e-3 ... 1e3) and the
@@ -102,6 +114,7 @@ def _thresholds_for_fractions(confidence: torch.Tensor, fractions: torch.Tensor)
     num_candidates = fractions.shape[0]
     key = _rank_key(confidence)
     sorted_conf, order = key.sort(dim=1, descending=True, stable=True)
+    ascending = sorted_conf.flip(1).contiguous()
     counts = torch.floor(n * fractions + _FLOOR_EPS).to(torch.int64)  # [P, K]
     thresholds = torch.full((num_candidates, num_exits), math.inf, dtype=confidence.dtype)
     thresholds[:, -1] = -math.inf
@@ -114,11 +127,26 @@ def _thresholds_for_fractions(confidence: torch.Tensor, fractions: torch.Tensor)
         wanted = counts[:, k]
         position = (seen >= wanted.unsqueeze(1)).to(torch.int8).argmax(dim=1)  # first reaching the count
         valid = (wanted > 0) & (seen[:, -1] >= wanted)
-        thresholds[:, k] = torch.where(
-            valid, sorted_conf[k, position], torch.full_like(sorted_conf[k, position], math.inf)
-        )
+        gap_threshold = _threshold_below(sorted_conf[k, position], ascending[k])
+        thresholds[:, k] = torch.where(valid, gap_threshold, torch.full_like(gap_threshold, math.inf))
         exited |= key[k].unsqueeze(0) >= thresholds[:, k].unsqueeze(1)
     return thresholds
+
+
+def _threshold_below(chosen: torch.Tensor, ascending: torch.Tensor) -> torch.Tensor:
+    """Thresholds in the gap below each ``chosen`` confidence c_n [P]: the midpoint between
+    c_n and the largest confidence of ``ascending`` [N] (exit k's rank keys, sorted, NaN as
+    -inf) strictly below it; c_n - 2^-16 max(1, |c_n|) when none is below; c_n itself where
+    no float of the dtype lies strictly between the two (see the module docstring)."""
+    below_index = torch.searchsorted(ascending, chosen, right=False) - 1  # last element < c_n
+    below = ascending[below_index.clamp(min=0)].to(torch.float64)
+    has_below = (below_index >= 0) & torch.isfinite(below)
+    c_n = chosen.to(torch.float64)
+    margin = torch.clamp(c_n.abs(), min=1.0) * 2.0**-16
+    candidate = torch.where(has_below, (c_n + below) / 2, c_n - margin).to(chosen.dtype)
+    # Keep c_n where rounding to the dtype left no room (adjacent floats) or c_n is not finite.
+    inside = (candidate.to(torch.float64) < c_n) & (~has_below | (candidate.to(torch.float64) > below))
+    return torch.where(inside & torch.isfinite(c_n), candidate, chosen)
 
 
 def calibrate_thresholds(confidence: torch.Tensor, exit_fractions) -> torch.Tensor:

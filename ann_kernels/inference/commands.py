@@ -8,9 +8,12 @@
   :class:`~ann_kernels.EarlyExitEngine` on the test split: accuracy, mean FLOPs and measured
   throughput against the full network (all stages + the last head) on the same batches.
 - ``ann-kernels serve --checkpoint runs/x/last.pt --port 8000 [--budget B]``: an HTTP
-  endpoint (:mod:`ann_kernels.inference.serve`; FastAPI + uvicorn, extra ``[serve]``) over an
+  endpoint (:mod:`ann_kernels.serve`: ``/predict``, the Open Inference Protocol ``/v2``,
+  ``/metrics``; FastAPI + uvicorn, extra ``[serve]``) over an
   :class:`~ann_kernels.inference.EarlyExitServer`; with ``--budget`` the thresholds are
   calibrated on the validation split first, without it every request runs at full depth.
+  SIGTERM drains (``--drain-timeout-s``); ``--backend ray --replicas N`` runs N replicas on a
+  local Ray Serve instance (extra ``[ray]``). See ``docs/serving.md``.
 
 Budgets: a value <= 1 is a fraction of the full network's FLOPs per sample, a value > 1 is
 FLOPs per sample. The model is rebuilt with :func:`ann_kernels.train.runs.load_trained`.
@@ -234,18 +237,92 @@ def build_server(args):
     return server, spec
 
 
+def model_name_of(args) -> str:
+    """``--model-name``, default the run directory's name (``runs/x/last.pt`` -> ``x``)."""
+    if args.model_name is not None:
+        return args.model_name
+    return Path(args.checkpoint).resolve().parent.name or "model"
+
+
+def _check_serve_args(args) -> None:
+    if args.replicas < 1:
+        raise ValueError(f"replicas: expected a positive int, got {args.replicas}")
+    if args.replicas > 1 and args.backend != "ray":
+        raise ValueError(f"replicas: {args.replicas} replicas need --backend ray (the local backend is one process)")
+    if not 0 <= args.drain_timeout_s < float("inf"):
+        raise ValueError(f"drain-timeout-s: expected finite seconds >= 0, got {args.drain_timeout_s}")
+
+
+def _serve_info(args, spec) -> tuple[str, dict]:
+    mode = f"budget {args.budget}" if args.budget is not None else "full depth (no budget)"
+    return mode, {"checkpoint": str(args.checkpoint), "model": spec["model"], "dataset": spec["dataset"], "mode": mode}
+
+
+def build_replica_server(args):
+    """The :class:`EarlyExitServer` of one Ray Serve replica (not started): :func:`build_server`."""
+    return build_server(args)[0]
+
+
 def cmd_serve(args) -> int:
-    from ann_kernels.inference.serve import create_app, require_serve_extra
+    _check_serve_args(args)
+    if args.backend == "ray":
+        return _serve_on_ray(args)
+    from ann_kernels.serve import create_app, require_serve_extra
+    from ann_kernels.serve.runner import DrainingServer
 
     _, uvicorn = require_serve_extra()
     server, spec = build_server(args)
-    mode = f"budget {args.budget}" if args.budget is not None else "full depth (no budget)"
-    info = {"checkpoint": str(args.checkpoint), "model": spec["model"], "dataset": spec["dataset"], "mode": mode}
-    app = create_app(server, max_body_bytes=args.max_body_bytes, info=info)
-    print(f"serving {args.checkpoint} ({spec['model']} on {spec['dataset']}, {mode}) on "
-          f"http://{args.host}:{args.port}  (POST /predict, GET /stats, GET /healthz)", flush=True)
-    with server:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    mode, info = _serve_info(args, spec)
+    name = model_name_of(args)
+    server.start()
+    try:
+        app = create_app(server, model_name=name, sample_shape=tuple(spec["input_shape"]),
+                         max_body_bytes=args.max_body_bytes, info=info)
+        print(f"serving {args.checkpoint} as model {name!r} ({spec['model']} on {spec['dataset']}, {mode}) on "
+              f"http://{args.host}:{args.port}  (POST /predict, /v2/models/{name}/infer; GET /metrics, /stats, "
+              f"/healthz, /v2/health/ready)", flush=True)
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                                lifespan="off", timeout_graceful_shutdown=5)
+        runner = DrainingServer(config, app.state.serving, drain_timeout_s=args.drain_timeout_s,
+                                on_drained=server.close)
+        runner.run()
+    finally:
+        server.close(timeout=args.drain_timeout_s)
+    if runner.drained is None:
+        return 0
+    stats = server.stats()
+    print(f"drained in {runner.drain_seconds:.2f} s: {stats.requests_completed} requests completed, "
+          f"{stats.requests_failed} failed, {'all' if runner.drained else 'NOT all'} accepted requests answered "
+          f"before the {args.drain_timeout_s} s deadline", flush=True)
+    return 0 if runner.drained else 1
+
+
+def _serve_on_ray(args) -> int:
+    import functools
+    import signal
+    import threading
+
+    from ann_kernels.serve.ray_app import local_ray, replica_cpus, server_deployment
+    from ann_kernels.train.runs import load_trained
+
+    _, spec, _ = load_trained(args.checkpoint)  # fail here, not in every replica
+    mode, info = _serve_info(args, spec)
+    name = model_name_of(args)
+    stop = threading.Event()
+    cpus = replica_cpus(args.replicas)
+    application = server_deployment(
+        functools.partial(build_replica_server, args), replicas=args.replicas, num_cpus=cpus,
+        drain_timeout_s=args.drain_timeout_s,
+        app_options={"model_name": name, "sample_shape": tuple(spec["input_shape"]),
+                     "max_body_bytes": args.max_body_bytes, "info": info})
+    with local_ray(host=args.host, port=args.port) as serve:
+        for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own handlers
+            signal.signal(sig, lambda *_: stop.set())
+        serve.run(application, name=name, route_prefix="/", blocking=False)
+        print(f"serving {args.checkpoint} as model {name!r} on Ray Serve: {args.replicas} replica(s), {cpus:g} CPU "
+              f"each, http://{args.host}:{args.port} (the single-process routes)", flush=True)
+        stop.wait()
+        print("stopping: Ray Serve drains the replicas, then Ray shuts down", flush=True)
     return 0
 
 
@@ -304,7 +381,7 @@ def add_parser(subparsers) -> None:
 
     p = subparsers.add_parser(
         "serve",
-        help="HTTP endpoint (POST /predict, GET /stats, GET /healthz) over EarlyExitServer",
+        help="HTTP endpoint (POST /predict, Open Inference Protocol /v2, /metrics) over EarlyExitServer",
         description="Serve a checkpoint over HTTP with stage-level continuous batching "
         "(needs the [serve] extra: FastAPI + uvicorn). With --budget, thresholds are calibrated "
         "on the validation split first. " + _BUDGET_HELP,
@@ -317,6 +394,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="longest wait for a fuller batch per stage")
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="larger request bodies get 413")
     p.add_argument("--log-level", default="warning", help="uvicorn log level")
+    p.add_argument("--model-name", default=None,
+                   help="the Open Inference Protocol model name (/v2/models/NAME; default: the run directory's name)")
+    p.add_argument("--drain-timeout-s", type=float, default=30.0,
+                   help="on SIGTERM: readiness 503, new requests 503, wait this long for the accepted ones, exit")
+    p.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="local: one process (uvicorn); ray: replicas on a local Ray Serve instance (extra [ray])")
+    p.add_argument("--replicas", type=int, default=1, help="server replicas (--backend ray)")
     p.set_defaults(func=cmd_serve)
 
 

@@ -47,110 +47,25 @@ import operator
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import NamedTuple
+from collections.abc import Iterable
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 
+from ann_kernels.inference.arguments import check_seconds, labelled_batches
 from ann_kernels.inference.calibration import BudgetCalibration, calibrate_for_budget
+from ann_kernels.inference.plan import ExitCosts, ExitPlan, plan_exits
+from ann_kernels.inference.results import EarlyExitResult, EarlyExitStats, ExitCalibration
+from ann_kernels.inference.rows import gather_rest, gather_rows
 from ann_kernels.inference.stage_timing import StageTimes
+from ann_kernels.inference.stream import StageQueues
 from ann_kernels.nn.multi_exit import MultiExitNetwork
-from ann_kernels.ops.early_exit import (
-    CRITERIA,
-    buffers_function,
-    exit_confidence,
-    gathered_hidden_empty,
-    step_function,
-)
+from ann_kernels.ops.early_exit import CRITERIA, buffers_function, exit_confidence, step_function
 
-__all__ = ["EarlyExitEngine", "EarlyExitResult", "EarlyExitStats", "ExitCalibration"]
+__all__ = ["BUDGET_CACHE_SIZE", "EarlyExitEngine", "EarlyExitResult", "EarlyExitStats", "ExitCalibration"]
 
-_FLOOR_EPS = 1e-9
 _MASK_SLACK = 1.0  # mask when the whole batch measured no slower than the survivors
 _MIN_SAMPLES = 3  # measurements of both batch sizes before the cost model trusts them
 BUDGET_CACHE_SIZE = 256  # budgets whose thresholds stay cached (least recently used dropped)
-
-
-def _gather_tensor(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Rows ``rows`` of ``t``, laid out as the exit op lays out its gathered hidden state
-    (channels_last stays channels_last: :func:`~ann_kernels.ops.early_exit.gathered_hidden_empty`)."""
-    if t.dim() < 3 or t.is_contiguous():
-        return t.index_select(0, rows)
-    return torch.index_select(t, 0, rows, out=gathered_hidden_empty(t, rows.shape[0]))
-
-
-def _gather_rows(h, rows: torch.Tensor):
-    """Rows ``rows`` of a hidden state (a tensor, or a tuple / list of tensors)."""
-    if isinstance(h, torch.Tensor):
-        return _gather_tensor(h, rows)
-    gathered = [_gather_tensor(t, rows) for t in h]
-    return gathered if isinstance(h, list) else tuple(gathered)
-
-
-def _with_first(h, first: torch.Tensor, keep: torch.Tensor):
-    """A tuple / list hidden state whose first tensor the op gathered: gather the others."""
-    rest = [_gather_tensor(t, keep) for t in h[1:]]
-    return [first, *rest] if isinstance(h, list) else (first, *rest)
-
-
-class EarlyExitStats(NamedTuple):
-    """Statistics of one :meth:`EarlyExitEngine.predict` call (N samples, K exits).
-
-    - ``samples_per_exit``: K ints, how many samples left at each exit.
-    - ``mean_flops``: mean cost per sample, by DESIGN.md's exit accounting (exit k costs
-      stages 0..k plus head k: ``MultiExitNetwork.exit_flops``); what budgets target.
-    - ``executed_flops``: mean FLOPs actually run per sample: every stage a sample reached
-      plus every head evaluated on it (heads of +inf exits are skipped).
-    - ``full_flops``: the cost of the last exit (the full network), for ratios.
-    - ``stage_seconds``: K wall-clock seconds of stage k + head k + the decision (0 if the
-      stage did not run); ``total_seconds``: the whole call.
-    - ``deadline_exit``: the first exit the deadline cut off (its stage not started, or
-      finished late), or None; the samples still running took the exit before it (exit 0
-      when it is 0).
-    """
-
-    samples_per_exit: tuple[int, ...]
-    mean_flops: float
-    executed_flops: float
-    full_flops: float
-    stage_seconds: tuple[float, ...]
-    total_seconds: float
-    deadline_exit: int | None = None
-
-
-class EarlyExitResult(NamedTuple):
-    """``prediction`` [N] int64 (argmax of the exit taken), ``exit_index`` [N] int64 (0-based
-    exit), ``confidence`` [N] float32 (at that exit, by the engine's criterion), ``stats``."""
-
-    prediction: torch.Tensor
-    exit_index: torch.Tensor
-    confidence: torch.Tensor
-    stats: EarlyExitStats
-
-
-@dataclass(frozen=True)
-class ExitCalibration:
-    """Held-out data stored by :meth:`EarlyExitEngine.calibrate`: ``confidence`` [K, N]
-    float32 (the kernel's, by ``criterion``), ``correct`` [K, N] bool, ``exit_flops`` [K]
-    float64 per-sample cost of each exit."""
-
-    confidence: torch.Tensor
-    correct: torch.Tensor
-    exit_flops: torch.Tensor
-    criterion: str
-
-
-class _Plan(NamedTuple):
-    thresholds: tuple[float, ...]  # K, last = -inf
-    exit_counts: tuple[int, ...]  # K, -1 = threshold mode
-
-
-class _Costs(NamedTuple):
-    exit_flops: tuple[float, ...]
-    stage_flops: tuple[float, ...]
-    head_flops: tuple[float, ...]
 
 
 class EarlyExitEngine:
@@ -169,9 +84,10 @@ class EarlyExitEngine:
         self.model = model.eval()
         self.criterion = criterion
         self.num_exits = model.num_exits
-        self._criterion_code = CRITERIA[criterion]
+        #: The fused exit op's code of ``criterion`` (``ann_kernels.ops.early_exit.CRITERIA``).
+        self.criterion_code = CRITERIA[criterion]
         self._lock = threading.Lock()
-        self._costs: dict[tuple[int, ...], _Costs] = {}
+        self._costs: dict[tuple[int, ...], ExitCosts] = {}
         # (calibration generation, budget) -> thresholds; LRU-bounded (every request may carry
         # its own budget). The generation key makes a result computed from a calibration that a
         # concurrent calibrate() replaced unreachable, so it can never be served stale.
@@ -216,7 +132,7 @@ class EarlyExitEngine:
         """What :meth:`calibrate` measures (same arguments), without storing it: e.g. test
         confidences to evaluate thresholds with
         :func:`~ann_kernels.inference.calibration.simulate_thresholds`."""
-        batches = _labelled_batches(data, targets, batch_size)
+        batches = labelled_batches(data, targets, batch_size)
         confidences, corrects, first_input = [], [], None
         with torch.inference_mode():
             for x, y in batches:
@@ -232,7 +148,7 @@ class EarlyExitEngine:
         return ExitCalibration(
             confidence=torch.cat(confidences, dim=1),
             correct=torch.cat(corrects, dim=1),
-            exit_flops=torch.tensor(self._costs_for(first_input).exit_flops, dtype=torch.float64),
+            exit_flops=torch.tensor(self.costs_for(first_input).exit_flops, dtype=torch.float64),
             criterion=self.criterion,
         )
 
@@ -269,9 +185,11 @@ class EarlyExitEngine:
     # ------------------------------------------------------------------ costs
     def exit_flops(self, example_input: torch.Tensor) -> torch.Tensor:
         """[K] float64 per-sample cost of each exit for inputs shaped like ``example_input``."""
-        return torch.tensor(self._costs_for(example_input[:1]).exit_flops, dtype=torch.float64)
+        return torch.tensor(self.costs_for(example_input[:1]).exit_flops, dtype=torch.float64)
 
-    def _costs_for(self, x: torch.Tensor) -> _Costs:
+    def costs_for(self, x: torch.Tensor) -> ExitCosts:
+        """Per-sample FLOPs of each exit / stage / head for inputs shaped like ``x`` [n, ...]
+        (measured once per sample shape, cached)."""
         key = tuple(x.shape[1:])
         costs = self._costs.get(key)
         if costs is None:
@@ -280,7 +198,7 @@ class EarlyExitEngine:
                 if costs is None:
                     example = x[:1]
                     with torch.inference_mode():
-                        costs = _Costs(
+                        costs = ExitCosts(
                             tuple(self.model.exit_flops(example).tolist()),
                             tuple(self.model.stage_flops(example).tolist()),
                             tuple(self.model.head_flops(example).tolist()),
@@ -289,7 +207,10 @@ class EarlyExitEngine:
         return costs
 
     # ------------------------------------------------------------------ planning
-    def _plan(self, n: int, thresholds, budget, quota) -> _Plan:
+    def plan(self, n: int, thresholds=None, budget=None, quota=None) -> ExitPlan:
+        """The :class:`~ann_kernels.inference.plan.ExitPlan` of a batch of ``n`` rows for at
+        most one of ``thresholds`` [K], ``budget`` (resolved here from the calibration) and
+        ``quota`` [K] (see the module docstring); none of them: full depth."""
         given = [
             name
             for name, value in (("thresholds", thresholds), ("budget", budget), ("quota", quota))
@@ -297,40 +218,13 @@ class EarlyExitEngine:
         ]
         if len(given) > 1:
             raise ValueError(f"{' and '.join(given)}: give at most one of thresholds, budget and quota")
-        num_exits = self.num_exits
-        no_counts = (-1,) * num_exits
         if budget is not None:
             thresholds = self.calibrate_budget(budget).thresholds
-        if thresholds is not None:
-            values = _as_float_list(thresholds, "thresholds")
-            if len(values) != num_exits:
-                raise ValueError(f"thresholds: expected {num_exits} values (one per exit), got {len(values)}")
-            if any(map(math.isnan, values)):
-                raise ValueError(f"thresholds: must not contain NaN, got {values}")
-            return _Plan(tuple(values[:-1]) + (-math.inf,), no_counts)
-        if quota is not None:
-            fractions = _as_float_list(quota, "quota")
-            if len(fractions) != num_exits:
-                raise ValueError(
-                    f"quota: expected {num_exits} fractions (one per exit), got {len(fractions)}"
-                )
-            if any(not math.isfinite(f) or f < 0 for f in fractions):
-                raise ValueError(f"quota: expected finite fractions >= 0, got {fractions}")
-            if sum(fractions) > 1 + 1e-6:
-                raise ValueError(
-                    f"quota: fractions must sum to at most 1, got {sum(fractions):.6g} ({fractions})"
-                )
-            counts, cumulative, previous = [], 0.0, 0
-            for f in fractions[:-1]:
-                cumulative += f
-                target = min(n, math.floor(n * cumulative + _FLOOR_EPS))
-                counts.append(max(0, target - previous))
-                previous = max(previous, target)
-            return _Plan((math.inf,) * (num_exits - 1) + (-math.inf,), tuple(counts) + (-1,))
-        return _Plan((math.inf,) * (num_exits - 1) + (-math.inf,), no_counts)
+        return plan_exits(self.num_exits, n, thresholds, quota)
 
     # ------------------------------------------------------------------ inference
-    def _kernels_for(self, device_type: str) -> tuple:
+    def kernels_for(self, device_type: str) -> tuple:
+        """(``step``, ``buffers``) functions of the fused exit op for ``device_type``."""
         kernels = self._kernels.get(device_type)
         if kernels is None:  # a benign race: every thread computes the same pair
             kernels = (step_function(device_type), buffers_function(device_type))
@@ -366,18 +260,18 @@ class EarlyExitEngine:
             raise ValueError(f"deadline_s: expected seconds >= 0 or None, got {deadline_s!r}")
         if self.model.training:
             raise RuntimeError("model: is in training mode; early-exit inference needs model.eval()")
-        plan = self._plan(x.shape[0], thresholds, budget, quota)
+        plan = self.plan(x.shape[0], thresholds, budget, quota)
         deadline = None if deadline_s is None else start + float(deadline_s)
         if torch.is_inference_mode_enabled():
             return self._run(x, plan, deadline, start)
         with torch.inference_mode():
             return self._run(x, plan, deadline, start)
 
-    def _run(self, x: torch.Tensor, plan: _Plan, deadline: float | None, start: float) -> EarlyExitResult:
+    def _run(self, x: torch.Tensor, plan: ExitPlan, deadline: float | None, start: float) -> EarlyExitResult:
         """The stage loop (under inference_mode); ``start`` is the call's perf_counter()."""
         n, num_exits = x.shape[0], self.num_exits
-        step, make_buffers = self._kernels_for(x.device.type)
-        model, code, times = self.model, self._criterion_code, self.stage_times
+        step, make_buffers = self.kernels_for(x.device.type)
+        model, code, times = self.model, self.criterion_code, self.stage_times
         prediction, exit_index, confidence, active = make_buffers(x, n)
         samples_per_exit = [0] * num_exits
         stage_seconds = [0.0] * num_exits
@@ -444,10 +338,10 @@ class EarlyExitEngine:
                 if mask:  # run the next stage on the whole batch; exited rows are ignored
                     rows_in_h = keep if rows_in_h is None else rows_in_h.index_select(0, keep)
                 elif rows_in_h is not None:  # compact a masked batch
-                    h = _gather_rows(h, rows_in_h.index_select(0, keep))
+                    h = gather_rows(h, rows_in_h.index_select(0, keep))
                     h_rows, rows_in_h = remaining, None
                 else:
-                    h = gathered if isinstance(h, torch.Tensor) else _with_first(h, gathered, keep)
+                    h = gathered if isinstance(h, torch.Tensor) else gather_rest(h, gathered, keep)
                     h_rows = remaining
             t_now = clock()
             stage_seconds[k], t_prev = t_now - t_prev, t_now
@@ -455,7 +349,7 @@ class EarlyExitEngine:
             if remaining == 0:
                 break
         total_seconds = time.perf_counter() - start
-        costs = self._costs_for(x)  # after the clock: the first call per input shape measures FLOPs
+        costs = self.costs_for(x)  # after the clock: the first call per input shape measures FLOPs
         exit_flops = costs.exit_flops
         mean_flops = sum(map(operator.mul, samples_per_exit, exit_flops)) / n
         executed = sum(map(operator.mul, reached, costs.stage_flops))
@@ -476,8 +370,8 @@ class EarlyExitEngine:
         logits = self.model.forward_head(k, h)
         if rows_in_h is not None:
             logits = logits.index_select(0, rows_in_h)
-        step = self._kernels_for(logits.device.type)[0]
-        step(logits, active, None, prediction, exit_index, confidence, -math.inf, self._criterion_code, k, -1)
+        step = self.kernels_for(logits.device.type)[0]
+        step(logits, active, None, prediction, exit_index, confidence, -math.inf, self.criterion_code, k, -1)
 
     def _masks_next(self, k: int, h_rows: int, remaining: int, thresholds) -> bool:
         """The cost model's choice after exit k: True = run stage k + 1 on all ``h_rows`` rows
@@ -542,75 +436,19 @@ class EarlyExitEngine:
         full batches. The generator serves one consumer thread; for many producer threads use
         :class:`~ann_kernels.inference.server.EarlyExitServer`.
         """
-        from ann_kernels.inference.stream import StageQueues
-
         if quota is not None:
             raise ValueError(
                 "quota: a per-batch exit quota is not defined when batches are regrouped; "
                 "use thresholds or budget with stream(), or quota with predict()"
             )
-        if deadline_s is not None and (
-            isinstance(deadline_s, bool)
-            or not isinstance(deadline_s, (int, float))
-            or not deadline_s >= 0
-            or math.isinf(deadline_s)
-        ):
-            raise ValueError(f"deadline_s: expected finite seconds >= 0 or None, got {deadline_s!r}")
+        check_seconds(deadline_s, "deadline_s", allow_none=True)
         if batch_size is not None and (
             isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
         ):
             raise ValueError(f"batch_size: expected a positive int or None, got {batch_size!r}")
-        if max_wait_s is not None and (
-            isinstance(max_wait_s, bool)
-            or not isinstance(max_wait_s, (int, float))
-            or not max_wait_s >= 0
-            or math.isinf(max_wait_s)
-        ):
-            raise ValueError(f"max_wait_s: expected finite seconds >= 0 or None, got {max_wait_s!r}")
+        check_seconds(max_wait_s, "max_wait_s", allow_none=True)
         if self.model.training:
             raise RuntimeError("model: is in training mode; early-exit inference needs model.eval()")
-        plan = self._plan(1, thresholds, budget, None)
+        plan = self.plan(1, thresholds, budget, None)
         return StageQueues(self, plan, batch_size, max_wait_s, deadline_s).run(batches)
 
-
-def _as_float_list(values, name: str) -> list[float]:
-    """Floats of a list / tuple / 1-D tensor (a fast path: predict() runs this per call)."""
-    if isinstance(values, (list, tuple)):
-        try:
-            return list(map(float, values))
-        except (TypeError, ValueError) as error:
-            raise TypeError(f"{name}: expected numbers, got {list(values)!r}") from error
-    if isinstance(values, torch.Tensor):
-        if values.dim() != 1:
-            raise ValueError(f"{name}: expected a 1-D sequence, got shape {tuple(values.shape)}")
-        return values.tolist()
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise TypeError(
-            f"{name}: expected a sequence of numbers or a 1-D tensor, got {type(values).__name__}"
-        )
-    return _as_float_list(list(values), name)
-
-
-def _labelled_batches(data, targets, batch_size: int):
-    """(x, y) batches from a tensor + targets, a Dataset of pairs, or an iterable of pairs."""
-    if isinstance(data, torch.Tensor):
-        if targets is None:
-            raise ValueError("targets: required when data is a tensor of inputs")
-        targets = torch.as_tensor(targets)
-        if targets.shape != (data.shape[0],):
-            raise ValueError(
-                f"targets: expected shape [{data.shape[0]}] (one label per input), got {tuple(targets.shape)}"
-            )
-        return (
-            (data[i : i + batch_size], targets[i : i + batch_size])
-            for i in range(0, data.shape[0], batch_size)
-        )
-    if targets is not None:
-        raise ValueError("targets: only with a tensor of inputs; datasets and loaders carry their labels")
-    if isinstance(data, Dataset):
-        return iter(DataLoader(data, batch_size=batch_size, shuffle=False))
-    if isinstance(data, Iterable):
-        return iter(data)
-    raise TypeError(
-        f"data: expected a tensor, a Dataset or an iterable of (x, y) batches, got {type(data).__name__}"
-    )

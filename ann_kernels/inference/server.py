@@ -17,8 +17,12 @@ So under load new requests fill stage 0 while survivors of earlier ones fill the
 stages, and every stage runs at a full batch: the time-ideal speed-up of early exit becomes
 reachable even where small batches are not proportionally cheaper (the MLP). Decisions
 are per row (thresholds / budget mode), so each row gets what
-:meth:`~ann_kernels.EarlyExitEngine.predict` gives it alone, up to float rounding at a
-threshold (a batch's GEMM may round differently). ``quota`` fractions apply per stage run,
+:meth:`~ann_kernels.EarlyExitEngine.predict` gives it alone, with one tie rule: a row whose
+confidence lies within float rounding (a few ulps, ~1e-7 relative in float32) of a threshold
+may exit one stage apart between a batched and an unbatched run, because a GEMM at another
+batch size rounds differently. Calibrated thresholds
+(:func:`~ann_kernels.inference.calibration.calibrate_thresholds`) sit in the gap between two
+calibration samples, so the calibration data itself is never on a threshold. ``quota`` fractions apply per stage run,
 conditionally (exit k takes q_k / (1 - q_0 - ... - q_{k-1}) of the rows reaching it), so
 they hold on average, not per request.
 
@@ -27,6 +31,16 @@ rows whose deadline would pass before it finishes (its measured time at that bat
 :class:`~ann_kernels.inference.stage_timing.StageTimes`, shared with the engine) leave at
 the exit before it, the latest they reached in time; rows whose deadline passed while the
 stage ran leave at that same earlier exit (exit 0 always counts).
+
+Observation (for metrics): :meth:`EarlyExitServer.add_stage_listener` (called after every
+stage run with its stage, rows, exited rows and seconds), :meth:`EarlyExitServer.stats`,
+:meth:`EarlyExitServer.queued_rows`, :meth:`EarlyExitServer.in_flight`, and each answer's
+``queue_s`` (:class:`~ann_kernels.inference.results.ServedResult`).
+
+Layout: this module takes requests in (submit, checks, lifecycle, statistics) and runs the
+stages (deadlines included); :mod:`.server_queues` schedules the stage queues; :mod:`.server_deadlines` makes the rows whose
+deadline would pass (or passed) during a stage leave at the exit before it;
+:mod:`.server_results` owns the result buffers and assembles each request's answer.
 
 Nothing is lost: :meth:`close` drains every queue; a stage that raises fails only the
 requests whose rows it carried (their futures get the exception), and the server keeps
@@ -37,33 +51,39 @@ future, with a message naming the argument.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from itertools import accumulate
 
 import torch
 
-from ann_kernels.inference.engine import EarlyExitEngine, EarlyExitResult, EarlyExitStats, _gather_rows
-from ann_kernels.inference.engine import _with_first as _with_rest
-from ann_kernels.inference.server_state import (
-    ServerStats,
-    _check_positive_int,
-    _check_seconds,
-    _Piece,
-    _Request,
-)
-from ann_kernels.inference.stream import _concat, _split
+from ann_kernels.inference.arguments import check_positive_int, check_seconds
+from ann_kernels.inference.engine import EarlyExitEngine
+from ann_kernels.inference.plan import executed_costs
+from ann_kernels.inference.results import ServedResult
+from ann_kernels.inference.rows import gather_rest, gather_rows
+from ann_kernels.inference.server_deadlines import DeadlineExits
+from ann_kernels.inference.server_queues import StageScheduler
+from ann_kernels.inference.server_results import ResultBuffers
+from ann_kernels.inference.server_state import QueuePiece, Request, ServerStats
 
-__all__ = ["EarlyExitServer", "ServerStats"]
+__all__ = ["EarlyExitServer", "ServedResult", "ServerStats"]
 
-_MIN_CAPACITY = 4096
+logger = logging.getLogger(__name__)
+
+#: fn(stage, batch_rows, exited_rows, seconds), called by the worker after every stage run.
+StageListener = Callable[[int, int, int, float], None]
+
+_FLUSH_REQUESTS = 32  # finished requests answered together (fewer: when idle or after max_wait_s)
 _LATENCY_WINDOW = 10000  # completed requests whose latencies the percentiles cover
 
 
-class EarlyExitServer:
+class EarlyExitServer(DeadlineExits):
     """Stage-level continuous batching over an :class:`~ann_kernels.EarlyExitEngine` (module docstring).
 
     Args:
@@ -85,10 +105,10 @@ class EarlyExitServer:
         if not isinstance(engine, EarlyExitEngine):
             raise TypeError(f"engine: expected an ann_kernels.EarlyExitEngine, got {type(engine).__name__}")
         self.engine = engine
-        self.max_batch_size = _check_positive_int(max_batch_size, "max_batch_size")
-        self.max_wait_s = _check_seconds(max_wait_s, "max_wait_s", allow_none=False)
+        self.max_batch_size = check_positive_int(max_batch_size, "max_batch_size")
+        self.max_wait_s = check_seconds(max_wait_s, "max_wait_s", allow_none=False)
         self.num_exits = num_exits = engine.num_exits
-        plan = engine._plan(1, thresholds, budget, None if quota is None else quota)
+        plan = engine.plan(1, thresholds, budget, None if quota is None else quota)
         self._thresholds = plan.thresholds
         self._quota = None
         if quota is not None:  # conditional fraction of the rows reaching exit k
@@ -105,20 +125,16 @@ class EarlyExitServer:
         self._sample_shape = tuple(sample_shape) if sample_shape is not None else None
         self._shape_confirmed = sample_shape is not None
         self._cond = threading.Condition()
-        self._queues: list[deque[_Piece]] = [deque() for _ in range(num_exits)]
-        self._queued = [0] * num_exits
-        self._deadline_pieces = [0] * num_exits  # pieces with a finite deadline per queue
+        self._scheduler = StageScheduler(num_exits, self.max_batch_size, self.max_wait_s, engine.stage_times)
         self._worker: threading.Thread | None = None
         self._closing = self._closed = False
         self._started_at = 0.0
-        # result buffers (worker thread only)
-        self._capacity = 0
-        self._buffers = None  # (prediction, exit_index, confidence, arange)
-        self._occupied = bytearray()
-        self._next_position = 0
+        self._results = ResultBuffers()  # worker thread only
         self._step = None
+        self._executed = None  # executed FLOPs per exit, once the costs are known
         self._costs = None
-        self._finished: list[_Request] = []  # completed in the current stage run
+        self._finished: list[Request] = []  # all rows exited, answer not sent yet
+        self._finished_since = 0.0  # perf_counter() when the oldest of them finished
         # statistics
         self._submitted = self._completed = self._failed = self._rows_completed = 0
         self._deadline_requests = 0
@@ -129,6 +145,9 @@ class EarlyExitServer:
         self._stage_rows = [0] * num_exits
         self._stage_seconds = [0.0] * num_exits
         self._latencies: deque[float] = deque(maxlen=_LATENCY_WINDOW)
+        self._listeners: list[StageListener] = []
+        self._failed_listeners: set[int] = set()  # ids of listeners whose exception was logged
+        self._exited_in_run = 0  # rows that got their answer in the current stage run
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> EarlyExitServer:
@@ -144,7 +163,7 @@ class EarlyExitServer:
                         example = torch.zeros((1, *self._sample_shape), dtype=self._dtype or torch.float32,
                                               device=self._device)
                         with torch.inference_mode():
-                            self._costs = self.engine._costs_for(example)
+                            self._costs = self.engine.costs_for(example)
                     except Exception:  # noqa: BLE001  a wrong sample_shape: the first request reports it
                         self._costs = None
                 self._started_at = time.perf_counter()
@@ -165,10 +184,7 @@ class EarlyExitServer:
                 raise TimeoutError(f"close: the queues did not drain within timeout={timeout!r} s")
         with self._cond:
             self._closed = True
-            leftovers = [p for q in self._queues for p in q]  # only if never started
-            for q in self._queues:
-                q.clear()
-            self._queued = [0] * self.num_exits
+            leftovers = self._scheduler.drain()  # only if never started
         for piece in leftovers:
             for request, _ in piece.segments:
                 self._fail(request, RuntimeError("server: closed before this request ran (never started)"))
@@ -181,42 +197,70 @@ class EarlyExitServer:
 
     # ------------------------------------------------------------------ clients
     def submit(self, x: torch.Tensor, *, deadline_s: float | None = None) -> Future:
-        """Queue the batch ``x`` [n, *sample_shape] (n >= 1); returns a Future whose result is an
-        :class:`~ann_kernels.inference.EarlyExitResult` with prediction / exit_index / confidence
-        [n] in x's row order. ``deadline_s``: seconds from now (module docstring). Bad input
-        fails the returned future (ValueError / TypeError naming the argument)."""
+        """Queue the batch ``x`` [n, *sample_shape] (n >= 1); returns a Future whose result is a
+        :class:`~ann_kernels.inference.ServedResult` (an ``EarlyExitResult`` + ``queue_s``) with
+        prediction / exit_index / confidence [n] in x's row order. ``deadline_s``: seconds from
+        now (module docstring). Bad input fails the returned future (ValueError / TypeError
+        naming the argument)."""
+        return self.submit_many((x,), deadline_s=deadline_s)[0]
+
+    def submit_many(self, xs, *, deadline_s: float | None = None) -> list[Future]:
+        """Queue many requests at once: ``xs`` a sequence of batches [n_i, *sample_shape];
+        returns one Future per batch, in order, each answered exactly as :meth:`submit` would
+        answer that batch alone (rows are decided one by one). One lock, one concatenation
+        and one queue entry for all of them: the vectorised intake for bursts (an HTTP front
+        that drains its socket, a batch job). Bad input fails only its own future;
+        ``deadline_s`` (seconds from now) applies to each request."""
         submitted = time.perf_counter()
-        future: Future = Future()
-        future.set_running_or_notify_cancel()
+        xs = list(xs)
+        futures = [Future() for _ in xs]
+        for future in futures:
+            future.set_running_or_notify_cancel()
         try:
-            deadline_s = _check_seconds(deadline_s, "deadline_s", allow_none=True)
-            self._check_input(x)
-        except (TypeError, ValueError) as error:
-            future.set_exception(error)
-            return future
+            deadline_s = check_seconds(deadline_s, "deadline_s", allow_none=True)
+        except ValueError as error:
+            for future in futures:
+                future.set_exception(error)
+            return futures
         deadline = math.inf if deadline_s is None else submitted + deadline_s
-        request = _Request(future, x, submitted, deadline)
+        requests = []
+        for x, future in zip(xs, futures):
+            try:
+                self._check_input(x)
+            except (TypeError, ValueError) as error:
+                future.set_exception(error)
+                continue
+            requests.append(Request(future, x, submitted, deadline))
         with self._cond:
             if self._closing or self._closed:
                 raise RuntimeError("server: closed; submit() after close()")
             if self._worker is None:
                 raise RuntimeError("server: not started; call start() or use `with EarlyExitServer(...)`")
-            if self._sample_shape is None:
-                self._sample_shape = tuple(x.shape[1:])
-            elif tuple(x.shape[1:]) != self._sample_shape:
-                future.set_exception(ValueError(
-                    f"x: expected samples of shape {list(self._sample_shape)} ([n, {', '.join(map(str, self._sample_shape))}]), "
-                    f"got a batch of shape {list(x.shape)}"))
-                return future
-            self._submitted += 1
+            if requests and self._sample_shape is None:
+                self._sample_shape = tuple(requests[0].x.shape[1:])
+            accepted = []
+            for request in requests:
+                if request.x.shape[1:] == self._sample_shape:
+                    accepted.append(request)
+                else:
+                    shape = self._sample_shape
+                    request.future.set_exception(ValueError(
+                        f"x: expected samples of shape {list(shape)} ([n, {', '.join(map(str, shape))}]), "
+                        f"got a batch of shape {list(request.x.shape)}"))
+            if not accepted:
+                return futures
+            self._submitted += len(accepted)
             self._last_submit = submitted
             if deadline != math.inf:
-                self._deadline_requests += 1  # from now on, pieces compute their earliest deadline
-            self._push(0, _Piece(x, None, [(request, request.rows)], submitted, deadline, request.rows))
+                self._deadline_requests += len(accepted)  # from now on, pieces compute their earliest deadline
+            rows = sum(r.rows for r in accepted)
+            hidden = accepted[0].x if len(accepted) == 1 else torch.cat([r.x for r in accepted])
+            self._scheduler.push(0, QueuePiece(hidden, None, [(r, r.rows) for r in accepted], submitted, deadline,
+                                               rows))
             self._cond.notify()
-        return future
+        return futures
 
-    async def infer(self, x: torch.Tensor, *, deadline_s: float | None = None) -> EarlyExitResult:
+    async def infer(self, x: torch.Tensor, *, deadline_s: float | None = None) -> ServedResult:
         """``await server.infer(x)``: :meth:`submit` for asyncio callers."""
         return await asyncio.wrap_future(self.submit(x, deadline_s=deadline_s))
 
@@ -249,106 +293,85 @@ class EarlyExitServer:
                 self._submitted, self._completed, self._failed, self._submitted - self._completed - self._failed,
                 rows, tuple(self._rows_per_exit), self._flops_sum / rows if rows else 0.0,
                 self._costs.exit_flops[-1] if self._costs is not None else 0.0,
-                tuple(self._queued), tuple(self._stage_runs),
+                tuple(self._scheduler.queued), tuple(self._stage_runs),
                 tuple(r / n if n else 0.0 for r, n in zip(self._stage_rows, self._stage_runs)),
                 pct(0.5), pct(0.9), pct(0.99),
                 time.perf_counter() - self._started_at if self._started_at else 0.0,
             )
 
-    # ------------------------------------------------------------------ queues (under the lock)
-    def _push(self, k: int, piece: _Piece) -> None:
-        self._queues[k].append(piece)
-        self._queued[k] += piece.rows
-        if piece.deadline != math.inf:
-            self._deadline_pieces[k] += 1
+    def queued_rows(self) -> int:
+        """Rows waiting in the stage queues now (all stages)."""
+        with self._cond:
+            return sum(self._scheduler.queued)
 
-    def _choose(self, now: float):
-        """(stage to run now or None, seconds to wait otherwise)."""
-        queued, queues, wait = self._queued, self._queues, math.inf
-        for k in range(self.num_exits - 1, -1, -1):
-            if queued[k] >= self.max_batch_size:
-                return k, 0.0
-        best, best_joined = None, math.inf
-        for k in range(self.num_exits):
-            if not queued[k]:
-                continue
-            joined = queues[k][0].joined
-            due = joined + self.max_wait_s
-            if self._deadline_pieces[k]:
-                estimate = self.engine.stage_times.estimate(k, queued[k]) or 0.0
-                due = min(due, min(p.deadline for p in queues[k]) - estimate)
-            if k and not any(queued[:k]):  # nothing can join from upstream: run once arrivals pause
-                due = min(due, self._last_submit + self.max_wait_s)
-            if self._closing or due <= now:
-                if joined < best_joined:
-                    best, best_joined = k, joined
-            else:
-                wait = min(wait, due - now)
-        return best, wait
+    def in_flight(self) -> int:
+        """Requests accepted and not answered yet (neither a result nor an exception)."""
+        with self._cond:
+            return self._submitted - self._completed - self._failed
 
-    def _take(self, k: int):
-        """Up to max_batch_size rows from the head of queue k: (hidden, positions, segments)."""
-        queue, rows = self._queues[k], min(self.max_batch_size, self._queued[k])
-        hidden_parts, position_parts, segments, taken, deadline = [], [], [], 0, math.inf
-        while taken < rows:
-            piece = queue.popleft()
-            if piece.deadline < deadline:
-                deadline = piece.deadline
-            if piece.deadline != math.inf:
-                self._deadline_pieces[k] -= 1
-            if taken + piece.rows > rows:  # split: the rest stays at the head
-                want = rows - taken
-                head_segments, rest_segments, count = [], [], 0
-                for request, n in piece.segments:
-                    if count >= want:
-                        rest_segments.append((request, n))
-                    elif count + n > want:
-                        head_segments.append((request, want - count))
-                        rest_segments.append((request, count + n - want))
-                    else:
-                        head_segments.append((request, n))
-                    count += n
-                hidden, rest = _split(piece.hidden, want)
-                positions = None if piece.positions is None else piece.positions[:want]
-                rest_piece = _Piece(rest, None if piece.positions is None else piece.positions[want:],
-                                    rest_segments, piece.joined, piece.deadline, piece.rows - want)
-                queue.appendleft(rest_piece)
-                if rest_piece.deadline != math.inf:
-                    self._deadline_pieces[k] += 1
-                piece = _Piece(hidden, positions, head_segments, piece.joined, piece.deadline, want)
-            hidden_parts.append(piece.hidden)
-            position_parts.append(piece.positions)
-            segments.extend(piece.segments)
-            taken += piece.rows
-        self._queued[k] -= rows
-        positions = None if k == 0 else _concat(position_parts)
-        return _concat(hidden_parts), positions, segments, rows, deadline
+    def add_stage_listener(self, fn: StageListener) -> None:
+        """Call ``fn(stage: int, batch_rows: int, exited_rows: int, seconds: float)`` from the
+        worker thread after every stage run (``batch_rows``: rows taken from the queue,
+        ``exited_rows``: rows of it that got their answer there, deadline exits included;
+        ``seconds``: the run's wall time), e.g. for metrics. Keep it cheap: it runs on the
+        serving thread. An exception in ``fn`` is logged once (per listener) and otherwise
+        ignored; serving goes on."""
+        if not callable(fn):
+            raise TypeError(f"fn: expected a callable fn(stage, batch_rows, exited_rows, seconds), got {fn!r}")
+        with self._cond:
+            self._listeners = [*self._listeners, fn]  # copy-on-write: the worker reads it without the lock
+
+    def _notify_listeners(self, k: int, rows: int, exited: int, seconds: float) -> None:
+        for fn in self._listeners:
+            try:
+                fn(k, rows, exited, seconds)
+            except Exception:  # noqa: BLE001  a listener never breaks serving
+                if id(fn) not in self._failed_listeners:
+                    self._failed_listeners.add(id(fn))
+                    logger.exception("EarlyExitServer: stage listener %r raised (logged once; serving goes on)", fn)
 
     # ------------------------------------------------------------------ worker
     def _serve(self) -> None:
+        scheduler = self._scheduler
         try:
             while True:
                 with self._cond:
                     while True:
-                        k, wait = self._choose(time.perf_counter())
-                        if k is not None:
+                        k, wait = scheduler.choose(time.perf_counter(), self._last_submit, self._closing)
+                        if k is not None or self._finished:  # a stage to run, or answers to send first
                             break
-                        if self._closing and not any(self._queued):
+                        if self._closing and not any(scheduler.queued):
                             return
                         self._cond.wait(None if wait == math.inf else wait)
-                    hidden, positions, segments, rows, deadline = self._take(k)
-                with torch.inference_mode():
-                    try:
-                        self._run_stage(k, hidden, positions, segments, rows, deadline != math.inf)
-                    finally:
+                    if k is not None:
+                        hidden, positions, segments, rows, deadline = scheduler.take(k)
+                if k is None:  # nothing runnable now: answer the finished requests before waiting
+                    with torch.inference_mode():
                         self._flush_completed()
+                    continue
+                start = time.perf_counter()
+                self._exited_in_run = 0
+                with torch.inference_mode():
+                    self._run_stage(k, hidden, positions, segments, rows, deadline != math.inf, start)
+                    # Answers go out in bulk: once enough requests finished, once the oldest has
+                    # waited max_wait_s, or (above) as soon as no stage is runnable.
+                    finished = self._finished
+                    if finished and (len(finished) >= _FLUSH_REQUESTS
+                                     or time.perf_counter() - self._finished_since >= self.max_wait_s):
+                        self._flush_completed()
+                if self._listeners:
+                    self._notify_listeners(k, rows, self._exited_in_run, time.perf_counter() - start)
         except BaseException as error:  # an internal bug: fail everything left, never hang a client
+            try:
+                with torch.inference_mode():
+                    self._flush_completed()  # their rows all exited: their answers are in the buffers
+            except BaseException as flush_error:  # noqa: BLE001
+                for request in self._finished:
+                    request.future.set_exception(flush_error)
+                self._finished = []
             with self._cond:
                 self._closing = True
-                leftovers = [p for q in self._queues for p in q]
-                for q in self._queues:
-                    q.clear()
-                self._queued = [0] * self.num_exits
+                leftovers = self._scheduler.drain()
             failure = RuntimeError(f"server: the worker stopped on an internal error: {error!r}")
             failure.__cause__ = error
             for piece in leftovers:
@@ -356,11 +379,14 @@ class EarlyExitServer:
                     self._fail(request, failure)
             raise
 
-    def _run_stage(self, k: int, hidden, positions, segments, rows: int, has_deadlines: bool) -> None:
-        start = time.perf_counter()
+    def _run_stage(self, k: int, hidden, positions, segments, rows: int, has_deadlines: bool,
+                   start: float) -> None:
         try:
             if k == 0:
                 positions = self._assign_positions(segments, rows, hidden)
+                for request, _ in segments:
+                    if request.started is None:
+                        request.started = start
             else:
                 if self._failed and any(r.done for r, _ in segments):  # rows of failed requests: dropped
                     hidden, positions, segments, rows = self._drop_done(hidden, positions, segments)
@@ -389,9 +415,10 @@ class EarlyExitServer:
                 logits = model.forward_head(k, out)
                 everyone = threshold == -math.inf and count < 0
                 primary = None if everyone else (out if isinstance(out, torch.Tensor) else out[0])
-                prediction, exit_index, confidence, _ = self._buffers
-                survivors, keep, gathered = self._step(logits, positions, primary, prediction, exit_index,
-                                                       confidence, threshold, self.engine._criterion_code, k, count)
+                buffers = self._results
+                survivors, keep, gathered = self._step(logits, positions, primary, buffers.prediction,
+                                                       buffers.exit_index, buffers.confidence, threshold,
+                                                       self.engine.criterion_code, k, count)
                 self._route(k, out, survivors, keep, gathered, segments, rows)
         except Exception as error:  # noqa: BLE001  the stage failed: only its requests fail
             if k == 0 and not self._shape_confirmed:
@@ -417,7 +444,7 @@ class EarlyExitServer:
             return hidden, positions, [], 0
         keep = self._segment_rows(segments, flags)
         live = [s for s, f in zip(segments, flags) if f]
-        return _gather_rows(hidden, keep), positions.index_select(0, keep), live, int(keep.shape[0])
+        return gather_rows(hidden, keep), positions.index_select(0, keep), live, int(keep.shape[0])
 
     def _forward(self, k: int, hidden, positions, segments, rows: int) -> None:
         if self._failed and any(r.done for r, _ in segments):  # rows of failed requests go no further
@@ -426,14 +453,15 @@ class EarlyExitServer:
                 return
         deadline = min(r.deadline for r, _ in segments) if self._deadline_requests else math.inf
         with self._cond:
-            self._push(k, _Piece(hidden, positions, segments, time.perf_counter(), deadline, rows))
+            self._scheduler.push(k, QueuePiece(hidden, positions, segments, time.perf_counter(), deadline, rows))
             self._cond.notify()
 
     def _route(self, k: int, out, survivors, keep, gathered, segments, rows: int) -> None:
         """After the exit op at stage k: finish the requests whose last rows left, queue the rest."""
         left = survivors.shape[0]
+        self._exited_in_run += rows - left
         if left == rows:  # nobody left
-            self._forward(k + 1, gathered if isinstance(out, torch.Tensor) else _with_rest(out, gathered, keep),
+            self._forward(k + 1, gathered if isinstance(out, torch.Tensor) else gather_rest(out, gathered, keep),
                           survivors, segments, rows)
             return
         if left == 0:
@@ -451,157 +479,40 @@ class EarlyExitServer:
                 if request.remaining == 0:
                     self._complete(request)
         if left:
-            hidden = gathered if isinstance(out, torch.Tensor) else _with_rest(out, gathered, keep)
+            hidden = gathered if isinstance(out, torch.Tensor) else gather_rest(out, gathered, keep)
             self._forward(k + 1, hidden, survivors, survivor_segments, left)
 
-    # ------------------------------------------------------------------ deadlines
-    def _segment_rows(self, segments, flags) -> torch.Tensor:
-        """Row numbers (in the block) of the segments whose flag is set."""
-        device = self._buffers[0].device
-        mask = torch.repeat_interleave(torch.tensor(flags, dtype=torch.bool),
-                                       torch.tensor([n for _, n in segments]))
-        return mask.nonzero().squeeze(1).to(device)
-
-    def _exit_rows(self, exit_k: int, head_input, positions, segments, cut_at: int) -> None:
-        """The rows of ``segments`` (all of ``head_input``) leave at ``exit_k``."""
-        logits = self.engine.model.forward_head(exit_k, head_input)
-        prediction, exit_index, confidence, _ = self._buffers
-        self._step(logits, positions, None, prediction, exit_index, confidence, -math.inf,
-                   self.engine._criterion_code, exit_k, -1)
-        for request, n in segments:
-            request.remaining -= n
-            if request.deadline_exit is None:
-                request.deadline_exit = cut_at
-            if request.remaining == 0:
-                self._complete(request)
-
-    def _partition(self, hidden, positions, segments, late_flags):
-        late_rows = self._segment_rows(segments, late_flags)
-        ok_rows = self._segment_rows(segments, [not f for f in late_flags])
-        late = (_gather_rows(hidden, late_rows), positions.index_select(0, late_rows),
-                [s for s, f in zip(segments, late_flags) if f])
-        ok = (_gather_rows(hidden, ok_rows), positions.index_select(0, ok_rows),
-              [s for s, f in zip(segments, late_flags) if not f], int(ok_rows.shape[0]))
-        return late, ok, late_rows, ok_rows
-
-    def _deadline_exits(self, k: int, hidden, positions, segments, rows: int, now: float):
-        """Before stage k: rows whose deadline would pass before it finishes leave at exit k - 1."""
-        if not any(r.deadline != math.inf for r, _ in segments):
-            return hidden, positions, segments, rows
-        estimate = self.engine.stage_times.estimate(k, rows, self._thresholds[k] != math.inf) or 0.0
-        flags = [r.deadline < now + estimate for r, _ in segments]
-        if not any(flags):
-            return hidden, positions, segments, rows
-        if all(flags):
-            self._exit_rows(k - 1, hidden, positions, segments, k)
-            return hidden, positions, [], 0
-        late, ok, _, _ = self._partition(hidden, positions, segments, flags)
-        self._exit_rows(k - 1, *late, k)
-        return ok
-
-    def _late_after_stage(self, k: int, out, hidden, positions, segments, rows: int):
-        """Rows whose deadline passed during stage k leave at exit k - 1 (exit 0 if k = 0)."""
-        now = time.perf_counter()
-        flags = [r.deadline < now for r, _ in segments]
-        if not any(flags):
-            return out, hidden, positions, segments, rows
-        exit_k, source = (k - 1, hidden) if k else (0, out)
-        if all(flags):
-            self._exit_rows(exit_k, source, positions, segments, k)
-            return out, hidden, positions, [], 0
-        late, ok, late_rows, ok_rows = self._partition(source, positions, segments, flags)
-        self._exit_rows(exit_k, *late, k)
-        return _gather_rows(out, ok_rows), None, ok[1], ok[2], ok[3]
-
     # ------------------------------------------------------------------ buffers and results
-    def _assign_positions(self, segments, rows: int, like: torch.Tensor) -> torch.Tensor:
-        """Result-buffer positions for a stage-0 run: one contiguous free range."""
-        if self._buffers is None:
+    def _assign_positions(self, segments, rows: int, like) -> torch.Tensor:
+        """Result-buffer positions for a stage-0 run (the buffers are made on the first)."""
+        if not self._results.ready:
             device = like.device if isinstance(like, torch.Tensor) else like[0].device
             if self._costs is None:
-                self._costs = self.engine._costs_for(like)  # raises first if the model rejects the input
-            self._executed = _executed_costs(self._costs, self._thresholds)
-            self._step = self.engine._kernels_for(device.type)[0]
-            self._grow(max(_MIN_CAPACITY, 16 * self.max_batch_size), device)
-        start = self._next_position
-        if start + rows > self._capacity or self._occupied.find(1, start, start + rows) != -1:
-            start = 0
-            if rows > self._capacity or self._occupied.find(1, 0, rows) != -1:
-                start = self._capacity
-                self._grow(max(2 * self._capacity, self._capacity + rows), self._buffers[0].device)
-        self._occupied[start:start + rows] = b"\x01" * rows
-        self._next_position = start + rows
-        offset = start
-        for request, n in segments:
-            request.ranges.append((offset, n))
-            offset += n
-        return self._buffers[3][start:start + rows]
+                self._costs = self.engine.costs_for(like)  # raises first if the model rejects the input
+            self._executed = executed_costs(self._costs, self._thresholds)
+            self._step = self.engine.kernels_for(device.type)[0]
+            self._results.allocate(16 * self.max_batch_size, device)
+        return self._results.assign(segments, rows)
 
-    def _grow(self, capacity: int, device) -> None:
-        new = (torch.empty(capacity, dtype=torch.int64, device=device),
-               torch.empty(capacity, dtype=torch.int64, device=device),
-               torch.empty(capacity, dtype=torch.float32, device=device),
-               torch.arange(capacity, dtype=torch.int64, device=device))
-        if self._buffers is not None:
-            for a, b in zip(new[:3], self._buffers[:3]):
-                a[: self._capacity] = b
-        self._occupied.extend(bytes(capacity - self._capacity))
-        self._buffers, self._capacity = new, capacity
-
-    def _complete(self, request: _Request) -> None:
+    def _complete(self, request: Request) -> None:
         """All rows of ``request`` have exited: resolved at the end of this stage run (in bulk)."""
         if not request.done:
             request.done = True
+            if not self._finished:
+                self._finished_since = time.perf_counter()
             self._finished.append(request)
 
     def _flush_completed(self) -> None:
-        """Resolve the requests finished in this stage run: one gather per result buffer for
-        all of them, then per request only views and a few Python sums."""
+        """Answer the finished requests, all at once (:meth:`ResultBuffers.collect`)."""
         finished, self._finished = self._finished, []
         if not finished:
             return
-        prediction, exit_index, confidence, _ = self._buffers
-        positions = [p for r in finished for a, n in r.ranges for p in range(a, a + n)]
-        index = torch.tensor(positions, dtype=torch.int64, device=prediction.device)
-        sizes = [r.rows for r in finished]
-        preds = prediction.index_select(0, index).split_with_sizes(sizes)  # the C++ method: no wrapper
-        exits_all = exit_index.index_select(0, index)
-        exits = exits_all.split_with_sizes(sizes)
-        confs = confidence.index_select(0, index).split_with_sizes(sizes)
-        exit_list = exits_all.tolist()
-        occupied = self._occupied
-        for r in finished:
-            for a, n in r.ranges:
-                occupied[a:a + n] = bytes(n)
-        num_exits, flops, executed_costs = self.num_exits, self._costs.exit_flops, self._executed
         per_row = [t / n if n else 0.0 for t, n in zip(self._stage_seconds, self._stage_rows)]
-        now = time.perf_counter()
-        results, offset = [], 0
-        totals = [0] * num_exits
-        flops_sum = 0.0
-        flop_of, executed_of = flops.__getitem__, executed_costs.__getitem__
-        for i, r in enumerate(finished):
-            n = r.rows
-            mine = exit_list[offset:offset + n]
-            offset += n
-            counts = [0] * num_exits
-            for e in mine:
-                counts[e] += 1
-            mean = sum(map(flop_of, mine)) / n
-            executed = sum(map(executed_of, mine)) / n
-            reach, seconds = n, []
-            for j in range(num_exits):
-                seconds.append(reach * per_row[j])
-                reach -= counts[j]
-                totals[j] += counts[j]
-            flops_sum += mean * n
-            stats = EarlyExitStats(tuple(counts), mean, executed, flops[-1], tuple(seconds), now - r.submitted,
-                                   r.deadline_exit)
-            results.append(EarlyExitResult(preds[i], exits[i], confs[i], stats))
-            r.x = None
+        results, totals, flops_sum, rows = self._results.collect(
+            finished, self._costs.exit_flops, self._executed, per_row, time.perf_counter())
         with self._cond:
             self._completed += len(finished)
-            self._rows_completed += offset
+            self._rows_completed += rows
             self._flops_sum += flops_sum
             for j, c in enumerate(totals):
                 self._rows_per_exit[j] += c
@@ -609,29 +520,15 @@ class EarlyExitServer:
         for r, result in zip(finished, results):
             r.future.set_result(result)
 
-    def _fail(self, request: _Request, error: BaseException) -> None:
+    def _fail(self, request: Request, error: BaseException) -> None:
         if request.done:
             return
         request.done = True
         request.x = None
-        if self._buffers is not None:
-            for a, n in request.ranges:
-                self._occupied[a:a + n] = bytes(n)
+        if self._results.ready:
+            self._results.release(request)
         with self._cond:
             self._failed += 1
             if not self._shape_confirmed and self._sample_shape is not None:
                 self._sample_shape = None  # the first shape seen never ran: do not lock it in
         request.future.set_exception(error)
-
-
-
-
-def _executed_costs(costs, thresholds) -> list[float]:
-    """Per exit e: FLOPs run for a row leaving there (stages 0..e, the heads evaluated)."""
-    out, total = [], 0.0
-    for k, (stage, head) in enumerate(zip(costs.stage_flops, costs.head_flops)):
-        total += stage
-        out.append(total + head)
-        if thresholds[k] != math.inf:
-            total += head
-    return out

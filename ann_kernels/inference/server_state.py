@@ -1,6 +1,6 @@
-"""Pieces of :mod:`ann_kernels.inference.server`: its statistics record, the per-request and
-per-queue-piece state, and argument checks (kept apart so the server module stays the
-scheduling and the stage runs)."""
+"""State of :mod:`ann_kernels.inference.server`: its statistics record
+(:class:`ServerStats`), the per-request state (:class:`Request`) and the rows waiting in a
+stage queue (:class:`QueuePiece`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = ["ServerStats"]
+__all__ = ["QueuePiece", "Request", "ServerStats"]
 
 @dataclass(frozen=True)
 class ServerStats:
@@ -52,8 +52,13 @@ class ServerStats:
         }
 
 
-class _Request:
-    __slots__ = ("future", "x", "rows", "submitted", "deadline", "remaining", "ranges", "deadline_exit", "done")
+class Request:
+    """One submitted batch: its future, input, submit time, absolute deadline (perf_counter
+    seconds, inf = none), rows not yet exited, result-buffer ranges, the first exit a deadline
+    cut off, when its first stage run started, and whether it is resolved."""
+
+    __slots__ = ("future", "x", "rows", "submitted", "deadline", "remaining", "ranges", "deadline_exit", "done",
+                 "started")
 
     def __init__(self, future: Future, x: torch.Tensor, submitted: float, deadline: float) -> None:
         self.future, self.x, self.rows = future, x, x.shape[0]
@@ -62,9 +67,10 @@ class _Request:
         self.ranges: list[tuple[int, int]] = []  # (first position, rows) in the result buffers
         self.deadline_exit: int | None = None
         self.done = False  # resolved (result or exception)
+        self.started: float | None = None  # perf_counter() of the first stage run with its rows
 
 
-class _Piece:
+class QueuePiece:
     """Rows waiting in one stage queue: their hidden state, buffer positions (None before
     stage 0 assigns them), requests ``segments`` [(request, rows)] in row order, the time they
     joined the queue and their earliest deadline."""
@@ -75,16 +81,3 @@ class _Piece:
         self.hidden, self.positions, self.segments = hidden, positions, segments
         self.joined, self.deadline, self.rows = joined, deadline, rows
 
-
-def _check_positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return value
-
-
-def _check_seconds(value, name: str, *, allow_none: bool) -> float | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
-        raise ValueError(f"{name}: expected finite seconds >= 0{' or None' if allow_none else ''}, got {value!r}")
-    return float(value)

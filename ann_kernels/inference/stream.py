@@ -32,7 +32,9 @@ from typing import NamedTuple
 
 import torch
 
-from ann_kernels.inference.engine import _gather_rows, _with_first
+from ann_kernels.inference.plan import executed_costs
+from ann_kernels.inference.results import EarlyExitResult, EarlyExitStats
+from ann_kernels.inference.rows import concat_rows, gather_rest, gather_rows, split_rows
 from ann_kernels.ops.early_exit import step_function
 
 __all__ = ["StageQueues"]
@@ -45,22 +47,6 @@ class _PendingBatch(NamedTuple):
     start: int  # global position of the batch's first sample
     end: int  # one past its last
     arrived: float  # perf_counter() when it entered the stream
-
-
-def _concat(pieces):
-    if len(pieces) == 1:
-        return pieces[0]
-    if isinstance(pieces[0], torch.Tensor):
-        return torch.cat(pieces)
-    parts = [torch.cat([p[i] for p in pieces]) for i in range(len(pieces[0]))]
-    return parts if isinstance(pieces[0], list) else tuple(parts)
-
-
-def _split(hidden, rows: int):
-    if isinstance(hidden, torch.Tensor):
-        return hidden[:rows], hidden[rows:]
-    head, tail = [t[:rows] for t in hidden], [t[rows:] for t in hidden]
-    return (head, tail) if isinstance(hidden, list) else (tuple(head), tuple(tail))
 
 
 class StageQueues:
@@ -106,7 +92,7 @@ class StageQueues:
         if self.step is None:
             self.device = x.device
             self.step = step_function(x.device.type)
-            self.costs = self.engine._costs_for(x)
+            self.costs = self.engine.costs_for(x)
             self.batch_size = self.batch_size or x.shape[0]
         n = x.shape[0]
         self._ensure_capacity(self.next_start + n - self.base)
@@ -152,14 +138,14 @@ class StageQueues:
             n = positions.shape[0]
             if taken + n > rows:
                 want = rows - taken
-                hidden, rest = _split(hidden, want)
+                hidden, rest = split_rows(hidden, want)
                 queue.appendleft((rest, positions[want:], piece_tag, joined))
                 positions, n = positions[:want], want
             hidden_pieces.append(hidden)
             position_pieces.append(positions)
             taken += n
         self.queued[k] -= rows
-        return _concat(hidden_pieces), _concat(position_pieces), tag
+        return concat_rows(hidden_pieces), concat_rows(position_pieces), tag
 
     def _run_stage(self, k: int, rows: int) -> None:
         start = time.perf_counter()
@@ -191,12 +177,12 @@ class StageQueues:
                 self.exit_index,
                 self.confidence,
                 threshold,
-                self.engine._criterion_code,
+                self.engine.criterion_code,
                 k,
                 -1,
             )
             if survivors.shape[0] and not is_tensor:
-                gathered = _with_first(hidden, gathered, keep)
+                gathered = gather_rest(hidden, gathered, keep)
             survivor_hidden = gathered
         if survivors.shape[0]:
             self.queues[k + 1].append((survivor_hidden, survivors, tag, time.perf_counter()))
@@ -212,12 +198,12 @@ class StageQueues:
         if not bool(late.any()):
             return hidden, positions
         late_rows, keep_rows = late.nonzero().squeeze(1), (~late).nonzero().squeeze(1)
-        logits = self.engine.model.forward_head(exit_k, _gather_rows(head_input, late_rows))
+        logits = self.engine.model.forward_head(exit_k, gather_rows(head_input, late_rows))
         self.step(logits, positions.index_select(0, late_rows), None, self.prediction, self.exit_index,
-                  self.confidence, -math.inf, self.engine._criterion_code, exit_k, -1)
+                  self.confidence, -math.inf, self.engine.criterion_code, exit_k, -1)
         if keep_rows.shape[0] == 0:
             return hidden, positions[:0]
-        return _gather_rows(hidden, keep_rows), positions.index_select(0, keep_rows)
+        return gather_rows(hidden, keep_rows), positions.index_select(0, keep_rows)
 
     def _attribute(self, k: int, rows: int, seconds: float) -> None:
         self.stage_seconds[k] += seconds
@@ -249,8 +235,6 @@ class StageQueues:
         return min((queue[0][2] for queue in self.queues if queue), default=math.inf)
 
     def _completed(self):
-        from ann_kernels.inference.engine import EarlyExitResult, EarlyExitStats
-
         done_before = self._earliest_queued_batch()
         results = []
         while self.pending and self.pending[0].number < done_before:
@@ -282,13 +266,7 @@ class StageQueues:
 
     def _executed_costs(self) -> list[float]:
         """Per exit e: FLOPs run for a sample leaving there (stages 0..e, heads that ran)."""
-        costs, total = [], 0.0
-        for k, (stage, head) in enumerate(zip(self.costs.stage_flops, self.costs.head_flops)):
-            total += stage
-            costs.append(total + head)
-            if self.plan.thresholds[k] != math.inf:
-                total += head
-        return costs
+        return executed_costs(self.costs, self.plan.thresholds)
 
     @staticmethod
     def _mean(counts, costs) -> float:

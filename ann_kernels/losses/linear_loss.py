@@ -75,7 +75,18 @@ class AnytimeLinearLoss(nn.Module):
     def weights(self) -> torch.Tensor:
         return self.last_weights
 
+    @property
+    def heads(self) -> list[nn.Linear]:
+        """The head modules the loss reads (one shared head, or K), owned by the model."""
+        return list(self._heads)
+
     def _head_params(self):
+        for h in self._heads:
+            if type(h.weight).__name__ == "DTensor":  # FSDP2 keeps sharded DTensors outside forward
+                raise RuntimeError(
+                    "lm_head: its weight is a sharded DTensor (FSDP2 fully_shard) outside the head's forward; "
+                    "compute the loss inside ann_kernels.losses.lm_objective.EarlyExitLMObjective (which "
+                    "gathers the head), or call head.unshard() on the fully_shard-ed head before the loss")
         if len(self._heads) == 1:
             return self._heads[0].weight, self._heads[0].bias
         weight = torch.stack([h.weight for h in self._heads])

@@ -13,6 +13,7 @@ Shapes: tokens [B, S] int64 -> hidden [B, S, D] -> logits [B, S, V] per exit.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -21,13 +22,35 @@ from torch import Tensor, nn
 
 from ann_kernels.nn.multi_exit import MultiExitNetwork
 
-__all__ = ["CausalBlock", "CausalExitLM", "TokenEmbedding", "causal_exit_lm"]
+__all__ = ["CausalBlock", "CausalExitLM", "TokenEmbedding", "causal_exit_lm", "layer_dropout_probs"]
+
+
+def layer_dropout_probs(num_layers: int, prob_max: float, scale: str = "exp") -> list[float]:
+    """LayerSkip's per-layer drop rates: ``prob_max * scale(l)`` for 0-based layer l, with
+    torchtune's ``get_scale(scale, L - 1, l)`` (``torchtune/modules/layer_dropout.py``,
+    ``create_layer_dropout_modules``; LayerSkip's default ``exp``: 2^(l / (L-1)) - 1, so
+    layer 0 never drops and the last layer drops with ``prob_max``)."""
+    if not 0.0 <= prob_max < 1.0:
+        raise ValueError(f"layer_dropout: expected a probability in [0, 1), got {prob_max!r}")
+    period = num_layers - 1
+    scales = {"uniform": lambda v: 1.0, "exp": lambda v: math.exp(v * math.log(2) / period) - 1,
+              "linear": lambda v: v / period, "log": lambda v: math.log(v + 1) / math.log(period + 1),
+              "sin": lambda v: math.sin(0.5 * math.pi * v / period),
+              "sigmoid": lambda v: 1 / (1 + math.exp(-10 * (v / period - 0.5)))}
+    if scale not in scales:
+        raise ValueError(f"layer_dropout_scale: expected one of {sorted(scales)}, got {scale!r}")
+    return [prob_max * (1.0 if period == 0 else scales[scale](v)) for v in range(num_layers)]
 
 
 class CausalBlock(nn.Module):
-    """Pre-norm transformer block with causal self-attention (SDPA) and a GELU MLP."""
+    """Pre-norm transformer block with causal self-attention (SDPA) and a GELU MLP.
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: int = 4, dropout: float = 0.0):
+    ``layer_drop``: in training, each sequence of the batch skips the whole block (identity)
+    with this probability (torchtune's ``LayerDropout`` along dim 0, which LayerSkip trains
+    with: the kept rows run the block, the others pass through unscaled). Drawn from the
+    global torch RNG, so a checkpoint's saved RNG state resumes the same draws."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int = 4, dropout: float = 0.0, layer_drop: float = 0.0):
         super().__init__()
         if dim % heads:
             raise ValueError(f"heads: dim = {dim} must be divisible by heads = {heads}")
@@ -35,9 +58,19 @@ class CausalBlock(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
-        self.dropout = dropout
+        self.dropout, self.layer_drop = dropout, float(layer_drop)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and self.layer_drop > 0):
+            return self._block(x)
+        # 1. per-sequence skip draw; 2. run the block on the kept rows only (an empty
+        # batch still touches every parameter, so DDP sees them all); 3. scatter back.
+        keep = (torch.rand(x.shape[0]) >= self.layer_drop).nonzero().squeeze(1).to(x.device)
+        out = x.clone()
+        out[keep] = self._block(x.index_select(0, keep))
+        return out
+
+    def _block(self, x: Tensor) -> Tensor:
         b, s, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
@@ -120,7 +153,8 @@ class CausalExitLM(MultiExitNetwork):
 def causal_exit_lm(vocab_size: int, *, dim: int = 128, layers: int = 4, heads: int = 4, max_len: int = 128,
                    exit_layers: Sequence[int] | None = None, num_exits: int | None = None,
                    shared_head: bool = True, tie_embeddings: bool = True, mlp_ratio: int = 4,
-                   dropout: float = 0.0) -> CausalExitLM:
+                   dropout: float = 0.0, layer_dropout: float = 0.0,
+                   layer_dropout_scale: str = "exp") -> CausalExitLM:
     """Build a :class:`CausalExitLM`.
 
     Args:
@@ -129,6 +163,8 @@ def causal_exit_lm(vocab_size: int, *, dim: int = 128, layers: int = 4, heads: i
             missing). Default: ``num_exits`` exits evenly spaced (default: after every layer).
         shared_head: one LM head for every exit (else one per exit).
         tie_embeddings: the (shared) head's weight is the token embedding (needs shared_head).
+        layer_dropout, layer_dropout_scale: LayerSkip's layer dropout in training, the
+            maximum rate and its growth over depth (:func:`layer_dropout_probs`; 0 = off).
     """
     for name, v in (("vocab_size", vocab_size), ("dim", dim), ("layers", layers), ("heads", heads),
                     ("max_len", max_len)):
@@ -145,7 +181,8 @@ def causal_exit_lm(vocab_size: int, *, dim: int = 128, layers: int = 4, heads: i
     if tie_embeddings and not shared_head:
         raise ValueError("tie_embeddings: needs shared_head=True (one head to tie to the embedding)")
     embedding = TokenEmbedding(vocab_size, dim, max_len)
-    blocks = [CausalBlock(dim, heads, mlp_ratio, dropout) for _ in range(layers)]
+    drops = layer_dropout_probs(layers, float(layer_dropout), layer_dropout_scale)
+    blocks = [CausalBlock(dim, heads, mlp_ratio, dropout, drops[i]) for i in range(layers)]
     stages, start = [], 0
     for k, end in enumerate(exit_layers):
         stages.append(_Stage(blocks[start:end + 1], embedding if k == 0 else None))

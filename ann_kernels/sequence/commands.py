@@ -114,15 +114,15 @@ def _upsert_section(path: Path, section: str) -> None:
 
 def cmd_train(args) -> int:
     from ann_kernels.sequence.training import train_eann
-    from ann_kernels.train.commands import _config, _spec_kwargs
+    from ann_kernels.train.commands import spec_kwargs_from_args, train_config_from_args
     from ann_kernels.train.runs import make_spec
 
     t0 = time.perf_counter()
     if args.growth <= 1:
         raise ValueError(f"growth: expected a cost ratio > 1 between consecutive members, got {args.growth}")
-    spec = make_spec(weighting=args.weighting, seed=args.seed, **_spec_kwargs(args))
-    model = train_eann(spec, _config(args), args.out, num_members=args.members, growth=args.growth,
-                       scale=args.scale, start=args.start, resume=args.resume)
+    spec = make_spec(weighting=args.weighting, seed=args.seed, **spec_kwargs_from_args(args))
+    model = train_eann(spec, train_config_from_args(args), args.out, num_members=args.members,
+                       growth=args.growth, scale=args.scale, start=args.start, resume=args.resume)
     print(f"trained {model.num_members} members into {args.out} in {time.perf_counter() - t0:.0f} s; "
           f"measured cost ratios {[round(r, 3) for r in model.build_info.cost_ratios]}")
     if args.no_eval:
@@ -149,7 +149,7 @@ def _add_report_args(p: argparse.ArgumentParser) -> None:
 
 def add_parser(subparsers) -> None:
     """Register the ``eann`` group (``eann train``, ``eann eval``) on ``subparsers``."""
-    from ann_kernels.train.commands import _add_data_args, _add_model_args, _add_optim_args, _positive_int
+    from ann_kernels.train.commands import add_data_args, add_model_args, add_optim_args, positive_int
 
     group = subparsers.add_parser("eann", help="EANN: a sequence of anytime networks of growing cost",
                                   description="Train and evaluate an EANN (members of exponentially growing "
@@ -160,19 +160,19 @@ def add_parser(subparsers) -> None:
     p = sub.add_parser("train", help="train every member (AnytimeLoss), then evaluate the sequence",
                        description="Train the members of an EANN one after another (one run directory each), "
                                    "then evaluate it on the test split.")
-    _add_data_args(p)
-    _add_model_args(p)
+    add_data_args(p)
+    add_model_args(p)
     g = p.add_argument_group("sequence")
-    g.add_argument("--members", type=_positive_int, default=3, help="number of members M")
+    g.add_argument("--members", type=positive_int, default=3, help="number of members M")
     g.add_argument("--growth", type=float, default=2.0, help="target cost ratio between consecutive members (> 1)")
     g.add_argument("--scale", default=None,
                    help="builder keyword grown per member (default: num_exits for resann / msdnet / mlp, "
                         "depth for transformer)")
-    g.add_argument("--start", type=_positive_int, default=None,
+    g.add_argument("--start", type=positive_int, default=None,
                    help="member 0's value of --scale (default: --num-exits / --model-arg / the builder's)")
     p.add_argument("--weighting", default="eann_sieve",
                    help="eann_sieve (member 0: sieve) or any AnytimeLoss scheme for every member, e.g. adaloss")
-    _add_optim_args(p)
+    add_optim_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="skip finished members, continue an interrupted one")
@@ -185,7 +185,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--split", choices=("test", "val"), default="test",
                    help="evaluation split (early exit is calibrated on val, so only with test)")
     p.add_argument("--data-dir", default=None, help="override the data directory stored in the run")
-    p.add_argument("--limit", type=_positive_int, default=None, help="use only the first N val / test images")
+    p.add_argument("--limit", type=positive_int, default=None, help="use only the first N val / test images")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     _add_report_args(p)
     p.set_defaults(func=cmd_eval)

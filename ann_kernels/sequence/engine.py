@@ -24,15 +24,10 @@ from collections import OrderedDict
 import torch
 
 from ann_kernels.inference import engine as engine_module
+from ann_kernels.inference.arguments import as_float_list, labelled_batches
 from ann_kernels.inference.calibration import BudgetCalibration, calibrate_for_budget
-from ann_kernels.inference.engine import (
-    EarlyExitResult,
-    EarlyExitStats,
-    ExitCalibration,
-    _as_float_list,
-    _labelled_batches,
-    _with_first,
-)
+from ann_kernels.inference.results import EarlyExitResult, EarlyExitStats, ExitCalibration
+from ann_kernels.inference.rows import gather_rest
 from ann_kernels.ops.early_exit import CRITERIA, buffers_function, exit_confidence, step_function
 from ann_kernels.sequence.model import EANN, _check_deadline, _check_input
 
@@ -81,7 +76,7 @@ class EANNEngine:
         """
         confidences, corrects, first = [], [], None
         with torch.inference_mode():
-            for x, y in _labelled_batches(data, targets, batch_size):
+            for x, y in labelled_batches(data, targets, batch_size):
                 first = x[:1] if first is None else first
                 pairs = [exit_confidence(z, self.criterion) for z in self.eann(x)]
                 confidences.append(torch.stack([c for c, _ in pairs]).cpu())
@@ -153,7 +148,7 @@ class EANNEngine:
         if thresholds is None:
             values = [math.inf] * num_exits
         else:
-            values = _as_float_list(thresholds, "thresholds")
+            values = as_float_list(thresholds, "thresholds")
             if len(values) != num_exits:
                 raise ValueError(f"thresholds: expected {num_exits} values (one per sequence exit), got {len(values)}")
             if any(math.isnan(v) for v in values):
@@ -231,7 +226,7 @@ class EANNEngine:
                 if is_tensor:
                     h = gathered
                 else:
-                    h = _with_first(h, gathered, keep)
+                    h = gather_rest(h, gathered, keep)
                 latest, g = (j, k, h), g + 1
             if remaining == 0:
                 break

@@ -36,7 +36,9 @@ def _key_value(text: str) -> tuple[str, object]:
         return key, value
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse ``type=``: ``"3"`` -> 3; zero, negatives and non-integers are a usage error
+    naming the text."""
     try:
         value = int(text)
     except ValueError:
@@ -46,7 +48,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_data_args(p: argparse.ArgumentParser, *, dataset_default: str = "fashion-mnist") -> None:
+def add_data_args(p: argparse.ArgumentParser, *, dataset_default: str = "fashion-mnist") -> None:
+    """The ``data`` argument group (``--dataset``, ``--data-dir``, ``--limit-*``, ``--val-size``), shared by
+    ``train``, ``compare`` and ``eann train``."""
     from ann_kernels.train.runs import DATASET_CHOICES
 
     g = p.add_argument_group("data")
@@ -54,17 +58,19 @@ def _add_data_args(p: argparse.ArgumentParser, *, dataset_default: str = "fashio
                    help="text: an early-exit language model (ann_kernels/train/lm.py)")
     g.add_argument("--data-dir", default=None,
                    help="directory with the IDX files (default: $ANN_DATA, else /usr/share/datasets/<dataset>)")
-    g.add_argument("--limit-train", type=_positive_int, default=None, help="use only the first N training images")
-    g.add_argument("--limit-eval", type=_positive_int, default=None,
+    g.add_argument("--limit-train", type=positive_int, default=None,
+                   help="use only the first N training images")
+    g.add_argument("--limit-eval", type=positive_int, default=None,
                    help="use only the first N validation and test images")
-    g.add_argument("--val-size", type=_positive_int, default=DEFAULT_VAL_SIZE,
+    g.add_argument("--val-size", type=positive_int, default=DEFAULT_VAL_SIZE,
                    help="images held out of the training set for validation / calibration")
 
 
-def _add_optim_args(p: argparse.ArgumentParser, *, epochs: int = 3, batch_size: int = 128, lr=None) -> None:
+def add_optim_args(p: argparse.ArgumentParser, *, epochs: int = 3, batch_size: int = 128, lr=None) -> None:
+    """The ``optimisation`` argument group (what :func:`train_config_from_args` reads)."""
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=_positive_int, default=epochs)
-    g.add_argument("--batch-size", type=_positive_int, default=batch_size, help="per process")
+    g.add_argument("--epochs", type=positive_int, default=epochs)
+    g.add_argument("--batch-size", type=positive_int, default=batch_size, help="per process")
     g.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
     g.add_argument("--lr", type=float, default=lr, help="peak learning rate (default: 0.05 SGD, 2e-3 AdamW)")
     g.add_argument("--momentum", type=float, default=0.9)
@@ -82,12 +88,13 @@ def _add_optim_args(p: argparse.ArgumentParser, *, epochs: int = 3, batch_size: 
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
-def _add_model_args(p: argparse.ArgumentParser, *, model_args=None) -> None:
+def add_model_args(p: argparse.ArgumentParser, *, model_args=None) -> None:
+    """The ``model`` argument group (what :func:`spec_kwargs_from_args` reads)."""
     from ann_kernels.train.runs import MODELS
 
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=MODELS, default="resann")
-    g.add_argument("--num-exits", type=_positive_int, default=None,
+    g.add_argument("--num-exits", type=positive_int, default=None,
                    help="number of exits (transformer: depth); default: the builder's")
     g.add_argument("--model-arg", action="append", type=_key_value, default=model_args or [], metavar="KEY=VALUE",
                    help="extra builder argument, e.g. --model-arg width=8 (repeatable)")
@@ -95,7 +102,9 @@ def _add_model_args(p: argparse.ArgumentParser, *, model_args=None) -> None:
                    help="extra weighting-scheme argument, e.g. --weighting-arg momentum=0.9 (repeatable)")
 
 
-def _config(args):
+def train_config_from_args(args):
+    """The :class:`~ann_kernels.train.trainer.TrainConfig` of a namespace parsed with
+    :func:`add_optim_args`."""
     from ann_kernels.train.trainer import TrainConfig
 
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
@@ -106,7 +115,9 @@ def _config(args):
                        progress=args.progress)
 
 
-def _spec_kwargs(args) -> dict:
+def spec_kwargs_from_args(args) -> dict:
+    """``make_spec`` keywords (data, model, weighting arguments) of a namespace parsed with
+    :func:`add_data_args` and :func:`add_model_args`."""
     model_kwargs = dict(args.model_arg)
     if args.num_exits is not None:
         model_kwargs["depth" if args.model == "transformer" else "num_exits"] = args.num_exits
@@ -118,33 +129,52 @@ def _spec_kwargs(args) -> dict:
 # ---------------------------------------------------------------- train
 
 
-def _train_worker(rank: int, world_size: int, spec: dict, config_dict: dict, out: str, resume: bool) -> None:
+def _train_worker(rank: int, world_size: int, spec: dict, config_dict: dict, out: str, resume: bool,
+                  until_epoch: int | None = None) -> None:
     from ann_kernels.train.runs import build_trainer
     from ann_kernels.train.trainer import TrainConfig
 
     cfg = TrainConfig.from_dict(config_dict)
     cfg.progress = cfg.progress and rank == 0
-    build_trainer(spec, cfg, out, resume=resume).fit()
+    build_trainer(spec, cfg, out, resume=resume).fit(until_epoch=until_epoch)
 
 
 def cmd_train(args) -> int:
+    from ann_kernels.train.distributed import init_from_env, launch
+
+    group = init_from_env()  # torchrun: this process is one rank of an external group
+    if group is not None and args.nproc > 1:
+        raise ValueError(f"--nproc: {args.nproc} processes requested inside a torchrun group of {group[1]}; "
+                         "use one or the other")
+    try:
+        return _run_train(args, group, launch)
+    finally:
+        if group is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run_train(args, group, launch) -> int:
     from ann_kernels.train.metrics import exit_table, read_jsonl
     from ann_kernels.train.runs import make_spec
 
-    if args.dataset == "text":  # early-exit language model (issue 11)
+    if args.dataset == "text":  # early-exit language model (issues 11, 23)
         from ann_kernels.train.lm import cmd_train_lm
 
         return cmd_train_lm(args)
 
     t0 = time.perf_counter()
-    spec = make_spec(weighting=args.weighting, seed=args.seed, **_spec_kwargs(args))
-    cfg = _config(args)
+    spec = make_spec(weighting=args.weighting, seed=args.seed, **spec_kwargs_from_args(args))
+    cfg = train_config_from_args(args)
     if args.nproc > 1:
-        from ann_kernels.train.distributed import launch
-
-        launch(_train_worker, args.nproc, spec, cfg.__dict__, str(args.out), args.resume)
+        launch(_train_worker, args.nproc, spec, cfg.__dict__, str(args.out), args.resume, args.stop_after_epoch)
+    elif group is not None:  # one rank of torchrun's group; rank 0 reports
+        _train_worker(group[0], group[1], spec, cfg.__dict__, str(args.out), args.resume, args.stop_after_epoch)
+        if group[0] != 0:
+            return 0
     else:
-        _train_worker(0, 1, spec, cfg.__dict__, str(args.out), args.resume)
+        _train_worker(0, 1, spec, cfg.__dict__, str(args.out), args.resume, args.stop_after_epoch)
     last = read_jsonl(Path(args.out) / "metrics.jsonl")[-1]
     cols = {f"{s} ({args.weighting})": last[f"{s}_acc"] for s in ("val", "test") if f"{s}_acc" in last}
     print(exit_table(last["exit_flops"], cols))
@@ -191,8 +221,9 @@ def cmd_compare(args) -> int:
     from ann_kernels.train.compare import run_comparison, summary_table
 
     t0 = time.perf_counter()
-    summary = run_comparison(args.out, weightings=args.weightings, seeds=args.seeds, config=_config(args),
-                             resume=not args.restart, jobs=args.jobs, **_spec_kwargs(args))
+    summary = run_comparison(args.out, weightings=args.weightings, seeds=args.seeds,
+                             config=train_config_from_args(args),
+                             resume=not args.restart, jobs=args.jobs, **spec_kwargs_from_args(args))
     print(summary_table(summary))
     print(f"wrote {args.out}/summary.json, table.md, anytime.png; wall time {time.perf_counter() - t0:.0f} s")
     return 0
@@ -220,9 +251,10 @@ def cmd_demo(args) -> int:
     args.seeds, args.weightings = [args.seed], list(DEMO_WEIGHTINGS)
     args.dataset, args.model, args.num_exits, args.model_arg = "fashion-mnist", "resann", None, []
     args.val_size, args.weighting_arg, args.label_smoothing = DEFAULT_VAL_SIZE, [], 0.0
-    spec_kwargs = _spec_kwargs(args)
+    spec_kwargs = spec_kwargs_from_args(args)
     spec_kwargs["model_kwargs"] = dict(DEMO_MODEL_KWARGS)
-    summary = run_comparison(args.out, weightings=args.weightings, seeds=args.seeds, config=_config(args),
+    summary = run_comparison(args.out, weightings=args.weightings, seeds=args.seeds,
+                             config=train_config_from_args(args),
                              resume=args.resume, jobs=args.jobs, **spec_kwargs)
     n_test = 10000 if args.limit_eval is None else min(args.limit_eval, 10000)
     print()
@@ -241,53 +273,56 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("train", help="train an anytime network (one weighting scheme)",
                               description="Train a multi-exit network; writes last.pt, metrics.jsonl and PNGs "
                                           "to --out.")
-    _add_data_args(p)
-    _add_model_args(p)
+    add_data_args(p)
+    add_model_args(p)
     p.add_argument("--weighting", default="adaloss",
                    help="loss weighting: adaloss, const, linear, half_end, sieve, eann_sieve, oscillating, opt, "
                         "l2w (L2W-DEN, SGD only), sdn, imta_kd, ge")
-    _add_optim_args(p)
+    add_optim_args(p)
     from ann_kernels.train.text import add_text_args
 
     add_text_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
-    p.add_argument("--nproc", type=_positive_int, default=1, help="data-parallel processes (DDP, gloo)")
+    p.add_argument("--nproc", type=positive_int, default=1,
+                   help="data-parallel processes (DDP, gloo); or launch with torchrun --nproc-per-node N -m ann_kernels")
+    p.add_argument("--stop-after-epoch", type=positive_int, default=None, metavar="E",
+                   help="stop after epoch E of the --epochs schedule (continue later with --resume)")
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("eval", help="per-exit accuracy and cost of a trained checkpoint")
     p.add_argument("--checkpoint", required=True, help="a last.pt written by train")
     p.add_argument("--split", choices=("test", "val", "train"), default="test")
     p.add_argument("--data-dir", default=None, help="override the data directory stored in the checkpoint")
-    p.add_argument("--limit", type=_positive_int, default=None, help="evaluate only the first N images")
-    p.add_argument("--batch-size", type=_positive_int, default=500)
+    p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N images")
+    p.add_argument("--batch-size", type=positive_int, default=500)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=cmd_eval)
 
     p = subparsers.add_parser("compare", help="train several weightings x seeds, one table and plot",
                               description="Same network, data and budget for every weighting and seed; writes "
                                           "OUT/summary.json, OUT/table.md and OUT/anytime.png.")
-    _add_data_args(p)
-    _add_model_args(p)
+    add_data_args(p)
+    add_model_args(p)
     p.add_argument("--weightings", nargs="+", default=["const", "adaloss"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    _add_optim_args(p)
+    add_optim_args(p)
     p.add_argument("--out", required=True)
     p.add_argument("--restart", action="store_true", help="retrain runs already complete in OUT")
-    p.add_argument("--jobs", type=_positive_int, default=1,
+    p.add_argument("--jobs", type=positive_int, default=1,
                    help="runs trained at a time, in worker processes (2 on a 2-core CPU is fastest)")
     p.set_defaults(func=cmd_compare)
 
     p = subparsers.add_parser("demo", help="the main job: CONST vs AdaLoss (and OPT) on Fashion-MNIST (< 10 min)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--limit-train", type=_positive_int, default=DEMO_LIMIT_TRAIN)
-    p.add_argument("--limit-eval", type=_positive_int, default=DEMO_LIMIT_EVAL)
-    _add_optim_args(p, epochs=DEMO_EPOCHS, batch_size=DEMO_BATCH_SIZE, lr=DEMO_LR)
+    p.add_argument("--limit-train", type=positive_int, default=DEMO_LIMIT_TRAIN)
+    p.add_argument("--limit-eval", type=positive_int, default=DEMO_LIMIT_EVAL)
+    add_optim_args(p, epochs=DEMO_EPOCHS, batch_size=DEMO_BATCH_SIZE, lr=DEMO_LR)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="reuse complete runs in OUT instead of retraining")
-    p.add_argument("--jobs", type=_positive_int, default=2, help="runs trained at a time (worker processes)")
+    p.add_argument("--jobs", type=positive_int, default=2, help="runs trained at a time (worker processes)")
     p.add_argument("--lm", action="store_true",
                    help="instead: a short early-exit language model on the CPython stdlib (output OUT-lm/)")
     p.set_defaults(func=cmd_demo, channels_last=True)

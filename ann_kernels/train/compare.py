@@ -7,7 +7,8 @@ Output layout under ``out``::
     out/<weighting>-s<seed>/{last.pt, metrics.jsonl, anytime.png, weights.png}
     out/summary.json      per-exit FLOPs and final val / test accuracies of every run
     out/table.md          the table, markdown
-    out/anytime.png       accuracy vs cumulative FLOPs, one line per weighting (±std band)
+    out/anytime.png       accuracy vs cumulative FLOPs, one line per weighting (±std band), OPT as a
+                          point at its final exit, AdaLoss - CONST per exit below
 
 ``ann-kernels demo`` is this with the demo's preset (CONST vs AdaLoss, one seed);
 ``scripts/reproduce_results.sh`` is this with several seeds.
@@ -128,13 +129,25 @@ def run_comparison(
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     table = summary_table(summary, markdown=True)
     (out / "table.md").write_text(table + "\n")
-    plot_anytime(
-        {w: (flops, [r["test_acc"] for r in by_seed.values()]) for w, by_seed in runs.items()},
-        out / "anytime.png",
-        title=title or f"{spec_kwargs.get('model', 'resann')} on {spec_kwargs.get('dataset', 'fashion-mnist')}: "
-                       f"test accuracy per exit",
-    )
+    plot_anytime(**anytime_plot_inputs(summary), path=out / "anytime.png",
+                 title=title or f"{spec_kwargs.get('model', 'resann')} on "
+                                f"{spec_kwargs.get('dataset', 'fashion-mnist')}: test accuracy per exit")
     return summary
+
+
+def anytime_plot_inputs(summary: dict, *, split: str = "test") -> dict:
+    """The ``runs`` / ``references`` / ``delta`` arguments of :func:`plot_anytime` for a
+    :func:`run_comparison` summary. OPT trains the final exit only: its earlier exits are untrained
+    (a few % accuracy) and would squash the curves that matter into one line, so an ``opt`` run is a
+    reference point at its final exit (a curve only when it is the sole run); the difference panel
+    shows AdaLoss - CONST per exit."""
+    flops = summary["exit_flops"]
+    acc = {w: [r[f"{split}_acc"] for r in by_seed.values()] for w, by_seed in summary["runs"].items()}
+    curves = {w: (flops, a) for w, a in acc.items() if w != "opt"} or {"opt": (flops, acc["opt"])}
+    references = None
+    if "opt" in acc and "opt" not in curves:
+        references = {"OPT (final exit only)": (flops[-1], [a[-1] for a in acc["opt"]])}
+    return {"runs": curves, "references": references, "delta": ("const", "adaloss")}
 
 
 def split_weighting_kwargs(weightings: Sequence[str], weighting_kwargs: dict) -> dict[str, dict]:

@@ -8,7 +8,11 @@ averages ``ema`` [K]) so every rank computes the same exit weights. Rank 0 alone
 evaluates, logs, checkpoints and plots.
 
 This module starts the processes: :func:`launch` spawns ``world_size`` local workers,
-each running ``fn(rank, world_size, *args)`` inside an initialised gloo group.
+each running ``fn(rank, world_size, *args)`` inside an initialised gloo group;
+:func:`init_from_env` joins the group an external launcher describes (``torchrun``:
+``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), so ``torchrun --nproc-per-node N
+-m ann_kernels train ...`` trains like ``--nproc N``. The early-exit LM
+(:func:`ann_kernels.train.lm.train_lm`) notices the group the same way.
 """
 
 from __future__ import annotations
@@ -40,6 +44,25 @@ def init_process_group(rank: int, world_size: int, port: int, *, threads: int | 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
+
+
+def launched_by_torchrun() -> bool:
+    """True when the environment describes a process group of more than one rank."""
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env() -> tuple[int, int] | None:
+    """Join the process group of an external launcher (torchrun's environment variables):
+    gloo, or NCCL when CUDA is available. Returns ``(rank, world_size)``, or None (and does
+    nothing) when the environment names no group of more than one rank."""
+    if not launched_by_torchrun():
+        return None
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, init_method="env://")
+    return dist.get_rank(), dist.get_world_size()
 
 
 def _worker(rank: int, world_size: int, port: int, threads, fn: Callable, args: tuple) -> None:

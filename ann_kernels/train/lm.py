@@ -17,16 +17,18 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from ann_kernels.losses.linear_loss import AnytimeLinearLoss
+from ann_kernels.losses.lm_objective import EarlyExitLMObjective
 from ann_kernels.nn.causal_lm import causal_exit_lm
 from ann_kernels.ops.multi_exit_linear_ce import multi_exit_linear_cross_entropy
 from ann_kernels.train.metrics import append_jsonl, format_flops, read_jsonl, truncate_jsonl
 from ann_kernels.train.text import add_text_args, load_text_data  # noqa: F401  (re-exported)
 from ann_kernels.train.trainer import cosine_lambda, seed_everything
 
-__all__ = ["LM_FORMAT", "add_text_args", "train_lm", "evaluate_lm", "cmd_train_lm", "cmd_eval_lm", "demo_lm",
+__all__ = ["LM_FORMAT", "add_text_args", "train_lm", "train_lm_worker", "evaluate_lm", "cmd_train_lm", "cmd_eval_lm", "demo_lm",
            "is_lm_checkpoint", "plot_lm"]
 
 LM_FORMAT = "ann_kernels-lm-1"
@@ -91,7 +93,7 @@ def plot_lm(flops, results: dict[str, dict], path) -> Path:
     return path
 
 
-def _build(spec: dict):
+def _build(spec: dict, world_size: int = 1):
     seed_everything(spec["seed"])
     data = load_text_data(spec["out"], text_glob=spec["text_glob"], vocab_size=spec["vocab_size"],
                           seq_len=spec["seq_len"], limit_train=spec["limit_train"], limit_eval=spec["limit_eval"],
@@ -101,64 +103,102 @@ def _build(spec: dict):
     if spec["weighting"] == "layerskip":
         weighting_kwargs.setdefault("exit_layers", model.exit_layers)
         weighting_kwargs.setdefault("num_layers", model.num_layers)
+        if weighting_kwargs.get("curriculum") == "gradual":  # the whole run's optimiser steps
+            per_rank = len(data.train) // world_size
+            weighting_kwargs.setdefault("max_steps", spec["epochs"] * math.ceil(per_rank / spec["batch_size"]))
     heads = model.lm_heads[0] if model.shared_head else model.lm_heads
     loss_fn = AnytimeLinearLoss(heads, model.num_exits, spec["weighting"], z_loss=spec["z_loss"],
                                 label_smoothing=spec["label_smoothing"], **weighting_kwargs)
     return data, model, loss_fn
 
 
+def _load_data_ranked(spec: dict, rank: int, distributed: bool):
+    """Rank 0 builds (or reads) the tokenizer and token cache first; the others then read it."""
+    if distributed and rank != 0:
+        dist.barrier()
+    built = _build(dict(spec, progress=spec["progress"] and rank == 0), dist.get_world_size() if distributed else 1)
+    if distributed and rank == 0:
+        dist.barrier()
+    return built
+
+
 def train_lm(spec: dict, *, resume: bool = False, until_epoch: int | None = None) -> list[dict]:
     """Train per ``spec`` (see :func:`cmd_train_lm`); writes into ``spec["out"]``.
-    ``until_epoch`` stops after that epoch (as an interrupted run would; resume continues)."""
+    ``until_epoch`` stops after that epoch (as an interrupted run would; resume continues).
+
+    Under an initialised ``torch.distributed`` process group (``--nproc N`` or torchrun)
+    it trains data-parallel: the model and loss run as one
+    :class:`~ann_kernels.losses.lm_objective.EarlyExitLMObjective` wrapped in DDP
+    (gradients averaged over ranks), each rank reads its own shard of the training blocks
+    (``DistributedSampler``: rank r takes positions r, r + N, ... of the epoch's seeded
+    permutation, so the N per-rank batches of ``batch_size`` together are exactly the
+    one-process batch of N x ``batch_size``), and after every step
+    ``loss_fn.weighting.synchronize_()`` averages AdaLoss's running losses over ranks (the
+    one-process update on the global batch). Rank 0 alone evaluates, logs and checkpoints.
+    Layer dropout draws from each rank's torch RNG (seeded alike), so with it a rank-split
+    step is not the one-process step on the same batch (it is without layer dropout).
+    """
+    if until_epoch is not None and not 0 <= until_epoch <= spec["epochs"]:
+        raise ValueError(f"until_epoch (--stop-after-epoch): expected 0..{spec['epochs']} (--epochs), got {until_epoch}")
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    spec = dict(spec, world_size=world)
+    progress = spec["progress"] and rank == 0
     out = Path(spec["out"])
-    data, model, loss_fn = _build(spec)
-    if spec["weighting"] == "layerskip" and spec["weighting_kwargs"].get("curriculum") == "gradual":
-        loss_fn.weighting.curriculum.max_steps = loss_fn.weighting.curriculum.max_steps or (
-            spec["epochs"] * math.ceil(len(data.train) / spec["batch_size"]))
+    data, model, loss_fn = _load_data_ranked(spec, rank, distributed)
+    if len(data.train) < spec["batch_size"] * world:
+        raise ValueError(f"batch_size: {spec['batch_size']} (x {world} processes) is larger than the training set "
+                         f"({len(data.train)} sequences); lower --batch-size or raise --limit-train")
     lr = spec["lr"] or (2e-3 if spec["optimizer"] == "adamw" else 0.05)
     if spec["optimizer"] == "adamw":
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=spec["weight_decay"] or 0.05)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
                               weight_decay=spec["weight_decay"] or 5e-4)
-    steps_per_epoch = math.ceil(len(data.train) / spec["batch_size"])
+    # 1. each rank's shard of the blocks (world 1: the whole epoch's permutation)
+    sampler = torch.utils.data.DistributedSampler(data.train, num_replicas=world, rank=rank, shuffle=True,
+                                                  seed=spec["seed"], drop_last=True)
+    loader = torch.utils.data.DataLoader(data.train, batch_size=spec["batch_size"], sampler=sampler,
+                                         drop_last=False)
+    steps_per_epoch = len(loader)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(spec["epochs"] * steps_per_epoch,
                                                                  spec["warmup_steps"]))
-    generator = torch.Generator().manual_seed(spec["seed"])
     epoch, step, history = 0, 0, []
     ckpt_path, metrics_path = out / "last.pt", out / "metrics.jsonl"
-    if resume and ckpt_path.is_file():
+    if resume and ckpt_path.is_file():  # 2. every rank restores the same state
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        for key in ("epochs", "batch_size", "seed", "optimizer", "seq_len", "vocab_size"):
-            if ckpt["spec"][key] != spec[key]:
-                raise ValueError(f"{ckpt_path}: trained with {key}={ckpt['spec'][key]!r} but this run has "
-                                 f"{key}={spec[key]!r}; resuming needs the same settings")
+        for key in ("epochs", "batch_size", "seed", "optimizer", "seq_len", "vocab_size", "world_size"):
+            if ckpt["spec"].get(key, 1 if key == "world_size" else None) != spec.get(key, 1 if key == "world_size"
+                                                                                     else None):
+                raise ValueError(f"{ckpt_path}: trained with {key}={ckpt['spec'].get(key)!r} but this run has "
+                                 f"{key}={spec.get(key)!r}; resuming needs the same settings")
         model.load_state_dict(ckpt["model"])
         loss_fn.load_state_dict(ckpt["loss"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         epoch, step = ckpt["epoch"], ckpt["step"]
         torch.set_rng_state(ckpt["rng"]["torch"])
-        generator.set_state(ckpt["rng"]["loader"])
-        if metrics_path.is_file():
+        if rank == 0 and metrics_path.is_file():
             truncate_jsonl(metrics_path, epoch)
             history = read_jsonl(metrics_path)
-        if spec["progress"]:
+        if progress:
             tqdm.write(f"resumed from {ckpt_path} at epoch {epoch}, step {step}")
     flops = model.per_token_exit_flops(spec["seq_len"]).tolist()
-    loader = torch.utils.data.DataLoader(data.train, batch_size=spec["batch_size"], shuffle=True,
-                                         generator=generator, drop_last=False)
+    objective = EarlyExitLMObjective(model, loss_fn, autocast_dtype=torch.bfloat16 if spec["bf16"] else None)
+    # 3. DDP over the whole step (forward_hidden + loss); the loss state stays per rank
+    step_module = torch.nn.parallel.DistributedDataParallel(objective, broadcast_buffers=False) \
+        if distributed else objective
+    sync = loss_fn.weighting.synchronize_ if distributed else None
     stop = spec["epochs"] if until_epoch is None else until_epoch
     while epoch < stop:
         t0 = time.perf_counter()
         model.train()
+        sampler.set_epoch(epoch)
         total, n = 0.0, 0
         bar = tqdm(loader, desc=f"[lm {spec['weighting']}] epoch {epoch + 1}/{spec['epochs']}",
-                   disable=not spec["progress"], leave=False, dynamic_ncols=True)
+                   disable=not progress, leave=False, dynamic_ncols=True)
         for x, y in bar:
-            with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=spec["bf16"]):
-                hidden = model.forward_hidden(x)
-            loss = loss_fn([h.float() for h in hidden] if spec["bf16"] else hidden, y)
+            loss = step_module(x, y)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}; lower --lr (now "
                                          f"{sched.get_last_lr()[0]:.3g})")
@@ -167,6 +207,8 @@ def train_lm(spec: dict, *, resume: bool = False, until_epoch: int | None = None
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
+            if sync is not None:  # 4. AdaLoss: average the running losses over ranks
+                sync()
             total += loss.item()
             n += 1
             step += 1
@@ -174,31 +216,45 @@ def train_lm(spec: dict, *, resume: bool = False, until_epoch: int | None = None
                                 + " ".join(f"{v:.2f}" for v in loss_fn.last_per_exit.tolist()), refresh=False)
         bar.close()
         epoch += 1
-        record = {"epoch": epoch, "step": step, "train_loss": total / max(n, 1), "lr": sched.get_last_lr()[0],
-                  "weights_last": loss_fn.weights.tolist(), "train_time_s": time.perf_counter() - t0,
-                  "exit_flops_per_token": flops, "exit_layers": model.exit_layers}
-        for name, ds in (("val", data.val), ("test", data.test)):
-            r = evaluate_lm(model, ds)
-            record.update({f"{name}_ppl": r["ppl"], f"{name}_acc": r["acc"], f"{name}_loss": r["loss"]})
-        history.append(record)
-        if spec["progress"]:
-            tqdm.write(f"[lm] epoch {epoch}/{spec['epochs']}  loss {record['train_loss']:.3f}  test ppl/exit "
-                       + " ".join(f"{v:.1f}" for v in record["test_ppl"]) + "  acc/exit "
-                       + " ".join(f"{100 * v:.1f}" for v in record["test_acc"])
-                       + f"  {time.perf_counter() - t0:.0f}s")
-        append_jsonl(metrics_path, record)
-        state = {"format": LM_FORMAT, "spec": spec, "epoch": epoch, "step": step, "model": model.state_dict(),
-                 "loss": loss_fn.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "exit_flops_per_token": flops, "vocab_size": data.vocab_size,
-                 "rng": {"torch": torch.get_rng_state(), "loader": generator.get_state()}}
-        tmp = ckpt_path.with_suffix(".pt.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, ckpt_path)
-    if history:
+        if rank == 0:  # 5. rank 0: evaluate, log, checkpoint
+            history.append(_finish_epoch(spec, model, loss_fn, opt, sched, data, epoch, step, flops,
+                                         total / max(n, 1), time.perf_counter() - t0, world))
+        if distributed:
+            dist.barrier()
+    if history and rank == 0:
         last = history[-1]
         plot_lm(flops, {f"test ({spec['weighting']})": {"ppl": last["test_ppl"], "acc": last["test_acc"]}},
                 out / "anytime.png")
     return history
+
+
+def _finish_epoch(spec, model, loss_fn, opt, sched, data, epoch, step, flops, train_loss, train_s, world) -> dict:
+    out = Path(spec["out"])
+    record = {"epoch": epoch, "step": step, "train_loss": train_loss, "lr": sched.get_last_lr()[0],
+              "weights_last": loss_fn.weights.tolist(), "train_time_s": train_s, "world_size": world,
+              "exit_flops_per_token": flops, "exit_layers": model.exit_layers}
+    for name, ds in (("val", data.val), ("test", data.test)):
+        r = evaluate_lm(model, ds)
+        record.update({f"{name}_ppl": r["ppl"], f"{name}_acc": r["acc"], f"{name}_loss": r["loss"]})
+    if spec["progress"]:
+        tqdm.write(f"[lm] epoch {epoch}/{spec['epochs']}  loss {record['train_loss']:.3f}  test ppl/exit "
+                   + " ".join(f"{v:.1f}" for v in record["test_ppl"]) + "  acc/exit "
+                   + " ".join(f"{100 * v:.1f}" for v in record["test_acc"]) + f"  {train_s:.0f}s")
+    append_jsonl(out / "metrics.jsonl", record)
+    state = {"format": LM_FORMAT, "spec": spec, "epoch": epoch, "step": step, "model": model.state_dict(),
+             "loss": loss_fn.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+             "exit_flops_per_token": flops, "vocab_size": data.vocab_size,
+             "rng": {"torch": torch.get_rng_state()}}
+    tmp = out / "last.pt.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, out / "last.pt")
+    return record
+
+
+def train_lm_worker(rank: int, world_size: int, spec: dict, resume: bool = False,
+                    until_epoch: int | None = None) -> None:
+    """:func:`train_lm` in one process of a group (``distributed.launch`` calls it)."""
+    train_lm(spec, resume=resume, until_epoch=until_epoch)
 
 
 def _spec_from_args(args) -> dict:
@@ -225,12 +281,18 @@ def _table(flops, r: dict) -> str:
 def cmd_train_lm(args) -> int:
     """``ann-kernels train --dataset text``: --model-arg dim/layers/heads/exit_layers/shared_head/
     tie_embeddings, --num-exits, --weighting (any, incl. layerskip), --weighting-arg."""
-    if getattr(args, "nproc", 1) > 1:
-        raise ValueError("--nproc: data-parallel training of the text model is not supported; use --nproc 1")
     t0 = time.perf_counter()
     spec = _spec_from_args(args)
-    history = train_lm(spec, resume=args.resume)
-    last = history[-1]
+    until = getattr(args, "stop_after_epoch", None)
+    if getattr(args, "nproc", 1) > 1:  # N local processes (gloo)
+        from ann_kernels.train.distributed import launch
+
+        launch(train_lm_worker, args.nproc, spec, args.resume, until)
+    else:  # one process, or one rank of a torchrun group (initialised by the caller)
+        train_lm(spec, resume=args.resume, until_epoch=until)
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return 0
+    last = read_jsonl(Path(args.out) / "metrics.jsonl")[-1]
     print(_table(last["exit_flops_per_token"], {"ppl": last["test_ppl"], "acc": last["test_acc"]}))
     print(f"wrote {args.out}/last.pt, metrics.jsonl, anytime.png in {time.perf_counter() - t0:.0f} s")
     return 0

@@ -1,0 +1,240 @@
+"""One decode step of every active row, per mode. Each function takes the decode state
+(:class:`ann_kernels.generation.state.DecodeState`) and the number of active rows n, runs the
+model on the cache, updates ``seg_len`` / ``hidden`` / the counters, and returns
+(tokens [n, c] int64, exits [n, c] int64, counts [n]): the c-wide new tokens of each row, the
+exit that produced each, and how many are valid. The state appends them (EOS, max_new_tokens).
+
+- ``full`` / ``static``: the row's last token through segments 0..k, the token from exit k.
+- ``self_speculative`` (LayerSkip, ``self_speculation/self_speculation_generator.py``,
+  ``SelfSpeculativeGenerationStrategy.single_step_speculation``; ``llama_model_utils.py``,
+  ``forward_early`` / ``forward_remainder`` / ``crop_past_key_values``): d draft tokens
+  through the layers up to exit k (the exit states kept in ``hidden``), then the last draft
+  through those layers, then the layers after exit k over the d + 1 positions since the last
+  full pass in one pass (reading the early layers' cache the drafts wrote). Each row keeps
+  its longest agreeing prefix m plus one verified token and crops its cache to its own
+  length; no row waits for another (LayerSkip hard-wires batch 1). Greedy rows compare
+  argmaxes; sampling rows use the rejection rule (``sampling.speculative_accept``). Accepted
+  drafts are reported with exit k, the verified token with the last exit. Deviation: every row
+  drafts ``draft_len`` tokens even when fewer remain (LayerSkip shortens the last round);
+  the extra tokens are cut by ``max_new_tokens``.
+- ``confidence``: per row, the token leaves at the first exit whose confidence (the fused
+  ``ann_kernels::early_exit_step`` op: C++ on CPU, CUDA on GPU) reaches the threshold; rows
+  that continue carry their waiting positions through each segment (``recompute``: the cache
+  ends equal to the full model's), or exiting rows write every later layer's K/V from their
+  exit state at once (``propagate``, CALM: t5x ``contrib/calm`` state propagation).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ann_kernels.generation.sampling import (
+    RowSampling,
+    choose_tokens,
+    draw_uniform,
+    filtered_probs,
+    sample_from_probs,
+    speculative_accept,
+)
+from ann_kernels.ops.early_exit import criterion_code, step_function
+
+_OP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+__all__ = ["STEP_FUNCTIONS", "step_full", "step_static", "step_self_speculative", "step_confidence"]
+
+
+def _uniforms(st, n: int, k: int):
+    return draw_uniform(n, k, st.generator, st.row_generators[:n], st.device)
+
+
+def _subset(s: RowSampling, idx) -> RowSampling:
+    return RowSampling(s.do_sample[idx], s.temperature[idx], s.top_k[idx], s.top_p[idx], s.any_sample, s.plain)
+
+
+def _repeat(s: RowSampling, r: int) -> RowSampling:
+    rep = lambda t: t.repeat_interleave(r)  # noqa: E731
+    return RowSampling(rep(s.do_sample), rep(s.temperature), rep(s.top_k), rep(s.top_p), s.any_sample, s.plain)
+
+
+def _last_token(st, n: int):
+    p = st.length[:n] - 1
+    pd = p.to(st.device)
+    return p, pd, st.tokens[:n].gather(1, pd.unsqueeze(1))
+
+
+def step_static(st, n: int, exit_id: int | None = None):
+    """Every row's next token from exit ``exit_id`` (default: the config's exit_index)."""
+    ad = st.adapter
+    k = st.config.exit_index if exit_id is None else exit_id
+    p, pd, x = _last_token(st, n)
+    qpos = p.unsqueeze(1)
+    layers = st.segment_layers(0, k)
+    h = st.run_layers(layers, ad.embed(x, pd.unsqueeze(1)), qpos, qpos)
+    logits = ad.exit_logits(h[:, 0], k)
+    s = st.sampling(n)
+    tok = choose_tokens(logits, s, _uniforms(st, n, 1)[:, 0] if s.any_sample else None)
+    st.seg_len[:n, : k + 1] = (p + 1).unsqueeze(1)
+    st.counters.layer_evals += n * len(layers)
+    return tok.unsqueeze(1), torch.full_like(tok, k).unsqueeze(1), torch.ones(n, dtype=torch.int64)
+
+
+def step_full(st, n: int):
+    """Every row's next token from the last exit (every layer)."""
+    return step_static(st, n, st.num_exits - 1)
+
+
+def step_self_speculative(st, n: int):
+    """Draft ``draft_len`` tokens from exit ``exit_index``, verify, accept per row."""
+    ad, cfg = st.adapter, st.config
+    k, d, last = cfg.exit_index, cfg.draft_len, st.num_exits - 1
+    dev = st.device
+    p, pd, x = _last_token(st, n)
+    rows = st._arange[:n]
+    s = st.sampling(n)
+    early, deep = st.segment_layers(0, k), st.segment_layers(k + 1, last)
+    u_draft = _uniforms(st, n, d) if s.any_sample else None
+    drafts, qs = [], []
+    # 1. draft d tokens with the early layers, keeping each position's exit state
+    for i in range(d + 1):
+        qpos = (p + i).unsqueeze(1)
+        qpos_d = (pd + i).unsqueeze(1)
+        h = st.run_layers(early, ad.embed(x, qpos_d), qpos, qpos)
+        st.hidden.index_put_((rows, qpos_d[:, 0]), h[:, 0])
+        if i == d:  # 2. the last draft only needed its early layers (for the verify pass)
+            break
+        logits = ad.exit_logits(h[:, 0], k)
+        greedy = logits.argmax(dim=-1)
+        if s.any_sample:
+            q = filtered_probs(logits, s)
+            qs.append(q)
+            tok = torch.where(s.do_sample, sample_from_probs(q, u_draft[:, i]), greedy)
+        else:
+            tok = greedy
+        drafts.append(tok)
+        x = tok.unsqueeze(1)
+    # 3. the deep layers over the d + 1 positions p .. p + d from their exit states
+    positions = p.unsqueeze(1) + st._arange_host[: d + 1].unsqueeze(0)
+    h_in = st.hidden[rows.unsqueeze(1), positions.to(dev)]
+    chunk = cfg.verify_chunk or (d + 1)
+    outs = []
+    for c0 in range(0, d + 1, chunk):
+        pc = positions[:, c0:c0 + chunk]
+        outs.append(st.run_layers(deep, h_in[:, c0:c0 + chunk], pc, pc))
+    h_out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    logits = ad.exit_logits(h_out, last)  # [n, d + 1, V]
+    # 4. accept per row: the longest agreeing prefix m, then one verified token
+    draft = torch.stack(drafts, dim=1) if d else torch.empty(n, 0, dtype=torch.int64, device=dev)
+    target = logits.argmax(dim=-1)
+    m = (draft == target[:, :d]).to(torch.int64).cumprod(dim=1).sum(dim=1)
+    out = target
+    if s.any_sample:
+        vocab = logits.shape[-1]
+        pv = filtered_probs(logits.reshape(n * (d + 1), vocab), _repeat(s, d + 1)).view(n, d + 1, vocab)
+        q = torch.stack(qs, dim=1) if d else pv[:, :0]
+        u = _uniforms(st, n, d + 1)
+        m_s, final = speculative_accept(draft, q, pv, u[:, :d], u[:, d])
+        sampled = torch.cat([draft, final.unsqueeze(1)], dim=1)
+        sampled[:, -1] = 0
+        sampled = sampled.scatter(1, m_s.unsqueeze(1), final.unsqueeze(1))
+        m = torch.where(s.do_sample, m_s, m)
+        out = torch.where(s.do_sample.unsqueeze(1), sampled, target)
+    exits = torch.where(st._arange[: d + 1].unsqueeze(0) < m.unsqueeze(1), k, last)
+    # 5. crop: every segment of the row now holds positions 0 .. p + m
+    m_host = m.cpu()
+    st.seg_len[:n] = (p + m_host + 1).unsqueeze(1)
+    ctr = st.counters
+    ctr.drafted += n * d
+    ctr.accepted += int(m_host.sum())
+    ctr.verify_rows += n
+    ctr.layer_evals += n * (d + 1) * (len(early) + len(deep))
+    return out, exits, m_host + 1
+
+
+def step_confidence(st, n: int):
+    """Each row's token from the first exit confident enough (see the module docstring)."""
+    ad, cfg = st.adapter, st.config
+    dev, last = st.device, st.num_exits - 1
+    p, pd, x = _last_token(st, n)
+    s = st.sampling(n)
+    u = _uniforms(st, n, 1)[:, 0] if s.any_sample else None
+    prediction = torch.empty(n, dtype=torch.int64, device=dev)
+    exit_index = torch.empty(n, dtype=torch.int64, device=dev)
+    confidence = torch.empty(n, dtype=torch.float32, device=dev)
+    decide = step_function(dev.type)
+    code = criterion_code(cfg.criterion)
+    propagate = cfg.kv_policy == "propagate"
+    rows_host = st._arange_host[:n]
+    rows_dev = st._arange[:n]
+    subset = False  # rows_dev is the prefix 0..n-1 until a row exits
+    h = ad.embed(x, pd.unsqueeze(1))
+    ctr = st.counters
+    for seg in range(st.num_exits):
+        layers = st.segments[seg]
+        cur = p[rows_host]
+        start = st.seg_len[rows_host, seg]
+        count = cur - start + 1
+        m = rows_host.shape[0]
+        rows_arg = rows_dev if subset else None
+        width = int(count.max())
+        if width == 1:
+            qpos = cur.unsqueeze(1)
+            h = st.run_layers(layers, h, qpos, qpos, rows=rows_arg)
+        else:  # recompute: the row's waiting positions start .. cur - 1 ride along
+            cur_d = cur.to(dev)
+            st.hidden.index_put_((rows_dev, cur_d), h[:, 0])
+            j = st._arange_host[:width].unsqueeze(0)
+            valid = j < count.unsqueeze(1)
+            pos = start.unsqueeze(1) + j
+            qpos = torch.where(valid, pos, 0)
+            write = torch.where(valid, pos, st.T)
+            write_d = write.to(dev)
+            h_in = st.hidden[rows_dev.unsqueeze(1), write_d]
+            h_out = st.run_layers(layers, h_in, qpos, write, rows=rows_arg, window=int(cur.max()) + 1)
+            st.hidden.index_put_((rows_dev.unsqueeze(1).expand(m, width), write_d), h_out)
+            h = h_out[st._arange[:m], (count - 1).to(dev)].unsqueeze(1)
+        st.seg_len[rows_host, seg] = cur + 1
+        ctr.layer_evals += float(count.sum()) * len(layers)
+        threshold = -math.inf if seg == last else cfg.thresholds[seg]
+        if threshold == math.inf:  # nobody can leave here: skip the head
+            continue
+        logits = ad.exit_logits(h[:, 0], seg)
+        if logits.dtype not in _OP_DTYPES:
+            logits = logits.float()
+        survivors, keep_local, _ = decide(logits, rows_dev, None, prediction, exit_index, confidence,
+                                          float(threshold), code, seg, -1)
+        if keep_local.shape[0] == m:
+            continue
+        leaving = torch.ones(m, dtype=torch.bool, device=dev)
+        leaving[keep_local] = False
+        leave_local = leaving.nonzero().squeeze(1)
+        leave_rows = rows_dev[leave_local]
+        if s.any_sample:
+            sub = _subset(s, leave_rows)
+            prediction[leave_rows] = choose_tokens(logits[leave_local], sub, u[leave_rows])
+        if seg < last:
+            h_leave = h[leave_local]
+            if propagate:  # each skipped layer's K/V from the exit state (approximate)
+                leave_host = leave_rows.cpu()
+                pos_host = p[leave_host].unsqueeze(1)
+                pos_d = pos_host.to(dev)
+                later = st.segment_layers(seg + 1, last)
+                rope = ad.rope(pos_d, h_leave)
+                for i in later:
+                    k_, v_ = ad.kv(i, h_leave, rope)
+                    st.cache.write(i, pos_d, k_, v_, leave_rows)
+                st.seg_len[leave_host, seg + 1:] = pos_host + 1
+                ctr.layer_evals += leave_host.shape[0] * len(later) * ad.kv_flops_fraction
+            else:  # keep the exit state: the row's next deeper token carries it on
+                st.hidden.index_put_((leave_rows, pd[leave_rows]), h_leave[:, 0])
+        if keep_local.shape[0] == 0:
+            break
+        rows_dev, subset = survivors, True
+        rows_host = survivors.cpu()
+        h = h[keep_local]
+    return prediction.unsqueeze(1), exit_index.unsqueeze(1), torch.ones(n, dtype=torch.int64)
+
+
+STEP_FUNCTIONS = {"full": step_full, "static": step_static, "self_speculative": step_self_speculative,
+                  "confidence": step_confidence}

@@ -1,0 +1,339 @@
+"""The decode state: a batch of rows (requests) on one preallocated KV cache, driven step by
+step (``add_rows`` / ``step`` / ``remove_rows``), so a server can let requests join and leave
+between decode steps (iteration-level batching) and :func:`ann_kernels.generate` is a loop
+over ``step``.
+
+Layout. Active rows occupy cache slots 0 .. n - 1. Row r knows ``length[r]`` tokens
+(prompt + generated; ``tokens[r, :length]`` on the device); the last one, at position
+p = length - 1, is the input of the next step and is not in the cache yet. Layers are grouped
+into segments by the exits (segment s = the layers after exit s - 1 up to exit s);
+``seg_len[r, s]`` is how many positions of row r the cache of segment s's layers holds
+(positions 0 .. seg_len - 1; all segments = p after a full step). ``seg_len`` is
+non-increasing in s: positions that left at an earlier exit wait, with their state after that
+exit kept in ``hidden[r, t]``, until the row's next token that goes deeper carries them
+through the skipped layers (``kv_policy="recompute"``), or get their K/V at once
+(``"propagate"``). A query at position p only runs in a segment after positions
+0 .. p - 1 are valid there, so the causal mask on absolute positions is all the masking needed.
+
+Rows that finish (EOS, ``max_new_tokens``) or are removed leave at once: the state moves the
+last active rows into the holes (at most one slot copied per leaving row, per layer).
+
+Bookkeeping (lengths, counts) lives in host int64 tensors; the device gets one small position
+tensor per forward. Each step syncs once (the new tokens come back to the host).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ann_kernels.generation.adapters import DecoderAdapter
+from ann_kernels.generation.cache import KVCache, cached_attention
+from ann_kernels.generation.modes import STEP_FUNCTIONS
+from ann_kernels.generation.sampling import RowSampling
+
+__all__ = ["DecodeState", "ModeConfig", "RowParams", "StepEvent", "GenerationCounters"]
+
+MODES = ("full", "static", "confidence", "self_speculative")
+
+
+@dataclass(frozen=True)
+class ModeConfig:
+    """How every row of a :class:`DecodeState` decodes (validated by ``generate``).
+
+    ``exit_index``: the exit of ``static`` and the draft exit of ``self_speculative``;
+    ``thresholds``: K floats for ``confidence`` (the last is ignored: the last exit takes all);
+    ``verify_chunk``: self-speculative verification, positions per pass (None: all d + 1 in
+    one pass; 1: one position at a time, the shapes of ``full``'s steps)."""
+
+    mode: str = "full"
+    exit_index: int | None = None
+    draft_len: int = 4
+    thresholds: tuple[float, ...] | None = None
+    criterion: str = "max_prob"
+    kv_policy: str = "recompute"
+    verify_chunk: int | None = None
+
+
+@dataclass
+class RowParams:
+    """Per-request settings: ``max_new_tokens``, sampling, an optional own generator."""
+
+    max_new_tokens: int
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class StepEvent:
+    """What one row got in one step: new tokens, the exit of each, and whether it finished
+    (``reason`` "eos" / "length", else None)."""
+
+    row_id: object
+    tokens: list[int]
+    exits: list[int]
+    finished: bool
+    reason: str | None
+
+
+@dataclass
+class GenerationCounters:
+    """Running totals of a decode state (``generate`` turns them into ``out.stats``)."""
+
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    steps: int = 0
+    new_tokens: int = 0
+    exit_sum: int = 0
+    layer_evals: float = 0.0  # decode layer x position evaluations (propagate: K/V share of a layer)
+    prefill_evals: float = 0.0
+    drafted: int = 0
+    accepted: int = 0
+    verify_rows: int = 0  # row-verify passes (self-speculative)
+    exit_counts: list[int] = field(default_factory=list)
+
+
+class DecodeState:
+    """A batch of rows decoding with one mode on one cache (see the module docstring).
+
+    Args:
+        adapter: the model (:func:`ann_kernels.generation.as_adapter`).
+        config: the mode (:class:`ModeConfig`).
+        max_batch_size: slots in the cache.
+        max_positions: the most positions a row may use (prompt + max_new_tokens).
+        eos_token_id: None, an int or a list of ints.
+        generator: the shared generator of sampling rows without their own.
+    """
+
+    @torch.inference_mode()
+    def __init__(self, adapter: DecoderAdapter, config: ModeConfig, *, max_batch_size: int, max_positions: int,
+                 eos_token_id=None, generator: torch.Generator | None = None):
+        self.adapter, self.config = adapter, config
+        ad = adapter
+        self.device = ad.device
+        slack = config.draft_len + 1 if config.mode == "self_speculative" else 0
+        self.max_positions = max_positions
+        self.T = max_positions + slack  # cache positions; column T is the padding scratch
+        self.slots = max_batch_size
+        self.num_exits = ad.num_exits
+        bounds, start = [], 0
+        for e in ad.exit_layers:
+            bounds.append(range(start, e + 1))
+            start = e + 1
+        self.segments = bounds
+        self.cache = KVCache(ad.num_layers, max_batch_size, ad.num_kv_heads, ad.head_dim, self.T, ad.dtype, self.device)
+        self.gqa = ad.num_heads != ad.num_kv_heads
+        self.scale = getattr(ad, "scaling", None)
+        self.tokens = torch.zeros(max_batch_size, self.T + 1, dtype=torch.int64, device=self.device)
+        needs_hidden = config.mode == "self_speculative" or (config.mode == "confidence")
+        self.hidden = (torch.zeros(max_batch_size, self.T + 1, ad.hidden_size, dtype=ad.dtype, device=self.device)
+                       if needs_hidden else None)
+        self.length = torch.zeros(max_batch_size, dtype=torch.int64)
+        self.seg_len = torch.zeros(max_batch_size, self.num_exits, dtype=torch.int64)
+        self.generated = torch.zeros(max_batch_size, dtype=torch.int64)
+        self.max_new = torch.zeros(max_batch_size, dtype=torch.int64)
+        self.do_sample = torch.zeros(max_batch_size, dtype=torch.bool)
+        self.temperature = torch.ones(max_batch_size, dtype=torch.float32)
+        self.top_k = torch.zeros(max_batch_size, dtype=torch.int64)
+        self.top_p = torch.ones(max_batch_size, dtype=torch.float32)
+        self.row_generators: list[torch.Generator | None] = [None] * max_batch_size
+        self.row_ids: list[object] = []
+        eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        self.eos = torch.tensor(eos, dtype=torch.int64)
+        self.generator = generator
+        self.counters = GenerationCounters(exit_counts=[0] * self.num_exits)
+        self._arange = torch.arange(max(max_batch_size, self.T + 1), device=self.device)
+        self._arange_host = torch.arange(max(max_batch_size, self.T + 1))
+        self._sync = self.device.type == "cuda"
+
+    # ------------------------------------------------------------------ rows
+    @property
+    def num_rows(self) -> int:
+        return len(self.row_ids)
+
+    @torch.inference_mode()
+    def add_rows(self, prompts: list[list[int]], params: list[RowParams], row_ids: list) -> None:
+        """Append rows (prompts of >= 1 token ids) and prefill their caches (batched)."""
+        b, n = len(prompts), self.num_rows
+        if n + b > self.slots:
+            raise ValueError(f"prompts: {b} new rows do not fit; {n} of {self.slots} slots are in use")
+        if len(params) != b or len(row_ids) != b:
+            raise ValueError(f"params / row_ids: expected {b} each (one per prompt), got {len(params)} / {len(row_ids)}")
+        limit = min(self.max_positions, self.adapter.max_len)
+        for i, (p, rp) in enumerate(zip(prompts, params)):
+            if not p:
+                raise ValueError(f"prompts[{i}]: empty prompt (a row needs at least one token)")
+            if min(p) < 0 or max(p) >= self.adapter.vocab_size:
+                raise ValueError(f"prompts[{i}]: token ids must lie in [0, {self.adapter.vocab_size})")
+            if rp.max_new_tokens < 1 or len(p) + rp.max_new_tokens > limit:
+                raise ValueError(f"max_new_tokens: prompts[{i}] has {len(p)} tokens; {len(p)} + max_new_tokens "
+                                 f"{rp.max_new_tokens} exceeds the {limit} positions a row may use here")
+        lens = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
+        width = int(lens.max())
+        padded = torch.zeros(b, width, dtype=torch.int64)
+        for i, p in enumerate(prompts):
+            padded[i, : len(p)] = torch.as_tensor(p, dtype=torch.int64)
+        self.tokens[n:n + b, :width] = padded.to(self.device)
+        self.length[n:n + b] = lens
+        self.generated[n:n + b] = 0
+        for i, rp in enumerate(params):
+            s = n + i
+            self.max_new[s] = rp.max_new_tokens
+            self.do_sample[s] = rp.do_sample
+            self.temperature[s] = rp.temperature
+            self.top_k[s] = rp.top_k
+            self.top_p[s] = rp.top_p
+            self.row_generators[s] = rp.generator
+        self.row_ids.extend(row_ids)
+        last_seg = self.config.exit_index if self.config.mode == "static" else self.num_exits - 1
+        t0 = time.perf_counter()
+        self._prefill(n, b, lens - 1, last_seg)
+        self.seg_len[n:n + b, : last_seg + 1] = (lens - 1).unsqueeze(1)
+        self._wait()
+        self.counters.prefill_s += time.perf_counter() - t0
+        self.counters.prefill_tokens += int(lens.sum())
+
+    def _prefill(self, first: int, b: int, counts: Tensor, last_seg: int) -> None:
+        """Positions 0 .. count - 1 of slots first .. first + b - 1 through segments 0..last_seg."""
+        s = int(counts.max())
+        if s == 0:
+            return
+        j = self._arange_host[:s].unsqueeze(0)
+        valid = j < counts.unsqueeze(1)
+        qpos = torch.where(valid, j, 0)
+        write = torch.where(valid, j, self.T)
+        tokens = self.tokens[first:first + b, :s]
+        h = self.adapter.embed(tokens, qpos.to(self.device))
+        layers = [i for seg in self.segments[: last_seg + 1] for i in seg]
+        self.run_layers(layers, h, qpos, write, rows=first, window=s, force_mask=True)
+        self.counters.prefill_evals += float(counts.sum()) * len(layers)
+
+    @torch.inference_mode()
+    def remove_rows(self, row_ids) -> None:
+        """Take rows out of the batch (finished or cancelled); their slots are freed."""
+        drop = set(row_ids)
+        self._keep([i for i, r in enumerate(self.row_ids) if r not in drop])
+
+    def _keep(self, keep: list[int]) -> None:
+        n, m = self.num_rows, len(keep)
+        if m == n:
+            return
+        keep_set = set(keep)
+        holes = [i for i in range(m) if i not in keep_set]
+        movers = [i for i in keep if i >= m]
+        if holes:
+            src, dst = torch.tensor(movers), torch.tensor(holes)
+            self.cache.move_rows(src.to(self.device), dst.to(self.device))
+            for t in (self.tokens, self.hidden):
+                if t is not None:
+                    t.index_copy_(0, dst.to(self.device), t.index_select(0, src.to(self.device)))
+            for t in (self.length, self.seg_len, self.generated, self.max_new, self.do_sample, self.temperature,
+                      self.top_k, self.top_p):
+                t.index_copy_(0, dst, t.index_select(0, src))
+            for s_, d_ in zip(movers, holes):
+                self.row_generators[d_] = self.row_generators[s_]
+                self.row_ids[d_] = self.row_ids[s_]
+        del self.row_ids[m:]
+        for i in range(m, n):
+            self.row_generators[i] = None
+
+    # ------------------------------------------------------------------ forward
+    def run_layers(self, layers, h: Tensor, qpos: Tensor, write: Tensor, *, rows=None, window: int | None = None,
+                   force_mask: bool = False) -> Tensor:
+        """Run ``layers`` on h [m, s, D] at query positions ``qpos`` [m, s] (host int64; K/V
+        written at ``write`` [m, s]). ``rows``: None (slots 0..m-1), an int (slots
+        rows..rows+m-1) or a device tensor of slots. The mask is built when the rows' query
+        positions differ or s > 1 (``force_mask``)."""
+        ad = self.adapter
+        if window is None:
+            window = int(qpos.max()) + 1
+        mask = None
+        if force_mask or qpos.shape[1] > 1 or (qpos.shape[0] > 1 and bool((qpos != qpos[0, 0]).any())):
+            keys = self._arange_host[:window].view(1, 1, 1, window)
+            mask = (keys <= qpos.view(qpos.shape[0], 1, qpos.shape[1], 1)).to(self.device)
+        qpos_d, write_d = qpos.to(self.device), write.to(self.device)
+        rope = ad.rope(qpos_d, h)
+        index = self.cache.write_index(write_d, rows)
+        for i in layers:
+            q, k, v = ad.qkv(i, h, rope)
+            a = cached_attention(self.cache, i, q, k, v, write_d, mask, window, self.gqa, self.scale, rows, index)
+            h = ad.finish_layer(i, h, a)
+        return h
+
+    def segment_layers(self, first: int, last: int) -> list[int]:
+        """Layer indices of segments first..last (inclusive)."""
+        return [i for seg in self.segments[first: last + 1] for i in seg]
+
+    def _wait(self) -> None:
+        if self._sync:
+            torch.cuda.synchronize(self.device)
+
+    # ------------------------------------------------------------------ sampling
+    def sampling(self, n: int) -> RowSampling:
+        ds = self.do_sample[:n]
+        any_sample = bool(ds.any())
+        plain = not bool(((self.top_k[:n] > 0) | (self.top_p[:n] < 1)).any()) if any_sample else True
+        dev = self.device
+        return RowSampling(ds.to(dev), self.temperature[:n].to(dev), self.top_k[:n].to(dev), self.top_p[:n].to(dev),
+                           any_sample, plain)
+
+    # ------------------------------------------------------------------ step
+    @torch.inference_mode()
+    def step(self) -> list[StepEvent]:
+        """One decode step of every active row (each gets >= 1 new token); finished rows
+        leave the batch. Returns one event per row that was active."""
+        n = self.num_rows
+        if n == 0:
+            return []
+        t0 = time.perf_counter()
+        new_tokens, new_exits, counts = STEP_FUNCTIONS[self.config.mode](self, n)
+        events = self._append(n, new_tokens, new_exits, counts)
+        self._wait()
+        self.counters.decode_s += time.perf_counter() - t0
+        self.counters.steps += 1
+        return events
+
+    def _append(self, n: int, new_tokens: Tensor, new_exits: Tensor, counts: Tensor) -> list[StepEvent]:
+        """Write the step's tokens [n, c] (``counts`` [n] valid per row) into the rows, cut at
+        EOS / max_new_tokens, finish rows. One device->host copy."""
+        c = new_tokens.shape[1]
+        host = torch.cat([new_tokens, new_exits, counts.to(new_tokens.device).unsqueeze(1)], 1).cpu()
+        toks, exits, cnt = host[:, :c], host[:, c:2 * c], host[:, 2 * c]
+        j = self._arange_host[:c].unsqueeze(0)
+        valid = j < cnt.unsqueeze(1)
+        room = (self.max_new[:n] - self.generated[:n]).unsqueeze(1)
+        valid &= j < room
+        finished_eos = torch.zeros(n, dtype=torch.bool)
+        if self.eos.numel():
+            is_eos = torch.isin(toks, self.eos) & valid
+            first_eos = torch.where(is_eos.any(1), is_eos.to(torch.int8).argmax(1), c)
+            valid &= j <= first_eos.unsqueeze(1)
+            finished_eos = is_eos.any(1)
+        kept = valid.sum(1)
+        # tokens into the device buffer at positions length .. length + kept - 1
+        pos = torch.where(valid, self.length[:n].unsqueeze(1) + j, self.T)
+        rows = self._arange_host[:n].unsqueeze(1).expand(n, c)
+        self.tokens.index_put_((rows.to(self.device), pos.to(self.device)), toks.to(self.device))
+        self.length[:n] += kept
+        self.generated[:n] += kept
+        finished_len = self.generated[:n] >= self.max_new[:n]
+        finished = finished_eos | finished_len
+        ctr = self.counters
+        ctr.new_tokens += int(kept.sum())
+        ex = torch.where(valid, exits, 0)
+        ctr.exit_sum += int(ex.sum())
+        per_exit = torch.bincount(exits[valid], minlength=self.num_exits).tolist()
+        ctr.exit_counts = [a + b for a, b in zip(ctr.exit_counts, per_exit)]
+        tl, el, kl, fl, fe = toks.tolist(), exits.tolist(), kept.tolist(), finished.tolist(), finished_eos.tolist()
+        events = [StepEvent(self.row_ids[i], tl[i][: kl[i]], el[i][: kl[i]], fl[i],
+                            ("eos" if fe[i] else "length") if fl[i] else None) for i in range(n)]
+        if any(fl):
+            self._keep([i for i in range(n) if not fl[i]])
+        return events

@@ -1,0 +1,152 @@
+"""Running the app with uvicorn, and the graceful drain.
+
+:class:`DrainingServer` is a ``uvicorn.Server`` whose first SIGTERM (or SIGINT) drains
+instead of stopping at once:
+
+1. readiness turns 503 (``/v2/health/ready``, ``/v2/models/{name}/ready``, ``/healthz``) and
+   every new inference request gets 503 (the listener stays open, so a client sees an answer,
+   not a refused connection, until the drain ends);
+2. every accepted request finishes and is answered (at most ``drain_timeout_s``; past it, the
+   ones still waiting are answered 503 rather than cut off);
+3. ``on_drained`` runs (the CLI closes the :class:`~ann_kernels.inference.EarlyExitServer`), then
+   uvicorn stops; ``ann-kernels serve`` exits 0 (1 if the deadline forced 503 answers).
+
+A second signal during the drain stops uvicorn at once (its own shutdown).
+
+:class:`HttpFront` runs the same server on a background thread (tests, notebooks, examples);
+its :meth:`HttpFront.drain` is the SIGTERM path without a signal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+from ann_kernels.serve.app import create_app, require_serve_extra
+
+_, uvicorn = require_serve_extra()
+
+__all__ = ["DrainingServer", "HttpFront", "start_http"]
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server that drains on the first SIGTERM / SIGINT (module docstring).
+
+    Args:
+        config: the ``uvicorn.Config`` (its app made by :func:`~ann_kernels.serve.create_app`).
+        state: the app's :class:`~ann_kernels.serve.state.ServingState` (``app.state.serving``).
+        drain_timeout_s: longest wait for the accepted requests.
+        on_drained: called (in a thread) once they are answered, before uvicorn stops.
+    """
+
+    def __init__(self, config, state, *, drain_timeout_s: float = 30.0, on_drained=None) -> None:
+        super().__init__(config)
+        if isinstance(drain_timeout_s, bool) or not isinstance(drain_timeout_s, (int, float)) \
+                or not 0 <= drain_timeout_s < float("inf"):
+            raise ValueError(f"drain_timeout_s: expected finite seconds >= 0, got {drain_timeout_s!r}")
+        self.state = state
+        self.drain_timeout_s = float(drain_timeout_s)
+        self.on_drained = on_drained
+        self.drain_requested = False
+        self.drained: bool | None = None  # None: never drained; else every request finished in time
+        self.drain_seconds: float | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._drain_task: asyncio.Future | None = None
+
+    async def startup(self, sockets=None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().startup(sockets=sockets)
+
+    def handle_exit(self, sig, frame) -> None:  # the signal handler: only flags (on_tick acts)
+        if self.drain_requested:
+            super().handle_exit(sig, frame)  # a second signal: uvicorn's own shutdown
+        else:
+            self.drain_requested = True
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain_requested and self._drain_task is None:
+            self.start_drain()
+        return await super().on_tick(counter)
+
+    def start_drain(self, timeout_s: float | None = None) -> asyncio.Future:
+        """Start the drain on the running loop (idempotent); the task's result: drained in time."""
+        if self._drain_task is None:
+            self.drain_requested = True
+            self._drain_task = asyncio.ensure_future(self._drain(
+                self.drain_timeout_s if timeout_s is None else timeout_s))
+        return self._drain_task
+
+    async def _drain(self, timeout_s: float) -> bool:
+        start = time.perf_counter()
+        try:
+            ok = await self.state.drain(timeout_s)
+            if self.on_drained is not None:
+                await asyncio.to_thread(self.on_drained)
+        finally:
+            self.should_exit = True
+        self.drained, self.drain_seconds = ok, time.perf_counter() - start
+        return ok
+
+
+class HttpFront:
+    """uvicorn serving an app on a background thread (tests, notebooks, examples).
+    ``port=0`` binds an ephemeral port; :attr:`port` tells which. :meth:`close` stops it, and
+    :meth:`drain` drains it as SIGTERM does (the server behind the app stays the caller's to close)."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                 drain_timeout_s: float = 30.0) -> None:
+        self._socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind((host, port))
+        self.host, self.port = host, self._socket.getsockname()[1]
+        config = uvicorn.Config(app, log_level=log_level, lifespan="off", access_log=False,
+                                timeout_graceful_shutdown=5)
+        self._uvicorn = DrainingServer(config, app.state.serving, drain_timeout_s=drain_timeout_s)
+        self._thread = threading.Thread(target=self._uvicorn.run, kwargs={"sockets": [self._socket]},
+                                        name="HttpFront", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> HttpFront:
+        """Start serving (idempotent); waits until uvicorn listens."""
+        if not self._thread.is_alive() and not self._uvicorn.started:
+            self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._uvicorn.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"serve: uvicorn did not start on {self.url} within {timeout} s")
+            time.sleep(0.01)
+        return self
+
+    def drain(self, timeout_s: float | None = None) -> bool:
+        """Drain as on SIGTERM (readiness 503, new requests 503, accepted ones answered), then
+        stop; True if every accepted request finished within ``timeout_s`` (default: the
+        front's ``drain_timeout_s``)."""
+        async def run() -> bool:
+            return await self._uvicorn.start_drain(timeout_s)
+
+        ok = asyncio.run_coroutine_threadsafe(run(), self._uvicorn.loop).result()
+        self._thread.join(30)
+        self._socket.close()
+        return ok
+
+    def close(self, timeout: float = 30.0) -> None:
+        self._uvicorn.should_exit = True
+        self._thread.join(timeout)
+        self._socket.close()
+
+    def __enter__(self) -> HttpFront:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def start_http(server, host: str = "127.0.0.1", port: int = 0, **app_kwargs) -> HttpFront:
+    """:class:`HttpFront` for ``server`` (started), on ``host:port`` (0: ephemeral); ``app_kwargs``
+    go to :func:`~ann_kernels.serve.create_app`."""
+    return HttpFront(create_app(server, **app_kwargs), host, port).start()

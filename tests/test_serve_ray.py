@@ -1,0 +1,171 @@
+"""Replicas on Ray Serve: one local Ray instance for the module (num_cpus=2, no dashboard,
+every socket on 127.0.0.1), the CLI's deployment with 2 replicas of a calibrated checkpoint:
+every answer (``/predict`` and the Open Inference Protocol) equals ``predict``; a replica
+killed with requests in flight fails or retries them, never loses one, and is replaced."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import json
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tests.utils import free_port, http_call, requires_ext, write_mlp_checkpoint
+
+pytestmark = [
+    requires_ext,
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                       reason="Ray Serve not installed (pip install 'ann_kernels[ray]')"),
+    pytest.mark.skipif(importlib.util.find_spec("fastapi") is None,
+                       reason="fastapi / uvicorn not installed (pip install 'ann_kernels[serve]')"),
+]
+MODEL = "mnist"
+BUDGET = "0.96"
+
+
+def serve_args(checkpoint) -> argparse.Namespace:
+    from ann_kernels.inference.commands import add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["serve", "--checkpoint", str(checkpoint), "--budget", BUDGET, "--threads", "1",
+                              "--max-wait-ms", "300", "--model-name", MODEL, "--replicas", "2", "--backend", "ray"])
+
+
+def replica_states(serve) -> dict:
+    application = serve.status().applications.get(MODEL)
+    if application is None:
+        return {}
+    return dict(next(iter(application.deployments.values())).replica_states)
+
+
+@pytest.fixture(scope="module")
+def ray_serving(tmp_path_factory):
+    from ann_kernels.inference.commands import build_replica_server, build_server
+    from ann_kernels.serve.ray_app import local_ray, server_deployment
+
+    args = serve_args(write_mlp_checkpoint(tmp_path_factory.mktemp("ray") / MODEL))
+    torch.set_num_threads(1)
+    local, _ = build_server(args)  # the same calibration as each replica's: the oracle's thresholds
+    port = free_port()
+    context = local_ray(num_cpus=2, port=port)
+    try:
+        serve = context.__enter__()
+    except Exception as error:  # noqa: BLE001
+        pytest.skip(f"a local Ray instance could not start here: {error}")
+    try:
+        application = server_deployment(
+            functools.partial(build_replica_server, args), replicas=2, num_cpus=0.5, drain_timeout_s=5.0,
+            app_options={"model_name": MODEL, "sample_shape": (1, 28, 28)})
+        serve.run(application, name=MODEL, route_prefix="/")
+        yield SimpleNamespace(port=port, serve=serve, engine=local.engine, thresholds=list(local._thresholds))
+    finally:
+        context.__exit__(None, None, None)
+
+
+def predict_call(port: int, x: torch.Tensor):
+    return http_call(port, "POST", "/predict", json.dumps({"inputs": x.tolist()}).encode(), timeout=120)
+
+
+def oip_call(port: int, x: torch.Tensor):
+    header = json.dumps({"parameters": {"binary_data_output": False}, "inputs": [
+        {"name": "input", "shape": list(x.shape), "datatype": "FP32",
+         "parameters": {"binary_data_size": 4 * x.numel()}}]}).encode()
+    return http_call(port, "POST", f"/v2/models/{MODEL}/infer", header + x.numpy().tobytes(),
+                     {"Inference-Header-Content-Length": str(len(header))}, timeout=120)
+
+
+def answer_rows(raw: bytes) -> tuple[list, list]:
+    answer = json.loads(raw)
+    if "outputs" in answer:
+        out = {o["name"]: o["data"] for o in answer["outputs"]}
+        return out["prediction"], out["exit_index"]
+    return answer["prediction"], answer["exit_index"]
+
+
+def concurrent(calls):
+    results = [None] * len(calls)
+
+    def run(i, call):
+        try:
+            results[i] = call()
+        except Exception as exc:  # noqa: BLE001  a lost request (timeout, reset) shows here
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i, c), daemon=True) for i, c in enumerate(calls)]
+    for t in threads:
+        t.start()
+    return threads, results
+
+
+def batches(count: int, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(1 + i % 4, 1, 28, 28, generator=gen) for i in range(count)]
+
+
+def check_equal_predict(ray_serving, x, raw) -> None:
+    prediction, exit_index = answer_rows(raw)
+    want = ray_serving.engine.predict(x, thresholds=ray_serving.thresholds)
+    assert prediction == want.prediction.tolist() and exit_index == want.exit_index.tolist()
+
+
+def test_two_replicas_answer_like_predict(ray_serving):
+    assert replica_states(ray_serving.serve) == {"RUNNING": 2}
+    port = ray_serving.port
+    assert http_call(port, "GET", "/v2/health/ready")[0] == 200
+    status, _, raw = http_call(port, "GET", f"/v2/models/{MODEL}")
+    assert status == 200 and json.loads(raw)["inputs"][0]["shape"] == [-1, 1, 28, 28]
+    xs = batches(16, seed=1)
+    threads, results = concurrent([functools.partial(predict_call if i % 2 else oip_call, port, x)
+                                   for i, x in enumerate(xs)])
+    for t in threads:
+        t.join(180)
+    exits = set()
+    for x, result in zip(xs, results):
+        assert not isinstance(result, Exception) and result[0] == 200, result
+        check_equal_predict(ray_serving, x, result[2])
+        exits.update(answer_rows(result[2])[1])
+    assert min(exits) < 2  # the budget made rows leave before the last of the 3 exits
+
+
+def test_a_killed_replica_fails_or_retries_its_requests_never_loses_them(ray_serving):
+    import ray
+
+    serve, port = ray_serving.serve, ray_serving.port
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "SERVE_REPLICA" in a["name"]]
+    assert len(replicas) == 2, replicas
+    xs = batches(12, seed=2)
+    threads, results = concurrent([functools.partial(predict_call, port, x) for x in xs])
+    time.sleep(0.1)  # rows now wait in the replicas' stage queues (max-wait 300 ms)
+    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+    for t in threads:
+        t.join(180)
+    failed = 0
+    for x, result in zip(xs, results):
+        assert not isinstance(result, Exception), f"a request was lost: {result!r}"
+        status, _, raw = result
+        if status == 200:
+            check_equal_predict(ray_serving, x, raw)
+        else:  # failed, and said so
+            assert status >= 500 and raw, result
+            failed += 1
+    assert failed < len(xs)  # the other replica answered its share
+    print(f"killed replica: {failed} of {len(xs)} requests failed with 5xx, the rest answered")
+    deadline = time.monotonic() + 120
+    while True:  # Ray Serve replaces the dead replica
+        names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "SERVE_REPLICA" in a["name"]}
+        if replicas[0]["name"] not in names and len(names) == 2 and replica_states(serve) == {"RUNNING": 2}:
+            break
+        assert time.monotonic() < deadline, (names, replica_states(serve))
+        time.sleep(0.5)
+    x = batches(1, seed=3)[0]
+    status, _, raw = predict_call(port, x)
+    assert status == 200
+    check_equal_predict(ray_serving, x, raw)
