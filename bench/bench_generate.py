@@ -96,7 +96,7 @@ def engine_overhead(model, prompts, new_tokens, reps):
     ad = as_adapter(model)
     b = len(prompts)
     st = DecodeState(ad, ModeConfig("full"), max_batch_size=b, max_positions=max(map(len, prompts)) + new_tokens + reps)
-    st.add_rows(prompts, [RowParams(10_000)] * b, list(range(b)))
+    st.add_rows(prompts, [RowParams(new_tokens + reps)] * b, list(range(b)))
     steps = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -203,6 +203,8 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--draft-len", type=int, default=4)
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.6, 0.8])
+    ap.add_argument("--exits", type=int, nargs="+", default=None,
+                    help="exits (0-based) for static / self_speculative (default: about 1/3 and 1/2 of the depth)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-hf", action="store_true")
@@ -227,7 +229,9 @@ def main() -> int:
     prompts = blocks.tolist()
     while len(prompts) < n_prompts:
         prompts += prompts[: n_prompts - len(prompts)]
-    spec_exits = sorted({max(0, (k_exits - 1) // 3), max(0, (k_exits - 1) // 2)})
+    spec_exits = args.exits or sorted({max(0, (k_exits - 1) // 3), max(0, (k_exits - 1) // 2)})
+    if not all(0 <= k < k_exits - 1 for k in spec_exits):
+        raise SystemExit(f"--exits: expected exits in [0, {k_exits - 2}], got {spec_exits}")
     providers = {"full": {}}
     for k in spec_exits:
         providers[f"static_{k}"] = {"mode": "static", "exit_index": k}

@@ -66,7 +66,7 @@ def test_cache_after_recompute_equals_teacher_forced_pass(model, prompts):
     ad = as_adapter(model)
     st = DecodeState(ad, ModeConfig("confidence", thresholds=(0.8, 0.8, 0.8, 0.0)), max_batch_size=8,
                      max_positions=30)
-    st.add_rows(prompts, [RowParams(100)] * 8, list(range(8)))
+    st.add_rows(prompts, [RowParams(20)] * 8, list(range(8)))
     with torch.inference_mode():
         for _ in range(10):
             st.step()

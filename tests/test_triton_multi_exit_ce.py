@@ -569,3 +569,50 @@ def test_argmax_follows_torch_first_nan_rule(blocks):
     z[2, 25] = NAN  # NaNs in two chunks
     out = multi_exit_ce_forward_triton([z], make_target(4, 33), None, None, -100, 0.0, None, 0.9, 0, **blocks)
     assert out[4][0].tolist() == z.argmax(dim=-1).tolist() == [2, 30, 9, z[3].argmax().item()]
+
+
+# --- the public op on the Triton kernels (issues 20, 24): the op's own C++ check, autograd
+# and grad-mode choice, with its CPU backend ops routed to the Triton launchers ------------
+
+from tests.utils import (  # noqa: E402
+    assert_same_grad_scaler_runs,
+    check_ema_two_steps_and_non_finite_rows,
+    check_grad_out_within_twice_torch,
+    grad_scaler_loop,
+    triton_behind_cpu_ops,
+)
+from ann_kernels import multi_exit_cross_entropy  # noqa: E402
+
+
+def test_triton_behind_cpu_ops_really_runs_triton():
+    """The routing the tests below rely on: inside, an out-of-range target poisons its row
+    (Triton cannot raise without a host sync); outside, the C++ kernel raises again."""
+    heads, target = make_logits(2, 4, 5), torch.tensor([0, 9, 1, 2])
+    with triton_behind_cpu_ops():
+        out = multi_exit_cross_entropy(heads, target)
+        assert out.per_sample[:, 1].isnan().all() and torch.isfinite(out.per_sample[:, [0, 2, 3]]).all()
+    with pytest.raises(ValueError, match=r"target\[1\] = 9 is out of range"):
+        multi_exit_cross_entropy(heads, target)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("grad_out", [1.0, 2.0 ** 16, 0.125, -3.0])
+def test_op_low_precision_grad_out_on_triton(dtype, grad_out):
+    """Issue 20 on the Triton path: bf16's gradient buffer (forward) scaled in place by the
+    scale kernel, fp16's deferred backward; small grid (C = 33: three BLOCK_C = 16 chunks)."""
+    with triton_behind_cpu_ops():
+        check_grad_out_within_twice_torch("cpu", dtype, grad_out, num_classes=33, n=24, interpreter=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_op_grad_scaler_loop_on_triton(dtype):
+    """Issue 24 item 9: README's GradScaler claim on the Triton path (interpreter)."""
+    with triton_behind_cpu_ops():
+        runs = grad_scaler_loop(dtype, "cpu")
+    assert_same_grad_scaler_runs(runs, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_op_ema_two_steps_and_non_finite_rows_on_triton(dtype):
+    with triton_behind_cpu_ops():
+        check_ema_two_steps_and_non_finite_rows("cpu", dtype)

@@ -119,6 +119,7 @@ class DecodeState:
         ad = adapter
         self.device = ad.device
         slack = config.draft_len + 1 if config.mode == "self_speculative" else 0
+        self.max_positions = max_positions
         self.T = max_positions + slack  # cache positions; column T is the padding scratch
         self.slots = max_batch_size
         self.num_exits = ad.num_exits
@@ -163,6 +164,17 @@ class DecodeState:
         b, n = len(prompts), self.num_rows
         if n + b > self.slots:
             raise ValueError(f"prompts: {b} new rows do not fit; {n} of {self.slots} slots are in use")
+        if len(params) != b or len(row_ids) != b:
+            raise ValueError(f"params / row_ids: expected {b} each (one per prompt), got {len(params)} / {len(row_ids)}")
+        limit = min(self.max_positions, self.adapter.max_len)
+        for i, (p, rp) in enumerate(zip(prompts, params)):
+            if not p:
+                raise ValueError(f"prompts[{i}]: empty prompt (a row needs at least one token)")
+            if min(p) < 0 or max(p) >= self.adapter.vocab_size:
+                raise ValueError(f"prompts[{i}]: token ids must lie in [0, {self.adapter.vocab_size})")
+            if rp.max_new_tokens < 1 or len(p) + rp.max_new_tokens > limit:
+                raise ValueError(f"max_new_tokens: prompts[{i}] has {len(p)} tokens; {len(p)} + max_new_tokens "
+                                 f"{rp.max_new_tokens} exceeds the {limit} positions a row may use here")
         lens = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
         width = int(lens.max())
         padded = torch.zeros(b, width, dtype=torch.int64)
