@@ -98,7 +98,7 @@ def tiny_mlp_exit_net(*, in_features: int, hidden: int, num_exits: int, num_clas
 # ---------------------------------------------------------------------------------------
 # The logits op (multi_exit_cross_entropy) on every backend: shared checks, run by
 # tests/test_multi_exit_ce_training.py on the C++ kernel (CPU) and CUDA, and by
-# tests/test_triton_multi_exit_ce.py on the Triton kernels through the interpreter
+# tests/test_triton_multi_exit_ce_op.py on the Triton kernels through the interpreter
 # (triton_behind_cpu_ops), so that every backend answers the same questions.
 
 BF16_UNIT = 2.0 ** -8  # bf16's unit roundoff u (8 significant bits); two roundings: 2u + u^2 (docs/low_precision.md)
@@ -110,7 +110,7 @@ def triton_behind_cpu_ops():
     ``_scale_``) to the Triton launchers while the block runs, so the public function (its
     C++ argument check, autograd and grad-mode choice) drives the Triton kernels on CPU
     tensors under the interpreter. Needs TRITON_INTERPRET=1 set before
-    ``ann_kernels.triton.multi_exit_ce`` was imported (tests/test_triton_multi_exit_ce.py)."""
+    ``ann_kernels.triton.multi_exit_ce`` was imported (tests/test_triton_multi_exit_ce_op.py)."""
     import triton
 
     from ann_kernels.triton import multi_exit_ce as launchers
@@ -195,11 +195,12 @@ def check_grad_out_within_twice_torch(device, dtype, grad_out, *, num_classes=30
             assert torch.equal(g, u * grad_out)
 
 
-def grad_scaler_loop(dtype, device, *, steps=12):
+def grad_scaler_loop(dtype, device, *, steps=12, n=64, growth_interval=3):
     """Issue 10 / 24: the same small model trained with torch.amp.GradScaler twice, on the
     fused loss and on sum_k F.cross_entropy(z_k.float(), y) (autocast-style low-precision
-    logits). Returns {name: (scale trajectory, final parameters)}."""
-    num_exits, n, features, classes = 3, 64, 16, 50
+    logits). Returns {name: (scale trajectory, final parameters)}; with no step skipped the
+    scale ends at 2^16 * 2^(steps // growth_interval)."""
+    num_exits, features, classes = 3, 16, 50
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(steps, n, features, generator=gen).to(device)
     y = torch.randint(0, classes, (steps, n), generator=gen).to(device)
@@ -208,7 +209,8 @@ def grad_scaler_loop(dtype, device, *, steps=12):
         torch.manual_seed(1)
         model = torch.nn.ModuleList([torch.nn.Linear(features, classes) for _ in range(num_exits)]).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        scaler = torch.amp.GradScaler(torch.device(device).type, init_scale=2.0 ** 16, growth_interval=3)
+        scaler = torch.amp.GradScaler(torch.device(device).type, init_scale=2.0 ** 16,
+                                      growth_interval=growth_interval)
         scales = []
         for step in range(steps):
             opt.zero_grad(set_to_none=True)
@@ -264,14 +266,17 @@ def losses_of(heads, target):
     return [torch.nn.functional.cross_entropy(z.double(), target).item() for z in heads]
 
 
-def assert_same_grad_scaler_runs(runs, dtype):
+def assert_same_grad_scaler_runs(runs, dtype, *, growths=4, interpreter=False):
     """The fused loop of :func:`grad_scaler_loop` follows torch's step for step: the same
-    scale trajectory (grown 4 times in 12 steps at growth_interval 3: no step skipped for
-    inf/NaN gradients) and the same parameters (to the dtype's gradient rounding)."""
+    scale trajectory (grown ``growths`` times: no step skipped for inf/NaN gradients) and
+    the same parameters (to the dtype's gradient rounding; ``interpreter``: Triton's
+    interpreter truncates fp32 -> bf16, a biased error of up to 2^-7 per entry)."""
     (fused_scales, fused_params), (torch_scales, torch_params) = runs["fused"], runs["torch"]
     assert fused_scales == torch_scales
-    assert fused_scales[-1] == 2.0 ** 20
+    assert fused_scales[-1] == 2.0 ** (16 + growths)
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-3, atol=1e-4)
+    if interpreter and dtype == torch.bfloat16:
+        tol = dict(rtol=1e-2, atol=1e-3)
     for p, q in zip(fused_params, torch_params):
         torch.testing.assert_close(p, q, **tol)
 
