@@ -408,3 +408,102 @@ def run_python_with_packages_hidden(code: str, hidden, *, timeout: float = 300, 
            "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])), **(extra_env or {})}
     return subprocess.run([sys.executable, "-c", HIDE_PACKAGES_PRELUDE + code], cwd=root, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+class CharTokenizer:
+    """A character tokenizer for the tiny LMs of the serving tests: id 0 is the end-of-text
+    token (decoded as nothing), ids 1.. the characters of ``alphabet``; ``encode(text)`` ->
+    ids, ``decode(ids)`` -> text (the interface ``GenerationServer`` accepts)."""
+
+    def __init__(self, alphabet: str = "abcdefghijklmnopqrstuvwxyz .,;:!?'-()0\n"):
+        self.alphabet = alphabet
+        self.vocab_size = len(alphabet) + 1
+        self.index = {c: i + 1 for i, c in enumerate(alphabet)}
+
+    def encode(self, text: str) -> list[int]:
+        bad = sorted(set(text) - set(self.index))
+        if bad:
+            raise ValueError(f"text: characters {bad} are not in the tokenizer's alphabet")
+        return [self.index[c] for c in text]
+
+    def decode(self, ids) -> str:
+        return "".join(self.alphabet[i - 1] for i in ids if 0 < i <= len(self.alphabet))
+
+
+class WorkerGate:
+    """Holds a ``GenerationServer``'s worker inside a forward (the model's embedding) until
+    :meth:`release`, so a test knows what the worker is doing without timing. After
+    :meth:`hold` (``skip`` = forwards let through first), the next forward blocks;
+    :attr:`entered` is set once it does."""
+
+    def __init__(self, server):
+        import threading
+
+        self.armed, self.skip = False, 0
+        self.open, self.entered = threading.Event(), threading.Event()
+        embed = server.adapter.embed
+
+        def gated(tokens, positions):
+            if self.armed:
+                if self.skip > 0:
+                    self.skip -= 1
+                else:
+                    self.entered.set()
+                    assert self.open.wait(60), "WorkerGate: never released"
+            return embed(tokens, positions)
+
+        server.adapter.embed = gated
+
+    def hold(self, skip: int = 0) -> None:
+        self.open.clear()
+        self.entered.clear()
+        self.skip = skip
+        self.armed = True
+
+    def release(self) -> None:
+        self.armed = False
+        self.open.set()
+
+
+def write_lm_checkpoint(directory, *, layers: int = 3, dim: int = 32, max_len: int = 64, seed: int = 0):
+    """``directory/last.pt``: a tiny random ``CausalExitLM`` in the LM trainer's format, with a
+    real byte-level BPE ``tokenizer.json`` (300 tokens, trained on the standard library's
+    ``json`` package sources) and ``tokens.pt`` beside it; returns the path. Needs ``tokenizers``."""
+    import sysconfig
+    from pathlib import Path
+
+    from ann_kernels.nn.causal_lm import causal_exit_lm
+    from ann_kernels.train.lm import LM_FORMAT
+    from ann_kernels.train.text import load_text_data
+
+    directory = Path(directory)
+    text_glob = str(Path(sysconfig.get_paths()["stdlib"]) / "json" / "*.py")
+    data = load_text_data(directory, text_glob=text_glob, vocab_size=300, seq_len=16, progress=False)
+    torch.manual_seed(seed)
+    kwargs = {"dim": dim, "layers": layers, "heads": 2}
+    model = causal_exit_lm(data.vocab_size, max_len=max_len, **kwargs)
+    torch.save({"format": LM_FORMAT, "spec": {"seq_len": max_len, "model_kwargs": kwargs}, "epoch": 1,
+                "model": model.state_dict(), "vocab_size": data.vocab_size}, directory / "last.pt")
+    return directory / "last.pt"
+
+
+def profiled_ops(fn, *, profile_memory: bool = False):
+    """Run ``fn()`` under torch.profiler (CPU activity, shapes recorded) and return its
+    kineto events (``.name()``, ``.dtypes()``, ``.shapes()``, ``.nbytes()``, ``.start_ns()``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True, profile_memory=profile_memory) as prof:
+        fn()
+    return list(prof.profiler.kineto_results.events())
+
+
+def peak_allocated_bytes(fn) -> int:
+    """Peak of the bytes allocated (and not yet freed) while ``fn()`` runs, from the
+    allocator's own records (torch.profiler memory events: every allocation and free of
+    torch's CPU/CUDA allocators, in time order), not from wall-clock or RSS."""
+    events = [e for e in profiled_ops(fn, profile_memory=True) if e.name() == "[memory]"]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
