@@ -205,6 +205,8 @@ def main() -> int:
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.6, 0.8])
     ap.add_argument("--exits", type=int, nargs="+", default=None,
                     help="exits (0-based) for static / self_speculative (default: about 1/3 and 1/2 of the depth)")
+    ap.add_argument("--confidence-exits", type=int, nargs="+", default=None,
+                    help="exits confidence mode may leave at (default: all; the others' heads are skipped)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-hf", action="store_true")
@@ -237,7 +239,7 @@ def main() -> int:
         providers[f"static_{k}"] = {"mode": "static", "exit_index": k}
         providers[f"self_speculative_{k}"] = {"mode": "self_speculative", "exit_index": k, "draft_len": args.draft_len}
     for budget in args.budgets:
-        calib = calibrate_generation(model, held.to(args.device), budget)
+        calib = calibrate_generation(model, held.to(args.device), budget, exits=args.confidence_exits)
         for policy in ("recompute", "propagate"):
             providers[f"confidence_{policy}_b{budget:g}"] = {"mode": "confidence", "threshold": calib,
                                                             "kv_policy": policy}

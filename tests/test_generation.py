@@ -4,7 +4,6 @@ leaving a running batch, bad input."""
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

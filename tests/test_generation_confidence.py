@@ -122,3 +122,16 @@ def test_infinite_threshold_skips_that_exit(model, prompts):
         assert (toks, exits) == generate_reference(model, p, 8, mode="confidence", threshold=thresholds)
         assert set(exits) <= {1, 3}
     assert out.stats["exit_counts"][0] == out.stats["exit_counts"][2] == 0 < out.stats["exit_counts"][1]
+
+
+def test_calibration_on_a_subset_of_exits(model):
+    held_out = torch.randint(0, V, (16, 12), generator=torch.Generator().manual_seed(5))
+    calib = calibrate_generation(model, held_out, 0.8, exits=[1])
+    assert calib.thresholds[0] == calib.thresholds[2] == float("inf") and calib.thresholds[3] == float("-inf")
+    assert calib.exit_counts[0] == calib.exit_counts[2] == 0
+    full_cost = float(exit_costs(as_adapter(model))[-1])
+    assert calib.mean_flops <= 0.8 * full_cost * (1 + 1e-9)
+    out = ann_kernels.generate(model, ragged_prompts(4, V), max_new_tokens=6, mode="confidence", threshold=calib)
+    assert {e for row in out.exit_index for e in row} <= {1, 3}
+    with pytest.raises(ValueError, match="exits: expected exit indices in \\[0, 4\\)"):
+        calibrate_generation(model, held_out, 0.8, exits=[7])

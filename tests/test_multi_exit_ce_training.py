@@ -114,7 +114,7 @@ def test_grad_scaler_loop_matches_cross_entropy_loop(dtype, device):
     """Defect: with torch.amp.GradScaler on fp16 exit logits the scale kept overflowing and
     halving (inf/NaN gradients) while F.cross_entropy's loop grew it without a skipped step.
     Every dtype, every device here (the Triton kernels also through the interpreter:
-    tests/test_triton_multi_exit_ce.py runs the same loop)."""
+    tests/test_triton_multi_exit_ce_op.py runs the same loop)."""
     runs = grad_scaler_loop(dtype, device)
     assert_same_grad_scaler_runs(runs, dtype)
 

@@ -108,8 +108,7 @@ class CausalExitLMAdapter(DecoderAdapter):
             x = block.qkv(block.norm1(h))
         else:
             x = F.linear(F.layer_norm(h, *w[0]), *w[1])
-        q, k, v = x.view(n, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return q, k, v
+        return x.view(n, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
     def kv(self, i: int, h: Tensor, rope):
         """k, v [n, H, s, d] only (kv_policy="propagate"): the last 2D rows of the fused qkv."""
