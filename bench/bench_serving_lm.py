@@ -23,7 +23,8 @@ number of new tokens in ``--new-tokens`` (no EOS stop: the lengths are the asked
 
 ``confidence`` thresholds are calibrated on the validation split for ``--budget`` (a mean
 cost per token as a fraction of the full model's; ``calibrate_generation``).
-Usage: ``python bench/bench_serving_lm.py [--quick] [--checkpoint P] [--threads N] [--out DIR]``.
+Usage: ``python bench/bench_serving_lm.py [--quick] [--device cpu|cuda] [--checkpoint P] [--threads N]
+[--out DIR]``.
 Writes ``serving_lm.csv`` (long format, appended) and ``serving_lm.png`` (p99 inter-token
 latency and tokens/s against offered load). Numbers from a shared machine: the load average is
 printed and stored in the CSV's notes.
@@ -107,6 +108,7 @@ def summarise(done, elapsed):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     ap.add_argument("--loads", type=float, nargs="+", default=[0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5])
     ap.add_argument("--duration", type=float, default=4.0, help="seconds of arrivals per load and provider")
@@ -126,6 +128,7 @@ def main() -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     model, run_dir = load_model(args.checkpoint)
+    model = model.to(args.device)
     k_exits = len(model.exit_layers)
     spec_exit = (k_exits - 1) // 2 if args.spec_exit is None else args.spec_exit
     providers = {"full": {"mode": "full"},
@@ -133,7 +136,7 @@ def main() -> int:
                                                    "draft_len": args.draft_len}}
     if run_dir is not None:
         held = held_out_blocks(run_dir, "val", 64, 32)
-        calib = calibrate_generation(model, held, args.budget)
+        calib = calibrate_generation(model, held.to(args.device), args.budget)
         providers[f"confidence_b{args.budget:g}"] = {"mode": "confidence", "threshold": calib}
         print(f"confidence thresholds for budget {args.budget}: {[round(float(t), 3) for t in calib.thresholds]} "
               f"(held-out agreement with full {calib.accuracy:.3f})")
@@ -143,7 +146,7 @@ def main() -> int:
     print(f"load average {load_avg:.1f}; threads {torch.get_num_threads()}")
     csv = CsvWriter("serving_lm", args.out)
     shape = f"prompt{args.prompt_lens[0]}-{args.prompt_lens[1]}_new{args.new_tokens[0]}-{args.new_tokens[1]}"
-    notes = f"load {load_avg:.1f}; in-process submit"
+    notes = f"load {load_avg:.1f}; in-process submit; {args.device}"
     server = GenerationServer(model, max_batch_size=args.max_batch_size, max_wait_s=0.002, max_queue=1 << 16)
     try:
         # 1. capacity of full (saturated)

@@ -266,3 +266,16 @@ def test_prompt_lists_stream_per_choice_and_seeded_sampling_repeats(served, mode
     ref = ann_kernels.generate(model, [TOK.encode("roll")], max_new_tokens=8, eos_token_id=EOS, do_sample=True,
                                temperature=0.9, top_p=0.95, top_k=20, generator=torch.Generator().manual_seed(11))
     assert sampled[0] == TOK.decode([t for t in ref.tokens[0] if t != EOS])
+
+
+def test_a_client_leaving_a_non_streamed_request_cancels_it(served):
+    server, front, client, gate = served
+    before = server.stats().requests_finished["cancelled"]
+    gate.hold(skip=1)  # the prefill passes; the first decode step waits
+    impatient = openai.OpenAI(base_url=f"{front.url}/v1", api_key="unused", max_retries=0, timeout=0.5)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.completions.create(model=NAME, prompt="slow", max_tokens=30, temperature=0)
+    wait_for(lambda: front.serving.in_flight == 0)  # the handler saw the disconnect and cancelled
+    gate.release()
+    wait_for(lambda: server.stats().requests_running == 0)
+    assert server.stats().requests_finished["cancelled"] == before + 1

@@ -372,8 +372,12 @@ class GenerationServer:
         except Exception as error:  # noqa: BLE001
             try:
                 state.remove_rows(ids)
-            except Exception:  # noqa: BLE001  the state is unusable: rebuild it
+            except Exception:  # noqa: BLE001  the state is unusable: its running rows fail, it is rebuilt
                 self._states.pop(state.config, None)
+                for other in list(self._active.values()):
+                    if other.state is state:
+                        other.state = None
+                        self._fail(other, error)
             if len(reqs) == 1:
                 self._fail(reqs[0], error)
             return False

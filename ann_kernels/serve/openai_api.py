@@ -113,8 +113,6 @@ async def _wait_all(state: ServingState, request, futures):
                 gathered.cancel()
                 raise asyncio.CancelledError
     except asyncio.CancelledError:
-        for f in futures:
-            f.cancel()
         if state.drain_expired:
             raise ProtocolError(503, "server: the drain deadline passed before this request finished") from None
         raise
@@ -125,6 +123,8 @@ async def _wait_all(state: ServingState, request, futures):
     except Exception as exc:  # noqa: BLE001  the model failed on this request
         raise ProtocolError(500, f"model: {type(exc).__name__}: {exc}") from None
     finally:
+        for f in futures:  # the other prompts of a failed or abandoned request stop too (no-op once done)
+            f.cancel()
         state.untrack(gathered)
 
 
