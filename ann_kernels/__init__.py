@@ -21,13 +21,14 @@ from ann_kernels.ops.multi_exit_linear_ce import (
     multi_exit_linear_cross_entropy_reference,
 )
 from ann_kernels.losses.linear_loss import AnytimeLinearLoss
-from ann_kernels.generation import DecodeState, GenerationOutput, generate
+from ann_kernels.generation import DecodeState, GenerationOutput, GenerationServer, generate
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DecodeState",
     "GenerationOutput",
+    "GenerationServer",
     "generate",
     "AnytimeLinearLoss",
     "multi_exit_linear_cross_entropy",

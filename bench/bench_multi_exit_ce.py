@@ -2,6 +2,7 @@
 
     python bench/bench_multi_exit_ce.py                    # the four DESIGN.md shapes, CPU
     python bench/bench_multi_exit_ce.py --quick            # two small shapes (smoke run)
+    python bench/bench_multi_exit_ce.py --shape 4,1024,32000  # one shape, every dtype
     python bench/bench_multi_exit_ce.py --device cuda --out DIR
 
 Writes long-format rows to DIR/multi_exit_ce.csv (default bench/results/), a plot to
@@ -16,7 +17,8 @@ Providers, all doing loss + backward into fresh leaf gradients:
                  cost of PyTorch's autograd step itself (the floor at small shapes)
   copy_floor     dst.copy_(src) over all logits (one read + one write of the logits)
 Variants: fp32 with grad_out = 1 (``loss.backward()``) and 0.25 (``loss / 4``, gradient
-accumulation); bf16; fp16 with grad_out = 1 and 65536 (GradScaler's scale).
+accumulation); bf16 (gradient-buffer mode, like fp32); fp16 with grad_out = 1 and 65536
+(GradScaler's scale; save-lse mode). The report ends with issue 20's targets, met or not.
 Peak memory: CPU, each provider's one cold step in a fresh process (the in-process RSS probe
 cannot see allocations that reuse freed pages), at shapes whose logits exceed 32 MB; CUDA,
 the caching allocator's exact peak statistics around one step, in process.
@@ -197,7 +199,7 @@ def run(shapes, variants, providers, device, csv_writer) -> list[dict]:
             warmup, reps = reps_for(num_exits * n * c, device)
             timings = common.time_interleaved(steps, warmup=warmup, reps=reps, min_seconds=1.0)
             logits_mb = num_exits * n * c * logits[0].element_size() / 2**20
-            row = {"shape": shape_s, "variant": label, "logits_mb": logits_mb}
+            row = {"shape": shape_s, "variant": label, "logits_mb": logits_mb, "device": device}
             for provider, timing in timings.items():
                 peak = float("nan")
                 if provider != "copy_floor" and device == "cuda":
@@ -234,12 +236,36 @@ def report(summary: list[dict], providers: list[str]) -> str:
         line += f"{fused / base.get(r['shape'], float('nan')):>9.2f}x"
         line += f"{r.get('ann_kernels_peak_mb', float('nan')) / r['logits_mb']:>11.2f}x"
         lines.append(line)
+    lines.extend(target_lines(summary))
     peaks = [r for r in summary if r.get("ann_kernels_peak_mb") == r.get("ann_kernels_peak_mb")]
     for r in peaks:
         parts = ", ".join(f"{p} {r.get(p + '_peak_mb', float('nan')):.0f}" for p in providers)
         lines.append(f"peak extra MB (fresh process) {r['shape']} {r['variant']} (logits {r['logits_mb']:.0f} MB): "
                      f"{parts}")
     return "\n".join(lines)
+
+
+def target_lines(summary: list[dict]) -> list[str]:
+    """Issue 20's targets, judged on this run: on CPU, each bf16/fp16 row <= 1.1x its fp32
+    grad_out = 1 row at C >= 1000 and >= 2x torch.compile at (4, 1024, 32000) in every dtype;
+    on CUDA, bf16 <= 1.3x the HBM floor (copy_floor: one read of the logits + one write of
+    the gradient, in the logits dtype)."""
+    base = {r["shape"]: r["ann_kernels"] for r in summary if r["variant"] == VARIANTS[0][0]}
+    out = []
+    for r in summary:
+        c = int(r["shape"].rsplit("C=", 1)[1])
+        fused = r["ann_kernels"]
+        checks = []
+        if c >= 1000 and not r["variant"].startswith("fp32") and r["shape"] in base:
+            checks.append(("<= 1.1x fp32 row", fused / base[r["shape"]], fused / base[r["shape"]] <= 1.1))
+        if r["shape"] == "K=4,N=1024,C=32000" and "torch.compile" in r:
+            speedup = r["torch.compile"] / fused
+            checks.append((">= 2x torch.compile", speedup, speedup >= 2.0))
+        if r.get("device") == "cuda" and r["variant"] == "bf16" and c >= 1000:
+            checks.append(("<= 1.3x HBM floor", fused / r["copy_floor"], fused / r["copy_floor"] <= 1.3))
+        for name, value, met in checks:
+            out.append(f"target {r['shape']} {r['variant']}: {name}: {value:.2f}x {'met' if met else 'NOT met'}")
+    return out
 
 
 def plot(summary: list[dict], path: str) -> None:
@@ -274,6 +300,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=common.RESULTS_DIR, help="directory for the CSV and the PNG")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     parser.add_argument("--no-peak", action="store_true", help="skip the fresh-process peak-memory probes")
+    parser.add_argument("--shape", action="append", metavar="K,N,C",
+                        help="run only this shape (repeatable), e.g. --shape 4,1024,32000")
     parser.add_argument("--peak-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.peak_child:
@@ -291,6 +319,8 @@ def main(argv=None) -> None:
         shapes = CUDA_QUICK_SHAPES if args.quick else CUDA_SHAPES
     else:
         shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.shape:
+        shapes = [tuple(int(v) for v in spec.split(",")) for spec in args.shape]
     writer = common.CsvWriter("multi_exit_ce", args.out)
     summary = run(shapes, QUICK_VARIANTS if args.quick else VARIANTS, providers, args.device, writer)
     print(report(summary, providers))

@@ -92,9 +92,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Bytes held by idle cached gradient buffers.");
   m.def("grad_cache_stats", [] {
         auto [handed_out, hits] = ann_kernels::BufferPool::instance().counts();
-        return std::make_pair(handed_out, hits);
+        auto [idle, idle_limit, in_use] = ann_kernels::BufferPool::instance().memory();
+        return std::make_tuple(handed_out, hits, idle, idle_limit, in_use);
       },
-      "(gradient buffers handed out, of which served from the cache) since the process started.");
+      "(buffers handed out, of which served from the cache, idle bytes, their bound, pooled bytes in use).");
   m.def("check_multi_exit_ce_inputs",
         [](const std::vector<at::Tensor>& logits, const at::Tensor& target, const std::optional<at::Tensor>& weights,
            const std::optional<at::Tensor>& sample_weights, double label_smoothing,

@@ -49,8 +49,9 @@ CONTEXT_BREAKING = re.compile(
     r"unspecified launch failure|hardware stack error|cudaErrorAssert|cudaErrorIllegalAddress|"
     r"CUDA_ERROR_(ASSERT|ILLEGAL_ADDRESS|LAUNCH_FAILED)")
 RESTART_EXIT = 87  # the plugin's exit code after a context-breaking failure
-MAX_RESTARTS = 8  # per file; after that the rest of the file runs without restarts
+MAX_RESTARTS = 8  # per file; the last attempt runs the rest of the file without restarts
 EVENTS_ENV, SKIP_ENV, SLOW_KEEP_ENV = "PYTEST_PER_FILE_EVENTS", "PYTEST_PER_FILE_SKIP", "PYTEST_PER_FILE_SLOW_KEEP"
+NO_RESTART_ENV = "PYTEST_PER_FILE_NO_RESTART"  # set on a file's last attempt
 PLUGIN = os.path.splitext(os.path.basename(__file__))[0]
 
 
@@ -129,7 +130,7 @@ def pytest_runtest_logreport(report):
         message = str(report.longrepr[2])
     _emit({"event": "result", "nodeid": report.nodeid, "outcome": outcome, "message": message,
            "seconds": round(report.duration, 3)})
-    if report.failed and CONTEXT_BREAKING.search(message):
+    if report.failed and CONTEXT_BREAKING.search(message) and not os.environ.get(NO_RESTART_ENV):
         _emit({"event": "restart", "nodeid": report.nodeid})
         sys.stdout.flush()
         os._exit(RESTART_EXIT)  # the rest of this file runs in a fresh process
@@ -171,9 +172,10 @@ class FileRun:
 
 class Runner:
     def __init__(self, *, pytest_args: list[str], cwd: str, out_xml: str, work_dir: str, deadline: float,
-                 workers: int, slow_keep: int, python: str = sys.executable, env: dict | None = None):
+                 workers: int, slow_keep: int, max_restarts: int = MAX_RESTARTS, python: str = sys.executable,
+                 env: dict | None = None):
         self.pytest_args, self.cwd, self.out_xml, self.work_dir = pytest_args, cwd, out_xml, work_dir
-        self.deadline, self.workers, self.python = deadline, workers, python
+        self.deadline, self.workers, self.python, self.max_restarts = deadline, workers, python, max_restarts
         self.stop = threading.Event()
         self.lock = threading.Lock()
         self.runs: list[FileRun] = []
@@ -184,8 +186,8 @@ class Runner:
                     SLOW_KEEP_ENV: str(slow_keep)}
         os.makedirs(work_dir, exist_ok=True)
 
-    def _pytest(self, extra: list[str], events: str, skip: str | None, log) -> subprocess.Popen:
-        env = {**self.env, EVENTS_ENV: events, SKIP_ENV: skip or ""}
+    def _pytest(self, extra: list[str], events: str, skip: str | None, log, last: bool = False) -> subprocess.Popen:
+        env = {**self.env, EVENTS_ENV: events, SKIP_ENV: skip or "", NO_RESTART_ENV: "1" if last else ""}
         command = [self.python, "-m", "pytest", "-q", "-p", PLUGIN, "-p", "no:cacheprovider", *self.pytest_args,
                    *extra]
         log.write("$ " + " ".join(command) + "\n")
@@ -232,11 +234,12 @@ class Runner:
         skip_path = os.path.join(self.work_dir, name + ".done")
         open(skip_path, "w").close()
         with open(os.path.join(self.work_dir, name + ".log"), "w", encoding="utf-8") as log:
-            for attempt in range(MAX_RESTARTS + 1):
+            for attempt in range(self.max_restarts + 1):
                 events_path = os.path.join(self.work_dir, f"{name}.{attempt}.jsonl")
                 if self.stop.is_set() or time.monotonic() > self.deadline:
                     break
-                code = self._wait(self._pytest([run.path], events_path, skip_path if attempt else None, log))
+                code = self._wait(self._pytest([run.path], events_path, skip_path if attempt else None, log,
+                                               last=attempt == self.max_restarts))
                 started, finished, restart_after = [], set(), None
                 for event in read_events(events_path):
                     if event["event"] == "start":
@@ -253,7 +256,7 @@ class Runner:
                         run.record(nodeid, "error", f"killed {why} while running")
                     run.notes.append(f"cut {why}")
                     break
-                if code == RESTART_EXIT and restart_after and attempt < MAX_RESTARTS:
+                if code == RESTART_EXIT and restart_after and attempt < self.max_restarts:
                     run.notes.append(f"restarted after a context-breaking CUDA error in {restart_after}")
                 elif code < 0 or code > 5:  # died: a signal, an abort, os._exit
                     how = f"exit code {code}" if code > 0 else f"signal {signal_name(-code)}"
@@ -263,7 +266,7 @@ class Runner:
                         run.record(run.path, "error", f"the test process died ({how}) before any test ran")
                         break
                     run.notes.append(f"restarted after the process died ({how})")
-                    if attempt == MAX_RESTARTS:
+                    if attempt == self.max_restarts:
                         break
                 else:
                     break
@@ -366,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="test files run at the same time")
     parser.add_argument("--slow-keep", type=int, default=1,
                         help="run about one in N tests marked slow (at least one per file); 1 = all")
+    parser.add_argument("--max-restarts", type=int, default=MAX_RESTARTS,
+                        help="restarts per file after a context-breaking error or a crash")
     parser.add_argument("--work-dir", help="per-file logs and events (default: beside --junitxml)")
     parser.add_argument("--collect-only", action="store_true", help="print the plan: files and test counts")
     parser.add_argument("-m", dest="markexpr", help="pytest -m expression")
@@ -378,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     out_xml = os.path.abspath(args.junitxml or os.path.join(tempfile.mkdtemp(prefix="pytest_per_file_"), "out.xml"))
     runner = Runner(pytest_args=pytest_args, cwd=os.getcwd(), out_xml=out_xml,
                     work_dir=os.path.abspath(args.work_dir or os.path.splitext(out_xml)[0]),
-                    deadline=time.monotonic() + args.deadline_s, workers=args.workers, slow_keep=args.slow_keep)
+                    deadline=time.monotonic() + args.deadline_s, workers=args.workers, slow_keep=args.slow_keep,
+                    max_restarts=args.max_restarts)
     if args.collect_only:
         by_file = runner.collect(paths)
         for path, nodeids in sorted(by_file.items()):

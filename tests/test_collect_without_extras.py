@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
+
+import pytest
 
 from tests.utils import run_python_with_packages_hidden
+
+tomllib = pytest.importorskip("tomllib", reason="Python < 3.11 has no tomllib (pyproject.toml is read with it)")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPU_MACHINE_PACKAGES = {"torch", "triton", "numpy", "pytest", "hypothesis", "tqdm"}

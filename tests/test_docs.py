@@ -139,6 +139,55 @@ def test_cli_commands_in_the_docs_exist():
     assert not bad, "\n".join(bad)
 
 
+SCRIPT_COMMAND = re.compile(r"python3? ((?:bench|scripts|python)/[\w/]+\.py)((?:[ \t]+[^\s`#|;&]+)*)")
+
+
+def script_options(script: Path) -> set[str]:
+    """The ``--options`` a script's argparse knows: string literals starting with ``--`` in its
+    ``add_argument`` calls and in those of the repository modules it imports (``bench.common``)."""
+    import ast
+
+    options, todo, seen = set(), [script], set()
+    while todo:
+        path = todo.pop()
+        if path in seen or not path.is_file():
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
+                options |= {a.value for a in node.args
+                            if isinstance(a, ast.Constant) and str(a.value).startswith("--")}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in (
+                    "bench", "scripts"):
+                todo.append(ROOT / (node.module.replace(".", "/") + ".py"))
+    return options
+
+
+def unknown_script_options(text: str) -> list[str]:
+    """``--options`` given to a repository script (``python bench/x.py --quick``) in code blocks or
+    inline code that the script does not define."""
+    spans = FENCE.findall(text) + re.findall(r"`([^`\n]+)`", FENCE.sub("", text))
+    bad = []
+    for span in spans:
+        for match in SCRIPT_COMMAND.finditer(re.sub(r"\s*\\\n\s*", " ", span)):
+            script = ROOT / match.group(1)
+            if not script.is_file():
+                continue  # reported by test_mentioned_paths_exist
+            known = script_options(script)
+            words = match.group(2).split()
+            if "--" in words:  # what follows is for a program the script runs (e.g. pytest)
+                words = words[:words.index("--")]
+            bad += [f"{match.group(1)} {w.split('=')[0]}" for w in words
+                    if w.startswith("--") and w.split("=")[0] not in known]
+    return bad
+
+
+@pytest.mark.parametrize("doc", DOC_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_script_options_in_the_docs_exist(doc):
+    bad = unknown_script_options(doc.read_text())
+    assert not bad, f"{doc.relative_to(ROOT)}: options the scripts do not have: {bad}"
+
+
 # ------------------------------------------------------------------ the checks catch what they are for
 
 
@@ -147,16 +196,22 @@ def test_the_checks_catch_a_broken_doc(tmp_path, monkeypatch):
     (tmp_path / "docs").mkdir()
     (tmp_path / "scripts").mkdir()
     (tmp_path / "scripts" / "real.sh").write_text("")
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "common.py").write_text("def add(p):\n    p.add_argument('--device')\n")
+    (tmp_path / "bench" / "b.py").write_text("from bench.common import add\nimport argparse\n"
+                                             "p = argparse.ArgumentParser()\np.add_argument('--quick')\n")
     (tmp_path / "docs" / "other.md").write_text("# Other page\n\n## A `code` heading, here\n")
     doc = tmp_path / "docs" / "page.md"
     doc.write_text("[ok](other.md) [ok](other.md#a-code-heading-here) [bad](missing.md) "
                    "[bad anchor](other.md#nowhere) [web](https://example.com/x.md)\n"
                    "Run `scripts/real.sh`, then scripts/gone.sh and python/*.py.\n"
                    "```bash\nann-kernels train --epochs 1 \\\n    --no-such-flag 3   # comment --ignored\n"
-                   "ann-kernels nosuch --x\n```\n")
+                   "ann-kernels nosuch --x\n```\n"
+                   "Then `python bench/b.py --quick --device cpu --quik` and `python scripts/real.sh --x`.\n")
     assert broken_links(doc) == ["missing.md (no such file docs/missing.md)",
                                  "other.md#nowhere (no heading with anchor #nowhere in other.md)"]
     assert missing_paths(doc) == ["python/*.py", "scripts/gone.sh"]
+    assert unknown_script_options(doc.read_text()) == ["bench/b.py --quik"]
     from ann_kernels.cli import build_parser
 
     commands = cli_commands(doc.read_text())

@@ -16,16 +16,7 @@ from ann_kernels import EarlyExitEngine
 from ann_kernels.inference import engine as engine_module
 from ann_kernels.inference.stage_timing import StageTimes
 from ann_kernels.ops.early_exit import early_exit_step_reference, exit_confidence_reference
-from tests.early_exit_helpers import (  # noqa: F401  (mlp_checkpoint: test_serve_http imports it from here)
-    INF,
-    K,
-    inputs,
-    mlp_checkpoint,
-    safe_thresholds,
-    simulate,
-    small_mlp,
-    tuple_net,
-)
+from tests.early_exit_helpers import INF, K, inputs, safe_thresholds, simulate, small_mlp, tuple_net
 from tests.utils import requires_ext
 
 pytestmark = [requires_ext, pytest.mark.usefixtures("one_thread")]

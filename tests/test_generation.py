@@ -4,7 +4,6 @@ leaving a running batch, bad input."""
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -97,7 +96,7 @@ def test_sequential_verify_cache_is_bit_exact_with_full():
     for name, cfg in (("full", ModeConfig("full")),
                       ("spec", ModeConfig("self_speculative", exit_index=1, draft_len=3, verify_chunk=1))):
         st = DecodeState(ad, cfg, max_batch_size=1, max_positions=30, eos_token_id=None)
-        st.add_rows([prompt], [RowParams(max_new_tokens=10_000)], [0])
+        st.add_rows([prompt], [RowParams(max_new_tokens=25)], [0])
         while int(st.length[0]) < 20:
             st.step()
         n = 19  # positions 0..18 are in every layer's cache of both runs
@@ -223,3 +222,38 @@ def test_bad_input_names_the_argument(model, bad, message):
     kw = {"prompts": [[1, 2, 3]], "max_new_tokens": 4, **bad}
     with pytest.raises(ValueError, match=message):
         ann_kernels.generate(model, **kw)
+
+
+@pytest.mark.parametrize("mode", [ModeConfig("full"), ModeConfig("self_speculative", exit_index=1, draft_len=3)])
+def test_row_with_its_own_generator_does_not_depend_on_the_batch(model, prompts, full_out, mode):
+    """Per-row sampling parameters and generators (what a server gives each request): a
+    seeded sampling row draws the same tokens alone and beside other rows; greedy rows in the
+    same batch stay equal to full."""
+    ad = as_adapter(model)
+
+    def run(rows):
+        st = DecodeState(ad, mode, max_batch_size=len(rows), max_positions=30)
+        st.add_rows([prompts[i] for i in rows],
+                    [RowParams(8, do_sample=True, temperature=0.7, top_k=12, top_p=0.95,
+                               generator=torch.Generator().manual_seed(11)) if i == 0 else RowParams(8)
+                     for i in rows], rows)
+        got = {i: [] for i in rows}
+        while st.num_rows:
+            for ev in st.step():
+                got[ev.row_id] += ev.tokens
+        return got
+
+    alone, mixed = run([0]), run([3, 0, 5])
+    assert alone[0] == mixed[0] and len(alone[0]) == 8
+    assert mixed[3] == full_out.tokens[3][:8] and mixed[5] == full_out.tokens[5][:8]
+
+
+def test_decode_state_rejects_rows_that_do_not_fit(model):
+    st = DecodeState(as_adapter(model), ModeConfig("full"), max_batch_size=2, max_positions=10)
+    with pytest.raises(ValueError, match="max_new_tokens: prompts\\[0\\] has 4 tokens; 4 \\+ max_new_tokens 7"):
+        st.add_rows([[1, 2, 3, 4]], [RowParams(7)], ["a"])
+    with pytest.raises(ValueError, match="prompts\\[1\\]: empty prompt"):
+        st.add_rows([[1], []], [RowParams(2)] * 2, ["a", "b"])
+    st.add_rows([[1], [2]], [RowParams(2)] * 2, ["a", "b"])
+    with pytest.raises(ValueError, match="do not fit; 2 of 2 slots are in use"):
+        st.add_rows([[3]], [RowParams(2)], ["c"])

@@ -66,7 +66,7 @@ def test_cache_after_recompute_equals_teacher_forced_pass(model, prompts):
     ad = as_adapter(model)
     st = DecodeState(ad, ModeConfig("confidence", thresholds=(0.8, 0.8, 0.8, 0.0)), max_batch_size=8,
                      max_positions=30)
-    st.add_rows(prompts, [RowParams(100)] * 8, list(range(8)))
+    st.add_rows(prompts, [RowParams(20)] * 8, list(range(8)))
     with torch.inference_mode():
         for _ in range(10):
             st.step()
@@ -112,3 +112,26 @@ def test_calibration_meets_the_budget(model):
     assert all(len(t) == 6 for t in out.tokens)
     with pytest.raises(ValueError, match="budget"):
         calibrate_generation(model, held_out, 0.01)
+
+
+def test_infinite_threshold_skips_that_exit(model, prompts):
+    """+inf at an exit: its head is never evaluated and no row leaves there; the rest as the oracle."""
+    thresholds = [float("inf"), 0.8, float("inf")]
+    out = ann_kernels.generate(model, prompts, max_new_tokens=8, mode="confidence", threshold=thresholds)
+    for p, toks, exits in zip(prompts, out.tokens, out.exit_index):
+        assert (toks, exits) == generate_reference(model, p, 8, mode="confidence", threshold=thresholds)
+        assert set(exits) <= {1, 3}
+    assert out.stats["exit_counts"][0] == out.stats["exit_counts"][2] == 0 < out.stats["exit_counts"][1]
+
+
+def test_calibration_on_a_subset_of_exits(model):
+    held_out = torch.randint(0, V, (16, 12), generator=torch.Generator().manual_seed(5))
+    calib = calibrate_generation(model, held_out, 0.8, exits=[1])
+    assert calib.thresholds[0] == calib.thresholds[2] == float("inf") and calib.thresholds[3] == float("-inf")
+    assert calib.exit_counts[0] == calib.exit_counts[2] == 0
+    full_cost = float(exit_costs(as_adapter(model))[-1])
+    assert calib.mean_flops <= 0.8 * full_cost * (1 + 1e-9)
+    out = ann_kernels.generate(model, ragged_prompts(4, V), max_new_tokens=6, mode="confidence", threshold=calib)
+    assert {e for row in out.exit_index for e in row} <= {1, 3}
+    with pytest.raises(ValueError, match="exits: expected exit indices in \\[0, 4\\)"):
+        calibrate_generation(model, held_out, 0.8, exits=[7])

@@ -97,3 +97,26 @@ def test_static_and_confidence_against_hf_hidden_states(llama, prompts):
 def test_exit_layers_out_of_range(llama):
     with pytest.raises(ValueError, match="exit_layers: expected layer indices in \\[0, 4\\)"):
         ann_kernels.generate(llama, [[1, 2]], max_new_tokens=2, exit_layers=[5])
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 0, 1.0), (1.0, 5, 1.0), (1.3, 0, 0.8), (0.9, 7, 0.6)])
+def test_filtered_probs_match_hf_logits_warpers(temperature, top_k, top_p):
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    from ann_kernels.generation.sampling import RowSampling, filtered_probs
+
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 3
+    z = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k:
+        z = TopKLogitsWarper(top_k)(None, z)
+    if top_p < 1:
+        z = TopPLogitsWarper(top_p)(None, z)
+    expected = torch.softmax(z, -1)
+    n = logits.shape[0]
+    s = RowSampling(torch.ones(n, dtype=torch.bool), torch.full((n,), temperature), torch.full((n,), top_k),
+                    torch.full((n,), top_p), True, top_k == 0 and top_p == 1.0)
+    torch.testing.assert_close(filtered_probs(logits, s), expected, atol=1e-6, rtol=1e-5)

@@ -6,6 +6,7 @@ isolation of the CUDA test phase: tests/test_pytest_per_file.py)."""
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import shutil
 import subprocess
@@ -189,6 +190,31 @@ def test_target_runner_past_its_deadline_writes_not_measured_rows(tmp_path):
     assert len(rows) == sum(len(targets.PROVIDERS[op]) for op, _, _ in targets.validate_targets())
     assert all(r["notes"].startswith("not measured: the deadline") for r in rows)
     assert {v.status for v in targets.judge(rows)} == {"not measured"}
+
+
+def test_extra_peak_is_the_allocator_peak_beyond_inputs_and_gradients(monkeypatch):
+    """The CUDA path of the peak probe with the allocator statistics stubbed (no GPU here):
+    peak - memory before the step - the gradients the step leaves."""
+    import types
+
+    import torch
+
+    stats = {"allocated": 0, "peak": 0}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: stats.update(peak=stats["allocated"]))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: stats["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: stats["peak"])
+    leaves = [torch.zeros(1024, 256, requires_grad=True), torch.zeros(512, dtype=torch.bfloat16, requires_grad=True)]
+    leaves[0].grad = torch.ones(1024, 256)  # a gradient left over from a previous step: not counted
+    stats["allocated"] = 50 * 2**20
+
+    def step():
+        for t in leaves:
+            t.grad = torch.ones_like(t)
+        stats["peak"] = stats["allocated"] + 8 * 2**20 + 1024 * 256 * 4 + 512 * 2  # 8 MB of temporaries
+
+    assert targets.extra_peak_mb(step, leaves, types.SimpleNamespace(type="cuda")) == 8.0
+    assert math.isnan(targets.extra_peak_mb(step, leaves, torch.device("cpu")))
 
 
 def test_summary_opens_with_the_target_verdicts_then_tests_then_skips(tmp_path):

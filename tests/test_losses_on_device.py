@@ -92,9 +92,19 @@ def test_linear_loss_matches_float64_truth(dtype, device):
     truth_grads = torch.autograd.grad(truth, [*h64, w64])
     tol = 2e-5 if dtype == torch.float32 else 2e-2
     assert abs(float(out.loss.detach()) - float(truth)) <= tol * max(1.0, abs(float(truth)))
-    for g, g_truth in zip(grads, truth_grads):
-        scale = float(g_truth.abs().max()) or 1.0
-        assert max_abs_err(g.cpu(), g_truth) <= tol * scale * 5
+    if dtype == torch.float32:
+        for g, g_truth in zip(grads, truth_grads):
+            assert max_abs_err(g.cpu(), g_truth) <= 1e-5 * float(g_truth.abs().max())
+        return
+    # bf16: within twice torch's own error (F.linear + F.cross_entropy on the bf16 tensors,
+    # eager, on CPU) against the float64 truth, per gradient (issue 24: was 10% of the max)
+    hd = [x.detach().cpu().requires_grad_() for x in hidden]
+    wd = weight.detach().cpu().requires_grad_()
+    torch_loss = sum(w * F.cross_entropy(F.linear(x, wd), target) for w, x in zip(exit_w.tolist(), hd))
+    torch_grads = torch.autograd.grad(torch_loss, [*hd, wd])
+    for g, g_torch, g_truth in zip(grads, torch_grads, truth_grads):
+        kernel_err, bound = low_precision_bound(g.cpu(), g_torch, g_truth, floor=1e-6 * float(g_truth.abs().max()))
+        assert kernel_err <= bound, (kernel_err, bound)
 
 
 # ---------------------------------------------------------------------------------------

@@ -16,6 +16,12 @@ from tests.utils import grads_of, low_precision_bound, make_logits, make_target,
 
 pytestmark = requires_ext
 
+# Gradient tolerances (fp32): per entry rtol (two fp32 computations of lse over up to 50257
+# classes differ by ~2e-5 relative), plus an absolute floor of 1e-7 of the largest entry or
+# row scale (only the cancellation p - 1 at the target needs it, e.g. C = 1: p - 1 = 0).
+GRAD_RTOL = 5e-5
+GRAD_ATOL_OF_MAX = 1e-7
+
 
 def run_both(heads, target, weights=None, **kwargs):
     """(fused ExitLoss, fused grads, reference ExitLoss, reference grads) on the same inputs."""
@@ -34,9 +40,15 @@ def assert_matches_reference(heads, target, weights=None, *, atol=2e-5, **kwargs
     assert max_abs_err(fused.per_sample, ref.per_sample) <= atol * max(1.0, ref.per_sample.abs().max().item())
     assert max_abs_err(fused.confidence, ref.confidence) <= 1e-5
     assert torch.equal(fused.prediction, ref.prediction)
+    # the gradients' natural size: the largest row scale w_k / N_valid
+    n_valid = max(1, int((target != kwargs.get("ignore_index", -100)).sum()))
+    row_scale = (1.0 if weights is None else float(torch.as_tensor(weights).max())) / n_valid
     for g, r in zip(fused_grads, ref_grads):
         assert g.dtype == r.dtype and g.shape == r.shape
-        assert max_abs_err(g, r) <= atol
+        # entry by entry (issue 24): relative, with an absolute floor far below the entries
+        # (a dropped label-smoothing term e/C, or zeroed small entries, must show)
+        floor = GRAD_ATOL_OF_MAX * max(r.abs().max().item(), row_scale)
+        torch.testing.assert_close(g, r, rtol=GRAD_RTOL, atol=floor)
     return fused, fused_grads
 
 
@@ -171,7 +183,8 @@ def test_nan_and_inf_logits_propagate_like_torch(num_classes, dtype):
     assert torch.isnan(fused.per_sample[0, 1]) and torch.isnan(fused.confidence[bad]).all()
     assert torch.isnan(fused.loss) and torch.isnan(fused.per_exit).all()
     assert torch.equal(fused.prediction, torch.stack([z.argmax(-1) for z in heads]))
-    torch.testing.assert_close(fused.per_sample[~bad], ref.per_sample[~bad], rtol=2e-2, atol=2e-2)
+    # the same fp32 row math on the same (rounded) logits: fp32 tolerances in both dtypes
+    torch.testing.assert_close(fused.per_sample[~bad], ref.per_sample[~bad], rtol=1e-5, atol=1e-5)
     grads = grads_of(fused.loss, heads)
     assert torch.isnan(grads[0][1]).all() and torch.isnan(grads[1][4]).all()
     assert torch.isfinite(grads[0][0]).all() and torch.isfinite(grads[1][5]).all()

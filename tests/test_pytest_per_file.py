@@ -161,7 +161,8 @@ def test_sigterm_writes_the_xml_of_what_ran(tmp_path):
                             cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     events = tmp_path / "out" / "test_a_hangs.py.0.jsonl"
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and "test_hangs" not in (events.read_text() if events.exists() else ""):
+    started = '{"event": "start", "nodeid": "test_a_hangs.py::test_hangs"}'
+    while time.monotonic() < deadline and started not in (events.read_text() if events.exists() else ""):
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=30)
@@ -197,3 +198,20 @@ def test_slow_tests_are_sampled_unless_full(tmp_path):
     assert set(outcomes(tmp_path / "out.xml")) == expected  # and at least the first slow test of each file
     assert run_runner(tmp_path, "--slow-keep=1").returncode == 0
     assert len(outcomes(tmp_path / "out.xml")) == 41  # --full: every slow test
+
+
+def test_after_the_last_restart_the_rest_of_the_file_still_runs(tmp_path):
+    write(tmp_path, {"test_asserts_often.py": '''
+import pytest
+
+
+@pytest.mark.parametrize("i", range(5))
+def test_asserts(i):
+    raise RuntimeError("CUDA error: an illegal memory access was encountered")
+'''})
+    done = run_runner(tmp_path, "--max-restarts=2")
+    assert done.returncode == 1, done.stdout + done.stderr
+    results = outcomes(tmp_path / "out.xml")
+    assert len(results) == 5
+    assert all(r.startswith("failure: RuntimeError: CUDA error: an illegal") for r in results.values())
+    assert done.stdout.count("NOTE test_asserts_often.py: restarted after a context-breaking") == 2

@@ -187,7 +187,8 @@ def test_light_load_latency_is_bounded_by_max_wait_not_batch_size():
                 future.add_done_callback(lambda f, name=name: done_at.setdefault(name, time.perf_counter()))
             answers = {name: f.result(timeout=60) for name, f in futures.items()}
             assert done_at["short"] < done_at["long"]
-            assert answers["short"].queue_s >= 0.005 and answers["long"].queue_s >= 0.3  # waited, not more
+            # each waited its own max_wait_s for a fuller batch; the short wait ends before the long one
+            assert 0.005 <= answers["short"].queue_s < 0.3 <= answers["long"].queue_s
             assert answers["short"].stats.total_seconds < answers["long"].stats.total_seconds
             assert torch.equal(answers["short"].prediction, answers["long"].prediction)
 

@@ -569,3 +569,4 @@ def test_argmax_follows_torch_first_nan_rule(blocks):
     z[2, 25] = NAN  # NaNs in two chunks
     out = multi_exit_ce_forward_triton([z], make_target(4, 33), None, None, -100, 0.0, None, 0.9, 0, **blocks)
     assert out[4][0].tolist() == z.argmax(dim=-1).tolist() == [2, 30, 9, z[3].argmax().item()]
+

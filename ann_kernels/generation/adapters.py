@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ann_kernels.nn.causal_lm import CausalExitLM
@@ -81,16 +82,33 @@ class CausalExitLMAdapter(DecoderAdapter):
         self.dtype, self.device = p.dtype, p.device
         layer_params = sum(x.numel() for x in first.parameters())
         self.kv_flops_fraction = 2 * self.hidden_size * self.hidden_size / layer_params
+        # The blocks' tensors, read once: the decode loop calls F.* on them directly (the
+        # nn.Module call machinery costs ~10% of a small model's decode step).
+        self.weights = [self._block_weights(b) for b in blocks]
+
+    @staticmethod
+    def _block_weights(b):
+        fc1, act, fc2 = b.mlp[0], b.mlp[1], b.mlp[2]
+        if not (isinstance(fc1, nn.Linear) and isinstance(act, nn.GELU) and isinstance(fc2, nn.Linear)):
+            return None
+        return ((b.norm1.normalized_shape, b.norm1.weight, b.norm1.bias, b.norm1.eps), (b.qkv.weight, b.qkv.bias),
+                (b.proj.weight, b.proj.bias),
+                (b.norm2.normalized_shape, b.norm2.weight, b.norm2.bias, b.norm2.eps),
+                (fc1.weight, fc1.bias), act.approximate, (fc2.weight, fc2.bias))
 
     def embed(self, tokens: Tensor, positions: Tensor) -> Tensor:
         pos = self.embedding.position[0]
         return self.embedding.token(tokens) + pos[positions.clamp(max=pos.shape[0] - 1)]
 
     def qkv(self, i: int, h: Tensor, rope):
-        block = self.blocks[i]
         n, s, d = h.shape
-        q, k, v = block.qkv(block.norm1(h)).view(n, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return q, k, v
+        w = self.weights[i]
+        if w is None:
+            block = self.blocks[i]
+            x = block.qkv(block.norm1(h))
+        else:
+            x = F.linear(F.layer_norm(h, *w[0]), *w[1])
+        return x.view(n, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
     def kv(self, i: int, h: Tensor, rope):
         """k, v [n, H, s, d] only (kv_policy="propagate"): the last 2D rows of the fused qkv."""
@@ -102,9 +120,13 @@ class CausalExitLMAdapter(DecoderAdapter):
         return k, v
 
     def finish_layer(self, i: int, h: Tensor, attn: Tensor) -> Tensor:
-        block = self.blocks[i]
-        h = h + block.proj(attn)
-        return h + block.mlp(block.norm2(h))
+        w = self.weights[i]
+        if w is None:
+            block = self.blocks[i]
+            h = h + block.proj(attn)
+            return h + block.mlp(block.norm2(h))
+        h = h + F.linear(attn, *w[2])
+        return h + F.linear(F.gelu(F.linear(F.layer_norm(h, *w[3]), *w[4]), approximate=w[5]), *w[6])
 
     def exit_logits(self, h: Tensor, exit_id: int) -> Tensor:
         return self.heads[exit_id](h)

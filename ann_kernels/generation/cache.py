@@ -41,10 +41,14 @@ class KVCache:
         self.scratch = max_positions
         self._heads = torch.arange(num_kv_heads, device=device).view(1, -1, 1)
 
-    def write_index(self, write_pos: Tensor, rows=None) -> tuple[Tensor, Tensor, Tensor]:
+    def write_index(self, write_pos: Tensor, rows=None, same_position: int | None = None):
         """The ``index_put_`` index of positions ``write_pos`` [n, s] (device int64) of slots
-        ``rows`` (None: 0..n-1; an int r: r..r+n-1; a device tensor [n] of slots)."""
+        ``rows`` (None: 0..n-1; an int r: r..r+n-1; a device tensor [n] of slots); a plain
+        slice when ``same_position`` says every row writes one token at that position."""
         n = write_pos.shape[0]
+        if same_position is not None and (rows is None or isinstance(rows, int)):
+            first = 0 if rows is None else rows
+            return (slice(first, first + n), slice(None), slice(same_position, same_position + 1))
         if rows is None or isinstance(rows, int):
             first = 0 if rows is None else rows
             slots = torch.arange(first, first + n, device=write_pos.device)
@@ -57,6 +61,10 @@ class KVCache:
         :meth:`write_index`; ``index``: that index, precomputed)."""
         if index is None:
             index = self.write_index(write_pos, rows)
+        if isinstance(index[0], slice):  # rows 0..n-1 (or from an offset) all at one position: a slice copy
+            self.keys[layer][index].copy_(k)
+            self.values[layer][index].copy_(v)
+            return
         self.keys[layer].index_put_(index, k)
         self.values[layer].index_put_(index, v)
 

@@ -48,27 +48,32 @@ def forward_exits(adapter: DecoderAdapter, tokens: Tensor) -> list[Tensor]:
     return out
 
 
-def exit_costs(adapter: DecoderAdapter) -> Tensor:
-    """float64 [K]: FLOPs per token to reach and evaluate exit k (2 x multiply-adds of the
-    layers' and heads' weights; attention scores left out)."""
+def exit_costs(adapter: DecoderAdapter, exits=None) -> Tensor:
+    """float64 [K'] for the exits ``exits`` (default: all K): FLOPs per token to reach and
+    evaluate each (2 x multiply-adds of the layers' and heads' weights, the heads of the
+    earlier exits in ``exits`` included; attention scores left out)."""
     if hasattr(adapter, "blocks"):
         layer = sum(p.numel() for p in adapter.blocks[0].parameters() if p.dim() > 1)
     else:
         layer = sum(p.numel() for p in adapter.layers[0].parameters() if p.dim() > 1)
     head = adapter.hidden_size * adapter.vocab_size
-    return torch.tensor([2.0 * ((e + 1) * layer + (k + 1) * head) for k, e in enumerate(adapter.exit_layers)],
+    exits = range(adapter.num_exits) if exits is None else exits
+    return torch.tensor([2.0 * ((adapter.exit_layers[k] + 1) * layer + (j + 1) * head) for j, k in enumerate(exits)],
                         dtype=torch.float64)
 
 
 @torch.inference_mode()
 def calibrate_generation(model, held_out: Tensor, budget: float, *, criterion: str = "max_prob",
-                         exit_layers=None, batch_size: int = 16) -> BudgetCalibration:
+                         exit_layers=None, exits=None, batch_size: int = 16) -> BudgetCalibration:
     """Thresholds for ``generate(mode="confidence", threshold=result)`` whose held-out mean
     cost per token is at most ``budget`` (a fraction <= 1 of the full model's cost, or FLOPs
     per token when > 1), maximising agreement with the last exit.
 
     Args:
         model: as for :func:`ann_kernels.generate`. held_out: [N, S] token ids (int64).
+        exits: the exits (0-based) a token may leave at (default: all; the last is always
+            added). The others get threshold +inf, so their heads are never evaluated and
+            cost nothing (a head over a large vocabulary can cost more than a layer).
     Returns:
         :class:`ann_kernels.inference.BudgetCalibration` (``thresholds`` [K], ``mean_flops``,
         ``accuracy`` = held-out agreement with the full model, ``exit_counts``).
@@ -78,8 +83,12 @@ def calibrate_generation(model, held_out: Tensor, budget: float, *, criterion: s
         raise ValueError(f"held_out: expected a [N, S] tensor of token ids, got {getattr(held_out, 'shape', held_out)}")
     if held_out.numel() == 0:
         raise ValueError("held_out: no tokens")
-    costs = exit_costs(adapter)
-    full = float(costs[-1])
+    k_exits = adapter.num_exits
+    allowed = sorted({int(k) for k in (exits if exits is not None else range(k_exits))} | {k_exits - 1})
+    if allowed[0] < 0 or allowed[-1] >= k_exits:
+        raise ValueError(f"exits: expected exit indices in [0, {k_exits}), got {list(exits)}")
+    costs = exit_costs(adapter, allowed)
+    full = float(exit_costs(adapter, [k_exits - 1])[0])
     if not budget > 0:
         raise ValueError(f"budget: expected a positive fraction (<= 1) or FLOPs per token, got {budget!r}")
     flops_budget = budget * full if budget <= 1 else float(budget)
@@ -91,4 +100,15 @@ def calibrate_generation(model, held_out: Tensor, budget: float, *, criterion: s
         conf = [exit_confidence(z, criterion)[0] for z in flat]
         confidences.append(torch.stack(conf).cpu())
         agree.append(torch.stack([z.argmax(dim=-1) == final for z in flat]).cpu())
-    return calibrate_for_budget(torch.cat(confidences, 1), torch.cat(agree, 1), costs, flops_budget)
+    index = torch.tensor(allowed)
+    result = calibrate_for_budget(torch.cat(confidences, 1)[index], torch.cat(agree, 1)[index], costs, flops_budget)
+    if len(allowed) == k_exits:
+        return result
+    thresholds = torch.full((k_exits,), float("inf"), dtype=result.thresholds.dtype)
+    thresholds[index] = result.thresholds
+    fractions = torch.zeros(k_exits, dtype=result.exit_fractions.dtype)
+    fractions[index] = result.exit_fractions
+    counts = torch.zeros(k_exits, dtype=result.exit_counts.dtype)
+    counts[index] = result.exit_counts
+    return BudgetCalibration(thresholds=thresholds, exit_fractions=fractions, mean_flops=result.mean_flops,
+                             accuracy=result.accuracy, exit_counts=counts, budget=result.budget)

@@ -13,7 +13,6 @@ mean cost per token (a fraction <= 1 of the full model's).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path

@@ -196,10 +196,12 @@ def step_confidence(st, n: int):
             h = h_out[st._arange[:m], (count - 1).to(dev)].unsqueeze(1)
         st.seg_len[rows_host, seg] = cur + 1
         ctr.layer_evals += float(count.sum()) * len(layers)
+        threshold = -math.inf if seg == last else cfg.thresholds[seg]
+        if threshold == math.inf:  # nobody can leave here: skip the head
+            continue
         logits = ad.exit_logits(h[:, 0], seg)
         if logits.dtype not in _OP_DTYPES:
             logits = logits.float()
-        threshold = -math.inf if seg == last else cfg.thresholds[seg]
         survivors, keep_local, _ = decide(logits, rows_dev, None, prediction, exit_index, confidence,
                                           float(threshold), code, seg, -1)
         if keep_local.shape[0] == m:

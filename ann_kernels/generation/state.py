@@ -112,12 +112,14 @@ class DecodeState:
         generator: the shared generator of sampling rows without their own.
     """
 
+    @torch.inference_mode()
     def __init__(self, adapter: DecoderAdapter, config: ModeConfig, *, max_batch_size: int, max_positions: int,
                  eos_token_id=None, generator: torch.Generator | None = None):
         self.adapter, self.config = adapter, config
         ad = adapter
         self.device = ad.device
         slack = config.draft_len + 1 if config.mode == "self_speculative" else 0
+        self.max_positions = max_positions
         self.T = max_positions + slack  # cache positions; column T is the padding scratch
         self.slots = max_batch_size
         self.num_exits = ad.num_exits
@@ -150,17 +152,30 @@ class DecodeState:
         self._arange = torch.arange(max(max_batch_size, self.T + 1), device=self.device)
         self._arange_host = torch.arange(max(max_batch_size, self.T + 1))
         self._sync = self.device.type == "cuda"
+        self._sampling_cache = None
 
     # ------------------------------------------------------------------ rows
     @property
     def num_rows(self) -> int:
         return len(self.row_ids)
 
+    @torch.inference_mode()
     def add_rows(self, prompts: list[list[int]], params: list[RowParams], row_ids: list) -> None:
         """Append rows (prompts of >= 1 token ids) and prefill their caches (batched)."""
         b, n = len(prompts), self.num_rows
         if n + b > self.slots:
             raise ValueError(f"prompts: {b} new rows do not fit; {n} of {self.slots} slots are in use")
+        if len(params) != b or len(row_ids) != b:
+            raise ValueError(f"params / row_ids: expected {b} each (one per prompt), got {len(params)} / {len(row_ids)}")
+        limit = min(self.max_positions, self.adapter.max_len)
+        for i, (p, rp) in enumerate(zip(prompts, params)):
+            if not p:
+                raise ValueError(f"prompts[{i}]: empty prompt (a row needs at least one token)")
+            if min(p) < 0 or max(p) >= self.adapter.vocab_size:
+                raise ValueError(f"prompts[{i}]: token ids must lie in [0, {self.adapter.vocab_size})")
+            if rp.max_new_tokens < 1 or len(p) + rp.max_new_tokens > limit:
+                raise ValueError(f"max_new_tokens: prompts[{i}] has {len(p)} tokens; {len(p)} + max_new_tokens "
+                                 f"{rp.max_new_tokens} exceeds the {limit} positions a row may use here")
         lens = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
         width = int(lens.max())
         padded = torch.zeros(b, width, dtype=torch.int64)
@@ -178,6 +193,7 @@ class DecodeState:
             self.top_p[s] = rp.top_p
             self.row_generators[s] = rp.generator
         self.row_ids.extend(row_ids)
+        self._sampling_cache = None
         last_seg = self.config.exit_index if self.config.mode == "static" else self.num_exits - 1
         t0 = time.perf_counter()
         self._prefill(n, b, lens - 1, last_seg)
@@ -201,12 +217,14 @@ class DecodeState:
         self.run_layers(layers, h, qpos, write, rows=first, window=s, force_mask=True)
         self.counters.prefill_evals += float(counts.sum()) * len(layers)
 
+    @torch.inference_mode()
     def remove_rows(self, row_ids) -> None:
         """Take rows out of the batch (finished or cancelled); their slots are freed."""
         drop = set(row_ids)
         self._keep([i for i, r in enumerate(self.row_ids) if r not in drop])
 
     def _keep(self, keep: list[int]) -> None:
+        self._sampling_cache = None
         n, m = self.num_rows, len(keep)
         if m == n:
             return
@@ -239,13 +257,16 @@ class DecodeState:
         ad = self.adapter
         if window is None:
             window = int(qpos.max()) + 1
-        mask = None
+        mask, same = None, None
         if force_mask or qpos.shape[1] > 1 or (qpos.shape[0] > 1 and bool((qpos != qpos[0, 0]).any())):
             keys = self._arange_host[:window].view(1, 1, 1, window)
             mask = (keys <= qpos.view(qpos.shape[0], 1, qpos.shape[1], 1)).to(self.device)
-        qpos_d, write_d = qpos.to(self.device), write.to(self.device)
+        elif write is qpos:  # one token per row, all at one position, written where it queries
+            same = int(qpos[0, 0])
+        qpos_d = qpos.to(self.device)
+        write_d = qpos_d if write is qpos else write.to(self.device)
         rope = ad.rope(qpos_d, h)
-        index = self.cache.write_index(write_d, rows)
+        index = self.cache.write_index(write_d, rows, same)
         for i in layers:
             q, k, v = ad.qkv(i, h, rope)
             a = cached_attention(self.cache, i, q, k, v, write_d, mask, window, self.gqa, self.scale, rows, index)
@@ -262,14 +283,21 @@ class DecodeState:
 
     # ------------------------------------------------------------------ sampling
     def sampling(self, n: int) -> RowSampling:
+        """The active rows' sampling parameters (cached until rows join or leave)."""
+        cached = self._sampling_cache
+        if cached is not None and cached[0] == n:
+            return cached[1]
         ds = self.do_sample[:n]
         any_sample = bool(ds.any())
         plain = not bool(((self.top_k[:n] > 0) | (self.top_p[:n] < 1)).any()) if any_sample else True
         dev = self.device
-        return RowSampling(ds.to(dev), self.temperature[:n].to(dev), self.top_k[:n].to(dev), self.top_p[:n].to(dev),
-                           any_sample, plain)
+        out = RowSampling(ds.to(dev), self.temperature[:n].to(dev), self.top_k[:n].to(dev), self.top_p[:n].to(dev),
+                          any_sample, plain)
+        self._sampling_cache = (n, out)
+        return out
 
     # ------------------------------------------------------------------ step
+    @torch.inference_mode()
     def step(self) -> list[StepEvent]:
         """One decode step of every active row (each gets >= 1 new token); finished rows
         leave the batch. Returns one event per row that was active."""
@@ -288,6 +316,8 @@ class DecodeState:
         """Write the step's tokens [n, c] (``counts`` [n] valid per row) into the rows, cut at
         EOS / max_new_tokens, finish rows. One device->host copy."""
         c = new_tokens.shape[1]
+        if c == 1 and not self.eos.numel():
+            return self._append_one(n, new_tokens[:, 0], new_exits[:, 0])
         host = torch.cat([new_tokens, new_exits, counts.to(new_tokens.device).unsqueeze(1)], 1).cpu()
         toks, exits, cnt = host[:, :c], host[:, c:2 * c], host[:, 2 * c]
         j = self._arange_host[:c].unsqueeze(0)
@@ -320,4 +350,26 @@ class DecodeState:
                             ("eos" if fe[i] else "length") if fl[i] else None) for i in range(n)]
         if any(fl):
             self._keep([i for i in range(n) if not fl[i]])
+        return events
+
+    def _append_one(self, n: int, tokens: Tensor, exits: Tensor) -> list[StepEvent]:
+        """``_append`` for one token per row and no EOS (the common decode step): fewer ops."""
+        length = self.length[:n]
+        self.tokens.index_put_((self._arange[:n], length.to(self.device)), tokens)
+        host = torch.stack([tokens, exits]).cpu()
+        length += 1
+        self.generated[:n] += 1
+        finished = (self.generated[:n] >= self.max_new[:n]).tolist()
+        ctr = self.counters
+        ctr.new_tokens += n
+        exits_host = host[1]
+        ctr.exit_sum += int(exits_host.sum())
+        per_exit = torch.bincount(exits_host, minlength=self.num_exits).tolist()
+        ctr.exit_counts = [a + b for a, b in zip(ctr.exit_counts, per_exit)]
+        tl, el = host[0].tolist(), exits_host.tolist()
+        ids = self.row_ids
+        events = [StepEvent(ids[i], [tl[i]], [el[i]], finished[i], "length" if finished[i] else None)
+                  for i in range(n)]
+        if any(finished):
+            self._keep([i for i in range(n) if not finished[i]])
         return events

@@ -13,7 +13,10 @@
   :class:`~ann_kernels.inference.EarlyExitServer`; with ``--budget`` the thresholds are
   calibrated on the validation split first, without it every request runs at full depth.
   SIGTERM drains (``--drain-timeout-s``); ``--backend ray --replicas N`` runs N replicas on a
-  local Ray Serve instance (extra ``[ray]``). See ``docs/serving.md``.
+  local Ray Serve instance (extra ``[ray]``). See ``docs/serving.md``. On an LM checkpoint
+  (``ann-kernels train --dataset text``) it serves the OpenAI ``/v1/completions`` over a
+  :class:`~ann_kernels.generation.GenerationServer` instead (``--mode``, ``--exit-index``,
+  ``--threshold``, ``--draft-len``; :mod:`ann_kernels.serve.lm_command`, ``docs/serving_lm.md``).
 
 Budgets: a value <= 1 is a fraction of the full network's FLOPs per sample, a value > 1 is
 FLOPs per sample. The model is rebuilt with :func:`ann_kernels.train.runs.load_trained`.
@@ -232,7 +235,7 @@ def build_server(args):
         thresholds = engine.calibrate_budget(budget).thresholds
     if args.max_wait_ms < 0:
         raise ValueError(f"max-wait-ms: expected milliseconds >= 0, got {args.max_wait_ms}")
-    server = EarlyExitServer(engine, thresholds=thresholds, max_batch_size=args.max_batch_size,
+    server = EarlyExitServer(engine, thresholds=thresholds, max_batch_size=args.max_batch_size or 256,
                              max_wait_s=args.max_wait_ms / 1e3, sample_shape=tuple(spec["input_shape"]))
     return server, spec
 
@@ -265,6 +268,10 @@ def build_replica_server(args):
 
 def cmd_serve(args) -> int:
     _check_serve_args(args)
+    from ann_kernels.serve.lm_command import is_lm_checkpoint, serve_lm
+
+    if is_lm_checkpoint(args.checkpoint):  # an LM: OpenAI /v1/completions (docs/serving_lm.md)
+        return serve_lm(args, model_name_of(args))
     if args.backend == "ray":
         return _serve_on_ray(args)
     from ann_kernels.serve import create_app, require_serve_extra
@@ -390,7 +397,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--budget", type=float, default=None)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch-size", type=int, default=256, help="most rows per stage run")
+    p.add_argument("--max-batch-size", type=int, default=None,
+                   help="most rows per stage run (default 256); an LM: rows decoded at once (default 32)")
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="longest wait for a fuller batch per stage")
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="larger request bodies get 413")
     p.add_argument("--log-level", default="warning", help="uvicorn log level")
@@ -401,6 +409,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--backend", choices=("local", "ray"), default="local",
                    help="local: one process (uvicorn); ray: replicas on a local Ray Serve instance (extra [ray])")
     p.add_argument("--replicas", type=int, default=1, help="server replicas (--backend ray)")
+    lm = p.add_argument_group("LM checkpoints (OpenAI /v1/completions; per-request 'early_exit' overrides these)")
+    lm.add_argument("--mode", choices=("full", "static", "confidence", "self_speculative"), default="full",
+                    help="the default generation mode")
+    lm.add_argument("--exit-index", type=int, default=None, help="static / self_speculative: the (draft) exit")
+    lm.add_argument("--threshold", type=float, default=None, help="confidence: the exit threshold")
+    lm.add_argument("--draft-len", type=int, default=None, help="self_speculative: drafted tokens per step")
+    lm.add_argument("--max-queue", type=int, default=1024, help="waiting requests beyond which requests get 429")
     p.set_defaults(func=cmd_serve)
 
 

@@ -16,11 +16,16 @@ Gradients: dz_ikc = grad_out w_k s_ik / N_valid (softmax_c - (1-e)[c = y_i] - e/
 dw_k = grad_out sum_i s_ik l_ik / N_valid (= grad_out L_k without sample weights);
 ds_ik = grad_out w_k l_ik / N_valid (summed over k for [N] sample weights).
 
-Backward for any grad_out (GradScaler's 2^16, ``loss / accumulation_steps``): grad_out is
-folded into the fp32 scale before the one rounding to the logits dtype. fp32 logits: the
-forward keeps the exact pre-scaled gradient, handed over as is for grad_out = 1 and scaled
-in place otherwise (the same buffer, released with it). bf16 / fp16: the forward keeps
-only lse [K, N] and the backward makes the gradient in one pass, already scaled.
+Backward for any grad_out (GradScaler's 2^16, ``loss / accumulation_steps``), two modes
+(docs/low_precision.md gives the design and the error bound):
+- gradient buffer (fp32, bf16): the forward keeps the pre-scaled gradient in the logits
+  dtype (one read of the logits + one write of the gradient in all), handed over as is for
+  grad_out = 1 and scaled in place otherwise (the same buffer, released with it): exact for
+  powers of two, else one more rounding, within 2 units of the dtype's rounding (bf16 has
+  fp32's exponent range, so nothing over- or underflows that the true gradient keeps);
+- save-lse (fp16): the forward keeps only lse [K, N]; the backward makes the gradient in
+  one pass with grad_out folded into the fp32 scale before the one rounding to fp16 (fp16's
+  range cannot hold the pre-scaled gradient for GradScaler's scale).
 ``create_graph=True`` runs a backward of differentiable torch ops (double backward works).
 """
 
@@ -288,24 +293,34 @@ def multi_exit_cross_entropy(
 
 def empty_grad_cache() -> None:
     """Free the idle gradient buffers the CPU kernel keeps for reuse (buffers >= 1 MiB are
-    recycled across steps to avoid page faults; at most ``ANN_KERNELS_GRAD_CACHE_MB``,
-    default 2048, is kept idle)."""
+    recycled across steps to avoid page faults; the idle ones never exceed the peak bytes
+    in use over the last 8 requests, nor ``ANN_KERNELS_GRAD_CACHE_MB`` when set; see
+    docs/low_precision.md, memory notes)."""
     if HAS_CPP_EXT:
         from ann_kernels import _C
 
         _C.empty_grad_cache()
 
 
+GRAD_CACHE_STAT_NAMES = ("handed_out", "hits", "idle_bytes", "idle_limit_bytes", "in_use_bytes")
+
+
 def grad_cache_stats() -> dict[str, int]:
-    """Counters of the CPU kernel's gradient-buffer pool since the process started:
-    ``handed_out`` (every [K, N, C] gradient buffer requested, pooled or not) and ``hits``
-    (those served from the cache). Zeros without the extension."""
+    """Counters and memory of the CPU kernel's gradient-buffer pool:
+
+    - ``handed_out``: every [K, N, C] gradient buffer requested since the process started,
+      pooled or not; ``hits``: those served from the cache;
+    - ``idle_bytes``: freed buffers the cache holds now (memory outside torch's allocator);
+    - ``idle_limit_bytes``: the current bound on ``idle_bytes`` (the peak of pooled bytes in
+      use over the last 8 requests, capped by ``ANN_KERNELS_GRAD_CACHE_MB`` when set);
+    - ``in_use_bytes``: pooled buffers alive now (gradients not yet freed).
+
+    Zeros without the extension."""
     if not HAS_CPP_EXT:
-        return {"handed_out": 0, "hits": 0}
+        return dict.fromkeys(GRAD_CACHE_STAT_NAMES, 0)
     from ann_kernels import _C
 
-    handed_out, hits = _C.grad_cache_stats()
-    return {"handed_out": handed_out, "hits": hits}
+    return dict(zip(GRAD_CACHE_STAT_NAMES, _C.grad_cache_stats()))
 
 
 # ---------------------------------------------------------------------------------------

@@ -19,120 +19,22 @@ z = z-loss coefficient, s_ik per-token weights, w_k exit weights):
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 
 from ann_kernels import _compat
 from ann_kernels._ext import HAS_CPP_EXT, HAS_TRITON, warn_fallback
+from ann_kernels.ops.linear_ce_args import (
+    as_exit_list,
+    check_linear_ce_targets,
+    default_budget_bytes,
+    validate_linear_ce_args,
+)
 from ann_kernels.ops.multi_exit_ce import ExitLoss, update_ema_
 
 __all__ = [
     "multi_exit_linear_cross_entropy", "multi_exit_linear_cross_entropy_reference", "default_budget_bytes",
 ]
-
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_DEFAULT_BUDGET_MB = 32.0
-
-
-def default_budget_bytes() -> int:
-    """Bytes of the logits tile the kernels keep at once (one chunk of rows x one tile of
-    the vocabulary, fp32): ``ANN_KERNELS_LINEAR_CE_BUDGET_MB`` (default 32 MiB). With the
-    whole vocabulary in one tile when >= 64 rows fit, else vocabulary tiles of 64 rows."""
-    mb = float(os.environ.get("ANN_KERNELS_LINEAR_CE_BUDGET_MB", _DEFAULT_BUDGET_MB))
-    return int(mb * 2**20)
-
-
-def _as_exits(hidden) -> list[torch.Tensor]:
-    if isinstance(hidden, torch.Tensor):
-        if hidden.dim() != 3:
-            raise ValueError(f"hidden: a single tensor must be stacked exits [K, N, H], got shape {tuple(hidden.shape)}")
-        return list(hidden.unbind(0))
-    if not isinstance(hidden, Sequence) or isinstance(hidden, str):
-        raise TypeError(f"hidden: expected K tensors [N, H] or one [K, N, H] tensor, got {type(hidden).__name__}")
-    exits = list(hidden)
-    if not exits:
-        raise ValueError("hidden: expected at least one exit, got 0")
-    return exits
-
-
-def _validate(hidden, weight, target, weights, bias, sample_weights, label_smoothing, z_loss, ema, momentum,
-              *, check_values: bool = True):
-    """Every argument check (same messages as the C++ op). Returns (exits, weights)."""
-    op = "multi_exit_linear_cross_entropy: "
-    exits = _as_exits(hidden)
-    first = exits[0]
-    for k, h in enumerate(exits):
-        if not isinstance(h, torch.Tensor):
-            raise TypeError(f"{op}hidden[{k}]: expected a tensor, got {type(h).__name__}")
-        if h.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{op}hidden[{k}]: expected float32, bfloat16 or float16, got {h.dtype}")
-        if h.dim() != 2:
-            raise ValueError(f"{op}hidden[{k}]: expected shape [N, H], got {tuple(h.shape)}")
-        if h.shape != first.shape:
-            raise ValueError(f"{op}hidden[{k}] has shape {tuple(h.shape)} but hidden[0] has {tuple(first.shape)}")
-        if h.dtype != first.dtype:
-            raise TypeError(f"{op}hidden[{k}] has dtype {h.dtype} but hidden[0] has {first.dtype}")
-    num_exits = len(exits)
-    n, width = first.shape
-    if n == 0:
-        raise ValueError(f"{op}hidden: no tokens (N = 0)")
-    if not isinstance(weight, torch.Tensor) or weight.dim() not in (2, 3):
-        got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
-        raise ValueError(f"{op}weight: expected one shared head [V, H] or one head per exit [K, V, H], got {got}")
-    if weight.dtype != first.dtype:
-        raise TypeError(f"{op}weight has dtype {weight.dtype} but hidden has {first.dtype}")
-    if weight.dim() == 3 and weight.shape[0] != num_exits:
-        raise ValueError(f"{op}weight: a per-exit head [K, V, H] needs K = {num_exits} (the number of exits in "
-                         f"hidden), got K = {weight.shape[0]} (shape {tuple(weight.shape)})")
-    vocab = weight.shape[-2]
-    if weight.shape[-1] != width:
-        raise ValueError(f"{op}weight: hidden width H = {width} but weight has width {weight.shape[-1]} "
-                         f"(shape {tuple(weight.shape)})")
-    if bias is not None and tuple(bias.shape) not in ((vocab,), (num_exits, vocab)):
-        raise ValueError(f"{op}bias: expected shape [{vocab}] or [{num_exits}, {vocab}] (vocabulary size "
-                         f"V = {vocab}), got {tuple(bias.shape)}")
-    if not isinstance(target, torch.Tensor) or target.dtype != torch.int64:
-        got = target.dtype if isinstance(target, torch.Tensor) else type(target).__name__
-        raise TypeError(f"{op}target: expected int64 class indices, got {got}")
-    if target.shape != (n,):
-        raise ValueError(f"{op}target: expected shape [{n}] (one class per token), got {tuple(target.shape)}")
-    if weights is None:
-        weights = torch.ones(num_exits, device=first.device)
-    elif not isinstance(weights, torch.Tensor):
-        weights = torch.as_tensor(weights, dtype=torch.float32, device=first.device)
-    if weights.shape != (num_exits,):
-        raise ValueError(f"{op}weights: expected {num_exits} values (one per exit), got shape {tuple(weights.shape)}")
-    if check_values and weights.device.type == "cpu" and not _compat.is_compiling() and bool((weights < 0).any()):
-        raise ValueError(f"{op}weights: must be non-negative, got {weights.tolist()}")
-    if sample_weights is not None:
-        if tuple(sample_weights.shape) not in ((n,), (num_exits, n)):
-            raise ValueError(f"{op}sample_weights: expected shape [{n}] or [{num_exits}, {n}], "
-                             f"got {tuple(sample_weights.shape)}")
-        if not sample_weights.dtype.is_floating_point:
-            raise TypeError(f"{op}sample_weights: expected a float tensor, got {sample_weights.dtype}")
-    if ema is not None and (ema.dtype != torch.float32 or ema.shape != (num_exits,)):
-        raise ValueError(f"{op}ema: expected a float32 tensor of shape [{num_exits}], got {ema.dtype} "
-                         f"of shape {tuple(ema.shape)}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"{op}label_smoothing: expected a value in [0, 1], got {label_smoothing}")
-    if not (z_loss >= 0.0 and z_loss < float("inf")):
-        raise ValueError(f"{op}z_loss: expected a finite value >= 0, got {z_loss}")
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"{op}momentum: expected a value in [0, 1), got {momentum}")
-    return exits, weights
-
-
-def _check_targets(target: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    valid = target != ignore_index
-    bad = valid & ((target < 0) | (target >= vocab))
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"multi_exit_linear_cross_entropy: target[{i}] = {int(target[i])} is out of range for a "
-                         f"vocabulary of {vocab} (expected 0 <= target < {vocab} or ignore_index = {ignore_index})")
-
 
 def multi_exit_linear_cross_entropy_reference(
     hidden, weight, target, weights=None, *, bias=None, ignore_index: int = -100, label_smoothing: float = 0.0,
@@ -143,11 +45,11 @@ def multi_exit_linear_cross_entropy_reference(
     logits; ``memory_budget_mb`` is accepted and ignored). ``dtype`` (e.g. float64) runs
     the math in that precision. Skipped exits (weight exactly 0, host-known) as the op:
     per_exit / confidence NaN, per_sample 0, prediction -1."""
-    active = _active_exits(weights, len(_as_exits(hidden)), skip_zero_weight_exits)
-    exits, weights = _validate(hidden, weight, target, weights, bias, sample_weights, label_smoothing, z_loss,
+    active = _active_exits(weights, len(as_exit_list(hidden)), skip_zero_weight_exits)
+    exits, weights = validate_linear_ce_args(hidden, weight, target, weights, bias, sample_weights, label_smoothing, z_loss,
                                ema, momentum)
     vocab = weight.shape[-2]
-    _check_targets(target, vocab, ignore_index)
+    check_linear_ce_targets(target, vocab, ignore_index)
     num_exits, n = len(exits), exits[0].shape[0]
     math_dtype = dtype or torch.float32
     valid = target != ignore_index
@@ -228,17 +130,20 @@ def multi_exit_linear_cross_entropy(
         ema: AdaLoss running averages [K] float32, updated in place as in
             :func:`~ann_kernels.multi_exit_cross_entropy`.
         z_loss: adds z * lse^2 per token (PaLM / Liger convention).
-        memory_budget_mb: fp32 logits-tile budget (default :func:`default_budget_bytes`).
+        memory_budget_mb: bytes of the logits tile in MiB (CPU default
+            :func:`default_budget_bytes`, GPU :func:`gpu_chunk_budget_bytes`).
 
     Returns:
         :class:`~ann_kernels.ExitLoss` (loss [] f32, per_exit [K], per_sample [K, N]
         unweighted l_ik, confidence [K, N] max-prob, prediction [K, N] argmax).
 
-    CPU tensors run the C++ kernel, CUDA tensors the Triton kernel, anything else the
-    pure-torch reference (with a one-time warning). Low-precision inputs are computed in
-    fp32 (GEMMs included) and the gradients rounded once, after grad_out is applied.
+    CPU tensors run the C++ kernel, CUDA tensors the Triton kernel (cuBLAS GEMMs + a Triton
+    row kernel), anything else the pure-torch reference (with a one-time warning).
+    bf16 / fp16 inputs run every GEMM in the input dtype (fp32 accumulation inside) and the
+    row math in fp32; no fp32 copy of the head exists. Precision and memory:
+    ``docs/linear_loss.md``.
     """
-    exits = _as_exits(hidden)
+    exits = as_exit_list(hidden)
     num_exits = len(exits)
     budget = 0 if memory_budget_mb is None else int(memory_budget_mb * 2**20)
     if memory_budget_mb is not None and budget <= 0:
@@ -275,7 +180,7 @@ if HAS_CPP_EXT:
     @_compat.register_fake("ann_kernels::multi_exit_linear_ce")
     def _linear_ce_fake(hidden, weight, target, weights, bias, sample_weights, ignore_index, label_smoothing,
                         z_loss, ema, momentum, active, budget_bytes):
-        _validate(hidden, weight, target, weights, bias, sample_weights, label_smoothing, z_loss, ema, momentum,
+        validate_linear_ce_args(hidden, weight, target, weights, bias, sample_weights, label_smoothing, z_loss, ema, momentum,
                   check_values=False)
         num_exits, n = len(hidden), hidden[0].shape[0]
         f32 = dict(dtype=torch.float32, device=hidden[0].device)
@@ -290,9 +195,10 @@ if HAS_CPP_EXT:
                                label_smoothing, z_loss, ema, momentum, active, budget_bytes)
         f32 = dict(dtype=torch.float32, device=hidden[0].device)
         num_exits, (n, width) = len(hidden), hidden[0].shape
-        if compute_grad:
-            grads = (torch.empty(num_exits, n, width, **f32), torch.empty(weight.shape, **f32),
-                     torch.empty(bias.shape if bias is not None else (0,), **f32))
+        if compute_grad:  # fp32 inputs: fp32 gradients; bf16 / fp16: the input dtype
+            g = dict(dtype=hidden[0].dtype, device=hidden[0].device)
+            grads = (torch.empty(num_exits, n, width, **g), torch.empty(weight.shape, **g),
+                     torch.empty(bias.shape, **g) if bias is not None else torch.empty(0, **f32))
         else:
             grads = tuple(torch.empty(0, **f32) for _ in range(3))
         return (*outs, *grads)

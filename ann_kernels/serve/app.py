@@ -10,22 +10,26 @@
 All of them share one :class:`~ann_kernels.serve.state.ServingState` (``app.state.serving``):
 the model's description, the body limit, the metrics and the drain gate that
 :mod:`.runner` closes on SIGTERM. A protocol module is a function ``add_routes(app, state)``
-in :data:`PROTOCOLS`; a server of another kind (the LM ``GenerationServer``'s OpenAI
-``/v1/completions``) adds its module there and its name to ``protocols``.
+in :data:`PROTOCOLS`; a server of another kind (the LM ``GenerationServer``) has its own:
+
+- ``openai``: ``POST /v1/completions``, ``GET /v1/models``, ``GET /stats``, ``GET /healthz``
+  (:mod:`.openai_api`; errors in OpenAI's shape), ``/metrics`` from :mod:`.lm_metrics`.
 """
 
 from __future__ import annotations
 
 from ann_kernels.serve.oip import add_oip_routes
+from ann_kernels.serve.openai_api import add_openai_error_handlers, add_openai_routes
 from ann_kernels.serve.predict import add_predict_routes
-from ann_kernels.serve.state import ServingState, describe_server
+from ann_kernels.serve.state import ServingState, describe_server, is_generation_server
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "PROTOCOLS", "create_app", "require_serve_extra"]
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20
 # protocol name -> add_routes(app, state)
-PROTOCOLS = {"predict": add_predict_routes, "oip": add_oip_routes}
-DEFAULT_PROTOCOLS = ("predict", "oip")
+PROTOCOLS = {"predict": add_predict_routes, "oip": add_oip_routes, "openai": add_openai_routes}
+DEFAULT_PROTOCOLS = ("predict", "oip")  # a classifier's EarlyExitServer
+LM_PROTOCOLS = ("openai",)  # an LM's GenerationServer
 
 
 def require_serve_extra():  # noqa: D401
@@ -58,24 +62,31 @@ def add_error_handlers(app) -> None:
 
 
 def create_app(server, *, model_name: str = "model", sample_shape=None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               info: dict | None = None, protocols=DEFAULT_PROTOCOLS, metrics: bool | None = None, registry=None):
+               info: dict | None = None, protocols=None, metrics: bool | None = None, registry=None):
     """A FastAPI app serving ``server`` (started by the caller, who also closes it).
 
     Args:
-        server: an :class:`~ann_kernels.inference.EarlyExitServer`.
+        server: an :class:`~ann_kernels.inference.EarlyExitServer`, or an LM's
+            :class:`~ann_kernels.generation.GenerationServer`.
         model_name: the Open Inference Protocol's model name (``/v2/models/{model_name}``).
         sample_shape: one sample's shape (default: the server's, given to it or learnt from
             its first request).
         max_body_bytes: larger request bodies (also once decompressed) get 413.
         info: extra fields for ``/healthz`` (e.g. the checkpoint).
-        protocols: names from :data:`PROTOCOLS`.
+        protocols: names from :data:`PROTOCOLS` (default: ``predict`` and ``oip`` for a
+            classifier, ``openai`` for an LM).
         metrics: serve ``/metrics`` (None: when prometheus_client is installed).
         registry: the ``prometheus_client.CollectorRegistry`` to use (default: a new one).
     """
     fastapi, _ = require_serve_extra()
-    unknown = [p for p in protocols if p not in PROTOCOLS]
+    lm = is_generation_server(server)
+    allowed = LM_PROTOCOLS if lm else DEFAULT_PROTOCOLS
+    if protocols is None:
+        protocols = allowed
+    unknown = [p for p in protocols if p not in allowed]
     if unknown or not protocols:
-        raise ValueError(f"protocols: expected names from {sorted(PROTOCOLS)}, got {list(protocols)!r}")
+        kind = "an LM's GenerationServer" if lm else "an EarlyExitServer"
+        raise ValueError(f"protocols: expected names from {list(allowed)} for {kind}, got {list(protocols)!r}")
     model = describe_server(server, model_name, sample_shape, info)
     serve_metrics = None
     if metrics is None or metrics:
@@ -87,11 +98,16 @@ def create_app(server, *, model_name: str = "model", sample_shape=None, max_body
             if metrics:
                 raise
         else:
-            serve_metrics = ServeMetrics(server, model_name, registry=registry)
+            if lm:
+                from ann_kernels.serve.lm_metrics import GenerationMetrics
+
+                serve_metrics = GenerationMetrics(server, model_name, registry=registry)
+            else:
+                serve_metrics = ServeMetrics(server, model_name, registry=registry)
     state = ServingState(server, model, max_body_bytes=max_body_bytes, metrics=serve_metrics)
     app = fastapi.FastAPI(title="ann_kernels early-exit server", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serving = state
-    add_error_handlers(app)
+    (add_openai_error_handlers if lm else add_error_handlers)(app)
     for name in protocols:
         PROTOCOLS[name](app, state)
     if serve_metrics is not None:

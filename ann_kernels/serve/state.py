@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["ModelDescription", "ProtocolError", "ServingState", "describe_server"]
+from ann_kernels.generation.server import GenerationServer
+
+__all__ = ["ModelDescription", "ProtocolError", "ServingState", "describe_server", "is_generation_server"]
 
 
 class ProtocolError(Exception):
@@ -51,13 +53,21 @@ class ModelDescription:
     extra: dict = field(default_factory=dict)
 
 
+def is_generation_server(server) -> bool:
+    """True for the LM :class:`~ann_kernels.generation.GenerationServer` (served with the OpenAI
+    protocol), False for the classifier ``EarlyExitServer``."""
+    return isinstance(server, GenerationServer)
+
+
 def describe_server(server, name: str, sample_shape=None, extra: dict | None = None) -> ModelDescription:
-    """:class:`ModelDescription` of an :class:`~ann_kernels.inference.EarlyExitServer`: dtype and
+    """:class:`ModelDescription` of an :class:`~ann_kernels.inference.EarlyExitServer` (or of a
+    :class:`~ann_kernels.generation.GenerationServer`: its model's dtype and device): dtype and
     device of the model's first parameter (fp32 / CPU without one); ``sample_shape``: the given
     one, else the server's (given to it or learnt from its first request)."""
     if not isinstance(name, str) or not name or "/" in name:
         raise ValueError(f"model_name: expected a non-empty name without '/', got {name!r}")
-    parameter = next(iter(server.engine.model.parameters()), None)
+    model = server.model if is_generation_server(server) else server.engine.model
+    parameter = next(iter(model.parameters()), None)
     dtype = parameter.dtype if parameter is not None else torch.float32
     device = parameter.device if parameter is not None else torch.device("cpu")
     if sample_shape is None:
@@ -145,14 +155,33 @@ class ServingState:
     # ------------------------------------------------------------------ requests
     def submit(self, x: torch.Tensor, deadline_s: float | None):
         """Accept the request (or 503 while draining / closed): the server's future."""
-        if self.draining:
-            raise ProtocolError(503, "server: draining (shutting down); send the request to another replica")
+        self.accept()
         try:
             future = self.server.submit(x, deadline_s=deadline_s)
         except RuntimeError as exc:  # closed
+            self.release()
             raise ProtocolError(503, str(exc)) from None
-        self.in_flight += 1
         return future
+
+    def accept(self) -> None:
+        """Count one request in flight (the drain waits for it), or 503 while draining; every
+        accept is paired with one :meth:`release` once the request is answered."""
+        if self.draining:
+            raise ProtocolError(503, "server: draining (shutting down); send the request to another replica")
+        self.in_flight += 1
+
+    def release(self) -> None:
+        """One accepted request has been answered."""
+        self.in_flight -= 1
+        if self.in_flight == 0 and self._idle is not None:
+            self._idle.set()
+
+    def track(self, waiter: asyncio.Future) -> None:
+        """Cancel ``waiter`` if the drain deadline passes (pair with :meth:`untrack`)."""
+        self._waiters.add(waiter)
+
+    def untrack(self, waiter: asyncio.Future) -> None:
+        self._waiters.discard(waiter)
 
     async def wait(self, future):
         """The result of an accepted request's future; 422 for bad input the server found, 500
@@ -171,9 +200,7 @@ class ServingState:
             raise ProtocolError(500, f"model: {type(exc).__name__}: {exc}") from None
         finally:
             self._waiters.discard(waiter)
-            self.in_flight -= 1
-            if self.in_flight == 0 and self._idle is not None:
-                self._idle.set()
+            self.release()
 
     def finish(self, protocol: str, status: int, started: float, result=None) -> None:
         """Record one answered request (any status) in the metrics."""

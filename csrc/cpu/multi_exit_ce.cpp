@@ -3,10 +3,11 @@
 // registered from Python).
 //
 // One pass over each logit row (k, i) gives: lse, the per-sample loss, max-probability
-// confidence, argmax and, for fp32 logits, the gradient of the weighted, averaged loss
+// confidence, argmax and, for fp32 and bf16 logits, the gradient of the weighted, averaged loss
 //     g_ikc = w_k s_ik / N_valid * (softmax(z_ik)_c - (1-e)[c = y_i] - e/C),
-// which backward hands over for grad_out = 1 and scales in place otherwise. For bf16 / fp16
-// the forward keeps lse only and backward makes g * grad_out in one pass (rounded once).
+// which backward hands over for grad_out = 1 and scales in place otherwise. For fp16 the
+// forward keeps lse only and backward makes g * grad_out in one pass (rounded once).
+// Precision design and bound: docs/low_precision.md.
 // Row loops: multi_exit_ce_rows.h; row math: ce_row_kernels.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -235,6 +236,8 @@ Tensor multi_exit_ce_backward_cpu(const Tensor& grad_loss, at::TensorList logits
 }
 
 // `_multi_exit_ce_scale_` on CPU: grads *= grad_loss in place, skipped when grad_loss == 1.
+// bf16 (and any non-contiguous buffer): ATen's mul_ computes g * grad_out in fp32 and rounds
+// once to the buffer's dtype.
 void multi_exit_ce_scale_cpu(const Tensor& grads, const Tensor& grad_loss) {
   const float factor = grad_loss.item<float>();
   if (factor == 1.f) return;
@@ -332,12 +335,17 @@ class MultiExitCE : public torch::autograd::Function<MultiExitCE> {
                                const OptTensor& weights, const OptTensor& sample_weights, int64_t ignore_index,
                                double label_smoothing, const OptTensor& ema, double momentum, bool logits_need_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    // fp32: keep the exact pre-scaled gradient (grad_out = 1 hands it over, else it is
-    // scaled in place). bf16 / fp16: keep only lse and make the gradient in backward, where
-    // grad_out is known (a pre-scaled fp16 gradient times 65536 overflows).
+    // fp32 and bf16: keep the pre-scaled gradient w_k s_ik / N_valid (p - t) in the logits
+    // dtype (one read + one write of the logits in all); backward hands it over for
+    // grad_out = 1 and scales it in place otherwise (exact for powers of two; else one more
+    // rounding, inside the bound of docs/low_precision.md: bf16 has fp32's exponent range,
+    // so neither the stored nor the scaled value leaves it). fp16: keep only lse and make
+    // the gradient in backward, where grad_out is known: fp16's range cannot hold the
+    // pre-scaled gradient and its GradScaler-scaled value at once (entries below 2^-24 are
+    // lost before a 2^16 scale could save them).
     const int64_t mode = !logits_need_grad ? kNoGrad
-                         : logits[0].scalar_type() == at::kFloat ? kGradBuffer
-                                                                 : kSaveLse;
+                         : logits[0].scalar_type() == at::kHalf ? kSaveLse
+                                                                : kGradBuffer;
     auto [loss, per_exit, per_sample, confidence, prediction, lse, grads] =
         forward_op().call(logits, target, weights, sample_weights, ignore_index, label_smoothing, ema, momentum, mode);
     ctx->set_materialize_grads(false);
@@ -402,7 +410,7 @@ class MultiExitCE : public torch::autograd::Function<MultiExitCE> {
         at::AutoDispatchBelowADInplaceOrView guard;
         scale_op().call(grads, grad_loss);  // in place; nothing at all when grad_out == 1
       } else {
-        grads = grads * grad_loss.to(grads.scalar_type());  // tracing (fake / functional tensors)
+        grads = grads * grad_loss;  // tracing (fake / functional tensors); fp32 grad_out, one rounding
       }
       for (int64_t k = 0; k < K; ++k) result[k] = grads.select(0, k);
     } else if (mode == kSaveLse) {

@@ -31,6 +31,7 @@
 #include <ann_kernels/row_math.h>
 
 #include "ce_row_kernels.h"
+#include "multi_exit_linear_ce_lowp.h"
 #include "multi_exit_linear_ce_rows.h"
 #include "weight_checks.h"
 
@@ -46,55 +47,32 @@ namespace {
 using at::Tensor;
 using namespace linear_ce_detail;
 
-struct Args {
-  int64_t K, N, H, V;
-  int64_t ignore_index;
-  float eps, z;
-  bool compute_grad, per_exit_head;
-  std::vector<int64_t> active;  // exits computed, in order
-};
-
-struct Outputs {
-  Tensor per_sample, confidence, prediction;       // [K, N]
-  Tensor grad_hidden, grad_weight, grad_bias;      // fp32 (undefined without gradients)
-};
-
-Tensor as_f32_contig(const Tensor& t) { return t.scalar_type() == at::kFloat ? t.contiguous() : t.to(at::kFloat).contiguous(); }
-
-// One chunk of rows [r0, r0 + R) of the flattened active rows (slot a = r / N, token r % N).
-void run_chunk(int64_t r0, int64_t R, const Plan& plan, const std::vector<Tensor>& hidden, const Tensor& W32full,
-               const Tensor& weight, const Tensor& bias, const Args& a, const int64_t* y, const float* row_scale,
-               Tensor& h_buf, Tensor& logit_buf, Tensor& w_tile_buf, Tensor& gh_buf, Outputs& out) {
+// One fp32 chunk of rows [r0, r0 + R) of the flattened active rows (slot a = r / N, token
+// r % N); bf16 / fp16 chunks: run_chunk_lowp (multi_exit_linear_ce_lowp.h).
+void run_chunk(int64_t r0, int64_t R, const Plan& plan, const std::vector<Tensor>& hidden, const Tensor& weight,
+               const Tensor& bias, const Args& a, const int64_t* y, const float* row_scale, Tensor& h_buf,
+               Tensor& logit_buf, Tensor& gh_buf, Outputs& out) {
   const int64_t H = a.H, V = a.V, N = a.N;
   const int64_t k0 = a.active[r0 / N];
-  // 1. Gather the chunk's hidden rows as fp32 [R, H].
+  // 1. Gather the chunk's hidden rows [R, H].
   Tensor h = h_buf.narrow(0, 0, R * H).view({R, H});
   float* hp = h.data_ptr<float>();
   {  // serial: R x H is tiny next to the GEMMs, and a parallel region costs a fork-join
     for (int64_t r = 0; r < R; ++r) {
       const int64_t g = r0 + r, k = a.active[g / N], i = g % N;
       const Tensor& src = hidden[k];
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "gather", [&] {
-        const scalar_t* s = src.data_ptr<scalar_t>() + i * src.stride(0);
-        const int64_t st = src.stride(1);
-        for (int64_t c = 0; c < H; ++c) hp[r * H + c] = static_cast<float>(s[c * st]);
-      });
+      const float* s = src.data_ptr<float>() + i * src.stride(0);
+      const int64_t st = src.stride(1);
+      for (int64_t c = 0; c < H; ++c) hp[r * H + c] = s[c * st];
     }
   }
   std::vector<RowState> st(R, RowState{-std::numeric_limits<float>::infinity(), 0.f, 0.f, 0.f, 0, true});
   std::vector<int64_t> ty(R);
   for (int64_t r = 0; r < R; ++r) ty[r] = y[(r0 + r) % N];
   const bool one_tile = plan.vtile >= V;
-  const bool low_precision = weight.scalar_type() != at::kFloat;
 
   auto w_tile = [&](int64_t v0, int64_t vt) -> Tensor {
-    Tensor Wk = a.per_exit_head ? weight.select(0, k0) : weight;
-    Tensor src = Wk.narrow(0, v0, vt);
-    if (!low_precision) return src;  // fp32: a view, rows contiguous
-    if (W32full.defined()) return (a.per_exit_head ? W32full.select(0, k0) : W32full).narrow(0, v0, vt);
-    Tensor dst = w_tile_buf.narrow(0, 0, vt * H).view({vt, H});
-    dst.copy_(src);
-    return dst;
+    return (a.per_exit_head ? weight.select(0, k0) : weight).narrow(0, v0, vt);
   };
   auto logits_tile = [&](int64_t v0, int64_t vt, const Tensor& Wt) -> Tensor {
     Tensor z = logit_buf.narrow(0, 0, R * vt).view({R, vt});
@@ -121,34 +99,8 @@ void run_chunk(int64_t r0, int64_t R, const Plan& plan, const std::vector<Tensor
     });
   }
   // 3. Per-row results.
-  float* loss_p = out.per_sample.data_ptr<float>();
-  float* conf_p = out.confidence.data_ptr<float>();
-  int64_t* pred_p = out.prediction.data_ptr<int64_t>();
   std::vector<float> lse(R);
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t g = r0 + r, k = a.active[g / N], i = g % N, o = k * N + i;
-    const bool valid = ty[r] != a.ignore_index;
-    const RowState& s = st[r];
-    if (!s.finite) {
-      const float nan = std::numeric_limits<float>::quiet_NaN();
-      loss_p[o] = valid ? nan : 0.f;
-      conf_p[o] = nan;
-      pred_p[o] = s.argmax;
-      lse[r] = nan;
-      continue;
-    }
-    const float l = s.max + std::log(s.sum_exp);
-    lse[r] = l;
-    float loss = 0.f;
-    if (valid) {
-      loss = l - s.x_target;
-      if (a.eps != 0.f) loss = (1.f - a.eps) * loss + a.eps * (l - s.sum_x / static_cast<float>(V));
-      if (a.z != 0.f) loss += a.z * l * l;
-    }
-    loss_p[o] = loss;
-    conf_p[o] = 1.f / s.sum_exp;
-    pred_p[o] = s.argmax;
-  }
+  finish_rows(r0, R, a, st, ty, lse, out);
   if (!a.compute_grad) return;
 
   // 4. Pass B: gradients.
@@ -339,35 +291,52 @@ FwdResult linear_ce_fwd_cpu(at::TensorList hidden, const Tensor& weight, const T
   out.per_sample = at::zeros({K, N}, f32);  // exits not computed: 0 (per_exit NaN)
   out.confidence = at::full({K, N}, nan, f32);
   out.prediction = at::full({K, N}, -1, hidden[0].options().dtype(at::kLong));
+  const bool low_precision = weight.scalar_type() != at::kFloat;
+  const auto in_dtype = hidden[0].options();  // bf16 / fp16 gradients stay in the input dtype
   if (compute_grad) {
-    out.grad_hidden = at::zeros({K, N, H}, f32);
-    out.grad_weight = at::zeros(weight.sizes(), f32);
+    out.grad_hidden = at::zeros({K, N, H}, low_precision ? in_dtype : f32);
+    out.grad_weight = at::zeros(weight.sizes(), low_precision ? in_dtype : f32);
     if (bias.has_value()) out.grad_bias = at::zeros(bias->sizes(), f32);
   }
   std::vector<Tensor> hid(hidden.begin(), hidden.end());
-  const Tensor b32 = bias.has_value() ? as_f32_contig(*bias) : Tensor();
+  const Tensor bc = bias.has_value() ? bias->contiguous() : Tensor();
+  const Tensor Wc = weight.contiguous();
   // Chunks: a shared head (and a shared bias) stacks exits; otherwise stay in one exit.
-  const bool split_by_exit = a.per_exit_head || (b32.defined() && b32.dim() == 2);
-  const Plan plan = make_plan(split_by_exit ? N : total, V, resolve_budget(budget_bytes));
-  // Low precision: the head in fp32 once when that fits the budget, else tile by tile.
-  Tensor W32full;
-  const bool low_precision = weight.scalar_type() != at::kFloat;
-  const int64_t w_elems = weight.numel();
-  if (low_precision && (plan.vtile >= V) && w_elems * 4 <= resolve_budget(budget_bytes) * 4) {
-    W32full = weight.to(at::kFloat).contiguous();
-  }
-  const Tensor Wc = low_precision ? weight : weight.contiguous();
-  Tensor h_buf = at::empty({plan.rows * H}, f32);
-  Tensor logit_buf = at::empty({plan.rows * plan.vtile}, f32);
-  Tensor w_tile_buf = low_precision && !W32full.defined() ? at::empty({plan.vtile * H}, f32) : Tensor();
-  Tensor gh_buf = compute_grad ? at::empty({plan.rows * H}, f32) : Tensor();
-  if (A > 0) {
+  const bool split_by_exit = a.per_exit_head || (bc.defined() && bc.dim() == 2);
+  // The budget is in bytes of the logits tile, whose elements have the input dtype's size.
+  const int64_t budget = resolve_budget(budget_bytes) * (low_precision ? 2 : 1);
+  const Plan plan = make_plan(split_by_exit ? N : total, V, budget);
+  auto chunks = [&](auto&& run) {
     for (int64_t r0 = 0; r0 < total;) {
       int64_t R = std::min(plan.rows, total - r0);
       if (split_by_exit) R = std::min(R, (r0 / N + 1) * N - r0);
-      run_chunk(r0, R, plan, hid, W32full, Wc, b32, a, y, row_scale.data(), h_buf, logit_buf, w_tile_buf, gh_buf, out);
+      run(r0, R);
       r0 += R;
     }
+  };
+  if (A > 0 && !low_precision) {
+    Tensor h_buf = at::empty({plan.rows * H}, f32);
+    Tensor logit_buf = at::empty({plan.rows * plan.vtile}, f32);
+    Tensor gh_buf = compute_grad ? at::empty({plan.rows * H}, f32) : Tensor();
+    chunks([&](int64_t r0, int64_t R) {
+      run_chunk(r0, R, plan, hid, Wc, bc, a, y, row_scale.data(), h_buf, logit_buf, gh_buf, out);
+    });
+  } else if (A > 0) {
+    LowpBuffers buf;
+    buf.h = at::empty({plan.rows * H}, in_dtype);
+    buf.logits = at::empty({plan.rows * plan.vtile}, in_dtype);
+    if (compute_grad) {
+      buf.gh_part = at::empty({plan.rows * H}, in_dtype);
+      buf.gh_acc = at::empty({plan.rows * H}, f32);
+    }
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(weight.scalar_type(), "multi_exit_linear_ce_lowp", [&] {
+      chunks([&](int64_t r0, int64_t R) {
+        run_chunk_lowp<scalar_t>(r0, R, plan, hid, Wc, bc, a, y, row_scale.data(), buf, out);
+      });
+      if (compute_grad) add_target_rows_lowp<scalar_t>(hid, a, y, row_scale.data(), out);
+    });
+    buf = LowpBuffers();
+    if (out.grad_bias.defined()) out.grad_bias = out.grad_bias.to(weight.scalar_type());
   }
   // Per-exit means L_k = sum_i s_ik l_ik / N_valid and the loss, serially in double.
   Tensor per_exit = at::full({K}, nan, f32);
@@ -471,13 +440,31 @@ class MultiExitLinearCE : public torch::autograd::Function<MultiExitLinearCE> {
     variable_list saved = ctx->get_saved_variables();
     const Tensor& weights = saved[K + 2];
     const Tensor go32 = go.to(at::kFloat);
-    const bool unit = is_plain_cpu(go) && go.item<double>() == 1.0;
-    if (!ctx->saved_data.count("gh") || !ctx->saved_data.count("gw") || !ctx->saved_data.count("gb")) {  // handed over to an earlier backward: recompute
+    // grad_out's value is read where that is possible (eager tensors: a sync on CUDA, one
+    // scalar); under tracing it is unknown and treated as "not 1".
+    const bool plain = go.defined() && !go.key_set().has(c10::DispatchKey::Python) &&
+                       !go.key_set().has(c10::DispatchKey::Functionalize) && go.numel() == 1;
+    const double go_value = plain ? go.item<double>() : std::numeric_limits<double>::quiet_NaN();
+    const bool unit = go_value == 1.0;
+    // bf16 / fp16: the forward's gradients are already rounded to the input dtype, so a
+    // grad_out other than 1 cannot be applied afterwards in fp32. A power of two scales a
+    // bf16 gradient exactly (bf16 has fp32's exponent range; fp16 does not: 2^16 overflows
+    // it, and its subnormals would have lost bits); anything else is folded into the exit
+    // weights of a recomputation (|grad_out| w_k, sign applied after: exact), so every
+    // gradient is formed in fp32 with grad_out applied before its one rounding.
+    const bool low_precision = dtype != at::kFloat;
+    int exponent = 0;
+    const bool pow2 = low_precision && dtype == at::kBFloat16 && std::isfinite(go_value) && go_value != 0.0 &&
+                      std::abs(std::frexp(go_value, &exponent)) == 0.5;
+    const bool have = ctx->saved_data.count("gh") && ctx->saved_data.count("gw") && ctx->saved_data.count("gb");
+    const bool refold = low_precision && !unit && !pow2;
+    if (!have || refold) {  // handed over to an earlier backward, or grad_out to fold: recompute
       at::AutoDispatchBelowADInplaceOrView guard;
       std::vector<Tensor> hidden(saved.begin(), saved.begin() + K);
       auto opt = [](const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; };
       const auto active = ctx->saved_data["active"].toIntVector();
-      auto r = fwd_op().call(hidden, saved[K], saved[K + 1], weights, opt(saved[K + 3]), opt(saved[K + 4]),
+      const Tensor w_fold = refold ? weights.detach().to(at::kFloat) * go32.abs() : weights;
+      auto r = fwd_op().call(hidden, saved[K], saved[K + 1], w_fold, opt(saved[K + 3]), opt(saved[K + 4]),
                              ctx->saved_data["ignore_index"].toInt(), ctx->saved_data["label_smoothing"].toDouble(),
                              ctx->saved_data["z_loss"].toDouble(), std::nullopt, 0.0, active,
                              ctx->saved_data["budget"].toInt(), true);
@@ -488,12 +475,16 @@ class MultiExitLinearCE : public torch::autograd::Function<MultiExitLinearCE> {
     auto scaled = [&](const char* key) -> Tensor {
       Tensor g = ctx->saved_data[key].toTensor();
       if (!g.defined() || g.numel() == 0) return Tensor();
+      if (refold) {  // |grad_out| is in the gradient already; the sign is exact
+        ctx->saved_data.erase(key);
+        return plain ? (go_value < 0 ? g.neg() : g) : g * go.sign().to(dtype);
+      }
       if (unit) {
-        if (dtype != at::kFloat) return g.to(dtype);
         ctx->saved_data.erase(key);  // the buffer is the answer; let autograd own it
         return g;
       }
-      return (g * go32).to(dtype);  // grad_out folded in fp32 before rounding
+      if (pow2) return g * go.to(dtype);   // exact in bf16
+      return (g * go32).to(dtype);  // fp32: grad_out folded in fp32 before rounding
     };
     Tensor gh = scaled("gh");
     if (gh.defined()) {

@@ -3,6 +3,7 @@
 // translation units). See that file's comment for the algorithm.
 #pragma once
 
+#include <ATen/ATen.h>
 #include <ann_kernels/row_math.h>
 
 #include "ce_row_kernels.h"
@@ -12,6 +13,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <vector>
 
 namespace ann_kernels {
 namespace linear_ce_detail {
@@ -147,6 +149,54 @@ inline void grad_row(float* __restrict x, int64_t vt, float a, float b, bool fro
   }
 #endif
   for (; c < vt; ++c) x[c] = (from_logits ? fast_exp(x[c] - l) : x[c]) * a - b;
+}
+
+struct Args {
+  int64_t K, N, H, V;
+  int64_t ignore_index;
+  float eps, z;
+  bool compute_grad, per_exit_head;
+  std::vector<int64_t> active;  // exits computed, in order
+};
+
+struct Outputs {
+  at::Tensor per_sample, confidence, prediction;   // [K, N]
+  at::Tensor grad_hidden, grad_weight, grad_bias;  // undefined without gradients (fp32 grad_bias
+                                                   // accumulator in every dtype)
+};
+
+// Per-row results of a chunk from its row states: per_sample (NaN on a valid row whose
+// logits are not all finite), confidence, prediction, and lse (NaN there) for pass B.
+inline void finish_rows(int64_t r0, int64_t R, const Args& a, const std::vector<RowState>& st,
+                        const std::vector<int64_t>& ty, std::vector<float>& lse, Outputs& out) {
+  float* loss_p = out.per_sample.data_ptr<float>();
+  float* conf_p = out.confidence.data_ptr<float>();
+  int64_t* pred_p = out.prediction.data_ptr<int64_t>();
+  const int64_t N = a.N;
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t g = r0 + r, k = a.active[g / N], i = g % N, o = k * N + i;
+    const bool valid = ty[r] != a.ignore_index;
+    const RowState& s = st[r];
+    if (!s.finite) {
+      const float nan = std::numeric_limits<float>::quiet_NaN();
+      loss_p[o] = valid ? nan : 0.f;
+      conf_p[o] = nan;
+      pred_p[o] = s.argmax;
+      lse[r] = nan;
+      continue;
+    }
+    const float l = s.max + std::log(s.sum_exp);
+    lse[r] = l;
+    float loss = 0.f;
+    if (valid) {
+      loss = l - s.x_target;
+      if (a.eps != 0.f) loss = (1.f - a.eps) * loss + a.eps * (l - s.sum_x / static_cast<float>(a.V));
+      if (a.z != 0.f) loss += a.z * l * l;
+    }
+    loss_p[o] = loss;
+    conf_p[o] = 1.f / s.sum_exp;
+    pred_p[o] = s.argmax;
+  }
 }
 
 }  // namespace linear_ce_detail

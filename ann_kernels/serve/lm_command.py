@@ -1,0 +1,90 @@
+"""``ann-kernels serve --checkpoint runs/lm/last.pt`` on an LM checkpoint (format
+``ann_kernels-lm-1``, ``ann-kernels train --dataset text``): a
+:class:`~ann_kernels.generation.GenerationServer` with the run directory's tokenizer, served
+with the OpenAI protocol (:mod:`.openai_api`) and ``/metrics`` by uvicorn, drained on SIGTERM
+like the classifier server (:mod:`.runner`). ``ann_kernels.inference.commands.cmd_serve``
+dispatches here when the checkpoint is an LM one (:func:`is_lm_checkpoint`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+__all__ = ["LM_DEFAULT_MAX_BATCH_SIZE", "build_lm_server", "is_lm_checkpoint", "serve_lm"]
+
+LM_DEFAULT_MAX_BATCH_SIZE = 32
+
+
+def is_lm_checkpoint(path) -> bool:
+    """True if ``path`` is an LM checkpoint (read memory-mapped: the weights are not loaded)."""
+    from ann_kernels.train.lm import LM_FORMAT
+
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # noqa: BLE001  not a zip checkpoint: the classifier loader says why
+        return False
+    return isinstance(ckpt, dict) and ckpt.get("format") == LM_FORMAT
+
+
+def build_lm_server(args):
+    """(GenerationServer, its info dict) from the ``serve`` command's arguments."""
+    from ann_kernels.generation.checkpoint import load_lm_checkpoint
+    from ann_kernels.generation.server import GenerationServer
+
+    if args.budget is not None:
+        raise ValueError("budget: --budget is for classifier checkpoints; an LM takes --mode confidence "
+                         "--threshold T (or --mode self_speculative --exit-index K)")
+    if args.backend != "local":
+        raise ValueError(f"backend: LM checkpoints are served by the local backend only, got {args.backend!r}")
+    if args.max_wait_ms < 0:
+        raise ValueError(f"max-wait-ms: expected milliseconds >= 0, got {args.max_wait_ms}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    lm = load_lm_checkpoint(args.checkpoint)
+    if lm.tokenizer is None:
+        raise FileNotFoundError(f"{lm.run_dir}/tokenizer.json: an LM is served with its tokenizer (text prompts)")
+    mode = {"mode": args.mode, "criterion": args.criterion}
+    if args.exit_index is not None:
+        mode["exit_index"] = args.exit_index
+    if args.threshold is not None:
+        mode["threshold"] = args.threshold
+    if args.draft_len is not None:
+        mode["draft_len"] = args.draft_len
+    server = GenerationServer(lm.model, lm.tokenizer, max_batch_size=args.max_batch_size or LM_DEFAULT_MAX_BATCH_SIZE,
+                              max_wait_s=args.max_wait_ms / 1e3, max_queue=args.max_queue,
+                              eos_token_id=lm.eos_token_id, max_new_tokens=16, **mode)
+    described = ", ".join(f"{k}={v}" for k, v in mode.items())
+    return server, {"checkpoint": str(args.checkpoint), "mode": described}
+
+
+def serve_lm(args, model_name: str) -> int:
+    """Run the LM server until SIGTERM (then drain); the exit status."""
+    from ann_kernels.serve import create_app, require_serve_extra
+    from ann_kernels.serve.runner import DrainingServer
+
+    _, uvicorn = require_serve_extra()
+    server, info = build_lm_server(args)
+    try:
+        app = create_app(server, model_name=model_name, max_body_bytes=args.max_body_bytes, info=info)
+        print(f"serving LM {args.checkpoint} as model {model_name!r} ({info['mode']}, {server.num_exits} exits) on "
+              f"http://{args.host}:{args.port}  (POST /v1/completions; GET /v1/models, /metrics, /stats, /healthz)",
+              flush=True)
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                                lifespan="off", timeout_graceful_shutdown=5)
+        runner = DrainingServer(config, app.state.serving, drain_timeout_s=args.drain_timeout_s,
+                                on_drained=server.close)
+        runner.run()
+    finally:
+        server.close(timeout=args.drain_timeout_s)
+    if runner.drained is None:
+        return 0
+    stats = server.stats()
+    print(f"drained in {runner.drain_seconds:.2f} s: {sum(stats.requests_finished.values())} requests finished, "
+          f"{stats.requests_failed} failed, {'all' if runner.drained else 'NOT all'} accepted requests answered "
+          f"before the {args.drain_timeout_s} s deadline", flush=True)
+    return 0 if runner.drained else 1

@@ -1,0 +1,66 @@
+"""The public op ``ann_kernels.multi_exit_cross_entropy`` on the Triton kernels (issues 20,
+24): its C++ argument check, C++ autograd and grad-mode choice, with its CPU backend ops
+routed to the Triton launchers (``tests/utils.py: triton_behind_cpu_ops``) and run on CPU
+tensors by Triton's interpreter. The same checks run on the C++ kernel and on CUDA in
+``tests/test_multi_exit_ce_training.py``. Shapes are tiny (the interpreter is ~1000x slower
+than a GPU); C = 33 runs the chunked loop (BLOCK_C = 16 on CPU).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton and the kernel module are imported
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton): Triton kernels untested")
+
+from ann_kernels import multi_exit_cross_entropy  # noqa: E402
+from tests.utils import (  # noqa: E402
+    assert_same_grad_scaler_runs,
+    check_ema_two_steps_and_non_finite_rows,
+    check_grad_out_within_twice_torch,
+    grad_scaler_loop,
+    make_logits,
+    requires_ext,
+    triton_behind_cpu_ops,
+)
+
+pytestmark = requires_ext  # the op's C++ autograd drives the Triton kernels
+
+
+def test_triton_behind_cpu_ops_really_runs_triton():
+    """The routing the tests below rely on: inside, an out-of-range target poisons its row
+    (Triton cannot raise without a host sync); outside, the C++ kernel raises again."""
+    heads, target = make_logits(2, 4, 5), torch.tensor([0, 9, 1, 2])
+    with triton_behind_cpu_ops():
+        out = multi_exit_cross_entropy(heads, target)
+        assert out.per_sample[:, 1].isnan().all() and torch.isfinite(out.per_sample[:, [0, 2, 3]]).all()
+    with pytest.raises(ValueError, match=r"target\[1\] = 9 is out of range"):
+        multi_exit_cross_entropy(heads, target)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("grad_out", [1.0, 2.0 ** 16, 0.125, -3.0])
+def test_op_low_precision_grad_out_on_triton(dtype, grad_out):
+    """Issue 20 on the Triton path: bf16's gradient buffer (forward) scaled in place by the
+    scale kernel, fp16's deferred backward; small grid (C = 33: three BLOCK_C = 16 chunks)."""
+    with triton_behind_cpu_ops():
+        check_grad_out_within_twice_torch("cpu", dtype, grad_out, num_classes=33, n=24, interpreter=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_op_grad_scaler_loop_on_triton(dtype):
+    """Issue 24 item 9: the GradScaler claim (docs/loss.md) on the Triton path; a short loop
+    (4 steps of 16 rows, the scale grown every step) keeps the interpreter's time small."""
+    with triton_behind_cpu_ops():
+        runs = grad_scaler_loop(dtype, "cpu", steps=4, n=16, growth_interval=1)
+    assert_same_grad_scaler_runs(runs, dtype, growths=4, interpreter=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_op_ema_two_steps_and_non_finite_rows_on_triton(dtype):
+    with triton_behind_cpu_ops():
+        check_ema_two_steps_and_non_finite_rows("cpu", dtype)
