@@ -20,9 +20,15 @@ import torch  # noqa: E402
 
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton): Triton kernels untested")
 
+from ann_kernels import multi_exit_linear_cross_entropy as fused  # noqa: E402
 from ann_kernels import multi_exit_linear_cross_entropy_reference as reference  # noqa: E402
 from ann_kernels.triton import multi_exit_linear_ce as tmod  # noqa: E402
-from tests.utils import low_precision_bound, max_abs_err, profiled_ops  # noqa: E402
+from tests.utils import (  # noqa: E402
+    linear_ce_triton_behind_cpu_op,
+    low_precision_bound,
+    max_abs_err,
+    profiled_ops,
+)
 
 if isinstance(tmod._linear_ce_row_kernel, triton.runtime.JITFunction):  # pragma: no cover
     pytest.skip("ann_kernels.triton.multi_exit_linear_ce was imported before TRITON_INTERPRET=1 was set "
@@ -91,18 +97,18 @@ def run_fwd(hidden, weight, target, weights, b=None, s=None, *, eps=0.0, z=0.0, 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("grad_out", [1.0, 2.0**16, 1 / 8, -3.0])
 def test_low_precision_within_twice_torchs_error(dtype, grad_out):
-    """Gradients within 2x torch's own error (fp64 truth) for every grad_out; the launcher
-    gets grad_out as the C++ backward passes it for bf16 / fp16 (|grad_out| folded into the
-    exit weights, the sign applied after), over several chunks."""
+    """Gradients within 2x torch's own error (fp64 truth) for every grad_out, through the
+    public function and its C++ autograd (grad_out folding) with the Triton launcher behind
+    the CPU op, over three chunks."""
     K, N, H, V = 2, 4, 20, 37
     hidden, weight, b, target = case(K, N, H, V, seed=5)
     hidden = [h.detach().to(dtype).requires_grad_() for h in hidden]
     weight, b = weight.detach().to(dtype).requires_grad_(), b.detach().to(dtype).requires_grad_()
     w = torch.tensor([0.5, 1.0])
-    out = run_fwd(hidden, weight, target, w * abs(grad_out), b, eps=0.1, budget=3 * V * 2)  # 3 chunks
-    sign = -1.0 if grad_out < 0 else 1.0
-    grads = [*(sign * out[5]).unbind(0), sign * out[6], sign * out[7]]
     ins = [*hidden, weight, b]
+    with linear_ce_triton_behind_cpu_op():
+        out = fused(hidden, weight, target, w, bias=b, label_smoothing=0.1, memory_budget_mb=3 * V * 2 / 2**20)
+        grads = torch.autograd.grad(out.loss * grad_out, ins)
     tl = reference(hidden, weight, target, w, bias=b, label_smoothing=0.1)
     tgrads = torch.autograd.grad(tl.loss * grad_out, ins)
     truth = reference(hidden, weight, target, w, bias=b, label_smoothing=0.1, dtype=torch.float64)

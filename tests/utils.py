@@ -507,3 +507,25 @@ def peak_allocated_bytes(fn) -> int:
         live += e.nbytes()
         peak = max(peak, live)
     return peak
+
+
+@contextlib.contextmanager
+def linear_ce_triton_behind_cpu_op():
+    """Route the fused linear loss's CPU op (``multi_exit_linear_ce_fwd``) to the Triton
+    launcher while the block runs, so the public function (its C++ argument check and
+    autograd, grad_out folding included) drives the Triton path on CPU tensors under the
+    interpreter (tests/test_triton_multi_exit_linear_ce.py sets TRITON_INTERPRET=1 first)."""
+    import triton
+
+    from ann_kernels.triton import multi_exit_linear_ce as launcher
+
+    if isinstance(launcher._linear_ce_row_kernel, triton.runtime.JITFunction):
+        pytest.skip("ann_kernels.triton.multi_exit_linear_ce was imported without TRITON_INTERPRET=1")
+    lib = torch.library.Library("ann_kernels", "IMPL")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "overriding a previously registered kernel": on purpose
+        lib.impl("multi_exit_linear_ce_fwd", launcher.multi_exit_linear_ce_fwd_triton, "CPU")
+    try:
+        yield
+    finally:
+        lib._destroy()  # the C++ CPU kernel is back
