@@ -131,11 +131,15 @@ def _weights_args(heads, target, weights, sample_weights):
 
 
 def _pointer_table(heads, device) -> torch.Tensor:
-    # Addresses and row strides of the heads: one tiny host->device copy. non_blocking from
-    # pageable memory is staged by the driver at once, so it neither waits for the GPU nor
-    # leaves a dangling host buffer.
-    return torch.tensor([z.data_ptr() for z in heads] + [z.stride(0) for z in heads], dtype=torch.int64).to(
-        device, non_blocking=True)
+    # Addresses and row strides of the heads: one tiny host->device copy. On CUDA the host
+    # tensor is pinned first: a copy from pageable memory synchronises the stream before it
+    # starts (CUDA's documented behaviour for pageable cudaMemcpyAsync), i.e. one host sync per
+    # call; from pinned memory it is truly asynchronous, and the caching host allocator keeps the
+    # pinned block alive until the copy has run. Under the interpreter (CPU) nothing is copied.
+    table = torch.tensor([z.data_ptr() for z in heads] + [z.stride(0) for z in heads], dtype=torch.int64)
+    if device.type == "cuda":
+        table = table.pin_memory()
+    return table.to(device, non_blocking=True)
 
 
 def multi_exit_ce_forward_triton(
