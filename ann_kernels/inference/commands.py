@@ -275,9 +275,10 @@ def cmd_serve(args) -> int:
     if args.backend == "ray":
         return _serve_on_ray(args)
     from ann_kernels.serve import create_app, require_serve_extra
-    from ann_kernels.serve.runner import DrainingServer
 
-    _, uvicorn = require_serve_extra()
+    require_serve_extra()
+    from ann_kernels.serve.runner import serve_until_drained
+
     server, spec = build_server(args)
     mode, info = _serve_info(args, spec)
     name = model_name_of(args)
@@ -285,23 +286,14 @@ def cmd_serve(args) -> int:
     try:
         app = create_app(server, model_name=name, sample_shape=tuple(spec["input_shape"]),
                          max_body_bytes=args.max_body_bytes, info=info)
-        print(f"serving {args.checkpoint} as model {name!r} ({spec['model']} on {spec['dataset']}, {mode}) on "
-              f"http://{args.host}:{args.port}  (POST /predict, /v2/models/{name}/infer; GET /metrics, /stats, "
-              f"/healthz, /v2/health/ready)", flush=True)
-        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                                lifespan="off", timeout_graceful_shutdown=5)
-        runner = DrainingServer(config, app.state.serving, drain_timeout_s=args.drain_timeout_s,
-                                on_drained=server.close)
-        runner.run()
-    finally:
+    except BaseException:
         server.close(timeout=args.drain_timeout_s)
-    if runner.drained is None:
-        return 0
-    stats = server.stats()
-    print(f"drained in {runner.drain_seconds:.2f} s: {stats.requests_completed} requests completed, "
-          f"{stats.requests_failed} failed, {'all' if runner.drained else 'NOT all'} accepted requests answered "
-          f"before the {args.drain_timeout_s} s deadline", flush=True)
-    return 0 if runner.drained else 1
+        raise
+    print(f"serving {args.checkpoint} as model {name!r} ({spec['model']} on {spec['dataset']}, {mode}) on "
+          f"http://{args.host}:{args.port}  (POST /predict, /v2/models/{name}/infer; GET /metrics, /stats, "
+          f"/healthz, /v2/health/ready)", flush=True)
+    return serve_until_drained(app, server, args, finished=lambda stats: (
+        f"{stats.requests_completed} requests completed, {stats.requests_failed} failed"))
 
 
 def _serve_on_ray(args) -> int:

@@ -65,26 +65,18 @@ def build_lm_server(args):
 def serve_lm(args, model_name: str) -> int:
     """Run the LM server until SIGTERM (then drain); the exit status."""
     from ann_kernels.serve import create_app, require_serve_extra
-    from ann_kernels.serve.runner import DrainingServer
 
-    _, uvicorn = require_serve_extra()
+    require_serve_extra()
+    from ann_kernels.serve.runner import serve_until_drained
+
     server, info = build_lm_server(args)
     try:
         app = create_app(server, model_name=model_name, max_body_bytes=args.max_body_bytes, info=info)
-        print(f"serving LM {args.checkpoint} as model {model_name!r} ({info['mode']}, {server.num_exits} exits) on "
-              f"http://{args.host}:{args.port}  (POST /v1/completions; GET /v1/models, /metrics, /stats, /healthz)",
-              flush=True)
-        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                                lifespan="off", timeout_graceful_shutdown=5)
-        runner = DrainingServer(config, app.state.serving, drain_timeout_s=args.drain_timeout_s,
-                                on_drained=server.close)
-        runner.run()
-    finally:
+    except BaseException:
         server.close(timeout=args.drain_timeout_s)
-    if runner.drained is None:
-        return 0
-    stats = server.stats()
-    print(f"drained in {runner.drain_seconds:.2f} s: {sum(stats.requests_finished.values())} requests finished, "
-          f"{stats.requests_failed} failed, {'all' if runner.drained else 'NOT all'} accepted requests answered "
-          f"before the {args.drain_timeout_s} s deadline", flush=True)
-    return 0 if runner.drained else 1
+        raise
+    print(f"serving LM {args.checkpoint} as model {model_name!r} ({info['mode']}, {server.num_exits} exits) on "
+          f"http://{args.host}:{args.port}  (POST /v1/completions; GET /v1/models, /metrics, /stats, /healthz)",
+          flush=True)
+    return serve_until_drained(app, server, args, finished=lambda stats: (
+        f"{sum(stats.requests_finished.values())} requests finished, {stats.requests_failed} failed"))

@@ -28,7 +28,7 @@ from ann_kernels.serve.app import create_app, require_serve_extra
 
 _, uvicorn = require_serve_extra()
 
-__all__ = ["DrainingServer", "HttpFront", "start_http"]
+__all__ = ["DrainingServer", "HttpFront", "serve_until_drained", "start_http"]
 
 
 class DrainingServer(uvicorn.Server):
@@ -88,6 +88,28 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
         self.drained, self.drain_seconds = ok, time.perf_counter() - start
         return ok
+
+
+def serve_until_drained(app, server, args, *, finished) -> int:
+    """Serve ``app`` with uvicorn on ``args.host:args.port`` until SIGTERM / SIGINT, drain the
+    accepted requests (``args.drain_timeout_s``), close the started ``server`` (always, also on an
+    error); the exit status: 0 when every accepted request was answered in time (or no drain
+    happened), else 1. ``finished(server.stats())`` words what was served, for the drain line.
+    Used by ``ann-kernels serve`` for classifier and LM checkpoints alike."""
+    try:
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                                lifespan="off", timeout_graceful_shutdown=5)
+        runner = DrainingServer(config, app.state.serving, drain_timeout_s=args.drain_timeout_s,
+                                on_drained=server.close)
+        runner.run()
+    finally:
+        server.close(timeout=args.drain_timeout_s)
+    if runner.drained is None:
+        return 0
+    print(f"drained in {runner.drain_seconds:.2f} s: {finished(server.stats())}, "
+          f"{'all' if runner.drained else 'NOT all'} accepted requests answered "
+          f"before the {args.drain_timeout_s} s deadline", flush=True)
+    return 0 if runner.drained else 1
 
 
 class HttpFront:
