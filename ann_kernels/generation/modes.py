@@ -75,9 +75,10 @@ def step_static(st, n: int, exit_id: int | None = None):
     logits = ad.exit_logits(h[:, 0], k)
     s = st.sampling(n)
     tok = choose_tokens(logits, s, _uniforms(st, n, 1)[:, 0] if s.any_sample else None)
-    st.seg_len[:n, : k + 1] = (p + 1).unsqueeze(1)
+    st.seg_len[:n, : k + 1] = st.length[:n].unsqueeze(1)
     st.counters.layer_evals += n * len(layers)
-    return tok.unsqueeze(1), torch.full_like(tok, k).unsqueeze(1), torch.ones(n, dtype=torch.int64)
+    exits, counts = st.constant_exits(n, k)
+    return tok.unsqueeze(1), exits, counts
 
 
 def step_full(st, n: int):

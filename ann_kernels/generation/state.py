@@ -153,6 +153,7 @@ class DecodeState:
         self._arange_host = torch.arange(max(max_batch_size, self.T + 1))
         self._sync = self.device.type == "cuda"
         self._sampling_cache = None
+        self._constant_exits: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
 
     # ------------------------------------------------------------------ rows
     @property
@@ -255,14 +256,21 @@ class DecodeState:
         rows..rows+m-1) or a device tensor of slots. The mask is built when the rows' query
         positions differ or s > 1 (``force_mask``)."""
         ad = self.adapter
-        if window is None:
-            window = int(qpos.max()) + 1
         mask, same = None, None
-        if force_mask or qpos.shape[1] > 1 or (qpos.shape[0] > 1 and bool((qpos != qpos[0, 0]).any())):
+        differ = force_mask or qpos.shape[1] > 1
+        if not differ:  # one position per row: read them once as Python ints (host tensor, no sync)
+            qpos_list = qpos.reshape(-1).tolist()
+            first_pos = qpos_list[0]
+            differ = any(q != first_pos for q in qpos_list)
+            if window is None:
+                window = max(qpos_list) + 1
+        elif window is None:
+            window = int(qpos.max()) + 1
+        if differ:
             keys = self._arange_host[:window].view(1, 1, 1, window)
             mask = (keys <= qpos.view(qpos.shape[0], 1, qpos.shape[1], 1)).to(self.device)
         elif write is qpos:  # one token per row, all at one position, written where it queries
-            same = int(qpos[0, 0])
+            same = first_pos
         qpos_d = qpos.to(self.device)
         write_d = qpos_d if write is qpos else write.to(self.device)
         rope = ad.rope(qpos_d, h)
@@ -276,6 +284,17 @@ class DecodeState:
     def segment_layers(self, first: int, last: int) -> list[int]:
         """Layer indices of segments first..last (inclusive)."""
         return [i for seg in self.segments[first: last + 1] for i in seg]
+
+    def constant_exits(self, n: int, exit_id: int) -> tuple[Tensor, Tensor]:
+        """(exits [n, 1] all ``exit_id`` on the device, counts [n] host ones) of a one-token
+        step; built once per (n, exit_id) and reused (callers only read them)."""
+        key = (n, exit_id)
+        got = self._constant_exits.get(key)
+        if got is None:
+            got = (torch.full((n, 1), exit_id, dtype=torch.int64, device=self.device),
+                   torch.ones(n, dtype=torch.int64))
+            self._constant_exits[key] = got
+        return got
 
     def _wait(self) -> None:
         if self._sync:
@@ -356,17 +375,18 @@ class DecodeState:
         """``_append`` for one token per row and no EOS (the common decode step): fewer ops."""
         length = self.length[:n]
         self.tokens.index_put_((self._arange[:n], length.to(self.device)), tokens)
-        host = torch.stack([tokens, exits]).cpu()
+        tl, el = torch.stack([tokens, exits]).tolist()  # the step's one device->host copy
         length += 1
-        self.generated[:n] += 1
-        finished = (self.generated[:n] >= self.max_new[:n]).tolist()
+        generated = self.generated[:n]
+        generated += 1
+        finished = (generated >= self.max_new[:n]).tolist()
         ctr = self.counters
         ctr.new_tokens += n
-        exits_host = host[1]
-        ctr.exit_sum += int(exits_host.sum())
-        per_exit = torch.bincount(exits_host, minlength=self.num_exits).tolist()
-        ctr.exit_counts = [a + b for a, b in zip(ctr.exit_counts, per_exit)]
-        tl, el = host[0].tolist(), exits_host.tolist()
+        ctr.exit_sum += sum(el)
+        exit_counts = list(ctr.exit_counts)
+        for e in el:  # n small ints: a Python loop beats bincount + tolist
+            exit_counts[e] += 1
+        ctr.exit_counts = exit_counts
         ids = self.row_ids
         events = [StepEvent(ids[i], [tl[i]], [el[i]], finished[i], "length" if finished[i] else None)
                   for i in range(n)]
