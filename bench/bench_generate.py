@@ -20,7 +20,8 @@ Per batch size (1, 8, 32), interleaved rounds over every provider (``bench/commo
   weights), ``generate`` against ours ``full`` on the same weights at batch 1 and 8 (whole-call
   wall time, prefill included on both sides), and ``assistant_early_exit`` at batch 1;
 - engine overhead at batch 8: a ``full`` decode step against the same layer calls on the same
-  shapes with nothing else (no cache writes, masks, sampling or bookkeeping).
+  shapes with nothing else (no cache writes, masks, sampling or bookkeeping), interleaved rep by
+  rep with the engine steps.
 
 Decode tokens/s come from ``out.stats`` (prefill apart); medians over rounds.
 Usage: ``python bench/bench_generate.py [--quick] [--checkpoint P] [--batch-sizes 1 8 32]
@@ -92,21 +93,18 @@ def median_stat(outs, key):
 
 @torch.inference_mode()
 def engine_overhead(model, prompts, new_tokens, reps):
-    """(engine step s, bare layer-calls s) medians of full decode steps at this batch."""
+    """(engine step s, bare layer-calls s) medians of full decode steps at this batch. The two
+    are interleaved rep by rep (one bare pass at the state's current window, then one engine
+    step), so load swings on a shared machine hit both alike."""
     ad = as_adapter(model)
     b = len(prompts)
     st = DecodeState(ad, ModeConfig("full"), max_batch_size=b, max_positions=max(map(len, prompts)) + new_tokens + reps)
     st.add_rows(prompts, [RowParams(new_tokens + reps)] * b, list(range(b)))
-    steps = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        st.step()
-        steps.append(time.perf_counter() - t0)
-    window = int(st.length[:b].max())
     x = torch.randint(0, ad.vocab_size, (b, 1))
-    pos = torch.full((b, 1), window - 1)
-    bare = []
+    steps, bare = [], []
     for _ in range(reps):
+        window = int(st.length[:b].max())
+        pos = torch.full((b, 1), window - 1)
         t0 = time.perf_counter()
         h = ad.embed(x, pos)
         for i in range(ad.num_layers):
@@ -116,6 +114,9 @@ def engine_overhead(model, prompts, new_tokens, reps):
             h = ad.finish_layer(i, h, a.transpose(1, 2).reshape(b, 1, -1))
         ad.exit_logits(h[:, 0], ad.num_exits - 1).argmax(-1).tolist()
         bare.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        st.step()
+        steps.append(time.perf_counter() - t0)
     return statistics.median(steps), statistics.median(bare)
 
 
