@@ -76,16 +76,16 @@ def describe_server(server, name: str, sample_shape=None, extra: dict | None = N
                             dtype, device, server.num_exits, dict(extra or {}))
 
 
-def server_sample_shape(server):
-    """The sample shape the server checks requests against (None until its first request).
-
-    EarlyExitServer keeps it (and whether it closes) as private attributes; these two readers
-    are the only places this package looks at them."""
-    return getattr(server, "_sample_shape", None)
+def server_sample_shape(server) -> tuple[int, ...] | None:
+    """The sample shape the server checks requests against: ``EarlyExitServer.sample_shape``
+    (None until its first request; None for a server without one, e.g. the LM's)."""
+    return getattr(server, "sample_shape", None)
 
 
 def server_is_closing(server) -> bool:
-    return bool(getattr(server, "_closing", False) or getattr(server, "_closed", False))
+    """True once the server's ``close()`` was called (``closing`` / ``closed`` properties of
+    ``EarlyExitServer``; ``closing`` of ``GenerationServer``)."""
+    return bool(getattr(server, "closing", False) or getattr(server, "closed", False))
 
 
 class ServingState:
