@@ -285,3 +285,17 @@ def test_statistics_through_tritonclient_count_what_was_served(front):
     assert after["version"] == "1"
     with pytest.raises(tritonclient_http.InferenceServerException, match="not served here"):
         front.client.get_inference_statistics("other")
+
+
+def test_config_and_statistics_before_any_request():
+    from ann_kernels.serve.oip import model_config, model_statistics
+    from ann_kernels.serve.state import ServingState, describe_server
+
+    server = EarlyExitServer(EarlyExitEngine(small_mlp(seed=31)), max_batch_size=8, max_wait_s=0.0)  # not started
+    state = ServingState(server, describe_server(server, "fresh"), max_body_bytes=1024)
+    config = model_config(state)
+    assert config["input"][0]["dims"] == [-1] and config["max_batch_size"] == 8  # shape not known yet
+    assert config["dynamic_batching"] == {"max_queue_delay_microseconds": 0}
+    (stats,) = model_statistics(state)["model_stats"]
+    assert stats["inference_count"] == stats["execution_count"] == stats["last_inference"] == 0
+    assert stats["inference_stats"] == {key: {"count": 0, "ns": 0} for key in ("success", "fail", "queue")}
