@@ -230,3 +230,72 @@ def test_misaligned_binary_input_is_copied_before_the_model(front):
         text = json.dumps(header).encode()
         decoded = decode_infer_request(bytearray(text + x.tobytes()), str(len(text)), model, (16,))
         assert torch.equal(decoded.x, torch.from_numpy(x)) and decoded.x.data_ptr() % 4 == 0
+
+
+def test_model_config_through_tritonclient(front):
+    config = front.client.get_model_config(MODEL)
+    assert config == front.client.get_model_config(MODEL, "1")
+    assert config["name"] == MODEL and config["max_batch_size"] == 64
+    assert config["input"] == [{"name": "input", "data_type": "TYPE_FP32", "format": "FORMAT_NONE", "dims": [16]}]
+    assert {o["name"]: (o["data_type"], o["dims"]) for o in config["output"]} == {
+        "prediction": ("TYPE_INT64", [1]), "exit_index": ("TYPE_INT64", [1]), "confidence": ("TYPE_FP32", [1])}
+    assert config["dynamic_batching"] == {"max_queue_delay_microseconds": 1000}
+    assert {"model_configuration", "statistics"} <= set(front.client.get_server_metadata()["extensions"])
+    with pytest.raises(tritonclient_http.InferenceServerException, match="not served here"):
+        front.client.get_model_config("other")
+
+
+def test_statistics_through_tritonclient_count_what_was_served(front):
+    def model_stats(**kwargs):
+        answer = front.client.get_inference_statistics(**kwargs)
+        assert [s["name"] for s in answer["model_stats"]] == [MODEL]
+        return answer["model_stats"][0]
+
+    before, executions_before = model_stats(model_name=MODEL), front.server.stats().stage_runs[0]
+    rows = (1, 5, 3, 8)
+    for n in rows:  # through OIP and through /predict: the statistics count both
+        x = inputs(n, seed=200 + n).numpy()
+        tensor = tritonclient_http.InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        front.client.infer(MODEL, [tensor])
+    status, _, raw = http_call(front.port, "POST", "/predict", json.dumps({"inputs": inputs(2, seed=3).tolist()}).encode())
+    assert status == 200, raw
+    status, _, raw = http_call(front.port, "POST", f"/v2/models/{MODEL}/infer", json.dumps({"inputs": []}).encode())
+    assert status == 400, raw  # one failure
+    status, _, _ = http_call(front.port, "POST", "/v2/models/other/infer", json.dumps({}).encode())
+    assert status == 404  # another model's: not counted
+    after = model_stats(model_name=MODEL, model_version="1")
+    assert model_stats() == after  # GET /v2/models/stats: all models (this one)
+
+    def delta(*keys):
+        a, b = after, before
+        for key in keys:
+            a, b = a[key], b[key]
+        return a - b
+
+    assert delta("inference_count") == sum(rows) + 2
+    assert delta("execution_count") == front.server.stats().stage_runs[0] - executions_before >= 1
+    assert delta("inference_stats", "success", "count") == len(rows) + 1
+    assert delta("inference_stats", "queue", "count") == len(rows) + 1
+    assert delta("inference_stats", "fail", "count") == 1
+    success_ns, queue_ns = delta("inference_stats", "success", "ns"), delta("inference_stats", "queue", "ns")
+    assert 0 < queue_ns < success_ns  # queue time is part of each request's time
+    assert delta("inference_stats", "fail", "ns") > 0
+    assert after["last_inference"] >= before["last_inference"] and after["last_inference"] > 1e12  # ms since epoch
+    assert after["version"] == "1"
+    with pytest.raises(tritonclient_http.InferenceServerException, match="not served here"):
+        front.client.get_inference_statistics("other")
+
+
+def test_config_and_statistics_before_any_request():
+    from ann_kernels.serve.oip import model_config, model_statistics
+    from ann_kernels.serve.state import ServingState, describe_server
+
+    server = EarlyExitServer(EarlyExitEngine(small_mlp(seed=31)), max_batch_size=8, max_wait_s=0.0)  # not started
+    state = ServingState(server, describe_server(server, "fresh"), max_body_bytes=1024)
+    config = model_config(state)
+    assert config["input"][0]["dims"] == [-1] and config["max_batch_size"] == 8  # shape not known yet
+    assert config["dynamic_batching"] == {"max_queue_delay_microseconds": 0}
+    (stats,) = model_statistics(state)["model_stats"]
+    assert stats["inference_count"] == stats["execution_count"] == stats["last_inference"] == 0
+    assert stats["inference_stats"] == {key: {"count": 0, "ns": 0} for key in ("success", "fail", "queue")}

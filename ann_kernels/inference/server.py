@@ -189,6 +189,22 @@ class EarlyExitServer(DeadlineExits):
             for request, _ in piece.segments:
                 self._fail(request, RuntimeError("server: closed before this request ran (never started)"))
 
+    @property
+    def sample_shape(self) -> tuple[int, ...] | None:
+        """The shape of one sample that requests are checked against: the ``sample_shape``
+        given, else the one learnt from the first request (None until then). Read-only."""
+        return self._sample_shape
+
+    @property
+    def closing(self) -> bool:
+        """True once :meth:`close` was called (no new requests; the queued ones still finish)."""
+        return self._closing
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` returned (the worker stopped; every request answered)."""
+        return self._closed
+
     def __enter__(self) -> EarlyExitServer:
         return self.start()
 

@@ -27,7 +27,7 @@ import torch
 
 from ann_kernels.generation.server import GenerationServer
 
-__all__ = ["ModelDescription", "ProtocolError", "ServingState", "describe_server", "is_generation_server"]
+__all__ = ["InferenceTotals", "ModelDescription", "ProtocolError", "ServingState", "describe_server", "is_generation_server"]
 
 
 class ProtocolError(Exception):
@@ -53,6 +53,44 @@ class ModelDescription:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass
+class InferenceTotals:
+    """Cumulative counts of the inference requests answered by one app (every protocol), what
+    Triton's statistics extension reports (``GET /v2/models/{name}/stats``, :mod:`.oip`):
+
+    - ``success_count`` / ``success_ns``: requests answered 200 and their receive-to-answer time;
+    - ``fail_count`` / ``fail_ns``: requests answered with an error (400, 413, 422, 500, 503;
+      not 404, a request for another model);
+    - ``queue_count`` / ``queue_ns``: successful requests and their summed
+      ``ServedResult.queue_s`` (submit to the first stage run carrying any of their rows);
+    - ``rows``: rows of the successful requests (Triton's ``inference_count``);
+    - ``last_inference_ms``: wall-clock time of the last success, ms since the epoch (0: none).
+    """
+
+    success_count: int = 0
+    success_ns: int = 0
+    fail_count: int = 0
+    fail_ns: int = 0
+    queue_count: int = 0
+    queue_ns: int = 0
+    rows: int = 0
+    last_inference_ms: int = 0
+
+    def record(self, status: int, seconds: float, result=None) -> None:
+        """Count one answered request (``result``: its ``ServedResult`` when it succeeded)."""
+        ns = int(seconds * 1e9)
+        if status == 200 and result is not None:
+            self.success_count += 1
+            self.success_ns += ns
+            self.queue_count += 1
+            self.queue_ns += int(getattr(result, "queue_s", 0.0) * 1e9)
+            self.rows += int(result.prediction.shape[0])
+            self.last_inference_ms = int(time.time() * 1000)
+        elif status >= 400 and status != 404:
+            self.fail_count += 1
+            self.fail_ns += ns
+
+
 def is_generation_server(server) -> bool:
     """True for the LM :class:`~ann_kernels.generation.GenerationServer` (served with the OpenAI
     protocol), False for the classifier ``EarlyExitServer``."""
@@ -76,16 +114,16 @@ def describe_server(server, name: str, sample_shape=None, extra: dict | None = N
                             dtype, device, server.num_exits, dict(extra or {}))
 
 
-def server_sample_shape(server):
-    """The sample shape the server checks requests against (None until its first request).
-
-    EarlyExitServer keeps it (and whether it closes) as private attributes; these two readers
-    are the only places this package looks at them."""
-    return getattr(server, "_sample_shape", None)
+def server_sample_shape(server) -> tuple[int, ...] | None:
+    """The sample shape the server checks requests against: ``EarlyExitServer.sample_shape``
+    (None until its first request; None for a server without one, e.g. the LM's)."""
+    return getattr(server, "sample_shape", None)
 
 
 def server_is_closing(server) -> bool:
-    return bool(getattr(server, "_closing", False) or getattr(server, "_closed", False))
+    """True once the server's ``close()`` was called (``closing`` / ``closed`` properties of
+    ``EarlyExitServer``; ``closing`` of ``GenerationServer``)."""
+    return bool(getattr(server, "closing", False) or getattr(server, "closed", False))
 
 
 class ServingState:
@@ -108,6 +146,7 @@ class ServingState:
         self.draining = False  # set by the drain: readiness 503, new requests 503
         self.drain_expired = False  # the drain deadline passed: waiting requests get 503
         self.in_flight = 0  # accepted (submitted) requests not yet answered
+        self.totals = InferenceTotals()  # what Triton's statistics extension reports
         self._waiters: set[asyncio.Future] = set()
         self._idle: asyncio.Event | None = None
 
@@ -203,9 +242,11 @@ class ServingState:
             self.release()
 
     def finish(self, protocol: str, status: int, started: float, result=None) -> None:
-        """Record one answered request (any status) in the metrics."""
+        """Record one answered request (any status) in :attr:`totals` and the metrics."""
+        seconds = time.perf_counter() - started
+        self.totals.record(status, seconds, result)
         if self.metrics is not None:
-            self.metrics.observe_request(protocol, status, time.perf_counter() - started, result)
+            self.metrics.observe_request(protocol, status, seconds, result)
 
     # ------------------------------------------------------------------ drain
     async def drain(self, timeout_s: float) -> bool:
