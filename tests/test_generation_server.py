@@ -158,6 +158,41 @@ def test_cancel_and_deadline_free_the_row(model):
     assert after.finish_reason == "length"
 
 
+def test_a_queued_request_past_its_deadline_leaves_the_queue_at_once(model):
+    """B waits behind a long A (one row); its deadline passes in the queue: it is answered
+    "deadline" while A still runs (not once it reaches the front) and its queue slot is free."""
+    with GenerationServer(model, max_batch_size=1, max_queue=2, max_wait_s=0) as server:
+        gate = WorkerGate(server)
+        seen = {}
+
+        def on_finish(completion):  # worker thread, between iterations
+            if completion.request_id == late.request_id:
+                seen["step"] = server.steps()[-1].index
+                seen["waiting"] = server.stats().requests_waiting
+
+        server.add_listener(on_finish)
+        running = server.stream([5, 6, 7], max_new_tokens=40)
+        next(running)  # A is generating
+        gate.hold()
+        assert gate.entered.wait(30)  # the worker is inside A's next decode step
+        late = server.submit([8, 1], max_new_tokens=5, deadline_s=1e-9)  # past once the worker looks
+        behind = server.submit([2, 3], max_new_tokens=3)
+        with pytest.raises(ServerBusyError):
+            server.submit([4], max_new_tokens=3)  # A runs, B and C fill the queue
+        gate.release()
+        out = late.result(60)
+        assert out.finish_reason == "deadline" and out.token_ids == [] and out.ttft_s is None
+        assert behind.result(60).token_ids == reference(model, [2, 3], max_new_tokens=3)[0]
+        assert list(running)[-1].finish_reason == "length"
+        log, stats = server.steps(), server.stats()
+    assert seen["waiting"] == 1  # only C waits: B's slot was freed when it left
+    a = running.request_id
+    assert any(r.kind == "decode" and a in r.request_ids and r.index > seen["step"] for r in log), \
+        "B left only once A finished (when it reached the front), not at once"
+    assert all(late.request_id not in r.request_ids for r in log)  # never prefilled
+    assert stats.requests_finished["deadline"] == 1 and stats.requests_waiting == 0
+
+
 def test_close_drains_every_accepted_request(model):
     server = GenerationServer(model, max_batch_size=2).start()
     futures = [server.submit([i + 1], max_new_tokens=6) for i in range(5)]

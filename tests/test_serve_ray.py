@@ -1,7 +1,8 @@
 """Replicas on Ray Serve: one local Ray instance for the module (num_cpus=2, no dashboard,
 every socket on 127.0.0.1), the CLI's deployment with 2 replicas of a calibrated checkpoint:
 every answer (``/predict`` and the Open Inference Protocol) equals ``predict``; a replica
-killed with requests in flight fails or retries them, never loses one, and is replaced."""
+killed with requests in flight fails or retries them, never loses one, and is replaced; an LM
+checkpoint on 2 replicas (the same wrapper, the OpenAI routes) answers like ``generate``."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.utils import free_port, http_call, requires_ext, write_mlp_checkpoint
+from tests.utils import free_port, http_call, requires_ext, write_lm_checkpoint, write_mlp_checkpoint
 
 pytestmark = [
     requires_ext,
@@ -47,13 +48,11 @@ def replica_states(serve) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ray_serving(tmp_path_factory):
-    from ann_kernels.inference.commands import build_replica_server, build_server
-    from ann_kernels.serve.ray_app import local_ray, server_deployment
+def ray_instance():
+    """One local Ray instance for the module (the classifier and the LM applications share it)."""
+    from ann_kernels.serve.ray_app import local_ray
 
-    args = serve_args(write_mlp_checkpoint(tmp_path_factory.mktemp("ray") / MODEL))
     torch.set_num_threads(1)
-    local, _ = build_server(args)  # the same calibration as each replica's: the oracle's thresholds
     port = free_port()
     context = local_ray(num_cpus=2, port=port)
     try:
@@ -61,13 +60,24 @@ def ray_serving(tmp_path_factory):
     except Exception as error:  # noqa: BLE001
         pytest.skip(f"a local Ray instance could not start here: {error}")
     try:
-        application = server_deployment(
-            functools.partial(build_replica_server, args), replicas=2, num_cpus=0.5, drain_timeout_s=5.0,
-            app_options={"model_name": MODEL, "sample_shape": (1, 28, 28)})
-        serve.run(application, name=MODEL, route_prefix="/")
-        yield SimpleNamespace(port=port, serve=serve, engine=local.engine, thresholds=list(local._thresholds))
+        yield SimpleNamespace(port=port, serve=serve)
     finally:
         context.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="module")
+def ray_serving(tmp_path_factory, ray_instance):
+    from ann_kernels.inference.commands import build_replica_server, build_server
+    from ann_kernels.serve.ray_app import server_deployment
+
+    args = serve_args(write_mlp_checkpoint(tmp_path_factory.mktemp("ray") / MODEL))
+    local, _ = build_server(args)  # the same calibration as each replica's: the oracle's thresholds
+    serve = ray_instance.serve
+    application = server_deployment(
+        functools.partial(build_replica_server, args), replicas=2, num_cpus=0.5, drain_timeout_s=5.0,
+        app_options={"model_name": MODEL, "sample_shape": (1, 28, 28)})
+    serve.run(application, name=MODEL, route_prefix="/")
+    yield SimpleNamespace(port=ray_instance.port, serve=serve, engine=local.engine, thresholds=list(local._thresholds))
 
 
 def predict_call(port: int, x: torch.Tensor):
@@ -139,7 +149,8 @@ def test_a_killed_replica_fails_or_retries_its_requests_never_loses_them(ray_ser
     import ray
 
     serve, port = ray_serving.serve, ray_serving.port
-    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "SERVE_REPLICA" in a["name"]]
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if "SERVE_REPLICA" in a["name"] and MODEL in a["name"]]
     assert len(replicas) == 2, replicas
     xs = batches(12, seed=2)
     threads, results = concurrent([functools.partial(predict_call, port, x) for x in xs])
@@ -160,7 +171,8 @@ def test_a_killed_replica_fails_or_retries_its_requests_never_loses_them(ray_ser
     print(f"killed replica: {failed} of {len(xs)} requests failed with 5xx, the rest answered")
     deadline = time.monotonic() + 120
     while True:  # Ray Serve replaces the dead replica
-        names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "SERVE_REPLICA" in a["name"]}
+        names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                 if "SERVE_REPLICA" in a["name"] and MODEL in a["name"]}
         if replicas[0]["name"] not in names and len(names) == 2 and replica_states(serve) == {"RUNNING": 2}:
             break
         assert time.monotonic() < deadline, (names, replica_states(serve))
@@ -169,3 +181,56 @@ def test_a_killed_replica_fails_or_retries_its_requests_never_loses_them(ray_ser
     status, _, raw = predict_call(port, x)
     assert status == 200
     check_equal_predict(ray_serving, x, raw)
+
+
+LM_NAME = "tinylm"
+
+
+def test_an_lm_checkpoint_on_two_replicas_answers_like_generate(tmp_path_factory, ray_instance):
+    """``serve --backend ray --replicas 2`` on an LM checkpoint (the CLI's application, at
+    ``/lm``): the real openai client's greedy completions, concurrent, in every mode, and a
+    streamed one, equal ``ann_kernels.generate``'s decoded text and exits."""
+    openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install .[test])")
+    import ann_kernels
+    from ann_kernels.generation.checkpoint import load_lm_checkpoint
+    from ann_kernels.inference.commands import add_parser
+    from ann_kernels.serve.lm_command import lm_ray_application
+
+    checkpoint = write_lm_checkpoint(tmp_path_factory.mktemp("ray_lm") / LM_NAME)
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", "--checkpoint", str(checkpoint), "--threads", "1", "--max-wait-ms", "5",
+                              "--replicas", "2", "--backend", "ray", "--drain-timeout-s", "5"])
+    application, _ = lm_ray_application(args, LM_NAME, num_cpus=0.5)
+    serve = ray_instance.serve
+    serve.run(application, name=LM_NAME, route_prefix="/lm")
+    status = serve.status().applications[LM_NAME]
+    assert dict(next(iter(status.deployments.values())).replica_states) == {"RUNNING": 2}
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{ray_instance.port}/lm/v1", api_key="unused",
+                           max_retries=0, timeout=120)
+    assert [m.id for m in client.models.list().data] == [LM_NAME]
+    prompts = ["def loads(", "import re\n", "class JSON", "return obj", "    if s", "# the"]
+    modes = [{}, {"mode": "self_speculative", "exit_index": 0, "draft_len": 2}, {"mode": "confidence", "threshold": 0.2}]
+
+    def call(i):
+        extra = {"early_exit": modes[i % 3]} if modes[i % 3] else None
+        return client.completions.create(model=LM_NAME, prompt=prompts[i], max_tokens=6, temperature=0,
+                                         extra_body=extra)
+
+    threads, results = concurrent([functools.partial(call, i) for i in range(len(prompts))])
+    streamed = list(client.completions.create(model=LM_NAME, prompt=prompts[0], max_tokens=6, temperature=0,
+                                              stream=True))
+    for t in threads:
+        t.join(180)
+    lm = load_lm_checkpoint(checkpoint)
+    eos = lm.eos_token_id
+    for i, (prompt, result) in enumerate(zip(prompts, results)):
+        assert not isinstance(result, Exception), result
+        ref = ann_kernels.generate(lm.model, [lm.encode(prompt)], max_new_tokens=6, eos_token_id=eos, **modes[i % 3])
+        choice = result.choices[0]
+        assert choice.text == lm.decode([t for t in ref.tokens[0] if t != eos]), (i, prompt)
+        assert choice.model_extra["exit_index"] == ref.exit_index[0]
+    assert "".join(c.choices[0].text for c in streamed) == results[0].choices[0].text
+    assert [e for c in streamed for e in c.choices[0].model_extra["exit_index"]] == \
+        results[0].choices[0].model_extra["exit_index"]
+    assert streamed[-1].choices[0].finish_reason in ("stop", "length")

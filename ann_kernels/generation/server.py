@@ -10,6 +10,10 @@ One worker thread owns the batch and the KV caches. Its loop:
    distinct mode configuration: rows of one mode share a cache and step together), straight
    into the running batch;
 3. drop rows that were cancelled or whose deadline passed (their slots are free at once);
+   a request whose deadline passes while it still waits leaves the queue at the start of the
+   next iteration (a heap of queued deadlines: one comparison per iteration when none is due),
+   answered like a running row (``finish_reason`` "deadline", no tokens) and freeing its
+   ``max_queue`` slot;
 4. one decode step of every mode's batch; each row's new tokens go to its stream; rows that
    hit EOS, ``max_new_tokens`` or a stop string leave at once.
 
@@ -27,6 +31,7 @@ rebuilt; a tokenizer error fails its own request.
 
 from __future__ import annotations
 
+import heapq
 import math
 import threading
 import time
@@ -63,7 +68,7 @@ class _Request:
     """One request's life inside the server (worker-thread state, except ``future``)."""
 
     __slots__ = ("id", "prompt", "params", "config", "text", "deadline", "future", "stream", "submitted",
-                 "admitted", "first", "last", "tokens", "exits", "itl", "state")
+                 "admitted", "first", "last", "tokens", "exits", "itl", "state", "queued")
 
     def __init__(self, rid, prompt, params, config, text, deadline, future, stream):
         self.id, self.prompt, self.params, self.config = rid, prompt, params, config
@@ -75,6 +80,7 @@ class _Request:
         self.exits: list[int] = []
         self.itl: list[float] = []
         self.state: DecodeState | None = None
+        self.queued = False  # in the server's waiting deque
 
 
 class GenerationServer:
@@ -135,6 +141,7 @@ class GenerationServer:
         self.step_log: deque[StepRecord] = deque(maxlen=step_log_size)
         self._cond = threading.Condition()
         self._waiting: deque[_Request] = deque()
+        self._queued_deadlines: list[tuple[float, int, _Request]] = []  # heap over waiting requests (lazy)
         self._active: dict[int, _Request] = {}
         self._states: dict[ModeConfig, DecodeState] = {}
         self._next_id = 0
@@ -287,6 +294,8 @@ class GenerationServer:
             req = _Request(rid, ids, row, config, text, None, future, token_stream if stream else None)
             if deadline is not None:
                 req.deadline = req.submitted + deadline
+                heapq.heappush(self._queued_deadlines, (req.deadline, rid, req))
+            req.queued = True
             self._waiting.append(req)
             self.totals.submitted += 1
             self._cond.notify_all()
@@ -307,10 +316,14 @@ class GenerationServer:
                         if left <= 0:
                             break
                         self._cond.wait(left)
+                expired = self._pop_expired_waiting()
                 free = self.max_batch_size - len(self._active)
                 take = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
                 for req in take:
+                    req.queued = False
                     self._active[req.id] = req
+            for req in expired:
+                self._finish(req, "deadline")
             try:
                 self._admit(take)
                 self._drop_stopped()
@@ -321,6 +334,27 @@ class GenerationServer:
                     self._fail(req, error)
                 self._states.clear()
         self._shutdown()
+
+    def _pop_expired_waiting(self) -> list[_Request]:
+        """Waiting requests whose deadline has passed, taken out of the queue (call holding
+        ``_cond``). Heap entries of requests already admitted are skipped as they surface, and
+        the heap is emptied whenever the queue is, so it never outgrows the requests in flight."""
+        heap = self._queued_deadlines
+        if not self._waiting:
+            heap.clear()
+            return []
+        if not heap or heap[0][0] > time.perf_counter():
+            return []
+        now, expired = time.perf_counter(), []
+        while heap and heap[0][0] <= now:
+            req = heapq.heappop(heap)[2]
+            if req.queued:
+                req.queued = False
+                expired.append(req)
+        if expired:
+            gone = {r.id for r in expired}
+            self._waiting = deque(r for r in self._waiting if r.id not in gone)
+        return expired
 
     def _shutdown(self) -> None:
         error = RuntimeError("server: closed before this request finished (the drain timeout passed)")

@@ -16,7 +16,8 @@
   local Ray Serve instance (extra ``[ray]``). See ``docs/serving.md``. On an LM checkpoint
   (``ann-kernels train --dataset text``) it serves the OpenAI ``/v1/completions`` over a
   :class:`~ann_kernels.generation.GenerationServer` instead (``--mode``, ``--exit-index``,
-  ``--threshold``, ``--draft-len``; :mod:`ann_kernels.serve.lm_command`, ``docs/serving_lm.md``).
+  ``--threshold``, ``--draft-len``; ``--backend ray --replicas N`` too; :mod:`ann_kernels.serve.lm_command`,
+  ``docs/serving_lm.md``).
 
 Budgets: a value <= 1 is a fraction of the full network's FLOPs per sample, a value > 1 is
 FLOPs per sample. The model is rebuilt with :func:`ann_kernels.train.runs.load_trained`.
@@ -268,9 +269,11 @@ def build_replica_server(args):
 
 def cmd_serve(args) -> int:
     _check_serve_args(args)
-    from ann_kernels.serve.lm_command import is_lm_checkpoint, serve_lm
+    from ann_kernels.serve.lm_command import is_lm_checkpoint, serve_lm, serve_lm_on_ray
 
     if is_lm_checkpoint(args.checkpoint):  # an LM: OpenAI /v1/completions (docs/serving_lm.md)
+        if args.backend == "ray":
+            return serve_lm_on_ray(args, model_name_of(args))
         return serve_lm(args, model_name_of(args))
     if args.backend == "ray":
         return _serve_on_ray(args)
@@ -298,31 +301,22 @@ def cmd_serve(args) -> int:
 
 def _serve_on_ray(args) -> int:
     import functools
-    import signal
-    import threading
 
-    from ann_kernels.serve.ray_app import local_ray, replica_cpus, server_deployment
+    from ann_kernels.serve.ray_app import replica_cpus, run_until_signal, server_deployment
     from ann_kernels.train.runs import load_trained
 
     _, spec, _ = load_trained(args.checkpoint)  # fail here, not in every replica
     mode, info = _serve_info(args, spec)
     name = model_name_of(args)
-    stop = threading.Event()
     cpus = replica_cpus(args.replicas)
     application = server_deployment(
         functools.partial(build_replica_server, args), replicas=args.replicas, num_cpus=cpus,
         drain_timeout_s=args.drain_timeout_s,
         app_options={"model_name": name, "sample_shape": tuple(spec["input_shape"]),
                      "max_body_bytes": args.max_body_bytes, "info": info})
-    with local_ray(host=args.host, port=args.port) as serve:
-        for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own handlers
-            signal.signal(sig, lambda *_: stop.set())
-        serve.run(application, name=name, route_prefix="/", blocking=False)
-        print(f"serving {args.checkpoint} as model {name!r} on Ray Serve: {args.replicas} replica(s), {cpus:g} CPU "
-              f"each, http://{args.host}:{args.port} (the single-process routes)", flush=True)
-        stop.wait()
-        print("stopping: Ray Serve drains the replicas, then Ray shuts down", flush=True)
-    return 0
+    return run_until_signal(application, name=name, host=args.host, port=args.port, banner=(
+        f"serving {args.checkpoint} as model {name!r} on Ray Serve: {args.replicas} replica(s), {cpus:g} CPU "
+        f"each, http://{args.host}:{args.port} (the single-process routes)"))
 
 
 def add_parser(subparsers) -> None:

@@ -1,14 +1,16 @@
 """Replicas on Ray Serve (optional extra ``pip install 'ann_kernels[ray]'``).
 
 :func:`server_deployment` wraps any of our servers: each replica calls ``server_factory()``
-once (an :class:`~ann_kernels.inference.EarlyExitServer`, not started; the same wrapper takes
-the LM ``GenerationServer`` once its protocol module exists), starts it, and serves the same
+once (an :class:`~ann_kernels.inference.EarlyExitServer`, not started, or an LM's
+``GenerationServer``), starts it, and serves the same
 FastAPI app as a single process (:func:`~ann_kernels.serve.create_app`: ``/predict``,
 ``/v2/...``, ``/metrics`` of that replica) through ``@serve.ingress``. Requests reach the
 server's own stage batcher through ``asyncio.wrap_future(server.submit(x))`` (no second
 batcher such as ``@serve.batch``), and ``max_ongoing_requests`` is raised from Ray's default
 of 5 so that the batcher sees real load. ``check_health`` fails (Ray restarts the replica)
-once the server stops serving. A replica that dies fails the requests it held (Ray's proxy
+once the server stops serving. An LM's :class:`~ann_kernels.generation.GenerationServer` is
+wrapped the same way (``create_app`` then serves the OpenAI routes; ``serve --backend ray`` on
+an LM checkpoint, :func:`ann_kernels.serve.lm_command.serve_lm_on_ray`). A replica that dies fails the requests it held (Ray's proxy
 answers 500): they are never left without an answer.
 
 :func:`local_ray` starts a local instance on loopback only: it sets :data:`RAY_LOOPBACK_ENV`
@@ -29,7 +31,7 @@ import sys
 
 from ann_kernels.serve.state import server_is_closing
 
-__all__ = ["RAY_LOOPBACK_ENV", "local_ray", "replica_cpus", "require_ray", "server_deployment"]
+__all__ = ["RAY_LOOPBACK_ENV", "local_ray", "replica_cpus", "require_ray", "run_until_signal", "server_deployment"]
 
 RAY_LOOPBACK_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # every Ray socket on 127.0.0.1
@@ -123,3 +125,22 @@ def server_deployment(server_factory, *, replicas: int = 1, num_cpus: float | No
         ray_actor_options={"num_cpus": replica_cpus(replicas) if num_cpus is None else num_cpus},
         graceful_shutdown_timeout_s=drain_timeout_s, health_check_period_s=2.0)
     return deployment.bind(server_factory, options)
+
+
+def run_until_signal(application, *, name: str, host: str, port: int, banner: str) -> int:
+    """The ``serve --backend ray`` driver: a :func:`local_ray` instance on ``host:port``, run
+    ``application`` (from :func:`server_deployment`) under ``name`` at ``/``, print
+    ``banner``, wait for SIGTERM or SIGINT; leaving :func:`local_ray` drains the replicas
+    (Ray Serve's graceful shutdown) and stops Ray. The exit status (0)."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    with local_ray(host=host, port=port) as serve:
+        for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own handlers
+            signal.signal(sig, lambda *_: stop.set())
+        serve.run(application, name=name, route_prefix="/", blocking=False)
+        print(banner, flush=True)
+        stop.wait()
+        print("stopping: Ray Serve drains the replicas, then Ray shuts down", flush=True)
+    return 0
