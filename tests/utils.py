@@ -105,28 +105,38 @@ BF16_UNIT = 2.0 ** -8  # bf16's unit roundoff u (8 significant bits); two roundi
 
 
 @contextlib.contextmanager
+def _cpu_ops_routed_to(launchers, kernel, impls: dict):
+    """Register ``impls`` (op name -> Triton launcher) as the ann_kernels ops' CPU kernels while
+    the block runs, then restore the C++ kernels. Skips unless ``launchers`` was imported under
+    TRITON_INTERPRET=1 (``kernel``, one of its kernels, is then not a compiled JITFunction)."""
+    import triton
+
+    if isinstance(kernel, triton.runtime.JITFunction):
+        pytest.skip(f"{launchers.__name__} was imported without TRITON_INTERPRET=1")
+    lib = torch.library.Library("ann_kernels", "IMPL")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "overriding a previously registered kernel": on purpose
+        for name, launcher in impls.items():
+            lib.impl(name, launcher, "CPU")
+    try:
+        yield
+    finally:
+        lib._destroy()  # the C++ CPU kernels are back
+
+
 def triton_behind_cpu_ops():
     """Route the logits op's CPU backend ops (``_multi_exit_ce_forward`` / ``_backward`` /
     ``_scale_``) to the Triton launchers while the block runs, so the public function (its
     C++ argument check, autograd and grad-mode choice) drives the Triton kernels on CPU
     tensors under the interpreter. Needs TRITON_INTERPRET=1 set before
     ``ann_kernels.triton.multi_exit_ce`` was imported (tests/test_triton_multi_exit_ce_op.py)."""
-    import triton
-
     from ann_kernels.triton import multi_exit_ce as launchers
 
-    if isinstance(launchers._multi_exit_ce_kernel, triton.runtime.JITFunction):
-        pytest.skip("ann_kernels.triton.multi_exit_ce was imported without TRITON_INTERPRET=1")
-    lib = torch.library.Library("ann_kernels", "IMPL")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "overriding a previously registered kernel": on purpose
-        lib.impl("_multi_exit_ce_forward", launchers.multi_exit_ce_forward_triton, "CPU")
-        lib.impl("_multi_exit_ce_backward", launchers.multi_exit_ce_backward_triton, "CPU")
-        lib.impl("_multi_exit_ce_scale_", launchers.scale_grads_triton, "CPU")
-    try:
-        yield
-    finally:
-        lib._destroy()  # the C++ CPU kernels are back
+    return _cpu_ops_routed_to(launchers, launchers._multi_exit_ce_kernel, {
+        "_multi_exit_ce_forward": launchers.multi_exit_ce_forward_triton,
+        "_multi_exit_ce_backward": launchers.multi_exit_ce_backward_triton,
+        "_multi_exit_ce_scale_": launchers.scale_grads_triton,
+    })
 
 
 def fp64_truth_grads(heads, target, weights, grad_out, *, label_smoothing=0.0):
@@ -509,23 +519,12 @@ def peak_allocated_bytes(fn) -> int:
     return peak
 
 
-@contextlib.contextmanager
 def linear_ce_triton_behind_cpu_op():
     """Route the fused linear loss's CPU op (``multi_exit_linear_ce_fwd``) to the Triton
     launcher while the block runs, so the public function (its C++ argument check and
     autograd, grad_out folding included) drives the Triton path on CPU tensors under the
     interpreter (tests/test_triton_multi_exit_linear_ce.py sets TRITON_INTERPRET=1 first)."""
-    import triton
-
     from ann_kernels.triton import multi_exit_linear_ce as launcher
 
-    if isinstance(launcher._linear_ce_row_kernel, triton.runtime.JITFunction):
-        pytest.skip("ann_kernels.triton.multi_exit_linear_ce was imported without TRITON_INTERPRET=1")
-    lib = torch.library.Library("ann_kernels", "IMPL")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "overriding a previously registered kernel": on purpose
-        lib.impl("multi_exit_linear_ce_fwd", launcher.multi_exit_linear_ce_fwd_triton, "CPU")
-    try:
-        yield
-    finally:
-        lib._destroy()  # the C++ CPU kernel is back
+    return _cpu_ops_routed_to(launcher, launcher._linear_ce_row_kernel,
+                              {"multi_exit_linear_ce_fwd": launcher.multi_exit_linear_ce_fwd_triton})
