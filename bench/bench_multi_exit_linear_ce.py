@@ -52,15 +52,6 @@ QUICK_SHAPES = [(4, 256, 128, 8192)]
 PROVIDERS = ["fused", "torchtune", "eager_per_exit", "torch.compile", "logits_op", "liger"]
 
 
-def torchtune_loss(hidden, weight, target, weights):
-    """torchtune's early_exit_loss: stack, unembed, CE with reduction none, per-exit mean."""
-    k = len(hidden)
-    logits = F.linear(torch.stack(hidden), weight).reshape(-1, weight.shape[0])
-    losses = F.cross_entropy(logits, target.repeat(k), reduction="none").view(k, -1)
-    per_exit = losses.float().sum(-1) / (target != -100).sum()
-    return (weights * per_exit).sum()
-
-
 def eager_per_exit(hidden, weight, target, weights):
     return sum(weights[k] * F.cross_entropy(F.linear(h, weight), target) for k, h in enumerate(hidden))
 
@@ -87,13 +78,13 @@ def make_step(provider, hidden, weight, target, weights):
             return ann_kernels.multi_exit_linear_cross_entropy(hidden, weight, target, weights).loss
     elif provider == "torchtune":
         def loss():
-            return torchtune_loss(hidden, weight, target, weights)
+            return common.torchtune_loss(hidden, weight, target, weights)
     elif provider == "eager_per_exit":
         def loss():
             return eager_per_exit(hidden, weight, target, weights)
     elif provider == "torch.compile":
         torch._dynamo.reset()
-        compiled = torch.compile(torchtune_loss, dynamic=False)
+        compiled = torch.compile(common.torchtune_loss, dynamic=False)
 
         def loss():
             return compiled(hidden, weight, target, weights)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CSV_FIELDS = ["op", "provider", "shape", "metric", "p20", "p50", "p80", "peak_mb", "torch", "commit", "timestamp",
@@ -91,6 +92,16 @@ def peak_extra_mb(fn: Callable[[], object]) -> float:
     before = _read_status_kb("VmRSS")
     fn()
     return (_read_status_kb("VmHWM") - before) / 1024.0
+
+
+# The linear-loss baseline both linear benchmarks (bench_multi_exit_linear_ce.py, targets.py) compare with.
+def torchtune_loss(hidden, weight, target, weights):
+    """torchtune's early_exit_loss: stack, unembed, CE with reduction none, per-exit mean."""
+    k = len(hidden)
+    logits = F.linear(torch.stack(hidden), weight).reshape(-1, weight.shape[0])
+    losses = F.cross_entropy(logits, target.repeat(k), reduction="none").view(k, -1)
+    per_exit = losses.float().sum(-1) / (target != -100).sum()
+    return (weights * per_exit).sum()
 
 
 def git_commit() -> str:

@@ -43,7 +43,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import ann_kernels  # noqa: E402
-from bench.common import CSV_FIELDS, git_commit, time_interleaved  # noqa: E402
+from bench.common import CSV_FIELDS, git_commit, time_interleaved, torchtune_loss  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OPS = {"logits": "multi_exit_cross_entropy", "linear": "multi_exit_linear_cross_entropy"}
@@ -128,15 +128,6 @@ def stand_in_shape(op: str, shape) -> tuple[int, ...]:
 
 # ---------------------------------------------------------------------------------------
 # Providers: each returns (step, leaves); a step is one fwd + bwd into fresh gradients.
-
-
-def torchtune_loss(hidden, weight, target, weights):
-    """torchtune's early_exit_loss: stack, unembed, CE with reduction none, per-exit mean."""
-    k = len(hidden)
-    logits = F.linear(torch.stack(hidden), weight).reshape(-1, weight.shape[0])
-    losses = F.cross_entropy(logits, target.repeat(k), reduction="none").view(k, -1)
-    per_exit = losses.float().sum(-1) / (target != -100).sum()
-    return (weights * per_exit).sum()
 
 
 def eager_ce(logits, target, weights: list[float]):
