@@ -167,14 +167,16 @@ class LlamaAdapter(DecoderAdapter):
     def rope(self, positions: Tensor, like: Tensor):
         return self.rotary(like, positions)
 
+    def _heads(self, projection, x: Tensor) -> Tensor:
+        """[n, s, heads * head_dim] projection of x -> [n, heads, s, head_dim]."""
+        n, s, _ = x.shape
+        return projection(x).view(n, s, -1, self.head_dim).transpose(1, 2)
+
     def qkv(self, i: int, h: Tensor, rope):
         layer = self.layers[i]
         attn = layer.self_attn
-        n, s, _ = h.shape
         x = layer.input_layernorm(h)
-        q = attn.q_proj(x).view(n, s, -1, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(n, s, -1, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(n, s, -1, self.head_dim).transpose(1, 2)
+        q, k, v = self._heads(attn.q_proj, x), self._heads(attn.k_proj, x), self._heads(attn.v_proj, x)
         cos, sin = rope
         q, k = self._apply_rope(q, k, cos, sin)
         return q, k, v
@@ -182,10 +184,8 @@ class LlamaAdapter(DecoderAdapter):
     def kv(self, i: int, h: Tensor, rope):
         layer = self.layers[i]
         attn = layer.self_attn
-        n, s, _ = h.shape
         x = layer.input_layernorm(h)
-        k = attn.k_proj(x).view(n, s, -1, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(n, s, -1, self.head_dim).transpose(1, 2)
+        k, v = self._heads(attn.k_proj, x), self._heads(attn.v_proj, x)
         cos, sin = rope
         # apply_rotary_pos_emb rotates both arguments: rotate k alone by passing it twice.
         k, _ = self._apply_rope(k, k, cos, sin)
