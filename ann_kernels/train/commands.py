@@ -140,19 +140,23 @@ def _train_worker(rank: int, world_size: int, spec: dict, config_dict: dict, out
 
 
 def cmd_train(args) -> int:
-    from ann_kernels.train.distributed import init_from_env, launch
+    from ann_kernels.train.distributed import exit_process, init_from_env, launch, leave_process_group
 
     group = init_from_env()  # torchrun: this process is one rank of an external group
     if group is not None and args.nproc > 1:
         raise ValueError(f"--nproc: {args.nproc} processes requested inside a torchrun group of {group[1]}; "
                          "use one or the other")
-    try:
+    if group is None:
         return _run_train(args, group, launch)
-    finally:
-        if group is not None:
-            import torch.distributed as dist
+    try:
+        code = _run_train(args, group, launch)
+    except BaseException:
+        import torch.distributed as dist
 
-            dist.destroy_process_group()
+        dist.destroy_process_group()
+        raise
+    leave_process_group()
+    exit_process(code)  # see exit_process: a gloo thread may otherwise abort the exit
 
 
 def _run_train(args, group, launch) -> int:
