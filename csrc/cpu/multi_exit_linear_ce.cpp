@@ -6,13 +6,17 @@
 //   for each chunk of R rows (a row = one (exit, token) pair; with a shared head a chunk
 //   stacks rows of several exits, so each tile of W is read once for all of them):
 //     gather h_chunk [R, H] (fp32)
-//     pass A, per vocabulary tile [v0, v0 + Vt):
-//         logits = h_chunk @ W_tile^T (+ b_tile)        (ATen GEMM, fp32)
-//         merge the tile's row max / sum of exp / sum / argmax / target logit (online lse)
-//     pass B (only with gradients), per tile:
-//         (one tile covering V: reuse pass A's exp values; else recompute the tile)
-//         g = scale * ((1 + 2 z lse) softmax - e/V - (1-e) onehot(y))   in place
-//         grad_h_chunk += g @ W_tile ; grad_W_tile += g^T @ h_chunk ; grad_b_tile += sum_r g
+//     one tile covering V (the usual plan) with gradients:
+//         logits = h_chunk @ W^T (+ b)                  (ATen GEMM, fp32)
+//         per row, in one visit while the row is in cache: max / sum / argmax / target
+//         logit and exp(x - max) (one exp per logit), then in place
+//         g = scale * ((1 + 2 z lse) softmax - e/V - (1-e) onehot(y))
+//         grad_h_chunk = g @ W ; grad_W (+)= g^T @ h_chunk ; grad_b += sum_r g
+//     else pass A, per vocabulary tile [v0, v0 + Vt):
+//         logits = h_chunk @ W_tile^T (+ b_tile); merge the tile's row statistics (online lse)
+//     and pass B (only with gradients), per tile: recompute the tile, g as above in place,
+//         grad_h_chunk += g @ W_tile ; grad_W_tile (+)= g^T @ h_chunk ; grad_b_tile += sum_r g
+//   grad_W is allocated empty for a shared head: its first chunk writes it (beta = 0).
 //
 // scale = w_k * s_ik / N_valid (0 on ignored rows). Per-row loss (PaLM / Liger z-loss):
 //   l_ik = (1-e)(lse - z_y) + e(lse - mean_c z_c) + z * lse^2.
@@ -21,8 +25,9 @@
 // backward multiplies them by grad_out in fp32 before any rounding to the input dtype.
 //
 // Chunk sizes come from a memory budget for the logits tile (bytes; 0 = the default,
-// ANN_KERNELS_LINEAR_CE_BUDGET_MB or 32 MiB): the whole vocabulary in one tile when at
-// least kMinRows rows fit, else tiles of the vocabulary for kMinRows rows.
+// ANN_KERNELS_LINEAR_CE_BUDGET_MB or 16 Mi logits: 32 MiB in bf16 / fp16, 64 MiB in fp32):
+// the whole vocabulary in one tile when at least kMinRows rows fit, else tiles of the
+// vocabulary for kMinRows rows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/autograd.h>
@@ -87,62 +92,75 @@ void run_chunk(int64_t r0, int64_t R, const Plan& plan, const std::vector<Tensor
   // Bias rows differ between exits of one chunk only for a [K, V] bias with a shared
   // head; make_chunks keeps such chunks inside one exit.
 
-  // 2. Pass A: statistics (online over tiles).
-  for (int64_t v0 = 0; v0 < V; v0 += plan.vtile) {
-    const int64_t vt = std::min(plan.vtile, V - v0);
-    Tensor z = logits_tile(v0, vt, w_tile(v0, vt));
-    float* zp = z.data_ptr<float>();
-    at::parallel_for(0, R, std::max<int64_t>(1, 16384 / vt), [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        if (st[r].finite) merge_tile_row(zp + r * vt, vt, v0, ty[r], st[r], one_tile && a.compute_grad);
-      }
-    });
-  }
-  // 3. Per-row results.
-  std::vector<float> lse(R);
-  finish_rows(r0, R, a, st, ty, lse, out);
-  if (!a.compute_grad) return;
-
-  // 4. Pass B: gradients.
-  Tensor gh = gh_buf.narrow(0, 0, R * H).view({R, H});
-  for (int64_t v0 = 0; v0 < V; v0 += plan.vtile) {
-    const int64_t vt = std::min(plan.vtile, V - v0);
-    Tensor Wt = w_tile(v0, vt);
-    Tensor z = one_tile ? logit_buf.narrow(0, 0, R * vt).view({R, vt}) : logits_tile(v0, vt, Wt);
-    float* zp = z.data_ptr<float>();
-    at::parallel_for(0, R, std::max<int64_t>(1, 16384 / vt), [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        float* x = zp + r * vt;
-        const float scale = row_scale[r0 + r];
-        if (scale == 0.f) {
-          std::fill(x, x + vt, 0.f);
-          continue;
-        }
-        if (!st[r].finite) {
-          std::fill(x, x + vt, std::numeric_limits<float>::quiet_NaN());
-          continue;
-        }
-        const float amp = scale * (1.f + 2.f * a.z * lse[r]);
-        const float off = scale * a.eps / static_cast<float>(V);
-        if (one_tile) {  // x holds exp(x - max); softmax = x / sum_exp
-          grad_row(x, vt, amp / st[r].sum_exp, off, false, 0.f);
-        } else {
-          grad_row(x, vt, amp, off, true, lse[r]);
-        }
-        const int64_t yy = ty[r];
-        if (yy >= v0 && yy < v0 + vt) x[yy - v0] -= scale * (1.f - a.eps);
-      }
-    });
+  Tensor gh = a.compute_grad ? gh_buf.narrow(0, 0, R * H).view({R, H}) : Tensor();
+  // Gradient GEMMs of one tile z [R, vt] holding g: grad_h (+)= g @ W_tile, grad_W_tile (+)= g^T h
+  // (= on the tile's first chunk when grad_weight was allocated empty), grad_b_tile += sum_r g.
+  auto gradient_gemms = [&](int64_t v0, int64_t vt, const Tensor& Wt, const Tensor& z) {
     if (v0 == 0) {
       at::mm_out(gh, z, Wt);
     } else {
       gh.addmm_(z, Wt);
     }
     Tensor gW = a.per_exit_head ? out.grad_weight.select(0, k0) : out.grad_weight;
-    gW.narrow(0, v0, vt).addmm_(z.t(), h);
+    accumulate_grad_weight(gW.narrow(0, v0, vt), z, h, out.grad_weight_empty && r0 == 0);
     if (out.grad_bias.defined()) {
       Tensor gb = out.grad_bias.dim() == 2 ? out.grad_bias.select(0, k0) : out.grad_bias;
       gb.narrow(0, v0, vt).add_(z.sum(0));
+    }
+  };
+  std::vector<float> lse(R);
+  if (one_tile && a.compute_grad) {
+    // 2-4. One tile covering V: one logits GEMM, then each row's statistics and gradient in
+    //      one visit (stats_and_softmax_grad_row: one exp per logit), the one-hot part at the
+    //      target, the per-row results, and the gradient GEMMs.
+    Tensor Wt = w_tile(0, V);
+    Tensor z = logits_tile(0, V, Wt);
+    float* zp = z.data_ptr<float>();
+    at::parallel_for(0, R, std::max<int64_t>(1, 16384 / V), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const float scale = row_scale[r0 + r];
+        st[r] = stats_and_softmax_grad_row(zp + r * V, V, ty[r], scale, a);
+        if (scale != 0.f && st[r].finite) zp[r * V + ty[r]] -= scale * (1.f - a.eps);
+      }
+    });
+    finish_rows(r0, R, a, st, ty, lse, out);
+    gradient_gemms(0, V, Wt, z);
+  } else {
+    // 2. Pass A: statistics (online over tiles).
+    for (int64_t v0 = 0; v0 < V; v0 += plan.vtile) {
+      const int64_t vt = std::min(plan.vtile, V - v0);
+      Tensor z = logits_tile(v0, vt, w_tile(v0, vt));
+      float* zp = z.data_ptr<float>();
+      at::parallel_for(0, R, std::max<int64_t>(1, 16384 / vt), [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r) {
+          if (st[r].finite) merge_tile_row(zp + r * vt, vt, v0, ty[r], st[r], false);
+        }
+      });
+    }
+    // 3. Per-row results.
+    finish_rows(r0, R, a, st, ty, lse, out);
+    if (!a.compute_grad) return;
+
+    // 4. Pass B: gradients, each tile's logits recomputed.
+    for (int64_t v0 = 0; v0 < V; v0 += plan.vtile) {
+      const int64_t vt = std::min(plan.vtile, V - v0);
+      Tensor Wt = w_tile(v0, vt);
+      Tensor z = logits_tile(v0, vt, Wt);
+      float* zp = z.data_ptr<float>();
+      at::parallel_for(0, R, std::max<int64_t>(1, 16384 / vt), [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r) {
+          float* x = zp + r * vt;
+          const float scale = row_scale[r0 + r];
+          if (scale == 0.f || !st[r].finite) {
+            std::fill(x, x + vt, scale == 0.f ? 0.f : std::numeric_limits<float>::quiet_NaN());
+            continue;
+          }
+          grad_row(x, vt, scale * (1.f + 2.f * a.z * lse[r]), scale * a.eps / static_cast<float>(V), true, lse[r]);
+          const int64_t yy = ty[r];
+          if (yy >= v0 && yy < v0 + vt) x[yy - v0] -= scale * (1.f - a.eps);
+        }
+      });
+      gradient_gemms(v0, vt, Wt, z);
     }
   }
   // 5. Scatter grad_h rows back to [K, N, H].
@@ -294,8 +312,13 @@ FwdResult linear_ce_fwd_cpu(at::TensorList hidden, const Tensor& weight, const T
   const bool low_precision = weight.scalar_type() != at::kFloat;
   const auto in_dtype = hidden[0].options();  // bf16 / fp16 gradients stay in the input dtype
   if (compute_grad) {
-    out.grad_hidden = at::zeros({K, N, H}, low_precision ? in_dtype : f32);
-    out.grad_weight = at::zeros(weight.sizes(), low_precision ? in_dtype : f32);
+    // Rows of exits that are not computed stay 0; otherwise every row is written. A shared
+    // head's grad_W is written (beta = 0) by the first chunk.
+    const auto g_opts = low_precision ? in_dtype : f32;
+    const int64_t n_active = static_cast<int64_t>(a.active.size());
+    out.grad_hidden = n_active == K ? at::empty({K, N, H}, g_opts) : at::zeros({K, N, H}, g_opts);
+    out.grad_weight_empty = !a.per_exit_head && n_active > 0;
+    out.grad_weight = out.grad_weight_empty ? at::empty(weight.sizes(), g_opts) : at::zeros(weight.sizes(), g_opts);
     if (bias.has_value()) out.grad_bias = at::zeros(bias->sizes(), f32);
   }
   std::vector<Tensor> hid(hidden.begin(), hidden.end());
@@ -304,7 +327,7 @@ FwdResult linear_ce_fwd_cpu(at::TensorList hidden, const Tensor& weight, const T
   // Chunks: a shared head (and a shared bias) stacks exits; otherwise stay in one exit.
   const bool split_by_exit = a.per_exit_head || (bc.defined() && bc.dim() == 2);
   // The budget is in bytes of the logits tile, whose elements have the input dtype's size.
-  const int64_t budget = resolve_budget(budget_bytes) * (low_precision ? 2 : 1);
+  const int64_t budget = resolve_budget(budget_bytes, low_precision ? 2 : 4) * (low_precision ? 2 : 1);
   const Plan plan = make_plan(split_by_exit ? N : total, V, budget);
   auto chunks = [&](auto&& run) {
     for (int64_t r0 = 0; r0 < total;) {

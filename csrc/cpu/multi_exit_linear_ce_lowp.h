@@ -130,60 +130,88 @@ void run_chunk_lowp(int64_t r0, int64_t R, const Plan& plan, const std::vector<a
   const bool one_tile = plan.vtile >= V;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::min(plan.vtile, V));
 
-  // 2. Pass A: statistics (online over tiles), each row read into fp32.
-  for (int64_t v0 = 0; v0 < V; v0 += plan.vtile) {
-    const int64_t vt = std::min(plan.vtile, V - v0);
-    at::Tensor z = logits_tile(v0, vt);
-    scalar_t* zp = z.data_ptr<scalar_t>();
-    at::parallel_for(0, R, grain, [&](int64_t b, int64_t e) {
-      std::vector<float> row(vt);
-      for (int64_t r = b; r < e; ++r) {
-        if (!st[r].finite) continue;
-        to_f32(zp + r * vt, row.data(), vt);
-        merge_tile_row(row.data(), vt, v0, ty[r], st[r], false);
-      }
-    });
-  }
-  // 3. Per-row results.
-  std::vector<float> lse(R);
-  finish_rows(r0, R, a, st, ty, lse, out);
-  if (!a.compute_grad) return;
-
-  // 4. Pass B: the softmax part of the gradient in place (rounded once to the input dtype),
-  //    then the gradient GEMMs in the input dtype.
-  at::Tensor gh_acc = buf.gh_acc.narrow(0, 0, R * H).view({R, H});
-  at::Tensor gh_part = buf.gh_part.narrow(0, 0, R * H).view({R, H});
-  at::Tensor gW = a.per_exit_head ? out.grad_weight.select(0, k0) : out.grad_weight;
-  for (int64_t v0 = 0; v0 < V; v0 += plan.vtile) {
-    const int64_t vt = std::min(plan.vtile, V - v0);
-    at::Tensor z = one_tile ? buf.logits.narrow(0, 0, R * vt).view({R, vt}) : logits_tile(v0, vt);
-    scalar_t* zp = z.data_ptr<scalar_t>();
-    at::parallel_for(0, R, grain, [&](int64_t b, int64_t e) {
-      std::vector<float> row(vt);
-      for (int64_t r = b; r < e; ++r) {
-        scalar_t* x = zp + r * vt;
-        const float scale = row_scale[r0 + r];
-        if (scale == 0.f || !st[r].finite) {
-          std::fill(x, x + vt, static_cast<scalar_t>(scale == 0.f ? 0.f : std::numeric_limits<float>::quiet_NaN()));
-          continue;
-        }
-        to_f32(x, row.data(), vt);
-        grad_row(row.data(), vt, scale * (1.f + 2.f * a.z * lse[r]), scale * a.eps / static_cast<float>(V), true,
-                 lse[r]);
-        from_f32(row.data(), x, vt);
-      }
-    });
+  const bool with_grad = a.compute_grad;
+  at::Tensor gh_acc = with_grad ? buf.gh_acc.narrow(0, 0, R * H).view({R, H}) : at::Tensor();
+  at::Tensor gh_part = with_grad ? buf.gh_part.narrow(0, 0, R * H).view({R, H}) : at::Tensor();
+  at::Tensor gW = !with_grad ? at::Tensor() : (a.per_exit_head ? out.grad_weight.select(0, k0) : out.grad_weight);
+  // Gradient GEMMs in the input dtype of one tile z [R, vt] holding g_soft: gh_part = g_soft
+  // @ W_tile summed in fp32 into gh_acc; grad_W_tile (+)= g_soft^T h (= on the tile's first
+  // chunk when grad_weight was allocated empty); grad_b_tile += sum_r g_soft in fp32.
+  auto gradient_gemms = [&](int64_t v0, int64_t vt, const at::Tensor& z) {
     const at::Tensor Wt = Wk.narrow(0, v0, vt);
     at::mm_out(gh_part, z, Wt);
+    const scalar_t* part = gh_part.data_ptr<scalar_t>();
+    float* acc = gh_acc.data_ptr<float>();
     if (v0 == 0) {
-      gh_acc.copy_(gh_part);
+      to_f32(part, acc, R * H);
     } else {
       gh_acc.add_(gh_part);
     }
-    gW.narrow(0, v0, vt).addmm_(z.t(), h);
+    accumulate_grad_weight(gW.narrow(0, v0, vt), z, h, out.grad_weight_empty && r0 == 0);
     if (out.grad_bias.defined()) {
       at::Tensor gb = out.grad_bias.dim() == 2 ? out.grad_bias.select(0, k0) : out.grad_bias;
       gb.narrow(0, v0, vt).add_(z.sum(0, false, at::kFloat));
+    }
+  };
+  std::vector<float> lse(R);
+  if (one_tile && a.compute_grad) {
+    // 2-4. One tile covering V: each row converted to fp32 once, its statistics and g_soft
+    //      formed in one visit (stats_and_softmax_grad_row: one exp per logit), rounded
+    //      once back into the tile; the per-row results; the gradient GEMMs.
+    at::Tensor z = logits_tile(0, V);
+    scalar_t* zp = z.data_ptr<scalar_t>();
+    at::parallel_for(0, R, grain, [&](int64_t b, int64_t e) {
+      std::vector<float> row(V);
+      for (int64_t r = b; r < e; ++r) {
+        to_f32(zp + r * V, row.data(), V);
+        st[r] = stats_and_softmax_grad_row(row.data(), V, ty[r], row_scale[r0 + r], a);
+        from_f32(row.data(), zp + r * V, V);
+      }
+    });
+    finish_rows(r0, R, a, st, ty, lse, out);
+    gradient_gemms(0, V, z);
+  } else {
+    // 2. Pass A: statistics (online over tiles), each row read into fp32.
+    for (int64_t v0 = 0; v0 < V; v0 += plan.vtile) {
+      const int64_t vt = std::min(plan.vtile, V - v0);
+      at::Tensor z = logits_tile(v0, vt);
+      scalar_t* zp = z.data_ptr<scalar_t>();
+      at::parallel_for(0, R, grain, [&](int64_t b, int64_t e) {
+        std::vector<float> row(vt);
+        for (int64_t r = b; r < e; ++r) {
+          if (!st[r].finite) continue;
+          to_f32(zp + r * vt, row.data(), vt);
+          merge_tile_row(row.data(), vt, v0, ty[r], st[r], false);
+        }
+      });
+    }
+    // 3. Per-row results.
+    finish_rows(r0, R, a, st, ty, lse, out);
+    if (!a.compute_grad) return;
+
+    // 4. Pass B: each tile recomputed, the softmax part of the gradient in place (rounded
+    //    once to the input dtype), then the gradient GEMMs in the input dtype.
+    for (int64_t v0 = 0; v0 < V; v0 += plan.vtile) {
+      const int64_t vt = std::min(plan.vtile, V - v0);
+      at::Tensor z = logits_tile(v0, vt);
+      scalar_t* zp = z.data_ptr<scalar_t>();
+      at::parallel_for(0, R, grain, [&](int64_t b, int64_t e) {
+        std::vector<float> row(vt);
+        for (int64_t r = b; r < e; ++r) {
+          scalar_t* x = zp + r * vt;
+          const float scale = row_scale[r0 + r];
+          if (scale == 0.f || !st[r].finite) {
+            std::fill(x, x + vt,
+                      static_cast<scalar_t>(scale == 0.f ? 0.f : std::numeric_limits<float>::quiet_NaN()));
+            continue;
+          }
+          to_f32(x, row.data(), vt);
+          grad_row(row.data(), vt, scale * (1.f + 2.f * a.z * lse[r]), scale * a.eps / static_cast<float>(V), true,
+                   lse[r]);
+          from_f32(row.data(), x, vt);
+        }
+      });
+      gradient_gemms(v0, vt, z);
     }
   }
   // 5. The one-hot part of grad_h in fp32, then the rows rounded once into grad_hidden.
