@@ -25,7 +25,8 @@
 // backward multiplies them by grad_out in fp32 before any rounding to the input dtype.
 //
 // Chunk sizes come from a memory budget for the logits tile (bytes; 0 = the default,
-// ANN_KERNELS_LINEAR_CE_BUDGET_MB or 16 Mi logits: 32 MiB in bf16 / fp16, 64 MiB in fp32):
+// ANN_KERNELS_LINEAR_CE_BUDGET_MB or 16 Mi logits, 32 MiB in bf16 / fp16 and 64 MiB in fp32,
+// or 1/10 of the call's logits when that is more):
 // the whole vocabulary in one tile when at least kMinRows rows fit, else tiles of the
 // vocabulary for kMinRows rows.
 #include <ATen/ATen.h>
@@ -327,7 +328,7 @@ FwdResult linear_ce_fwd_cpu(at::TensorList hidden, const Tensor& weight, const T
   // Chunks: a shared head (and a shared bias) stacks exits; otherwise stay in one exit.
   const bool split_by_exit = a.per_exit_head || (bc.defined() && bc.dim() == 2);
   // The budget is in bytes of the logits tile, whose elements have the input dtype's size.
-  const int64_t budget = resolve_budget(budget_bytes, low_precision ? 2 : 4) * (low_precision ? 2 : 1);
+  const int64_t budget = resolve_budget(budget_bytes, low_precision ? 2 : 4, total * V) * (low_precision ? 2 : 1);
   const Plan plan = make_plan(split_by_exit ? N : total, V, budget);
   auto chunks = [&](auto&& run) {
     for (int64_t r0 = 0; r0 < total;) {

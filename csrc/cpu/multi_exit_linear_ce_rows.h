@@ -20,19 +20,22 @@ namespace linear_ce_detail {
 
 constexpr int64_t kMinRows = 64;
 // Default logits tile: 16 Mi elements (32 MiB in bf16 / fp16, 64 MiB in fp32; both about
-// 0.13x the logits at (4, 1024, 256, 32000)). fp32 GEMMs lose ~15% at 262 rows per chunk
-// against 524 (ATen / MKL on this CPU), bf16 ones do not.
+// 0.13x the logits at (4, 1024, 256, 32000)), or 1/10 of the call's logits when that is
+// more (large vocabularies: fewer chunks, so W is packed and grad_W read and written fewer
+// times; the extra peak stays <= 0.15x the logits). Two-thread fp32 GEMMs ran faster at 524
+// rows per chunk than at 262 on this CPU (noisy; single-threaded the chunk size hardly
+// matters).
 constexpr int64_t kDefaultTileElements = 16ll << 20;
 
 // Bytes of the logits tile: the call's budget, else ANN_KERNELS_LINEAR_CE_BUDGET_MB, else
-// the default tile in elements of elem_size bytes.
-inline int64_t resolve_budget(int64_t budget, int64_t elem_size) {
+// the default tile for logits_elements logits of elem_size bytes.
+inline int64_t resolve_budget(int64_t budget, int64_t elem_size, int64_t logits_elements) {
   if (budget > 0) return budget;
   if (const char* env = std::getenv("ANN_KERNELS_LINEAR_CE_BUDGET_MB")) {
     const double mb = std::atof(env);
     if (mb > 0) return static_cast<int64_t>(mb * (1 << 20));
   }
-  return kDefaultTileElements * elem_size;
+  return std::max(kDefaultTileElements, logits_elements / 10) * elem_size;
 }
 
 // Tile plan: rows per chunk and vocabulary columns per tile (fp32 elements in budget).
