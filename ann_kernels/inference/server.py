@@ -51,6 +51,7 @@ future, with a message naming the argument.
 from __future__ import annotations
 
 import asyncio
+from bisect import bisect_left
 import logging
 import math
 import threading
@@ -58,7 +59,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from itertools import accumulate
 
 import torch
 
@@ -399,10 +399,7 @@ class EarlyExitServer(DeadlineExits):
                    start: float) -> None:
         try:
             if k == 0:
-                positions = self._assign_positions(segments, rows, hidden)
-                for request, _ in segments:
-                    if request.started is None:
-                        request.started = start
+                positions = self._assign_positions(segments, rows, hidden, start)
             else:
                 if self._failed and any(r.done for r, _ in segments):  # rows of failed requests: dropped
                     hidden, positions, segments, rows = self._drop_done(hidden, positions, segments)
@@ -480,27 +477,34 @@ class EarlyExitServer(DeadlineExits):
             self._forward(k + 1, gathered if isinstance(out, torch.Tensor) else gather_rest(out, gathered, keep),
                           survivors, segments, rows)
             return
-        if left == 0:
-            kept = [0] * len(segments)
-        else:
-            ends = torch.tensor(list(accumulate(n for _, n in segments)), device=keep.device)
-            kept_before = torch.searchsorted(keep, ends).tolist()
-            kept = [b - a for a, b in zip([0] + kept_before[:-1], kept_before)]
+        # Per request: its rows kept = survivors (sorted row numbers in the block) before the
+        # end of its segment, by bisection in one pass over the segments (Python ints: a
+        # stage run carries tens of requests, so a tensor op per step would cost more).
+        keep_rows = keep.tolist()
         survivor_segments = []
-        for (request, n), s in zip(segments, kept):
+        end = before = 0
+        for segment in segments:
+            request, n = segment
+            end += n
+            after = bisect_left(keep_rows, end, before)
+            s = after - before
+            before = after
+            if s == n:
+                survivor_segments.append(segment)
+                continue
             if s:
                 survivor_segments.append((request, s))
-            if s < n:
-                request.remaining -= n - s
-                if request.remaining == 0:
-                    self._complete(request)
+            request.remaining -= n - s
+            if request.remaining == 0:
+                self._complete(request)
         if left:
             hidden = gathered if isinstance(out, torch.Tensor) else gather_rest(out, gathered, keep)
             self._forward(k + 1, hidden, survivors, survivor_segments, left)
 
     # ------------------------------------------------------------------ buffers and results
-    def _assign_positions(self, segments, rows: int, like) -> torch.Tensor:
-        """Result-buffer positions for a stage-0 run (the buffers are made on the first)."""
+    def _assign_positions(self, segments, rows: int, like, start: float) -> torch.Tensor:
+        """Result-buffer positions for a stage-0 run started at ``start`` (the buffers are made
+        on the first)."""
         if not self._results.ready:
             device = like.device if isinstance(like, torch.Tensor) else like[0].device
             if self._costs is None:
@@ -508,7 +512,7 @@ class EarlyExitServer(DeadlineExits):
             self._executed = executed_costs(self._costs, self._thresholds)
             self._step = self.engine.kernels_for(device.type)[0]
             self._results.allocate(16 * self.max_batch_size, device)
-        return self._results.assign(segments, rows)
+        return self._results.assign(segments, rows, start)
 
     def _complete(self, request: Request) -> None:
         """All rows of ``request`` have exited: resolved at the end of this stage run (in bulk)."""

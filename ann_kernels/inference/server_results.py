@@ -40,9 +40,10 @@ class ResultBuffers:
         """First allocation (``capacity`` positions on ``device``)."""
         self._grow(max(MIN_CAPACITY, capacity), device)
 
-    def assign(self, segments, rows: int) -> torch.Tensor:
-        """Positions [rows] int64 for a stage-0 run: one contiguous free range; each request of
-        ``segments`` [(request, rows)] records its range."""
+    def assign(self, segments, rows: int, started: float) -> torch.Tensor:
+        """Positions [rows] int64 for a stage-0 run that started at ``started``: one contiguous
+        free range; each request of ``segments`` [(request, rows)] records its range (and
+        ``started``, the first time its rows run)."""
         start = self.next_position
         if start + rows > self.capacity or self.occupied.find(1, start, start + rows) != -1:
             start = 0
@@ -55,6 +56,8 @@ class ResultBuffers:
         for request, n in segments:
             request.ranges.append((offset, n))
             offset += n
+            if request.started is None:
+                request.started = started
         return self.arange[start:start + rows]
 
     def _grow(self, capacity: int, device) -> None:
