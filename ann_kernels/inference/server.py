@@ -239,14 +239,24 @@ class EarlyExitServer(DeadlineExits):
                 future.set_exception(error)
             return futures
         deadline = math.inf if deadline_s is None else submitted + deadline_s
-        requests = []
+        # 1. checks: a tensor of the model's exact type, dtype and device and of the known
+        #    sample shape passes on attribute compares; anything else takes _check_input
+        dtype, device, shape = self._dtype, self._device, self._sample_shape
+        fast = dtype is not None and device is not None and shape is not None
+        requests, segments, rows = [], [], 0
         for x, future in zip(xs, futures):
-            try:
-                self._check_input(x)
-            except (TypeError, ValueError) as error:
-                future.set_exception(error)
-                continue
-            requests.append(Request(future, x, submitted, deadline))
+            size = x.shape if type(x) is torch.Tensor else None
+            if not (fast and size and size[0] and size[1:] == shape and x.dtype == dtype and x.device == device):
+                try:
+                    self._check_input(x)
+                except (TypeError, ValueError) as error:
+                    future.set_exception(error)
+                    continue
+            request = Request(future, x, submitted, deadline)
+            requests.append(request)
+            segments.append((request, request.rows))
+            rows += request.rows
+        # 2. one lock, one concatenation, one queue piece
         with self._cond:
             if self._closing or self._closed:
                 raise RuntimeError("server: closed; submit() after close()")
@@ -254,25 +264,28 @@ class EarlyExitServer(DeadlineExits):
                 raise RuntimeError("server: not started; call start() or use `with EarlyExitServer(...)`")
             if requests and self._sample_shape is None:
                 self._sample_shape = tuple(requests[0].x.shape[1:])
-            accepted = []
-            for request in requests:
-                if request.x.shape[1:] == self._sample_shape:
-                    accepted.append(request)
-                else:
-                    shape = self._sample_shape
-                    request.future.set_exception(ValueError(
-                        f"x: expected samples of shape {list(shape)} ([n, {', '.join(map(str, shape))}]), "
-                        f"got a batch of shape {list(request.x.shape)}"))
-            if not accepted:
+            if shape is None or self._sample_shape != shape:  # checked against another shape (or none)
+                accepted = []
+                for request in requests:
+                    if request.x.shape[1:] == self._sample_shape:
+                        accepted.append(request)
+                    else:
+                        expected = self._sample_shape
+                        request.future.set_exception(ValueError(
+                            f"x: expected samples of shape {list(expected)} ([n, {', '.join(map(str, expected))}]), "
+                            f"got a batch of shape {list(request.x.shape)}"))
+                if len(accepted) < len(requests):
+                    segments = [(r, r.rows) for r in accepted]
+                    rows = sum(r.rows for r in accepted)
+                requests = accepted
+            if not requests:
                 return futures
-            self._submitted += len(accepted)
+            self._submitted += len(requests)
             self._last_submit = submitted
             if deadline != math.inf:
-                self._deadline_requests += len(accepted)  # from now on, pieces compute their earliest deadline
-            rows = sum(r.rows for r in accepted)
-            hidden = accepted[0].x if len(accepted) == 1 else torch.cat([r.x for r in accepted])
-            self._scheduler.push(0, QueuePiece(hidden, None, [(r, r.rows) for r in accepted], submitted, deadline,
-                                               rows))
+                self._deadline_requests += len(requests)  # from now on, pieces compute their earliest deadline
+            hidden = requests[0].x if len(requests) == 1 else torch.cat([r.x for r in requests])
+            self._scheduler.push(0, QueuePiece(hidden, None, segments, submitted, deadline, rows))
             self._cond.notify()
         return futures
 
