@@ -116,11 +116,16 @@ class ResultBuffers:
         counts_l = counts.tolist()
         full = exit_flops[-1]
         results, flops_sum = [], 0.0
+        # 4. per request: the records, made by tuple.__new__ (what the named tuples' generated
+        #    __new__ calls, without its Python frame: this loop runs once per answer)
+        make = tuple.__new__
         for r, n, c, row, p, x, q in zip(finished, sizes, counts_l, sums, preds, exits, confs):
             flops_sum += row[0]
-            stats = EarlyExitStats(tuple(c), row[0] / n, row[1] / n, full, tuple(row[2:]), now - r.submitted,
-                                   r.deadline_exit)
+            stats = make(EarlyExitStats, (tuple(c), row[0] / n, row[1] / n, full, tuple(row[2:]),
+                                          now - r.submitted, r.deadline_exit))
+            result = make(ServedResult, (p, x, q, stats))
             started = r.started
-            results.append(ServedResult(p, x, q, stats, (started if started is not None else now) - r.submitted))
+            result.queue_s = (started if started is not None else now) - r.submitted
+            results.append(result)
             r.x = None
         return results, counts.sum(0).tolist(), flops_sum, total
