@@ -374,7 +374,9 @@ def test_submit_many_equals_submit_per_request_in_order():
     batches = list(torch.split(x, sizes))
     bad = {3: (torch.randn(2, 17), ValueError, r"x: expected samples of shape \[16\]"),
            7: (x[:2].double(), TypeError, "x: expected dtype torch.float32"),
-           11: (x[:0], ValueError, "x: expected a non-empty batch")}
+           11: (x[:0], ValueError, "x: expected a non-empty batch"),
+           13: (x[0, 0], ValueError, "x: expected a non-empty batch"),
+           15: (x[:2].tolist(), TypeError, "x: expected a tensor")}
     mixed = list(batches)
     for i, (b, _, _) in sorted(bad.items()):
         mixed.insert(i, b)

@@ -478,9 +478,8 @@ class EarlyExitServer(DeadlineExits):
             if not rows:
                 return
         deadline = min(r.deadline for r, _ in segments) if self._deadline_requests else math.inf
-        with self._cond:
+        with self._cond:  # no notify: the worker (this thread) is the condition's only waiter
             self._scheduler.push(k, QueuePiece(hidden, positions, segments, time.perf_counter(), deadline, rows))
-            self._cond.notify()
 
     def _route(self, k: int, out, survivors, keep, gathered, segments, rows: int) -> None:
         """After the exit op at stage k: finish the requests whose last rows left, queue the rest."""
