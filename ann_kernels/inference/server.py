@@ -70,7 +70,7 @@ from ann_kernels.inference.rows import gather_rest, gather_rows
 from ann_kernels.inference.server_deadlines import DeadlineExits
 from ann_kernels.inference.server_queues import StageScheduler
 from ann_kernels.inference.server_results import ResultBuffers
-from ann_kernels.inference.server_state import QueuePiece, Request, ServerStats
+from ann_kernels.inference.server_state import BurstFuture, QueuePiece, Request, ServerStats
 
 __all__ = ["EarlyExitServer", "ServedResult", "ServerStats"]
 
@@ -229,7 +229,8 @@ class EarlyExitServer(DeadlineExits):
         ``deadline_s`` (seconds from now) applies to each request."""
         submitted = time.perf_counter()
         xs = list(xs)
-        futures = [Future() for _ in xs]
+        condition = threading.Condition()  # one for the burst (BurstFuture)
+        futures = [BurstFuture(condition) for _ in xs]
         for future in futures:
             future.set_running_or_notify_cancel()
         try:
