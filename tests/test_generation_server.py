@@ -234,6 +234,23 @@ def test_a_cancelled_queued_request_leaves_the_queue_at_once(model):
     assert stats.requests_waiting == 0 and stats.requests_running == 0
 
 
+def test_a_lone_request_is_prefilled_without_waiting_for_company(model):
+    """One client, one request after another, on a server whose idle wait for a burst is 30 s:
+    each request waits alone, so it is prefilled at once (answered long before 30 s); the wait
+    is only for a burst (more than one request waiting)."""
+    with GenerationServer(model, max_batch_size=4, max_wait_s=30.0) as server:
+        outs = []
+        for prompt in ([3, 1, 4], [1, 5], [9, 2, 6]):
+            try:
+                outs.append((prompt, server.submit(prompt, max_new_tokens=3).result(10)))
+            except TimeoutError:
+                pytest.fail("a lone request waited for company (max_wait_s=30)")
+        log = server.steps()
+    for prompt, out in outs:
+        assert out.token_ids == reference(model, prompt, max_new_tokens=3)[0]
+    assert [r.request_ids for r in log if r.kind == "prefill"] == [(0,), (1,), (2,)]
+
+
 def test_close_drains_every_accepted_request(model):
     server = GenerationServer(model, max_batch_size=2).start()
     futures = [server.submit([i + 1], max_new_tokens=6) for i in range(5)]

@@ -4,8 +4,11 @@
 One worker thread owns the batch and the KV caches. Its loop:
 
 1. take waiting requests (FIFO) while rows are free (``max_batch_size`` rows in all); when
-   the batch is empty it first waits up to ``max_wait_s`` for more to arrive, so a burst is
-   prefilled together;
+   the batch is empty and a burst is arriving (more than one request waits) it first waits up
+   to ``max_wait_s`` for more, so the burst is prefilled together; a lone request (one client
+   sending one request after another, or sparse arrivals) is prefilled at once, its time to
+   first token not lengthened by a wait for company that may not come (requests that arrive
+   during its prefill join at the next iteration, prefilled together);
 2. prefill them, batched per mode (a :class:`~ann_kernels.generation.state.DecodeState` per
    distinct mode configuration: rows of one mode share a cache and step together), straight
    into the running batch;
@@ -97,7 +100,9 @@ class GenerationServer:
             (``encode(text).ids``), a Hugging Face tokenizer (``encode(text)`` -> ids) or
             any object with ``encode`` / ``decode``; None: token-id prompts only.
         max_batch_size: rows decoded at once (all modes together).
-        max_wait_s: how long an idle server waits for more requests before a prefill.
+        max_wait_s: how long an idle server with more than one request waiting (a burst)
+            waits for more before a prefill; a lone request is prefilled at once (module
+            docstring, step 1).
         max_queue: waiting requests beyond which ``submit`` raises ``ServerBusyError``.
         eos_token_id: None, an id or ids that end a row.
         exit_layers: for Hugging Face models (see ``generate``).
@@ -333,7 +338,7 @@ class GenerationServer:
                 if self._abort or (self._closing and not self._waiting and not self._active
                                    and not self._cancelled_waiting):
                     break
-                if not self._active and self._waiting and self.max_wait_s > 0 and not self._closing:
+                if not self._active and len(self._waiting) > 1 and self.max_wait_s > 0 and not self._closing:
                     until = time.perf_counter() + self.max_wait_s
                     while len(self._waiting) < self.max_batch_size and not self._closing:
                         left = until - time.perf_counter()
