@@ -26,14 +26,14 @@ number of new tokens in ``--new-tokens`` (no EOS stop: the lengths are the asked
    ``full``'s own output (the generation issue's quality measure).
 4. Light load (one client, sequential requests, interleaved request by request): TTFT and
    inter-token latency (each request's mean gap; the median over requests) of the server (its
-   ``max_wait_s`` of 2 ms, which an idle server waits for company before a prefill, and a second
-   server with ``max_wait_s=0``) against
-   ``ann_kernels.generate`` at batch 1 on the same prompts (its TTFT: a
-   ``max_new_tokens=1`` call; its gap: the rest of a full call over the remaining tokens).
+   ``max_wait_s`` of 2 ms, which an idle server waits only for a burst, and a second server
+   with ``max_wait_s=0``) against ``ann_kernels.generate`` at batch 1 on the same prompts (its
+   TTFT: a ``max_new_tokens=1`` call; its gap: the call's decode seconds per step).
+   ``--light-only`` runs this step alone.
 
 ``confidence`` thresholds are calibrated on the validation split for each of ``--budgets`` (a mean
 cost per token as a fraction of the full model's; ``calibrate_generation``).
-Usage: ``python bench/bench_serving_lm.py [--quick] [--device cpu|cuda] [--checkpoint P] [--threads N]
+Usage: ``python bench/bench_serving_lm.py [--quick] [--light-only] [--device cpu|cuda] [--checkpoint P] [--threads N]
 [--out DIR]``.
 Writes ``serving_lm.csv`` (long format, appended) and ``serving_lm.png`` (p99 inter-token
 latency and tokens/s against offered load). Numbers from a shared machine: the load average is
@@ -164,6 +164,7 @@ def main() -> int:
     ap.add_argument("--itl-slo-ms", type=float, default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="loads 0.25 0.5 1.0 1.5, 2 s each")
+    ap.add_argument("--light-only", action="store_true", help="only step 4 (one client against generate)")
     ap.add_argument("--out", default=RESULTS_DIR)
     args = ap.parse_args()
     if args.quick:
@@ -192,6 +193,13 @@ def main() -> int:
     shape = f"prompt{args.prompt_lens[0]}-{args.prompt_lens[1]}_new{args.new_tokens[0]}-{args.new_tokens[1]}"
     notes = f"load {load_avg:.1f}; in-process submit; {args.device}"
     server = GenerationServer(model, max_batch_size=args.max_batch_size, max_wait_s=0.002, max_queue=1 << 16)
+    if args.light_only:
+        try:
+            light_load(model, run_dir, args, server, csv, shape, notes)
+        finally:
+            server.close()
+        print(f"wrote {csv.write()}")
+        return 0
     try:
         # 1. capacity of full (saturated)
         warm = make_requests(model, run_dir, 8, args.prompt_lens, args.new_tokens, seed=99)
@@ -242,44 +250,48 @@ def main() -> int:
               f"{1e3 * base_p99:.2f} ms): " + "; ".join(
                   f"{m}x: " + ", ".join(f"{k} {held(rows, m * base_p99):g}" for k, rows in results.items())
                   for m in (1.5, 2, 3, 5)))
-        # 4. light load: one client against generate at batch 1, interleaved request by request; the
-        # server as configured (an idle server waits max_wait_s for company before a prefill) and with
-        # max_wait_s=0
-        light = make_requests(model, run_dir, 8, args.prompt_lens, args.new_tokens, seed=7)
-        no_wait = GenerationServer(model, max_batch_size=args.max_batch_size, max_wait_s=0.0)
-        ttft = {"server": [], "server_no_wait": [], "generate": []}
-        itl = {"server": [], "server_no_wait": [], "generate": []}
-        try:
-            for _ in range(2):
-                for prompt, new in light:
-                    for name, srv in (("server", server), ("server_no_wait", no_wait)):
-                        c = srv.submit(prompt, max_new_tokens=new).result(600)
-                        ttft[name].append(c.ttft_s)
-                        itl[name].append(statistics.fmean(c.inter_token_s))
-                    t0 = time.perf_counter()
-                    ann_kernels.generate(model, [prompt], max_new_tokens=1)
-                    first = time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    ann_kernels.generate(model, [prompt], max_new_tokens=new)
-                    ttft["generate"].append(first)
-                    itl["generate"].append((time.perf_counter() - t0 - first) / (new - 1))
-        finally:
-            no_wait.close()
-        for metric, values in (("ttft", ttft), ("itl", itl)):
-            ref = statistics.median(values["generate"])
-            csv.add("serving_lm", "generate_batch1", shape, f"{metric}_p50", value=ref, notes=notes)
-            for name, label in (("server", f"server_one_client_wait{1e3 * server.max_wait_s:g}ms"),
-                                ("server_no_wait", "server_one_client_wait0ms")):
-                srv = statistics.median(values[name])
-                print(f"light load {metric}: {label} {1e3 * srv:.2f} ms, generate batch 1 {1e3 * ref:.2f} ms "
-                      f"({srv / ref:.2f}x; target <= 1.2x)")
-                csv.add("serving_lm", label, shape, f"{metric}_p50", value=srv, notes=notes)
+        light_load(model, run_dir, args, server, csv, shape, notes)
     finally:
         server.close()
     path = csv.write()
     png = plot(results, slo, os.path.join(args.out, "serving_lm.png"), load_avg)
     print(f"wrote {path} and {png}")
     return 0
+
+
+def light_load(model, run_dir, args, server, csv, shape, notes):
+    """4. One client against ``generate`` at batch 1, interleaved request by request: the
+    server as configured (an idle server waits ``max_wait_s`` only for a burst) and one with
+    ``max_wait_s=0``. TTFT: the server's, against a ``generate(max_new_tokens=1)`` call;
+    inter-token latency: each request's mean gap in the server, against its ``generate``
+    call's decode seconds per step (``stats``); medians over requests."""
+    light = make_requests(model, run_dir, 8, args.prompt_lens, args.new_tokens, seed=7)
+    no_wait = GenerationServer(model, max_batch_size=args.max_batch_size, max_wait_s=0.0)
+    ttft = {"server": [], "server_no_wait": [], "generate": []}
+    itl = {"server": [], "server_no_wait": [], "generate": []}
+    try:
+        for _ in range(2):
+            for prompt, new in light:
+                for name, srv in (("server", server), ("server_no_wait", no_wait)):
+                    c = srv.submit(prompt, max_new_tokens=new).result(600)
+                    ttft[name].append(c.ttft_s)
+                    itl[name].append(statistics.fmean(c.inter_token_s))
+                t0 = time.perf_counter()
+                ann_kernels.generate(model, [prompt], max_new_tokens=1)
+                ttft["generate"].append(time.perf_counter() - t0)
+                out = ann_kernels.generate(model, [prompt], max_new_tokens=new)
+                itl["generate"].append(out.stats["decode_s"] / out.stats["steps"])
+    finally:
+        no_wait.close()
+    for metric, values in (("ttft", ttft), ("itl", itl)):
+        ref = statistics.median(values["generate"])
+        csv.add("serving_lm", "generate_batch1", shape, f"{metric}_p50", value=ref, notes=notes)
+        for name, label in (("server", f"server_one_client_wait{1e3 * server.max_wait_s:g}ms"),
+                            ("server_no_wait", "server_one_client_wait0ms")):
+            srv = statistics.median(values[name])
+            print(f"light load {metric}: {label} {1e3 * srv:.2f} ms, generate batch 1 {1e3 * ref:.2f} ms "
+                  f"({srv / ref:.2f}x; target <= 1.2x)")
+            csv.add("serving_lm", label, shape, f"{metric}_p50", value=srv, notes=notes)
 
 
 def plot(results, slo, path, load_avg):
