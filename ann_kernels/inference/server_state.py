@@ -39,8 +39,9 @@ class BurstFuture(Future):
         self._done_callbacks = []
 
     def _wait_done(self, timeout: float | None) -> None:
-        with self._condition:
-            self._condition.wait_for(self.done, timeout)
+        if not self.done():  # the common case of a client collecting answers: no wait
+            with self._condition:
+                self._condition.wait_for(self.done, timeout)
 
     def result(self, timeout: float | None = None):
         self._wait_done(timeout)
