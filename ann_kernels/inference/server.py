@@ -40,7 +40,9 @@ stage run with its stage, rows, exited rows and seconds), :meth:`EarlyExitServer
 Layout: this module takes requests in (submit, checks, lifecycle, statistics) and runs the
 stages (deadlines included); :mod:`.server_queues` schedules the stage queues; :mod:`.server_deadlines` makes the rows whose
 deadline would pass (or passed) during a stage leave at the exit before it;
-:mod:`.server_results` owns the result buffers and assembles each request's answer.
+:mod:`.server_results` owns the result buffers and assembles each request's answer;
+:mod:`.server_state` holds the request state and the futures a burst shares a condition in
+(:class:`~ann_kernels.inference.server_state.BurstFuture`).
 
 Nothing is lost: :meth:`close` drains every queue; a stage that raises fails only the
 requests whose rows it carried (their futures get the exception), and the server keeps
