@@ -191,3 +191,24 @@ def test_measured_costs_are_cached_per_model_and_leave_the_cache_alone(model, pr
 def test_bad_finished_rows(model):
     with pytest.raises(ValueError, match="finished_rows: expected one of \\['auto', 'compact', 'mask'\\], got 'drop'"):
         ann_kernels.generate(model, [[1, 2]], max_new_tokens=2, finished_rows="drop")
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_draft_confidence_stops_drafts_and_keeps_the_output(model, prompts, batch):
+    """A row stops drafting after a draft token below ``draft_confidence`` (Hugging Face's
+    assistant_confidence_threshold): 1.0 stops after every first draft, 0.0 never; greedy
+    output equals full's either way."""
+    full = ann_kernels.generate(model, prompts[:batch], max_new_tokens=10).tokens
+    runs = {}
+    for c in (None, 0.0, 0.3, 1.0):
+        out = ann_kernels.generate(model, prompts[:batch], max_new_tokens=10, mode="self_speculative", exit_index=1,
+                                   draft_len=4, draft_confidence=c)
+        assert out.tokens == full, c
+        runs[c] = out.stats
+    assert runs[0.0]["steps"] == runs[None]["steps"] and runs[0.0]["acceptance_rate"] == runs[None]["acceptance_rate"]
+    assert runs[1.0]["tokens_per_verify"] <= 2.0  # one draft + the verified token at most
+    if batch == 1:
+        assert runs[None]["tokens_per_verify"] > 2.0  # (so the test can tell)
+    with pytest.raises(ValueError, match="draft_confidence: expected None or a number in \\[0, 1\\], got 1.5"):
+        ann_kernels.generate(model, [[1, 2]], max_new_tokens=2, mode="self_speculative", exit_index=1,
+                             draft_confidence=1.5)

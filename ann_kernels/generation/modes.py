@@ -103,7 +103,9 @@ def step_self_speculative(st, n: int):
 
     The batch drafts while some row may still use a draft: up to its cap (:func:`draft_caps`)
     and not past a drafted EOS (its later drafts could never be kept; LayerSkip also stops a
-    draft at EOS). Rows that stopped ride along in the batched passes; their extra drafts are
+    draft at EOS), nor, with ``draft_confidence`` set, past a draft whose probability under
+    the draft exit is below it (Hugging Face's ``assistant_confidence_threshold``:
+    ``generation/stopping_criteria.py``, ``ConfidenceCriteria``; greedy output unchanged). Rows that stopped ride along in the batched passes; their extra drafts are
     never accepted (m <= the row's own draft count)."""
     ad, cfg = st.adapter, st.config
     k, last = cfg.exit_index, st.num_exits - 1
@@ -117,6 +119,7 @@ def step_self_speculative(st, n: int):
     # a row's draws do not depend on the batch: always draft_len (+ 1) uniforms per row
     u_draft = _uniforms(st, n, cfg.draft_len) if s.any_sample else None
     check_eos = bool(st.eos.numel()) and d > 0
+    stop_below = cfg.draft_confidence if d > 0 else None
     drafts, qs, states = [], [], []
     # 1. draft with the early layers, one position per pass, keeping each position's exit state
     i = 0
@@ -135,8 +138,16 @@ def step_self_speculative(st, n: int):
         drafts.append(tok)
         x = tok.unsqueeze(1)
         i += 1
-        if check_eos:  # a row that drafted EOS drafts no further; stop when no row drafts on
-            hit = torch.isin(tok.cpu(), st.eos).tolist()
+        if check_eos or stop_below is not None:
+            # a row that drafted EOS, or a token below the draft confidence, drafts no further
+            # (the token itself stays a draft); the batch stops when no row drafts on
+            stop = torch.zeros(n, dtype=torch.bool, device=dev)
+            if check_eos:
+                stop |= torch.isin(tok, st.eos.to(dev))
+            if stop_below is not None:
+                p_tok = torch.softmax(logits.float(), dim=-1).gather(1, tok.unsqueeze(1)).squeeze(1)
+                stop |= p_tok < stop_below
+            hit = stop.tolist()
             caps_list = [min(c, i) if e else c for c, e in zip(caps_list, hit)]
             d = min(d, max(caps_list))
     caps = torch.tensor(caps_list, dtype=torch.int64)

@@ -54,7 +54,9 @@ class ModeConfig:
     ``verify_chunk``: self-speculative verification, positions per pass (None: all d + 1 in
     one pass; 1: one position at a time, the shapes of ``full``'s steps);
     ``finished_rows``: "auto" (per step, the cheaper by the measured cost model), "compact"
-    or "mask" (see the module docstring)."""
+    or "mask" (see the module docstring); ``draft_confidence``: None (LayerSkip: draft
+    ``draft_len`` tokens) or p in [0, 1]: a row stops drafting after a draft token whose
+    probability under the draft exit is below p."""
 
     mode: str = "full"
     exit_index: int | None = None
@@ -64,6 +66,7 @@ class ModeConfig:
     kv_policy: str = "recompute"
     verify_chunk: int | None = None
     finished_rows: str = "auto"
+    draft_confidence: float | None = None
 
 
 @dataclass
