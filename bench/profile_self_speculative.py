@@ -8,7 +8,7 @@ set-up, bookkeeping, appending tokens). ``full`` steps are split the same way (l
 rest). Times are per generated token (ms), medians over ``--rounds`` interleaved runs.
 
 Usage: ``python bench/profile_self_speculative.py [--checkpoint runs/bench_lm/last.pt]
-[--batch 8] [--exit 3] [--draft-len 4] [--draft-confidence P ...] [--new-tokens 32] [--rounds 3]
+[--batch 8] [--exit 3] [--draft-len 4] [--draft-confidence P ...] [--draft-candidates K ...] [--new-tokens 32] [--rounds 3]
 [--threads 1]``.
 """
 
@@ -73,6 +73,8 @@ def main() -> int:
     ap.add_argument("--draft-len", type=int, default=4)
     ap.add_argument("--draft-confidence", type=float, nargs="+", default=[],
                     help="also profile self_speculative with these draft_confidence values")
+    ap.add_argument("--draft-candidates", type=int, nargs="+", default=[],
+                    help="also profile self_speculative with these draft_candidates values")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
@@ -88,6 +90,9 @@ def main() -> int:
         prompts = torch.randint(1, ad.vocab_size, (args.batch, args.prompt_len), generator=g).tolist()
     configs = {"full": ModeConfig("full"),
                "self_speculative": ModeConfig("self_speculative", exit_index=args.exit, draft_len=args.draft_len)}
+    for c in args.draft_candidates:
+        configs[f"self_speculative_k{c}"] = ModeConfig("self_speculative", exit_index=args.exit,
+                                                       draft_len=args.draft_len, draft_candidates=c)
     for c in args.draft_confidence:
         configs[f"self_speculative_c{c:g}"] = ModeConfig("self_speculative", exit_index=args.exit,
                                                          draft_len=args.draft_len, draft_confidence=c)

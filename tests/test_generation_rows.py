@@ -212,3 +212,32 @@ def test_draft_confidence_stops_drafts_and_keeps_the_output(model, prompts, batc
     with pytest.raises(ValueError, match="draft_confidence: expected None or a number in \\[0, 1\\], got 1.5"):
         ann_kernels.generate(model, [[1, 2]], max_new_tokens=2, mode="self_speculative", exit_index=1,
                              draft_confidence=1.5)
+
+
+def test_candidate_draft_head_keeps_the_output():
+    """Greedy drafts over the cached candidate set (prompt and generated tokens plus the
+    verifier's top K): the whole-vocabulary draft head is not evaluated, the output equals
+    full's, and the set holds the prompts' tokens and every verified token."""
+    vocab = 400
+    m = tiny_causal_lm(vocab, layers=3)
+    ps = ragged_prompts(3, vocab, seed=5)
+    full = ann_kernels.generate(m, ps, max_new_tokens=10).tokens
+    ad = as_adapter(m)
+    st = DecodeState(ad, ModeConfig("self_speculative", exit_index=1, draft_len=3, draft_candidates=1),
+                     max_batch_size=3, max_positions=20)
+    st.add_rows(ps, [RowParams(10)] * 3, list(range(3)))
+    assert set(st.candidates.nonzero().squeeze(1).tolist()) == {t for p in ps for t in p}
+    whole_head_drafts = []
+    exit_logits = ad.exit_logits
+    ad.exit_logits = lambda h, e: (whole_head_drafts.append(e) if e == 1 else None) or exit_logits(h, e)
+    got = {i: [] for i in range(3)}
+    while st.num_rows:
+        for ev in st.step():
+            got[ev.row_id] += ev.tokens
+    assert [got[i] for i in range(3)] == full
+    assert whole_head_drafts == [] and st.counters.draft_steps > 0
+    in_set = set(st.candidates.nonzero().squeeze(1).tolist())
+    assert {t for row in full for t in row} <= in_set and len(in_set) <= vocab // 2
+    with pytest.raises(ValueError, match="draft_candidates: expected an int >= 0"):
+        ann_kernels.generate(m, [[1, 2]], max_new_tokens=2, mode="self_speculative", exit_index=1,
+                             draft_candidates=-1)

@@ -99,7 +99,7 @@ def _check_thresholds(threshold, num_exits: int) -> tuple[float, ...]:
 
 def build_mode_config(adapter: DecoderAdapter, mode: str, *, exit_index=None, draft_len: int = 4, threshold=None,
                       criterion: str = "max_prob", kv_policy: str = "recompute", verify_chunk=None,
-                      finished_rows: str = "auto", draft_confidence=None) -> ModeConfig:
+                      finished_rows: str = "auto", draft_confidence=None, draft_candidates: int = 0) -> ModeConfig:
     """Validate the mode arguments of :func:`generate` against the model's exits."""
     k_exits = adapter.num_exits
     if mode not in MODES:
@@ -127,13 +127,16 @@ def build_mode_config(adapter: DecoderAdapter, mode: str, *, exit_index=None, dr
                                              or not isinstance(draft_confidence, (int, float))
                                              or not 0 <= draft_confidence <= 1):
             raise ValueError(f"draft_confidence: expected None or a number in [0, 1], got {draft_confidence!r}")
+        if isinstance(draft_candidates, bool) or not isinstance(draft_candidates, int) or draft_candidates < 0:
+            raise ValueError(f"draft_candidates: expected an int >= 0 (0 = the whole vocabulary), got {draft_candidates!r}")
         if verify_chunk is not None and (not isinstance(verify_chunk, int) or verify_chunk < 1):
             raise ValueError(f"verify_chunk: expected None or an int >= 1, got {verify_chunk!r}")
     thresholds = _check_thresholds(threshold, k_exits) if mode == "confidence" else None
     return ModeConfig(mode=mode, exit_index=exit_index, draft_len=int(draft_len), thresholds=thresholds,
                       criterion=criterion, kv_policy=kv_policy, verify_chunk=verify_chunk,
                       finished_rows=finished_rows,
-                      draft_confidence=None if draft_confidence is None else float(draft_confidence))
+                      draft_confidence=None if draft_confidence is None else float(draft_confidence),
+                      draft_candidates=int(draft_candidates))
 
 
 def _per_row(value, b: int, name: str) -> list[int]:
@@ -161,7 +164,8 @@ def generate(model, prompts, max_new_tokens=64, mode: str = "full", exit_index: 
              eos_token_id=None, do_sample: bool = False, *, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, generator: torch.Generator | None = None, attention_mask=None,
              exit_layers=None, verify_chunk: int | None = None, max_batch_size: int | None = None,
-             finished_rows: str = "auto", draft_confidence: float | None = None) -> GenerationOutput:
+             finished_rows: str = "auto", draft_confidence: float | None = None,
+             draft_candidates: int = 0) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` tokens per prompt with early exits.
 
     Args:
@@ -175,7 +179,9 @@ def generate(model, prompts, max_new_tokens=64, mode: str = "full", exit_index: 
             per exit, or a calibration result; ``kv_policy`` recompute | propagate) |
             ``self_speculative`` (draft ``draft_len`` tokens from ``exit_index``, verify with
             the rest; ``verify_chunk=1`` verifies one position at a time; ``draft_confidence``
-            p: a row stops drafting after a draft token of draft probability < p).
+            p: a row stops drafting after a draft token of draft probability < p;
+            ``draft_candidates`` K > 0: greedy drafts are the argmax over a cached candidate
+            set, the prompts' and generated tokens plus the verifier's top K per position).
         eos_token_id: None, an id or a list of ids; a row stops after one (kept in its tokens).
         do_sample, temperature, top_k, top_p, generator: sampling (greedy by default); the
             draws come from ``generator`` (torch's default when None).
@@ -203,7 +209,8 @@ def generate(model, prompts, max_new_tokens=64, mode: str = "full", exit_index: 
     check_prompts(rows, adapter.vocab_size, adapter.max_len, max_new)
     config = build_mode_config(adapter, mode, exit_index=exit_index, draft_len=draft_len, threshold=threshold,
                                criterion=criterion, kv_policy=kv_policy, verify_chunk=verify_chunk,
-                               finished_rows=finished_rows, draft_confidence=draft_confidence)
+                               finished_rows=finished_rows, draft_confidence=draft_confidence,
+                               draft_candidates=draft_candidates)
     if do_sample:
         check_sampling(temperature, top_k, top_p)
     if eos_token_id is not None:

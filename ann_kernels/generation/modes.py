@@ -98,6 +98,22 @@ def draft_caps(st, n: int) -> Tensor:
     return caps.masked_fill_(st.masked[:n], 0)
 
 
+def candidate_head(st, exit_id: int):
+    """(norm, weight rows, bias, token ids) of exit ``exit_id`` restricted to the state's
+    candidate tokens, or None (no candidate set, an exit not of the form linear(norm(h)), or
+    a set so large the whole head costs about the same)."""
+    if st.candidates is None:
+        return None
+    parts = st.adapter.exit_head(exit_id)
+    if parts is None:
+        return None
+    ids = st.candidates.nonzero().squeeze(1)
+    if ids.numel() == 0 or 2 * ids.numel() > st.candidates.numel():
+        return None
+    norm, weight, bias = parts
+    return norm, weight.index_select(0, ids), None if bias is None else bias.index_select(0, ids), ids
+
+
 def step_self_speculative(st, n: int):
     """Draft up to ``draft_len`` tokens from exit ``exit_index``, verify, accept per row.
 
@@ -121,6 +137,7 @@ def step_self_speculative(st, n: int):
     check_eos = bool(st.eos.numel()) and d > 0
     stop_below = cfg.draft_confidence if d > 0 else None
     drafts, qs, states = [], [], []
+    head = candidate_head(st, k) if not s.any_sample and d > 0 else None
     # 1. draft with the early layers, one position per pass, keeping each position's exit state
     i = 0
     while True:
@@ -129,8 +146,13 @@ def step_self_speculative(st, n: int):
         states.append(h)
         if i == d:  # 2. the last position only needed its early layers (for the verify pass)
             break
-        logits = ad.exit_logits(h[:, 0], k)
-        tok = logits.argmax(dim=-1)
+        if head is not None:  # greedy: argmax over the candidate set (the verify keeps it exact)
+            norm, w_c, b_c, ids = head
+            logits = torch.nn.functional.linear(norm(h[:, 0]), w_c, b_c)
+            tok = ids[logits.argmax(dim=-1)]
+        else:
+            logits = ad.exit_logits(h[:, 0], k)
+            tok = logits.argmax(dim=-1)
         if s.any_sample:
             q = filtered_probs(logits, s)
             qs.append(q)
@@ -165,6 +187,9 @@ def step_self_speculative(st, n: int):
     #    verified token
     draft = torch.stack(drafts, dim=1) if d else torch.empty(n, 0, dtype=torch.int64, device=dev)
     target = logits.argmax(dim=-1)
+    if st.candidates is not None:  # the verifier's top K at every position join the candidates
+        st.candidates[logits.topk(cfg.draft_candidates, dim=-1).indices.reshape(-1)] = True
+        st.candidates[target.reshape(-1)] = True
     caps_d = caps.to(dev)
     m = torch.minimum((draft == target[:, :d]).to(torch.int64).cumprod(dim=1).sum(dim=1), caps_d)
     out = target

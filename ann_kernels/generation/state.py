@@ -56,7 +56,9 @@ class ModeConfig:
     ``finished_rows``: "auto" (per step, the cheaper by the measured cost model), "compact"
     or "mask" (see the module docstring); ``draft_confidence``: None (LayerSkip: draft
     ``draft_len`` tokens) or p in [0, 1]: a row stops drafting after a draft token whose
-    probability under the draft exit is below p."""
+    probability under the draft exit is below p; ``draft_candidates`` K > 0: greedy drafts
+    take the argmax over a cached candidate set (the batch's prompt and generated tokens and
+    the full model's top K at every verified position) instead of the whole vocabulary."""
 
     mode: str = "full"
     exit_index: int | None = None
@@ -67,6 +69,7 @@ class ModeConfig:
     verify_chunk: int | None = None
     finished_rows: str = "auto"
     draft_confidence: float | None = None
+    draft_candidates: int = 0
 
 
 @dataclass
@@ -174,6 +177,9 @@ class DecodeState:
         self._sync = self.device.type == "cuda"
         self._sampling_cache = None
         self._constant_exits: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+        # self-speculative candidate draft head: tokens seen or ranked high by the verifier
+        self.candidates = (torch.zeros(ad.vocab_size, dtype=torch.bool, device=self.device)
+                           if config.mode == "self_speculative" and config.draft_candidates > 0 else None)
 
     # ------------------------------------------------------------------ rows
     @property
@@ -219,6 +225,8 @@ class DecodeState:
         for i, p in enumerate(prompts):
             padded[i, : len(p)] = torch.as_tensor(p, dtype=torch.int64)
         self.tokens[n:n + b, :width] = padded.to(self.device)
+        if self.candidates is not None:
+            self.candidates[torch.as_tensor([t for p in prompts for t in p], device=self.device)] = True
         self.length[n:n + b] = lens
         self.generated[n:n + b] = 0
         for i, rp in enumerate(params):
