@@ -241,3 +241,21 @@ def test_candidate_draft_head_keeps_the_output():
     with pytest.raises(ValueError, match="draft_candidates: expected an int >= 0"):
         ann_kernels.generate(m, [[1, 2]], max_new_tokens=2, mode="self_speculative", exit_index=1,
                              draft_candidates=-1)
+
+
+@pytest.mark.parametrize("mode", [ModeConfig("full"), ModeConfig("self_speculative", exit_index=1, draft_len=3)])
+def test_sampled_rows_with_own_generators_are_the_same_compacted_or_masked(model, prompts, mode):
+    ad = as_adapter(model)
+    got = {}
+    for policy in ("compact", "mask"):
+        cfg = ModeConfig(mode.mode, exit_index=mode.exit_index, draft_len=mode.draft_len, finished_rows=policy)
+        st = DecodeState(ad, cfg, max_batch_size=6, max_positions=20)
+        st.add_rows(prompts[:6], [RowParams(m, do_sample=True, temperature=0.8, generator=torch.Generator().manual_seed(i))
+                                  for i, m in enumerate((2, 9, 4, 9, 1, 6))], list(range(6)))
+        out = {i: [] for i in range(6)}
+        while st.num_rows:
+            for ev in st.step():
+                out[ev.row_id] += ev.tokens
+        got[policy] = (out, st.counters.masked_steps)
+    assert got["compact"][0] == got["mask"][0]
+    assert got["compact"][1] == 0 < got["mask"][1]
