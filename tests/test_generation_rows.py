@@ -200,7 +200,7 @@ def test_draft_confidence_stops_drafts_and_keeps_the_output(model, prompts, batc
     output equals full's either way."""
     full = ann_kernels.generate(model, prompts[:batch], max_new_tokens=10).tokens
     runs = {}
-    for c in (None, 0.0, 0.3, 1.0):
+    for c in (None, 0.0, 1.0):
         out = ann_kernels.generate(model, prompts[:batch], max_new_tokens=10, mode="self_speculative", exit_index=1,
                                    draft_len=4, draft_confidence=c)
         assert out.tokens == full, c
