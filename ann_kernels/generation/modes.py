@@ -188,7 +188,7 @@ def step_self_speculative(st, n: int):
     draft = torch.stack(drafts, dim=1) if d else torch.empty(n, 0, dtype=torch.int64, device=dev)
     target = logits.argmax(dim=-1)
     if st.candidates is not None:  # the verifier's top K at every position join the candidates
-        st.candidates[logits.topk(cfg.draft_candidates, dim=-1).indices.reshape(-1)] = True
+        st.candidates[logits.topk(min(cfg.draft_candidates, logits.shape[-1]), dim=-1).indices.reshape(-1)] = True
         st.candidates[target.reshape(-1)] = True
     caps_d = caps.to(dev)
     m = torch.minimum((draft == target[:, :d]).to(torch.int64).cumprod(dim=1).sum(dim=1), caps_d)
