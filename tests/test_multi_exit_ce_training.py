@@ -12,6 +12,12 @@ import torch.nn.functional as F
 
 from ann_kernels import multi_exit_cross_entropy, multi_exit_cross_entropy_reference
 from ann_kernels.ops.multi_exit_ce import grad_cache_stats
+from tests.low_precision_helpers import (
+    check_fp16_case,
+    check_fp16_extreme_logits,
+    check_fp16_grad_scaler_scales,
+    check_fp16_tiny_grad_out,
+)
 from tests.utils import (
     DEVICES,
     assert_same_grad_scaler_runs,
@@ -94,10 +100,41 @@ def test_scaled_backward_within_twice_torch_error(device, dtype, log2_scale, num
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("grad_out", [1.0, 2.0 ** 16, 0.125, -3.0])
 def test_low_precision_grad_out_within_twice_torch_error(device, dtype, grad_out):
-    """Issue 20: bf16 (gradient buffer scaled in place) and fp16 (save-lse) gradients for
-    grad_out in {1, 2^16, 1/8, -3} within 2x torch's error against a float64 truth; bf16
-    within two roundings entry by entry and bit-exact for powers of two."""
+    """Issue 20: bf16 and fp16 (gradient buffers, scaled in place; fp16's stored times 2^m)
+    gradients for grad_out in {1, 2^16, 1/8, -3} within 2x torch's error against a float64
+    truth and within two roundings entry by entry; bf16 bit-exact for powers of two."""
     check_grad_out_within_twice_torch(device, dtype, grad_out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("check", [check_fp16_grad_scaler_scales, check_fp16_tiny_grad_out, check_fp16_extreme_logits],
+                         ids=["grad_scaler_2e16_2e24", "tiny_grad_out_2e-20", "extreme_logits_1e4"])
+def test_fp16_gradient_buffer_within_two_roundings(device, check):
+    """Issue 20, fp16 keeping its gradient from the forward (stored times 2^m): GradScaler's
+    2^16 and 2^24 neither overflow nor give inf/NaN, grad_out = 2^-20 flushes nothing that
+    torch keeps, +-1e4 logits and dominating rows stay exact; each case within the
+    two-rounding bound entry by entry and 2x torch's error (tests/low_precision_helpers.py)."""
+    check(device)
+
+
+def test_fp16_buffer_follows_the_last_grad_out_and_recomputes_when_it_guessed_low():
+    """CPU: the fp16 buffer's 2^m follows the last power-of-two grad_out (a steady GradScaler
+    scale or grad_out = 1 then needs no pass over the buffer); a non-power-of-two clears the
+    guess; a larger grad_out after a smaller one (2^16 after 1: stored at m = 0, where the
+    1/N-scaled small entries are fp16 subnormals or zero) recomputes the buffer at the safe
+    m instead of scaling it up: the two-rounding bound holds in every order."""
+    n, c = 64, 1000
+    gen = torch.Generator().manual_seed(11)
+    heads = [(3 * torch.randn(n, c, generator=gen)).half() for _ in range(3)]
+    target = torch.randint(0, c, (n,), generator=gen)
+    weights = torch.tensor([0.3, 1.0, 2.0])
+    forward = torch.ops.ann_kernels._multi_exit_ce_forward.default
+    for first, second in [(2.0 ** 16, 2.0 ** 16), (1.0, 2.0 ** 16), (1.0, 1.0), (0.125, 2.0 ** 16), (-3.0, 2.0 ** 16)]:
+        check_fp16_case(heads, target, weights, first)  # its backward sets the guess
+        inv_pow2, inv_pow2_safe = forward(heads, target, weights, None, -100, 0.05, None, 0.9, 4)[5].tolist()
+        guess = 1 / first if first > 0 else inv_pow2_safe  # -3 is no power of two: no guess
+        assert inv_pow2 == max(inv_pow2_safe, guess), (first, inv_pow2, inv_pow2_safe)
+        check_fp16_case(heads, target, weights, second)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -406,7 +443,10 @@ def _opcheck_cases():
         ("multi_exit_ce learnable w", ops.multi_exit_ce.default,
          (d, target, w.clone().requires_grad_(), -100, 0.0, None, 0.9, s_n.clone().requires_grad_())),
         *[(f"_forward mode {m}", ops._multi_exit_ce_forward.default, (d, target, w, s_kn, -100, 0.1, ema.clone(), 0.9, m))
-          for m in (0, 1, 2)],
+          for m in (0, 1, 2, 3)],
+        ("_forward mode 4 fp16", ops._multi_exit_ce_forward.default,
+         ([z.half() for z in d], target, w, s_kn, -100, 0.1, None, 0.9, 4)),
+        ("_scale_ fp16", ops._multi_exit_ce_scale_.default, (torch.randn(3, 5, 7).half(), torch.tensor(2.0 ** -20))),
         ("_backward", ops._multi_exit_ce_backward.default, (torch.tensor(-3.0), d, target, w, s_n, lse, -100, 0.1)),
         ("_scale_", ops._multi_exit_ce_scale_.default, (torch.randn(3, 5, 7), torch.tensor(4.0))),
     ]
