@@ -11,6 +11,8 @@ Per batch size (1, 8, 32), interleaved rounds over every provider (``bench/commo
 - ``static_k``: every token from exit k;
 - ``self_speculative_k``: LayerSkip drafting from exit k (``--draft-len``), acceptance rate,
   tokens per verify, and whether its output equals ``full``'s (it must);
+  ``self_speculative_k_c<p>`` the same with ``draft_confidence=p`` (``--draft-confidence``),
+  ``self_speculative_k_k<K>`` with ``draft_candidates=K`` (``--draft-candidates``);
 - ``confidence_<policy>_b<budget>``: thresholds calibrated on the validation split for a mean
   cost per token of ``budget`` x full (MSDNet), kv_policy recompute and propagate; mean exit,
   fraction of layer FLOPs run (their overhead included), exact-match rate of the greedy
@@ -25,7 +27,7 @@ Per batch size (1, 8, 32), interleaved rounds over every provider (``bench/commo
 
 Decode tokens/s come from ``out.stats`` (prefill apart); medians over rounds.
 Usage: ``python bench/bench_generate.py [--quick] [--checkpoint P] [--batch-sizes 1 8 32]
-[--new-tokens 32] [--rounds 3] [--threads N] [--out DIR]``. Writes ``generate.csv`` (long
+[--new-tokens 32] [--rounds 3] [--threads N] [--draft-confidence P ...] [--draft-candidates K ...] [--out DIR]``. Writes ``generate.csv`` (long
 format, appended) and ``generate.png`` (speed-up vs NLL rise per mode and batch size).
 """
 
@@ -203,6 +205,12 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--draft-len", type=int, default=4)
+    ap.add_argument("--draft-confidence", type=float, nargs="*", default=[],
+                    help="also run self_speculative with these draft_confidence values (a row stops drafting "
+                         "after a draft token below it)")
+    ap.add_argument("--draft-candidates", type=int, nargs="*", default=[],
+                    help="also run self_speculative with these draft_candidates values (greedy drafts over a "
+                         "cached candidate set)")
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.6, 0.8])
     ap.add_argument("--exits", type=int, nargs="+", default=None,
                     help="exits (0-based) for static / self_speculative (default: about 1/3 and 1/2 of the depth)")
@@ -239,6 +247,12 @@ def main() -> int:
     for k in spec_exits:
         providers[f"static_{k}"] = {"mode": "static", "exit_index": k}
         providers[f"self_speculative_{k}"] = {"mode": "self_speculative", "exit_index": k, "draft_len": args.draft_len}
+        for c in args.draft_candidates:
+            providers[f"self_speculative_{k}_k{c}"] = {"mode": "self_speculative", "exit_index": k,
+                                                       "draft_len": args.draft_len, "draft_candidates": c}
+        for c in args.draft_confidence:
+            providers[f"self_speculative_{k}_c{c:g}"] = {"mode": "self_speculative", "exit_index": k,
+                                                         "draft_len": args.draft_len, "draft_confidence": c}
     for budget in args.budgets:
         calib = calibrate_generation(model, held.to(args.device), budget, exits=args.confidence_exits)
         for policy in ("recompute", "propagate"):

@@ -193,6 +193,64 @@ def test_a_queued_request_past_its_deadline_leaves_the_queue_at_once(model):
     assert stats.requests_finished["deadline"] == 1 and stats.requests_waiting == 0
 
 
+def test_a_cancelled_queued_request_leaves_the_queue_at_once(model):
+    """B (a stream) and C (a future) wait behind a long A (one row) in a full queue; cancelling
+    them frees their queue slots at once (two more requests are accepted while the worker is
+    still held inside A's step), they are answered "cancelled" while A still runs, and they
+    are never prefilled."""
+    with GenerationServer(model, max_batch_size=1, max_queue=2, max_wait_s=0) as server:
+        gate = WorkerGate(server)
+        seen = {}
+
+        def on_finish(completion):  # worker thread, between iterations
+            if completion.request_id in (queued_stream.request_id, queued.request_id):
+                seen[completion.request_id] = server.steps()[-1].index
+
+        server.add_listener(on_finish)
+        running = server.stream([5, 6, 7], max_new_tokens=40)
+        next(running)  # A is generating
+        gate.hold()
+        assert gate.entered.wait(30)  # the worker is inside A's next decode step
+        queued_stream = server.stream([8, 1], max_new_tokens=5)
+        queued = server.submit([2, 3], max_new_tokens=3)
+        with pytest.raises(ServerBusyError):
+            server.submit([4], max_new_tokens=3)
+        assert queued_stream.cancel() and queued.cancel()
+        assert server.stats().requests_waiting == 0  # both slots free while the worker is held
+        later = [server.submit([4], max_new_tokens=3), server.submit([9, 9], max_new_tokens=2)]
+        gate.release()
+        chunks = list(queued_stream)
+        assert [c.finish_reason for c in chunks] == ["cancelled"] and chunks[0].token_ids == []
+        assert [f.result(60).token_ids for f in later] == [reference(model, [4], max_new_tokens=3)[0],
+                                                           reference(model, [9, 9], max_new_tokens=2)[0]]
+        assert list(running)[-1].finish_reason == "length"
+        log, stats = server.steps(), server.stats()
+    a = running.request_id
+    for rid in (queued_stream.request_id, queued.request_id):
+        assert all(rid not in r.request_ids for r in log)  # never prefilled
+        assert any(r.kind == "decode" and a in r.request_ids and r.index > seen[rid] for r in log), \
+            "a cancelled request was answered only once A finished (when it reached the front)"
+    assert stats.requests_finished["cancelled"] == 2 and stats.requests_rejected == 1
+    assert stats.requests_waiting == 0 and stats.requests_running == 0
+
+
+def test_a_lone_request_is_prefilled_without_waiting_for_company(model):
+    """One client, one request after another, on a server whose idle wait for a burst is 30 s:
+    each request waits alone, so it is prefilled at once (answered long before 30 s); the wait
+    is only for a burst (more than one request waiting)."""
+    with GenerationServer(model, max_batch_size=4, max_wait_s=30.0) as server:
+        outs = []
+        for prompt in ([3, 1, 4], [1, 5], [9, 2, 6]):
+            try:
+                outs.append((prompt, server.submit(prompt, max_new_tokens=3).result(10)))
+            except TimeoutError:
+                pytest.fail("a lone request waited for company (max_wait_s=30)")
+        log = server.steps()
+    for prompt, out in outs:
+        assert out.token_ids == reference(model, prompt, max_new_tokens=3)[0]
+    assert [r.request_ids for r in log if r.kind == "prefill"] == [(0,), (1,), (2,)]
+
+
 def test_close_drains_every_accepted_request(model):
     server = GenerationServer(model, max_batch_size=2).start()
     futures = [server.submit([i + 1], max_new_tokens=6) for i in range(5)]

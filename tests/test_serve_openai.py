@@ -1,7 +1,7 @@
 """The OpenAI-compatible ``/v1/completions`` over a ``GenerationServer``, driven with the real
 ``openai`` client over loopback: greedy completions (one, 8 concurrent clients, streamed,
 early-exit modes) equal ``ann_kernels.generate``'s decoded text, stop strings, a client that
-leaves mid-stream frees its row, errors in OpenAI's shape (400/404/413/422/429/503)."""
+leaves mid-stream frees its row (one that leaves while queued, its queue slot), errors in OpenAI's shape (400/404/413/422/429/503)."""
 
 from __future__ import annotations
 
@@ -279,3 +279,31 @@ def test_a_client_leaving_a_non_streamed_request_cancels_it(served):
     gate.release()
     wait_for(lambda: server.stats().requests_running == 0)
     assert server.stats().requests_finished["cancelled"] == before + 1
+
+
+def test_a_client_leaving_while_queued_frees_its_queue_slot(served):
+    """The worker is held with the queue full, the last queued request an HTTP client's; the
+    client gives up: its request leaves the queue while the worker is still held (one more
+    request is accepted), answered "cancelled", never generated."""
+    from ann_kernels.generation import ServerBusyError
+
+    server, front, client, gate = served
+    before = server.stats().requests_finished["cancelled"]
+    gate.hold()
+    held = server.submit([1, 2], max_new_tokens=2)
+    assert gate.entered.wait(30)  # the worker is inside held's prefill
+    queued = [server.submit([3], max_new_tokens=2) for _ in range(server.max_queue - 1)]
+    try:
+        impatient = openai.OpenAI(base_url=f"{front.url}/v1", api_key="unused", max_retries=0, timeout=0.5)
+        with pytest.raises(openai.APITimeoutError):  # its request is the last of a full queue
+            impatient.completions.create(model=NAME, prompt="late", max_tokens=30, temperature=0)
+        wait_for(lambda: front.serving.in_flight == 0)  # the handler saw the disconnect and cancelled
+        assert server.stats().requests_waiting == server.max_queue - 1  # its slot is free already
+        queued.append(server.submit([4], max_new_tokens=2))  # and taken
+        with pytest.raises(ServerBusyError):
+            server.submit([5], max_new_tokens=2)
+    finally:
+        gate.release()
+    for f in [held, *queued]:
+        assert f.result(60).finish_reason in ("length", "eos")
+    wait_for(lambda: server.stats().requests_finished["cancelled"] == before + 1)

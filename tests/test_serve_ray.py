@@ -10,6 +10,10 @@ import argparse
 import functools
 import importlib.util
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from types import SimpleNamespace
@@ -28,6 +32,7 @@ pytestmark = [
                        reason="fastapi / uvicorn not installed (pip install 'ann_kernels[serve]')"),
 ]
 MODEL = "mnist"
+LM_NAME = "tinylm"
 BUDGET = "0.96"
 
 
@@ -126,6 +131,45 @@ def check_equal_predict(ray_serving, x, raw) -> None:
     assert prediction == want.prediction.tolist() and exit_index == want.exit_index.tolist()
 
 
+def test_sigterm_stops_an_idle_ray_serve_process_promptly(tmp_path):
+    """``ann-kernels serve --backend ray`` on an LM checkpoint, a real process with a 60 s drain
+    timeout: after one answered completion it is idle, and SIGTERM stops it (Ray Serve's drain
+    of an idle replica, then Ray's shutdown) well within the drain timeout, exit status 0. Runs
+    before the module's in-process Ray instance starts (its own Ray instance)."""
+    checkpoint = write_lm_checkpoint(tmp_path / LM_NAME)
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ann_kernels", "serve", "--checkpoint", str(checkpoint), "--backend", "ray",
+         "--replicas", "1", "--threads", "1", "--drain-timeout-s", "60", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, b"")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 180
+        while not any(b"serving LM" in line for line in lines):
+            assert process.poll() is None, f"serve exited early ({process.returncode}): {b''.join(lines).decode()}"
+            assert time.monotonic() < deadline, "serve --backend ray did not start within 180 s"
+            time.sleep(0.2)
+        body = json.dumps({"model": LM_NAME, "prompt": "def f(", "max_tokens": 3, "temperature": 0}).encode()
+        status, _, raw = http_call(port, "POST", "/v1/completions", body, timeout=120)
+        assert status == 200 and json.loads(raw)["usage"]["completion_tokens"] == 3, raw
+        process.send_signal(signal.SIGTERM)
+        try:
+            code = process.wait(20)  # the drain timeout is 60 s: an idle server must not wait it out
+        except subprocess.TimeoutExpired:
+            pytest.fail("an idle serve --backend ray process did not exit within 20 s of SIGTERM "
+                        "(drain timeout 60 s)")
+        reader.join(10)
+        assert code == 0, b"".join(lines).decode()
+        assert any(b"stopping" in line for line in lines)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)
+
+
 def test_two_replicas_answer_like_predict(ray_serving):
     assert replica_states(ray_serving.serve) == {"RUNNING": 2}
     port = ray_serving.port
@@ -182,8 +226,6 @@ def test_a_killed_replica_fails_or_retries_its_requests_never_loses_them(ray_ser
     assert status == 200
     check_equal_predict(ray_serving, x, raw)
 
-
-LM_NAME = "tinylm"
 
 
 def test_an_lm_checkpoint_on_two_replicas_answers_like_generate(tmp_path_factory, ray_instance):

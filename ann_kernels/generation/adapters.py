@@ -49,6 +49,12 @@ class DecoderAdapter:
         """Per-forward positional state shared by every layer (None without RoPE)."""
         return None
 
+    def exit_head(self, exit_id: int):
+        """(norm callable, weight [V, D], bias [V] or None): exit ``exit_id`` is
+        ``F.linear(norm(h), weight, bias)``; None when the exit is not of that form (the
+        self-speculative candidate draft head then uses ``exit_logits``)."""
+        return None
+
     @property
     def num_exits(self) -> int:
         return len(self.exit_layers)
@@ -131,6 +137,11 @@ class CausalExitLMAdapter(DecoderAdapter):
     def exit_logits(self, h: Tensor, exit_id: int) -> Tensor:
         return self.heads[exit_id](h)
 
+    def exit_head(self, exit_id: int):
+        """(norm callable, weight [V, D], bias [V] or None) of exit ``exit_id``."""
+        head = self.heads[exit_id]
+        return head.norm, head.lm_head.weight, head.lm_head.bias
+
 
 class LlamaAdapter(DecoderAdapter):
     """A Hugging Face ``LlamaForCausalLM``: exit k after layer ``exit_layers[k]`` is
@@ -198,6 +209,10 @@ class LlamaAdapter(DecoderAdapter):
 
     def exit_logits(self, h: Tensor, exit_id: int) -> Tensor:
         return self.lm_head(self.norm(h))
+
+    def exit_head(self, exit_id: int):
+        """(norm callable, weight [V, D], bias [V] or None) of exit ``exit_id``."""
+        return self.norm, self.lm_head.weight, self.lm_head.bias
 
 
 def as_adapter(model, exit_layers: Sequence[int] | None = None) -> DecoderAdapter:

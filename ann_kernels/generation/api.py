@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ann_kernels.generation.adapters import DecoderAdapter, as_adapter
+from ann_kernels.generation.row_policy import FINISHED_ROW_POLICIES
 from ann_kernels.generation.state import MODES, DecodeState, ModeConfig, RowParams
 from ann_kernels.ops.early_exit import CRITERIA
 
@@ -97,7 +98,8 @@ def _check_thresholds(threshold, num_exits: int) -> tuple[float, ...]:
 
 
 def build_mode_config(adapter: DecoderAdapter, mode: str, *, exit_index=None, draft_len: int = 4, threshold=None,
-                      criterion: str = "max_prob", kv_policy: str = "recompute", verify_chunk=None) -> ModeConfig:
+                      criterion: str = "max_prob", kv_policy: str = "recompute", verify_chunk=None,
+                      finished_rows: str = "auto", draft_confidence=None, draft_candidates: int = 0) -> ModeConfig:
     """Validate the mode arguments of :func:`generate` against the model's exits."""
     k_exits = adapter.num_exits
     if mode not in MODES:
@@ -116,14 +118,25 @@ def build_mode_config(adapter: DecoderAdapter, mode: str, *, exit_index=None, dr
     elif exit_index is not None:
         raise ValueError(f"exit_index: only for mode='static' or 'self_speculative', got {exit_index!r} with "
                          f"mode={mode!r}")
+    if finished_rows not in FINISHED_ROW_POLICIES:
+        raise ValueError(f"finished_rows: expected one of {list(FINISHED_ROW_POLICIES)}, got {finished_rows!r}")
     if mode == "self_speculative":
         if isinstance(draft_len, bool) or not isinstance(draft_len, int) or draft_len < 1:
             raise ValueError(f"draft_len: expected an int >= 1, got {draft_len!r}")
+        if draft_confidence is not None and (isinstance(draft_confidence, bool)
+                                             or not isinstance(draft_confidence, (int, float))
+                                             or not 0 <= draft_confidence <= 1):
+            raise ValueError(f"draft_confidence: expected None or a number in [0, 1], got {draft_confidence!r}")
+        if isinstance(draft_candidates, bool) or not isinstance(draft_candidates, int) or draft_candidates < 0:
+            raise ValueError(f"draft_candidates: expected an int >= 0 (0 = the whole vocabulary), got {draft_candidates!r}")
         if verify_chunk is not None and (not isinstance(verify_chunk, int) or verify_chunk < 1):
             raise ValueError(f"verify_chunk: expected None or an int >= 1, got {verify_chunk!r}")
     thresholds = _check_thresholds(threshold, k_exits) if mode == "confidence" else None
     return ModeConfig(mode=mode, exit_index=exit_index, draft_len=int(draft_len), thresholds=thresholds,
-                      criterion=criterion, kv_policy=kv_policy, verify_chunk=verify_chunk)
+                      criterion=criterion, kv_policy=kv_policy, verify_chunk=verify_chunk,
+                      finished_rows=finished_rows,
+                      draft_confidence=None if draft_confidence is None else float(draft_confidence),
+                      draft_candidates=int(draft_candidates))
 
 
 def _per_row(value, b: int, name: str) -> list[int]:
@@ -150,8 +163,9 @@ def generate(model, prompts, max_new_tokens=64, mode: str = "full", exit_index: 
              draft_len: int = 4, threshold=None, criterion: str = "max_prob", kv_policy: str = "recompute",
              eos_token_id=None, do_sample: bool = False, *, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, generator: torch.Generator | None = None, attention_mask=None,
-             exit_layers=None, verify_chunk: int | None = None, max_batch_size: int | None = None
-             ) -> GenerationOutput:
+             exit_layers=None, verify_chunk: int | None = None, max_batch_size: int | None = None,
+             finished_rows: str = "auto", draft_confidence: float | None = None,
+             draft_candidates: int = 0) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` tokens per prompt with early exits.
 
     Args:
@@ -164,12 +178,18 @@ def generate(model, prompts, max_new_tokens=64, mode: str = "full", exit_index: 
             (first exit whose ``criterion`` confidence >= ``threshold``: one number, K - 1 or K
             per exit, or a calibration result; ``kv_policy`` recompute | propagate) |
             ``self_speculative`` (draft ``draft_len`` tokens from ``exit_index``, verify with
-            the rest; ``verify_chunk=1`` verifies one position at a time).
+            the rest; ``verify_chunk=1`` verifies one position at a time; ``draft_confidence``
+            p: a row stops drafting after a draft token of draft probability < p;
+            ``draft_candidates`` K > 0: greedy drafts are the argmax over a cached candidate
+            set, the prompts' and generated tokens plus the verifier's top K per position).
         eos_token_id: None, an id or a list of ids; a row stops after one (kept in its tokens).
         do_sample, temperature, top_k, top_p, generator: sampling (greedy by default); the
             draws come from ``generator`` (torch's default when None).
         max_batch_size: rows decoded at once (default: all prompts); more prompts wait for
             free slots (rows join as others finish).
+        finished_rows: rows that finish while others decode on leave the batch ("compact"),
+            stay in it masked ("mask"), or either per step, the cheaper by a cost model
+            measured once per model and cache shape ("auto"); the output is the same.
 
     Returns:
         :class:`GenerationOutput`. ``stats``: ``prefill_tokens``, ``prefill_s``,
@@ -177,7 +197,8 @@ def generate(model, prompts, max_new_tokens=64, mode: str = "full", exit_index: 
         ``steps``, ``mean_exit``, ``exit_counts``, ``layer_fraction`` (layer evaluations per
         new token / layers; ``propagate``'s K/V writes count as their FLOP share of a layer;
         self-speculative drafts and rejected positions count), ``acceptance_rate`` and
-        ``tokens_per_verify`` (self-speculative), ``mode``.
+        ``tokens_per_verify`` (self-speculative), ``compactions`` and ``masked_steps``
+        (steps that compacted finished rows / ran with masked rows), ``mode``.
     """
     adapter = as_adapter(model, exit_layers)
     rows = prompts_to_lists(prompts, attention_mask)
@@ -187,7 +208,9 @@ def generate(model, prompts, max_new_tokens=64, mode: str = "full", exit_index: 
     max_new = _per_row(max_new_tokens, b, "max_new_tokens")
     check_prompts(rows, adapter.vocab_size, adapter.max_len, max_new)
     config = build_mode_config(adapter, mode, exit_index=exit_index, draft_len=draft_len, threshold=threshold,
-                               criterion=criterion, kv_policy=kv_policy, verify_chunk=verify_chunk)
+                               criterion=criterion, kv_policy=kv_policy, verify_chunk=verify_chunk,
+                               finished_rows=finished_rows, draft_confidence=draft_confidence,
+                               draft_candidates=draft_candidates)
     if do_sample:
         check_sampling(temperature, top_k, top_p)
     if eos_token_id is not None:
@@ -235,6 +258,8 @@ def generation_stats(state: DecodeState, config: ModeConfig, adapter: DecoderAda
         "mean_exit": c.exit_sum / new,
         "exit_counts": list(c.exit_counts),
         "layer_fraction": c.layer_evals / (new * adapter.num_layers),
+        "compactions": c.compactions,
+        "masked_steps": c.masked_steps,
     }
     if config.mode == "self_speculative":
         stats["acceptance_rate"] = c.accepted / c.drafted if c.drafted else float("nan")

@@ -8,15 +8,15 @@ exit that produced each, and how many are valid. The state appends them (EOS, ma
 - ``self_speculative`` (LayerSkip, ``self_speculation/self_speculation_generator.py``,
   ``SelfSpeculativeGenerationStrategy.single_step_speculation``; ``llama_model_utils.py``,
   ``forward_early`` / ``forward_remainder`` / ``crop_past_key_values``): d draft tokens
-  through the layers up to exit k (the exit states kept in ``hidden``), then the last draft
+  through the layers up to exit k (keeping their exit states), then the last draft
   through those layers, then the layers after exit k over the d + 1 positions since the last
   full pass in one pass (reading the early layers' cache the drafts wrote). Each row keeps
   its longest agreeing prefix m plus one verified token and crops its cache to its own
   length; no row waits for another (LayerSkip hard-wires batch 1). Greedy rows compare
   argmaxes; sampling rows use the rejection rule (``sampling.speculative_accept``). Accepted
   drafts are reported with exit k, the verified token with the last exit. Deviation: every row
-  drafts ``draft_len`` tokens even when fewer remain (LayerSkip shortens the last round);
-  the extra tokens are cut by ``max_new_tokens``.
+  Each row drafts at most its tokens left - 1 and never past a drafted EOS
+  (LayerSkip's rule; :func:`draft_caps`).
 - ``confidence``: per row, the token leaves at the first exit whose confidence (the fused
   ``ann_kernels::early_exit_step`` op: C++ on CPU, CUDA on GPU) reaches the threshold; rows
   that continue carry their waiting positions through each segment (``recompute``: the cache
@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor
 
 from ann_kernels.generation.sampling import (
     RowSampling,
@@ -42,7 +43,7 @@ from ann_kernels.ops.early_exit import criterion_code, step_function
 
 _OP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-__all__ = ["STEP_FUNCTIONS", "step_full", "step_static", "step_self_speculative", "step_confidence"]
+__all__ = ["STEP_FUNCTIONS", "draft_caps", "step_full", "step_static", "step_self_speculative", "step_confidence"]
 
 
 def _uniforms(st, n: int, k: int):
@@ -77,6 +78,7 @@ def step_static(st, n: int, exit_id: int | None = None):
     tok = choose_tokens(logits, s, _uniforms(st, n, 1)[:, 0] if s.any_sample else None)
     st.seg_len[:n, : k + 1] = st.length[:n].unsqueeze(1)
     st.counters.layer_evals += n * len(layers)
+    st.counters.head_evals += n
     exits, counts = st.constant_exits(n, k)
     return tok.unsqueeze(1), exits, counts
 
@@ -86,38 +88,94 @@ def step_full(st, n: int):
     return step_static(st, n, st.num_exits - 1)
 
 
+def draft_caps(st, n: int) -> Tensor:
+    """Per-row draft limits [n] (host int64): a row with r tokens left drafts at most r - 1
+    (a step yields its accepted drafts + 1 verified token), at most ``draft_len``; masked
+    (finished) rows draft 0. LayerSkip's rule: ``self_speculation_generator.py``, ``generate``
+    passes ``num_speculations=min(num_speculations, max_steps - len(output_ids) - 1)``."""
+    left = st.max_new[:n] - st.generated[:n]
+    caps = (left - 1).clamp(min=0, max=st.config.draft_len)
+    return caps.masked_fill_(st.masked[:n], 0)
+
+
+def candidate_head(st, exit_id: int):
+    """(norm, weight rows, bias, token ids) of exit ``exit_id`` restricted to the state's
+    candidate tokens, or None (no candidate set, an exit not of the form linear(norm(h)), or
+    a set so large the whole head costs about the same)."""
+    if st.candidates is None:
+        return None
+    parts = st.adapter.exit_head(exit_id)
+    if parts is None:
+        return None
+    ids = st.candidates.nonzero().squeeze(1)
+    if ids.numel() == 0 or 2 * ids.numel() > st.candidates.numel():
+        return None
+    norm, weight, bias = parts
+    return norm, weight.index_select(0, ids), None if bias is None else bias.index_select(0, ids), ids
+
+
 def step_self_speculative(st, n: int):
-    """Draft ``draft_len`` tokens from exit ``exit_index``, verify, accept per row."""
+    """Draft up to ``draft_len`` tokens from exit ``exit_index``, verify, accept per row.
+
+    The batch drafts while some row may still use a draft: up to its cap (:func:`draft_caps`)
+    and not past a drafted EOS (its later drafts could never be kept; LayerSkip also stops a
+    draft at EOS), nor, with ``draft_confidence`` set, past a draft whose probability under
+    the draft exit is below it (Hugging Face's ``assistant_confidence_threshold``:
+    ``generation/stopping_criteria.py``, ``ConfidenceCriteria``; greedy output unchanged). Rows that stopped ride along in the batched passes; their extra drafts are
+    never accepted (m <= the row's own draft count)."""
     ad, cfg = st.adapter, st.config
-    k, d, last = cfg.exit_index, cfg.draft_len, st.num_exits - 1
+    k, last = cfg.exit_index, st.num_exits - 1
     dev = st.device
     p, pd, x = _last_token(st, n)
-    rows = st._arange[:n]
     s = st.sampling(n)
     early, deep = st.segment_layers(0, k), st.segment_layers(k + 1, last)
-    u_draft = _uniforms(st, n, d) if s.any_sample else None
-    drafts, qs = [], []
-    # 1. draft d tokens with the early layers, keeping each position's exit state
-    for i in range(d + 1):
+    caps = draft_caps(st, n)
+    caps_list = caps.tolist()
+    d = max(caps_list)  # draft steps this round (shrinks when every row has drafted an EOS)
+    # a row's draws do not depend on the batch: always draft_len (+ 1) uniforms per row
+    u_draft = _uniforms(st, n, cfg.draft_len) if s.any_sample else None
+    check_eos = bool(st.eos.numel()) and d > 0
+    stop_below = cfg.draft_confidence if d > 0 else None
+    drafts, qs, states = [], [], []
+    head = candidate_head(st, k) if not s.any_sample and d > 0 else None
+    # 1. draft with the early layers, one position per pass, keeping each position's exit state
+    i = 0
+    while True:
         qpos = (p + i).unsqueeze(1)
-        qpos_d = (pd + i).unsqueeze(1)
-        h = st.run_layers(early, ad.embed(x, qpos_d), qpos, qpos)
-        st.hidden.index_put_((rows, qpos_d[:, 0]), h[:, 0])
-        if i == d:  # 2. the last draft only needed its early layers (for the verify pass)
+        h = st.run_layers(early, ad.embed(x, (pd + i).unsqueeze(1)), qpos, qpos)
+        states.append(h)
+        if i == d:  # 2. the last position only needed its early layers (for the verify pass)
             break
-        logits = ad.exit_logits(h[:, 0], k)
-        greedy = logits.argmax(dim=-1)
+        if head is not None:  # greedy: argmax over the candidate set (the verify keeps it exact)
+            norm, w_c, b_c, ids = head
+            logits = torch.nn.functional.linear(norm(h[:, 0]), w_c, b_c)
+            tok = ids[logits.argmax(dim=-1)]
+        else:
+            logits = ad.exit_logits(h[:, 0], k)
+            tok = logits.argmax(dim=-1)
         if s.any_sample:
             q = filtered_probs(logits, s)
             qs.append(q)
-            tok = torch.where(s.do_sample, sample_from_probs(q, u_draft[:, i]), greedy)
-        else:
-            tok = greedy
+            tok = torch.where(s.do_sample, sample_from_probs(q, u_draft[:, i]), tok)
         drafts.append(tok)
         x = tok.unsqueeze(1)
+        i += 1
+        if check_eos or stop_below is not None:
+            # a row that drafted EOS, or a token below the draft confidence, drafts no further
+            # (the token itself stays a draft); the batch stops when no row drafts on
+            stop = torch.zeros(n, dtype=torch.bool, device=dev)
+            if check_eos:
+                stop |= torch.isin(tok, st.eos.to(dev))
+            if stop_below is not None:
+                p_tok = torch.softmax(logits.float(), dim=-1).gather(1, tok.unsqueeze(1)).squeeze(1)
+                stop |= p_tok < stop_below
+            hit = stop.tolist()
+            caps_list = [min(c, i) if e else c for c, e in zip(caps_list, hit)]
+            d = min(d, max(caps_list))
+    caps = torch.tensor(caps_list, dtype=torch.int64)
     # 3. the deep layers over the d + 1 positions p .. p + d from their exit states
     positions = p.unsqueeze(1) + st._arange_host[: d + 1].unsqueeze(0)
-    h_in = st.hidden[rows.unsqueeze(1), positions.to(dev)]
+    h_in = states[0] if d == 0 else torch.cat(states, dim=1)
     chunk = cfg.verify_chunk or (d + 1)
     outs = []
     for c0 in range(0, d + 1, chunk):
@@ -125,17 +183,22 @@ def step_self_speculative(st, n: int):
         outs.append(st.run_layers(deep, h_in[:, c0:c0 + chunk], pc, pc))
     h_out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
     logits = ad.exit_logits(h_out, last)  # [n, d + 1, V]
-    # 4. accept per row: the longest agreeing prefix m, then one verified token
+    # 4. accept per row: the longest agreeing prefix m (at most the row's own drafts), then one
+    #    verified token
     draft = torch.stack(drafts, dim=1) if d else torch.empty(n, 0, dtype=torch.int64, device=dev)
     target = logits.argmax(dim=-1)
-    m = (draft == target[:, :d]).to(torch.int64).cumprod(dim=1).sum(dim=1)
+    if st.candidates is not None:  # the verifier's top K at every position join the candidates
+        st.candidates[logits.topk(min(cfg.draft_candidates, logits.shape[-1]), dim=-1).indices.reshape(-1)] = True
+        st.candidates[target.reshape(-1)] = True
+    caps_d = caps.to(dev)
+    m = torch.minimum((draft == target[:, :d]).to(torch.int64).cumprod(dim=1).sum(dim=1), caps_d)
     out = target
     if s.any_sample:
         vocab = logits.shape[-1]
         pv = filtered_probs(logits.reshape(n * (d + 1), vocab), _repeat(s, d + 1)).view(n, d + 1, vocab)
         q = torch.stack(qs, dim=1) if d else pv[:, :0]
-        u = _uniforms(st, n, d + 1)
-        m_s, final = speculative_accept(draft, q, pv, u[:, :d], u[:, d])
+        u = _uniforms(st, n, cfg.draft_len + 1)
+        m_s, final = speculative_accept(draft, q, pv, u[:, :d], u[:, cfg.draft_len], limit=caps_d)
         sampled = torch.cat([draft, final.unsqueeze(1)], dim=1)
         sampled[:, -1] = 0
         sampled = sampled.scatter(1, m_s.unsqueeze(1), final.unsqueeze(1))
@@ -146,10 +209,12 @@ def step_self_speculative(st, n: int):
     m_host = m.cpu()
     st.seg_len[:n] = (p + m_host + 1).unsqueeze(1)
     ctr = st.counters
-    ctr.drafted += n * d
+    ctr.drafted += int(caps.sum())
+    ctr.draft_steps += d
     ctr.accepted += int(m_host.sum())
     ctr.verify_rows += n
     ctr.layer_evals += n * (d + 1) * (len(early) + len(deep))
+    ctr.head_evals += n * (2 * d + 1)
     return out, exits, m_host + 1
 
 
@@ -201,6 +266,7 @@ def step_confidence(st, n: int):
         if threshold == math.inf:  # nobody can leave here: skip the head
             continue
         logits = ad.exit_logits(h[:, 0], seg)
+        ctr.head_evals += m
         if logits.dtype not in _OP_DTYPES:
             logits = logits.float()
         survivors, keep_local, _ = decide(logits, rows_dev, None, prediction, exit_index, confidence,

@@ -85,17 +85,20 @@ def choose_tokens(logits: Tensor, s: RowSampling, u: Tensor | None) -> Tensor:
     return torch.where(s.do_sample, drawn, greedy)
 
 
-def speculative_accept(draft: Tensor, q: Tensor, p: Tensor, u_accept: Tensor, u_final: Tensor):
+def speculative_accept(draft: Tensor, q: Tensor, p: Tensor, u_accept: Tensor, u_final: Tensor,
+                       limit: Tensor | None = None):
     """The rejection rule for n rows and d drafted tokens, vectorised.
 
     Args:
         draft: [n, d] drafted tokens; q: [n, d, V] their draft distributions;
         p: [n, d + 1, V] the verifier's distributions at the d + 1 positions;
-        u_accept: [n, d] and u_final: [n] uniforms.
+        u_accept: [n, d] and u_final: [n] uniforms;
+        limit: None, or [n] int64, each row's own number of drafts (<= d; the later columns
+            are ignored: the row has drafted only ``limit`` tokens).
 
     Returns:
         (accepted [n] int64 = m, the leading drafts kept; final [n] int64, the token after them:
-        from normalise(max(p_m - q_m, 0)) when m < d, else from p_d).
+        from normalise(max(p_m - q_m, 0)) when m < the row's drafts, else from p_m).
     """
     n, d = draft.shape
     gather = draft.unsqueeze(-1)
@@ -103,10 +106,12 @@ def speculative_accept(draft: Tensor, q: Tensor, p: Tensor, u_accept: Tensor, u_
     q_x = q.gather(2, gather).squeeze(-1)
     ok = u_accept * q_x < p_x  # u < p/q without dividing (q_x > 0: the draft drew x)
     m = ok.to(torch.int64).cumprod(dim=1).sum(dim=1)
+    drafted = torch.full_like(m, d) if limit is None else limit
+    m = torch.minimum(m, drafted)
     rows = torch.arange(n, device=draft.device)
     p_m = p[rows, m]
     q_m = q[rows, m.clamp(max=d - 1)] if d > 0 else torch.zeros_like(p_m)
     residual = (p_m - q_m).clamp(min=0.0)
-    use_residual = (m < d) & (residual.sum(dim=-1) > 0)
+    use_residual = (m < drafted) & (residual.sum(dim=-1) > 0)
     final_probs = torch.where(use_residual.unsqueeze(1), residual, p_m)
     return m, sample_from_probs(final_probs, u_final)

@@ -4,8 +4,11 @@
 One worker thread owns the batch and the KV caches. Its loop:
 
 1. take waiting requests (FIFO) while rows are free (``max_batch_size`` rows in all); when
-   the batch is empty it first waits up to ``max_wait_s`` for more to arrive, so a burst is
-   prefilled together;
+   the batch is empty and a burst is arriving (more than one request waits) it first waits up
+   to ``max_wait_s`` for more, so the burst is prefilled together; a lone request (one client
+   sending one request after another, or sparse arrivals) is prefilled at once, its time to
+   first token not lengthened by a wait for company that may not come (requests that arrive
+   during its prefill join at the next iteration, prefilled together);
 2. prefill them, batched per mode (a :class:`~ann_kernels.generation.state.DecodeState` per
    distinct mode configuration: rows of one mode share a cache and step together), straight
    into the running batch;
@@ -14,6 +17,10 @@ One worker thread owns the batch and the KV caches. Its loop:
    next iteration (a heap of queued deadlines: one comparison per iteration when none is due),
    answered like a running row (``finish_reason`` "deadline", no tokens) and freeing its
    ``max_queue`` slot;
+   a request cancelled while it waits (``future.cancel()``, a stream's ``cancel()``, an HTTP
+   client that went away) leaves the queue in the cancelling call itself, so its ``max_queue``
+   slot is free at once; the worker answers it ("cancelled", no tokens) at its next iteration
+   (after the step in flight, if any), never prefilling it;
 4. one decode step of every mode's batch; each row's new tokens go to its stream; rows that
    hit EOS, ``max_new_tokens`` or a stop string leave at once.
 
@@ -93,7 +100,9 @@ class GenerationServer:
             (``encode(text).ids``), a Hugging Face tokenizer (``encode(text)`` -> ids) or
             any object with ``encode`` / ``decode``; None: token-id prompts only.
         max_batch_size: rows decoded at once (all modes together).
-        max_wait_s: how long an idle server waits for more requests before a prefill.
+        max_wait_s: how long an idle server with more than one request waiting (a burst)
+            waits for more before a prefill; a lone request is prefilled at once (module
+            docstring, step 1).
         max_queue: waiting requests beyond which ``submit`` raises ``ServerBusyError``.
         eos_token_id: None, an id or ids that end a row.
         exit_layers: for Hugging Face models (see ``generate``).
@@ -142,6 +151,7 @@ class GenerationServer:
         self._cond = threading.Condition()
         self._waiting: deque[_Request] = deque()
         self._queued_deadlines: list[tuple[float, int, _Request]] = []  # heap over waiting requests (lazy)
+        self._cancelled_waiting: list[_Request] = []  # left the queue when cancelled; the worker answers them
         self._active: dict[int, _Request] = {}
         self._states: dict[ModeConfig, DecodeState] = {}
         self._next_id = 0
@@ -297,19 +307,38 @@ class GenerationServer:
                 heapq.heappush(self._queued_deadlines, (req.deadline, rid, req))
             req.queued = True
             self._waiting.append(req)
+            future.add_done_callback(lambda f, req=req: self._on_future_done(req, f))
             self.totals.submitted += 1
             self._cond.notify_all()
         return token_stream
+
+    def _on_future_done(self, req: _Request, future: GenerationFuture) -> None:
+        """A request's future is done (on the thread that made it so): when it was cancelled while
+        still waiting, take it out of the queue now, freeing its ``max_queue`` slot; the worker
+        answers it at its next iteration."""
+        if not future.cancelled():
+            return
+        with self._cond:
+            if req.queued:
+                req.queued = False
+                self._waiting.remove(req)
+                self._cancelled_waiting.append(req)
+                self._cond.notify_all()
 
     # ------------------------------------------------------------------ worker
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._waiting and not self._active and not self._closing:
+                while not (self._waiting or self._active or self._cancelled_waiting or self._closing):
                     self._cond.wait()
-                if self._abort or (self._closing and not self._waiting and not self._active):
+                cancelled, self._cancelled_waiting = self._cancelled_waiting, []
+            for req in cancelled:
+                self._finish(req, "cancelled")
+            with self._cond:
+                if self._abort or (self._closing and not self._waiting and not self._active
+                                   and not self._cancelled_waiting):
                     break
-                if not self._active and self.max_wait_s > 0 and not self._closing:
+                if not self._active and len(self._waiting) > 1 and self.max_wait_s > 0 and not self._closing:
                     until = time.perf_counter() + self.max_wait_s
                     while len(self._waiting) < self.max_batch_size and not self._closing:
                         left = until - time.perf_counter()
@@ -360,7 +389,12 @@ class GenerationServer:
         error = RuntimeError("server: closed before this request finished (the drain timeout passed)")
         with self._cond:
             left = list(self._waiting) + list(self._active.values())
+            cancelled, self._cancelled_waiting = self._cancelled_waiting, []
             self._waiting.clear()
+            for req in left:
+                req.queued = False
+        for req in cancelled:
+            self._finish(req, "cancelled")
         for req in left:
             if req.state is not None:
                 req.state = None

@@ -15,8 +15,12 @@ through the skipped layers (``kv_policy="recompute"``), or get their K/V at once
 (``"propagate"``). A query at position p only runs in a segment after positions
 0 .. p - 1 are valid there, so the causal mask on absolute positions is all the masking needed.
 
-Rows that finish (EOS, ``max_new_tokens``) or are removed leave at once: the state moves the
-last active rows into the holes (at most one slot copied per leaving row, per layer).
+Rows that finish (EOS, ``max_new_tokens``) leave the batch compacted (the last live rows move
+into the holes: one slot copied per moving row, per layer) or stay masked in their slots (their
+outputs ignored, their length frozen, rewriting only their own last position) until compaction
+pays: ``ModeConfig.finished_rows`` "compact" | "mask" | "auto" (per step, from the measured cost
+model of ``ann_kernels.generation.row_policy``). Removed rows, and masked rows when rows join,
+are compacted at once. Slots 0 .. width - 1 are in use (live and masked rows).
 
 Bookkeeping (lengths, counts) lives in host int64 tensors; the device gets one small position
 tensor per forward. Each step syncs once (the new tokens come back to the host).
@@ -33,6 +37,7 @@ from torch import Tensor
 from ann_kernels.generation.adapters import DecoderAdapter
 from ann_kernels.generation.cache import KVCache, cached_attention
 from ann_kernels.generation.modes import STEP_FUNCTIONS
+from ann_kernels.generation.row_policy import RowCosts, measure_row_costs, prefer_masking
 from ann_kernels.generation.sampling import RowSampling
 
 __all__ = ["DecodeState", "ModeConfig", "RowParams", "StepEvent", "GenerationCounters"]
@@ -47,7 +52,13 @@ class ModeConfig:
     ``exit_index``: the exit of ``static`` and the draft exit of ``self_speculative``;
     ``thresholds``: K floats for ``confidence`` (the last is ignored: the last exit takes all);
     ``verify_chunk``: self-speculative verification, positions per pass (None: all d + 1 in
-    one pass; 1: one position at a time, the shapes of ``full``'s steps)."""
+    one pass; 1: one position at a time, the shapes of ``full``'s steps);
+    ``finished_rows``: "auto" (per step, the cheaper by the measured cost model), "compact"
+    or "mask" (see the module docstring); ``draft_confidence``: None (LayerSkip: draft
+    ``draft_len`` tokens) or p in [0, 1]: a row stops drafting after a draft token whose
+    probability under the draft exit is below p; ``draft_candidates`` K > 0: greedy drafts
+    take the argmax over a cached candidate set (the batch's prompt and generated tokens and
+    the full model's top K at every verified position) instead of the whole vocabulary."""
 
     mode: str = "full"
     exit_index: int | None = None
@@ -56,6 +67,9 @@ class ModeConfig:
     criterion: str = "max_prob"
     kv_policy: str = "recompute"
     verify_chunk: int | None = None
+    finished_rows: str = "auto"
+    draft_confidence: float | None = None
+    draft_candidates: int = 0
 
 
 @dataclass
@@ -97,6 +111,12 @@ class GenerationCounters:
     drafted: int = 0
     accepted: int = 0
     verify_rows: int = 0  # row-verify passes (self-speculative)
+    draft_steps: int = 0  # batched draft passes (self-speculative)
+    head_evals: int = 0  # row x exit-head evaluations (decode)
+    row_steps: int = 0  # sum over steps of the rows in the batch (live and masked)
+    live_row_steps: int = 0  # sum over steps of the live rows
+    compactions: int = 0  # steps after which finished or masked rows were compacted
+    masked_steps: int = 0  # steps run with masked rows in the batch
     exit_counts: list[int] = field(default_factory=list)
 
 
@@ -132,7 +152,7 @@ class DecodeState:
         self.gqa = ad.num_heads != ad.num_kv_heads
         self.scale = getattr(ad, "scaling", None)
         self.tokens = torch.zeros(max_batch_size, self.T + 1, dtype=torch.int64, device=self.device)
-        needs_hidden = config.mode == "self_speculative" or (config.mode == "confidence")
+        needs_hidden = config.mode == "confidence"
         self.hidden = (torch.zeros(max_batch_size, self.T + 1, ad.hidden_size, dtype=ad.dtype, device=self.device)
                        if needs_hidden else None)
         self.length = torch.zeros(max_batch_size, dtype=torch.int64)
@@ -144,7 +164,10 @@ class DecodeState:
         self.top_k = torch.zeros(max_batch_size, dtype=torch.int64)
         self.top_p = torch.ones(max_batch_size, dtype=torch.float32)
         self.row_generators: list[torch.Generator | None] = [None] * max_batch_size
-        self.row_ids: list[object] = []
+        self.slot_ids: list[object] = []  # the id of the row in each slot in use (masked rows too)
+        self.masked = torch.zeros(max_batch_size, dtype=torch.bool)  # finished, still in its slot
+        self.num_masked = 0
+        self.row_costs: RowCosts | None = None  # measured on first need (finished_rows="auto")
         eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         self.eos = torch.tensor(eos, dtype=torch.int64)
         self.generator = generator
@@ -154,16 +177,35 @@ class DecodeState:
         self._sync = self.device.type == "cuda"
         self._sampling_cache = None
         self._constant_exits: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+        # self-speculative candidate draft head: tokens seen or ranked high by the verifier
+        self.candidates = (torch.zeros(ad.vocab_size, dtype=torch.bool, device=self.device)
+                           if config.mode == "self_speculative" and config.draft_candidates > 0 else None)
 
     # ------------------------------------------------------------------ rows
     @property
     def num_rows(self) -> int:
-        return len(self.row_ids)
+        """Live rows (masked ones excluded)."""
+        return len(self.slot_ids) - self.num_masked
+
+    @property
+    def width(self) -> int:
+        """Slots in use: live and masked rows."""
+        return len(self.slot_ids)
+
+    @property
+    def row_ids(self) -> list:
+        """The live rows' ids, in slot order."""
+        if not self.num_masked:
+            return list(self.slot_ids)
+        masked = self.masked[: self.width].tolist()
+        return [r for r, dead in zip(self.slot_ids, masked) if not dead]
 
     @torch.inference_mode()
     def add_rows(self, prompts: list[list[int]], params: list[RowParams], row_ids: list) -> None:
         """Append rows (prompts of >= 1 token ids) and prefill their caches (batched)."""
-        b, n = len(prompts), self.num_rows
+        if self.num_masked:  # joining rows go after the live ones
+            self._keep(self._live_slots())
+        b, n = len(prompts), self.width
         if n + b > self.slots:
             raise ValueError(f"prompts: {b} new rows do not fit; {n} of {self.slots} slots are in use")
         if len(params) != b or len(row_ids) != b:
@@ -183,6 +225,8 @@ class DecodeState:
         for i, p in enumerate(prompts):
             padded[i, : len(p)] = torch.as_tensor(p, dtype=torch.int64)
         self.tokens[n:n + b, :width] = padded.to(self.device)
+        if self.candidates is not None:
+            self.candidates[torch.as_tensor([t for p in prompts for t in p], device=self.device)] = True
         self.length[n:n + b] = lens
         self.generated[n:n + b] = 0
         for i, rp in enumerate(params):
@@ -193,13 +237,13 @@ class DecodeState:
             self.top_k[s] = rp.top_k
             self.top_p[s] = rp.top_p
             self.row_generators[s] = rp.generator
-        self.row_ids.extend(row_ids)
+        self.slot_ids.extend(row_ids)
         self._sampling_cache = None
         last_seg = self.config.exit_index if self.config.mode == "static" else self.num_exits - 1
         t0 = time.perf_counter()
         self._prefill(n, b, lens - 1, last_seg)
         self.seg_len[n:n + b, : last_seg + 1] = (lens - 1).unsqueeze(1)
-        self._wait()
+        self.wait()
         self.counters.prefill_s += time.perf_counter() - t0
         self.counters.prefill_tokens += int(lens.sum())
 
@@ -222,11 +266,27 @@ class DecodeState:
     def remove_rows(self, row_ids) -> None:
         """Take rows out of the batch (finished or cancelled); their slots are freed."""
         drop = set(row_ids)
-        self._keep([i for i, r in enumerate(self.row_ids) if r not in drop])
+        live = self._live_slots()
+        self._keep([i for i in live if self.slot_ids[i] not in drop])
+
+    def _live_slots(self) -> list[int]:
+        if not self.num_masked:
+            return list(range(self.width))
+        return [i for i, dead in enumerate(self.masked[: self.width].tolist()) if not dead]
+
+    def copy_slots(self, src: Tensor, dst: Tensor) -> None:
+        """Copy the device state (every layer's K/V, tokens, hidden) of slots ``src`` [m] into
+        slots ``dst`` [m] (device int64)."""
+        self.cache.move_rows(src, dst)
+        for t in (self.tokens, self.hidden):
+            if t is not None:
+                t.index_copy_(0, dst, t.index_select(0, src))
 
     def _keep(self, keep: list[int]) -> None:
+        """Keep the rows of slots ``keep`` (ascending), compacted into slots 0 .. len - 1;
+        masked rows not in ``keep`` leave too."""
         self._sampling_cache = None
-        n, m = self.num_rows, len(keep)
+        n, m = self.width, len(keep)
         if m == n:
             return
         keep_set = set(keep)
@@ -234,19 +294,18 @@ class DecodeState:
         movers = [i for i in keep if i >= m]
         if holes:
             src, dst = torch.tensor(movers), torch.tensor(holes)
-            self.cache.move_rows(src.to(self.device), dst.to(self.device))
-            for t in (self.tokens, self.hidden):
-                if t is not None:
-                    t.index_copy_(0, dst.to(self.device), t.index_select(0, src.to(self.device)))
+            self.copy_slots(src.to(self.device), dst.to(self.device))
             for t in (self.length, self.seg_len, self.generated, self.max_new, self.do_sample, self.temperature,
-                      self.top_k, self.top_p):
+                      self.top_k, self.top_p, self.masked):
                 t.index_copy_(0, dst, t.index_select(0, src))
             for s_, d_ in zip(movers, holes):
                 self.row_generators[d_] = self.row_generators[s_]
-                self.row_ids[d_] = self.row_ids[s_]
-        del self.row_ids[m:]
+                self.slot_ids[d_] = self.slot_ids[s_]
+        del self.slot_ids[m:]
         for i in range(m, n):
             self.row_generators[i] = None
+        self.masked[m:n] = False
+        self.num_masked = int(self.masked[:m].sum())
 
     # ------------------------------------------------------------------ forward
     def run_layers(self, layers, h: Tensor, qpos: Tensor, write: Tensor, *, rows=None, window: int | None = None,
@@ -296,7 +355,8 @@ class DecodeState:
             self._constant_exits[key] = got
         return got
 
-    def _wait(self) -> None:
+    def wait(self) -> None:
+        """Wait for the device (CUDA) to finish the queued work; nothing on CPU."""
         if self._sync:
             torch.cuda.synchronize(self.device)
 
@@ -318,29 +378,73 @@ class DecodeState:
     # ------------------------------------------------------------------ step
     @torch.inference_mode()
     def step(self) -> list[StepEvent]:
-        """One decode step of every active row (each gets >= 1 new token); finished rows
-        leave the batch. Returns one event per row that was active."""
-        n = self.num_rows
-        if n == 0:
+        """One decode step of every live row (each gets >= 1 new token); finished rows leave
+        the batch or stay masked (``ModeConfig.finished_rows``). Returns one event per row
+        that was live."""
+        n = self.width
+        if self.num_rows == 0:
             return []
         t0 = time.perf_counter()
         new_tokens, new_exits, counts = STEP_FUNCTIONS[self.config.mode](self, n)
-        events = self._append(n, new_tokens, new_exits, counts)
-        self._wait()
-        self.counters.decode_s += time.perf_counter() - t0
-        self.counters.steps += 1
+        ctr = self.counters
+        ctr.row_steps += n
+        ctr.live_row_steps += n - self.num_masked
+        if self.num_masked:
+            ctr.masked_steps += 1
+            self._refresh_masked(n)
+        events, finished = self._append(n, new_tokens, new_exits, counts)
+        if finished:
+            self._retire(n, finished)
+        self.wait()
+        ctr.decode_s += time.perf_counter() - t0
+        ctr.steps += 1
         return events
 
-    def _append(self, n: int, new_tokens: Tensor, new_exits: Tensor, counts: Tensor) -> list[StepEvent]:
-        """Write the step's tokens [n, c] (``counts`` [n] valid per row) into the rows, cut at
-        EOS / max_new_tokens, finish rows. One device->host copy."""
+    def _refresh_masked(self, n: int) -> None:
+        """Masked rows never advance: each step reruns their last position, so every segment
+        holds at most positions 0 .. p - 1 of them again (p = length - 1)."""
+        dead = self.masked[:n]
+        p = (self.length[:n] - 1).unsqueeze(1)
+        self.seg_len[:n] = torch.where(dead.unsqueeze(1), torch.minimum(self.seg_len[:n], p), self.seg_len[:n])
+
+    def _retire(self, n: int, finished: list[int]) -> None:
+        """Rows of slots ``finished`` are done: compact every dead row now, or mask them."""
+        self.masked[finished] = True
+        self.num_masked += len(finished)
+        live = self._live_slots()
+        policy = self.config.finished_rows
+        if live and policy != "compact" and (policy == "mask" or self._masking_pays(live)):
+            return
+        self._keep(live)
+        self.counters.compactions += 1
+
+    def _masking_pays(self, live: list[int]) -> bool:
+        """The cost model's choice (``row_policy.prefer_masking``) for the current dead rows."""
+        m = len(live)
+        movers = sum(1 for i in live if i >= m)
+        if movers == 0:
+            return False  # compaction is a truncation: free
+        ctr = self.counters
+        rows = max(ctr.row_steps, 1)
+        left = int((self.max_new[live] - self.generated[live]).max())
+        tokens_per_row_step = max(ctr.new_tokens / max(ctr.live_row_steps, 1), 1.0)
+        if self.row_costs is None:
+            self.row_costs = measure_row_costs(self)
+        return prefer_masking(self.row_costs, self.width - m, movers, left / tokens_per_row_step,
+                              ctr.layer_evals / rows, ctr.head_evals / rows)
+
+    def _append(self, n: int, new_tokens: Tensor, new_exits: Tensor, counts: Tensor):
+        """Write the step's tokens [n, c] (``counts`` [n] valid per row) into the live rows, cut
+        at EOS / max_new_tokens. One device->host copy. Returns (events of the live rows, slots
+        that finished)."""
         c = new_tokens.shape[1]
-        if c == 1 and not self.eos.numel():
+        if c == 1 and not self.eos.numel() and not self.num_masked:
             return self._append_one(n, new_tokens[:, 0], new_exits[:, 0])
         host = torch.cat([new_tokens, new_exits, counts.to(new_tokens.device).unsqueeze(1)], 1).cpu()
         toks, exits, cnt = host[:, :c], host[:, c:2 * c], host[:, 2 * c]
         j = self._arange_host[:c].unsqueeze(0)
-        valid = j < cnt.unsqueeze(1)
+        live = ~self.masked[:n]
+        valid = (j < cnt.unsqueeze(1)) & live.unsqueeze(1)
         room = (self.max_new[:n] - self.generated[:n]).unsqueeze(1)
         valid &= j < room
         finished_eos = torch.zeros(n, dtype=torch.bool)
@@ -356,8 +460,7 @@ class DecodeState:
         self.tokens.index_put_((rows.to(self.device), pos.to(self.device)), toks.to(self.device))
         self.length[:n] += kept
         self.generated[:n] += kept
-        finished_len = self.generated[:n] >= self.max_new[:n]
-        finished = finished_eos | finished_len
+        finished = (finished_eos | (self.generated[:n] >= self.max_new[:n])) & live
         ctr = self.counters
         ctr.new_tokens += int(kept.sum())
         ex = torch.where(valid, exits, 0)
@@ -365,14 +468,15 @@ class DecodeState:
         per_exit = torch.bincount(exits[valid], minlength=self.num_exits).tolist()
         ctr.exit_counts = [a + b for a, b in zip(ctr.exit_counts, per_exit)]
         tl, el, kl, fl, fe = toks.tolist(), exits.tolist(), kept.tolist(), finished.tolist(), finished_eos.tolist()
-        events = [StepEvent(self.row_ids[i], tl[i][: kl[i]], el[i][: kl[i]], fl[i],
-                            ("eos" if fe[i] else "length") if fl[i] else None) for i in range(n)]
-        if any(fl):
-            self._keep([i for i in range(n) if not fl[i]])
-        return events
+        ids = self.slot_ids
+        events = [StepEvent(ids[i], tl[i][: kl[i]], el[i][: kl[i]], fl[i],
+                            ("eos" if fe[i] else "length") if fl[i] else None)
+                  for i, alive in enumerate(live.tolist()) if alive]
+        return events, [i for i in range(n) if fl[i]]
 
-    def _append_one(self, n: int, tokens: Tensor, exits: Tensor) -> list[StepEvent]:
-        """``_append`` for one token per row and no EOS (the common decode step): fewer ops."""
+    def _append_one(self, n: int, tokens: Tensor, exits: Tensor):
+        """``_append`` for one token per row, no EOS and no masked rows (the common decode
+        step): fewer ops."""
         length = self.length[:n]
         self.tokens.index_put_((self._arange[:n], length.to(self.device)), tokens)
         tl, el = torch.stack([tokens, exits]).tolist()  # the step's one device->host copy
@@ -387,9 +491,7 @@ class DecodeState:
         for e in el:  # n small ints: a Python loop beats bincount + tolist
             exit_counts[e] += 1
         ctr.exit_counts = exit_counts
-        ids = self.row_ids
+        ids = self.slot_ids
         events = [StepEvent(ids[i], [tl[i]], [el[i]], finished[i], "length" if finished[i] else None)
                   for i in range(n)]
-        if any(finished):
-            self._keep([i for i in range(n) if not finished[i]])
-        return events
+        return events, [i for i in range(n) if finished[i]]
