@@ -374,7 +374,9 @@ def test_submit_many_equals_submit_per_request_in_order():
     batches = list(torch.split(x, sizes))
     bad = {3: (torch.randn(2, 17), ValueError, r"x: expected samples of shape \[16\]"),
            7: (x[:2].double(), TypeError, "x: expected dtype torch.float32"),
-           11: (x[:0], ValueError, "x: expected a non-empty batch")}
+           11: (x[:0], ValueError, "x: expected a non-empty batch"),
+           13: (x[0, 0], ValueError, "x: expected a non-empty batch"),
+           15: (x[:2].tolist(), TypeError, "x: expected a tensor")}
     mixed = list(batches)
     for i, (b, _, _) in sorted(bad.items()):
         mixed.insert(i, b)
@@ -432,3 +434,55 @@ def test_submit_many_a_failing_stage_fails_only_the_requests_of_its_run():
     assert torch.equal(torch.cat([r.prediction for r in answered]), torch.cat([engine.predict(b).prediction for b in kept]))
     assert torch.equal(torch.cat([r.prediction for r in answered]),
                        torch.cat([expected.prediction[2 * i:2 * i + 2] for i in range(20) if i != 4]))
+
+
+def test_burst_futures_share_a_condition_and_behave_as_futures():
+    """submit_many's futures share one condition: resolving one wakes a thread waiting on
+    another, which must keep waiting (not report a timeout early, not return another's
+    result); the rest is the standard Future (cancel, callbacks, wait, asyncio)."""
+    from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, wait
+
+    from ann_kernels.inference.server_state import BurstFuture
+
+    condition = threading.Condition()
+    first, second, third = (BurstFuture(condition) for _ in range(3))
+    assert set(vars(first)) == set(vars(Future()))  # Future.__init__'s fields (guards a Python change)
+    got = {}
+
+    def waiter():
+        got["second"] = second.result(timeout=30)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    assert second.set_running_or_notify_cancel()
+    first.set_result("first")  # wakes the waiter, whose own future is not done: it waits on
+    time.sleep(0.05)
+    assert thread.is_alive() and "second" not in got
+    second.set_result("second")
+    thread.join(30)
+    assert got == {"second": "second"}
+    start = time.perf_counter()
+    with pytest.raises(TimeoutError):
+        third.result(timeout=0.05)
+    assert time.perf_counter() - start >= 0.05
+    called = []
+    third.add_done_callback(lambda f: called.append(f.exception()))
+    assert wait([first, third], return_when=FIRST_COMPLETED).done == {first}
+    third.set_exception(ValueError("x: bad"))
+    assert isinstance(called[0], ValueError) and isinstance(third.exception(timeout=1), ValueError)
+    with pytest.raises(ValueError, match="x: bad"):
+        third.result(timeout=1)
+    cancelled = BurstFuture(condition)
+    assert cancelled.cancel() and cancelled.cancelled()
+    with pytest.raises(CancelledError):
+        cancelled.result(timeout=1)
+    running = BurstFuture(condition)
+    assert running.set_running_or_notify_cancel() and not running.cancel()
+
+    async def via_asyncio():
+        future = BurstFuture(condition)
+        future.set_running_or_notify_cancel()
+        threading.Timer(0.01, future.set_result, ("async",)).start()
+        return await asyncio.wrap_future(future)
+
+    assert asyncio.run(via_asyncio()) == "async"

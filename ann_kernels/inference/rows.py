@@ -10,11 +10,13 @@ list stays list) and the memory layout the fused exit op produces for its gather
 
 from __future__ import annotations
 
+from array import array
+
 import torch
 
 from ann_kernels.ops.early_exit import gathered_hidden_empty
 
-__all__ = ["concat_rows", "gather_rest", "gather_rows", "gather_tensor_rows", "split_rows"]
+__all__ = ["concat_rows", "gather_rest", "gather_rows", "gather_tensor_rows", "int64_tensor", "split_rows"]
 
 
 def gather_tensor_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -57,3 +59,10 @@ def split_rows(hidden, rows: int):
         return hidden[:rows], hidden[rows:]
     head, tail = [t[:rows] for t in hidden], [t[rows:] for t in hidden]
     return (head, tail) if isinstance(hidden, list) else (tuple(head), tuple(tail))
+
+
+def int64_tensor(values) -> torch.Tensor:
+    """A CPU int64 tensor [n] of the Python ints ``values`` (n >= 1), through an ``array``:
+    ~3x faster than ``torch.tensor(list)`` for the few hundred bookkeeping ints of a stage
+    run (``torch.tensor`` converts element by element)."""
+    return torch.frombuffer(array("q", values), dtype=torch.int64)

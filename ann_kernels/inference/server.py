@@ -40,7 +40,9 @@ stage run with its stage, rows, exited rows and seconds), :meth:`EarlyExitServer
 Layout: this module takes requests in (submit, checks, lifecycle, statistics) and runs the
 stages (deadlines included); :mod:`.server_queues` schedules the stage queues; :mod:`.server_deadlines` makes the rows whose
 deadline would pass (or passed) during a stage leave at the exit before it;
-:mod:`.server_results` owns the result buffers and assembles each request's answer.
+:mod:`.server_results` owns the result buffers and assembles each request's answer;
+:mod:`.server_state` holds the request state and the futures a burst shares a condition in
+(:class:`~ann_kernels.inference.server_state.BurstFuture`).
 
 Nothing is lost: :meth:`close` drains every queue; a stage that raises fails only the
 requests whose rows it carried (their futures get the exception), and the server keeps
@@ -51,6 +53,7 @@ future, with a message naming the argument.
 from __future__ import annotations
 
 import asyncio
+from bisect import bisect_left
 import logging
 import math
 import threading
@@ -58,7 +61,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from itertools import accumulate
 
 import torch
 
@@ -70,7 +72,7 @@ from ann_kernels.inference.rows import gather_rest, gather_rows
 from ann_kernels.inference.server_deadlines import DeadlineExits
 from ann_kernels.inference.server_queues import StageScheduler
 from ann_kernels.inference.server_results import ResultBuffers
-from ann_kernels.inference.server_state import QueuePiece, Request, ServerStats
+from ann_kernels.inference.server_state import BurstFuture, QueuePiece, Request, ServerStats
 
 __all__ = ["EarlyExitServer", "ServedResult", "ServerStats"]
 
@@ -229,7 +231,8 @@ class EarlyExitServer(DeadlineExits):
         ``deadline_s`` (seconds from now) applies to each request."""
         submitted = time.perf_counter()
         xs = list(xs)
-        futures = [Future() for _ in xs]
+        condition = threading.Condition()  # one for the burst (BurstFuture)
+        futures = [BurstFuture(condition) for _ in xs]
         for future in futures:
             future.set_running_or_notify_cancel()
         try:
@@ -239,14 +242,24 @@ class EarlyExitServer(DeadlineExits):
                 future.set_exception(error)
             return futures
         deadline = math.inf if deadline_s is None else submitted + deadline_s
-        requests = []
+        # 1. checks: a tensor of the model's exact type, dtype and device and of the known
+        #    sample shape passes on attribute compares; anything else takes _check_input
+        dtype, device, shape = self._dtype, self._device, self._sample_shape
+        fast = dtype is not None and device is not None and shape is not None
+        requests, segments, rows = [], [], 0
         for x, future in zip(xs, futures):
-            try:
-                self._check_input(x)
-            except (TypeError, ValueError) as error:
-                future.set_exception(error)
-                continue
-            requests.append(Request(future, x, submitted, deadline))
+            size = x.shape if type(x) is torch.Tensor else None
+            if not (fast and size and size[0] and size[1:] == shape and x.dtype == dtype and x.device == device):
+                try:
+                    self._check_input(x)
+                except (TypeError, ValueError) as error:
+                    future.set_exception(error)
+                    continue
+            request = Request(future, x, submitted, deadline)
+            requests.append(request)
+            segments.append((request, request.rows))
+            rows += request.rows
+        # 2. one lock, one concatenation, one queue piece
         with self._cond:
             if self._closing or self._closed:
                 raise RuntimeError("server: closed; submit() after close()")
@@ -254,25 +267,28 @@ class EarlyExitServer(DeadlineExits):
                 raise RuntimeError("server: not started; call start() or use `with EarlyExitServer(...)`")
             if requests and self._sample_shape is None:
                 self._sample_shape = tuple(requests[0].x.shape[1:])
-            accepted = []
-            for request in requests:
-                if request.x.shape[1:] == self._sample_shape:
-                    accepted.append(request)
-                else:
-                    shape = self._sample_shape
-                    request.future.set_exception(ValueError(
-                        f"x: expected samples of shape {list(shape)} ([n, {', '.join(map(str, shape))}]), "
-                        f"got a batch of shape {list(request.x.shape)}"))
-            if not accepted:
+            if shape is None or self._sample_shape != shape:  # checked against another shape (or none)
+                accepted = []
+                for request in requests:
+                    if request.x.shape[1:] == self._sample_shape:
+                        accepted.append(request)
+                    else:
+                        expected = self._sample_shape
+                        request.future.set_exception(ValueError(
+                            f"x: expected samples of shape {list(expected)} ([n, {', '.join(map(str, expected))}]), "
+                            f"got a batch of shape {list(request.x.shape)}"))
+                if len(accepted) < len(requests):
+                    segments = [(r, r.rows) for r in accepted]
+                    rows = sum(r.rows for r in accepted)
+                requests = accepted
+            if not requests:
                 return futures
-            self._submitted += len(accepted)
+            self._submitted += len(requests)
             self._last_submit = submitted
             if deadline != math.inf:
-                self._deadline_requests += len(accepted)  # from now on, pieces compute their earliest deadline
-            rows = sum(r.rows for r in accepted)
-            hidden = accepted[0].x if len(accepted) == 1 else torch.cat([r.x for r in accepted])
-            self._scheduler.push(0, QueuePiece(hidden, None, [(r, r.rows) for r in accepted], submitted, deadline,
-                                               rows))
+                self._deadline_requests += len(requests)  # from now on, pieces compute their earliest deadline
+            hidden = requests[0].x if len(requests) == 1 else torch.cat([r.x for r in requests])
+            self._scheduler.push(0, QueuePiece(hidden, None, segments, submitted, deadline, rows))
             self._cond.notify()
         return futures
 
@@ -399,10 +415,7 @@ class EarlyExitServer(DeadlineExits):
                    start: float) -> None:
         try:
             if k == 0:
-                positions = self._assign_positions(segments, rows, hidden)
-                for request, _ in segments:
-                    if request.started is None:
-                        request.started = start
+                positions = self._assign_positions(segments, rows, hidden, start)
             else:
                 if self._failed and any(r.done for r, _ in segments):  # rows of failed requests: dropped
                     hidden, positions, segments, rows = self._drop_done(hidden, positions, segments)
@@ -468,9 +481,8 @@ class EarlyExitServer(DeadlineExits):
             if not rows:
                 return
         deadline = min(r.deadline for r, _ in segments) if self._deadline_requests else math.inf
-        with self._cond:
+        with self._cond:  # no notify: the worker (this thread) is the condition's only waiter
             self._scheduler.push(k, QueuePiece(hidden, positions, segments, time.perf_counter(), deadline, rows))
-            self._cond.notify()
 
     def _route(self, k: int, out, survivors, keep, gathered, segments, rows: int) -> None:
         """After the exit op at stage k: finish the requests whose last rows left, queue the rest."""
@@ -480,27 +492,34 @@ class EarlyExitServer(DeadlineExits):
             self._forward(k + 1, gathered if isinstance(out, torch.Tensor) else gather_rest(out, gathered, keep),
                           survivors, segments, rows)
             return
-        if left == 0:
-            kept = [0] * len(segments)
-        else:
-            ends = torch.tensor(list(accumulate(n for _, n in segments)), device=keep.device)
-            kept_before = torch.searchsorted(keep, ends).tolist()
-            kept = [b - a for a, b in zip([0] + kept_before[:-1], kept_before)]
+        # Per request: its rows kept = survivors (sorted row numbers in the block) before the
+        # end of its segment, by bisection in one pass over the segments (Python ints: a
+        # stage run carries tens of requests, so a tensor op per step would cost more).
+        keep_rows = keep.tolist()
         survivor_segments = []
-        for (request, n), s in zip(segments, kept):
+        end = before = 0
+        for segment in segments:
+            request, n = segment
+            end += n
+            after = bisect_left(keep_rows, end, before)
+            s = after - before
+            before = after
+            if s == n:
+                survivor_segments.append(segment)
+                continue
             if s:
                 survivor_segments.append((request, s))
-            if s < n:
-                request.remaining -= n - s
-                if request.remaining == 0:
-                    self._complete(request)
+            request.remaining -= n - s
+            if request.remaining == 0:
+                self._complete(request)
         if left:
             hidden = gathered if isinstance(out, torch.Tensor) else gather_rest(out, gathered, keep)
             self._forward(k + 1, hidden, survivors, survivor_segments, left)
 
     # ------------------------------------------------------------------ buffers and results
-    def _assign_positions(self, segments, rows: int, like) -> torch.Tensor:
-        """Result-buffer positions for a stage-0 run (the buffers are made on the first)."""
+    def _assign_positions(self, segments, rows: int, like, start: float) -> torch.Tensor:
+        """Result-buffer positions for a stage-0 run started at ``start`` (the buffers are made
+        on the first)."""
         if not self._results.ready:
             device = like.device if isinstance(like, torch.Tensor) else like[0].device
             if self._costs is None:
@@ -508,7 +527,7 @@ class EarlyExitServer(DeadlineExits):
             self._executed = executed_costs(self._costs, self._thresholds)
             self._step = self.engine.kernels_for(device.type)[0]
             self._results.allocate(16 * self.max_batch_size, device)
-        return self._results.assign(segments, rows)
+        return self._results.assign(segments, rows, start)
 
     def _complete(self, request: Request) -> None:
         """All rows of ``request`` have exited: resolved at the end of this stage run (in bulk)."""

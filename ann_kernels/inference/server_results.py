@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ann_kernels.inference.results import EarlyExitStats, ServedResult
+from ann_kernels.inference.rows import int64_tensor
 from ann_kernels.inference.server_state import Request
 
 __all__ = ["ResultBuffers"]
@@ -39,9 +40,10 @@ class ResultBuffers:
         """First allocation (``capacity`` positions on ``device``)."""
         self._grow(max(MIN_CAPACITY, capacity), device)
 
-    def assign(self, segments, rows: int) -> torch.Tensor:
-        """Positions [rows] int64 for a stage-0 run: one contiguous free range; each request of
-        ``segments`` [(request, rows)] records its range."""
+    def assign(self, segments, rows: int, started: float) -> torch.Tensor:
+        """Positions [rows] int64 for a stage-0 run that started at ``started``: one contiguous
+        free range; each request of ``segments`` [(request, rows)] records its range (and
+        ``started``, the first time its rows run)."""
         start = self.next_position
         if start + rows > self.capacity or self.occupied.find(1, start, start + rows) != -1:
             start = 0
@@ -54,6 +56,8 @@ class ResultBuffers:
         for request, n in segments:
             request.ranges.append((offset, n))
             offset += n
+            if request.started is None:
+                request.started = started
         return self.arange[start:start + rows]
 
     def _grow(self, capacity: int, device) -> None:
@@ -76,49 +80,52 @@ class ResultBuffers:
 
     def collect(self, finished: list[Request], exit_flops, executed_costs, per_row_seconds, now: float):
         """The results of the requests ``finished`` (all rows exited), vectorised: one gather
-        per result buffer for all of them, the per-request exit counts, mean and executed FLOPs
-        and stage-time shares as tensor ops over all rows; per request only the views, two
-        tuples and the result record.
+        per result buffer for all of them, and one matrix product [R, K] x [K, 2 + K] for every
+        request's mean and executed FLOPs and stage-time shares; per request only the views,
+        two tuples and the result record (no torch call per request).
 
         ``exit_flops`` / ``executed_costs`` / ``per_row_seconds``: K floats each.
         Returns (results, rows per exit [K] summed over them, their FLOPs sum, their rows)."""
         num_exits, count = len(exit_flops), len(finished)
-        sizes, starts, lengths = [], [], []
-        for r in finished:
-            sizes.append(r.rows)
-            for a, n in r.ranges:
-                starts.append(a)
-                lengths.append(n)
-            self.release(r)
-        # 1. positions of all their rows, request after request: start of its range + offset in it
-        total = sum(sizes)
-        lengths_t = torch.tensor(lengths, dtype=torch.int64)
-        shift = torch.tensor(starts, dtype=torch.int64) - (lengths_t.cumsum(0) - lengths_t)
-        index = (torch.arange(total, dtype=torch.int64) + shift.repeat_interleave(lengths_t)).to(self.device)
-        # 2. one gather per buffer, split into per-request views
-        preds = self.prediction.index_select(0, index).split_with_sizes(sizes)  # the C++ method: no wrapper
-        exits_all = self.exit_index.index_select(0, index)
-        exits = exits_all.split_with_sizes(sizes)
-        confs = self.confidence.index_select(0, index).split_with_sizes(sizes)
-        # 3. per-request exit counts [R, K] and what follows from them, for all requests at once
-        sizes_t = torch.tensor(sizes, dtype=torch.int64)
-        owner = torch.arange(count, dtype=torch.int64).repeat_interleave(sizes_t)
-        counts = torch.bincount(owner * num_exits + exits_all.cpu(), minlength=count * num_exits)
-        counts = counts.view(count, num_exits)
-        counts_f = counts.double()
-        flops_sum = counts_f @ torch.tensor(exit_flops, dtype=torch.float64)
-        executed = counts_f @ torch.tensor(executed_costs, dtype=torch.float64)
-        reach = sizes_t.unsqueeze(1) - (counts.cumsum(1) - counts)  # rows that ran stage j
-        seconds = reach.double() * torch.tensor(per_row_seconds, dtype=torch.float64)
-        sizes_f = sizes_t.double()
-        mean_l, executed_l = (flops_sum / sizes_f).tolist(), (executed / sizes_f).tolist()
-        counts_l, seconds_l = counts.tolist(), seconds.tolist()
-        full = exit_flops[-1]
-        results = []
+        occupied = self.occupied
+        # 1. positions of all their rows, request after request (Python ints: one tensor made
+        #    from them, not a tensor op per step), and each row's request times K (for 3.)
+        sizes, index, owner = [], [], []
         for i, r in enumerate(finished):
-            stats = EarlyExitStats(tuple(counts_l[i]), mean_l[i], executed_l[i], full, tuple(seconds_l[i]),
-                                   now - r.submitted, r.deadline_exit)
-            queue_s = (r.started if r.started is not None else now) - r.submitted
-            results.append(ServedResult(preds[i], exits[i], confs[i], stats, queue_s))
+            n = r.rows
+            sizes.append(n)
+            owner += [i * num_exits] * n
+            for a, m in r.ranges:
+                index += range(a, a + m)
+                occupied[a:a + m] = bytes(m)
+        total = len(index)
+        index_t = int64_tensor(index).to(self.device)
+        # 2. one gather per buffer, split into per-request views
+        preds = self.prediction.index_select(0, index_t).split_with_sizes(sizes)  # the C++ method: no wrapper
+        exits_all = self.exit_index.index_select(0, index_t)
+        exits = exits_all.split_with_sizes(sizes)
+        confs = self.confidence.index_select(0, index_t).split_with_sizes(sizes)
+        # 3. per-request exit counts [R, K]; then counts @ [exit FLOPs | executed FLOPs | seconds
+        #    per row of stage j for the rows that ran it (exit j' >= j)] [K, 2 + K] in one product
+        keys = int64_tensor(owner).add_(exits_all.cpu())
+        counts = torch.bincount(keys, minlength=count * num_exits).view(count, num_exits)
+        weights = torch.tensor([[f, e, *(s if j <= exit_j else 0.0 for j, s in enumerate(per_row_seconds))]
+                                for exit_j, (f, e) in enumerate(zip(exit_flops, executed_costs))],
+                               dtype=torch.float64)
+        sums = (counts.double() @ weights).tolist()
+        counts_l = counts.tolist()
+        full = exit_flops[-1]
+        results, flops_sum = [], 0.0
+        # 4. per request: the records, made by tuple.__new__ (what the named tuples' generated
+        #    __new__ calls, without its Python frame: this loop runs once per answer)
+        make = tuple.__new__
+        for r, n, c, row, p, x, q in zip(finished, sizes, counts_l, sums, preds, exits, confs):
+            flops_sum += row[0]
+            stats = make(EarlyExitStats, (tuple(c), row[0] / n, row[1] / n, full, tuple(row[2:]),
+                                          now - r.submitted, r.deadline_exit))
+            result = make(ServedResult, (p, x, q, stats))
+            started = r.started
+            result.queue_s = (started if started is not None else now) - r.submitted
+            results.append(result)
             r.x = None
-        return results, counts.sum(0).tolist(), float(flops_sum.sum()), total
+        return results, counts.sum(0).tolist(), flops_sum, total

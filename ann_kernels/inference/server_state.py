@@ -1,16 +1,55 @@
 """State of :mod:`ann_kernels.inference.server`: its statistics record
-(:class:`ServerStats`), the per-request state (:class:`Request`) and the rows waiting in a
-stage queue (:class:`QueuePiece`)."""
+(:class:`ServerStats`), the per-request state (:class:`Request`), the rows waiting in a
+stage queue (:class:`QueuePiece`) and the futures it answers (:class:`BurstFuture`)."""
 
 from __future__ import annotations
 
 import math
+import threading
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = ["QueuePiece", "Request", "ServerStats"]
+__all__ = ["BurstFuture", "QueuePiece", "Request", "ServerStats"]
+
+_PENDING = Future()._state  # the state a new Future starts in
+
+
+class BurstFuture(Future):
+    """A ``concurrent.futures.Future`` whose condition is shared by the futures of one
+    :meth:`~ann_kernels.inference.EarlyExitServer.submit_many` call.
+
+    A plain Future makes its own Condition (an RLock, a deque and five bound methods): ~10
+    objects per request that live as long as the client holds the future, each of which the
+    cyclic garbage collector scans again and again (in a saturated MLP server the collector
+    cost more than the routing). Here they exist once per burst. Everything else is the
+    standard Future (callbacks, ``cancel``, ``concurrent.futures.wait``, ``asyncio.wrap_future``);
+    since resolving any future of the burst wakes a thread waiting on another one, ``result``
+    and ``exception`` wait until their own future is done (the base class waits once and
+    would report a timeout).
+    """
+
+    def __init__(self, condition: threading.Condition) -> None:  # Future.__init__, shared condition
+        self._condition = condition
+        self._state = _PENDING
+        self._result = None
+        self._exception = None
+        self._waiters = []
+        self._done_callbacks = []
+
+    def _wait_done(self, timeout: float | None) -> None:
+        if not self.done():  # the common case of a client collecting answers: no wait
+            with self._condition:
+                self._condition.wait_for(self.done, timeout)
+
+    def result(self, timeout: float | None = None):
+        self._wait_done(timeout)
+        return super().result(0)  # done: the result / exception / CancelledError; else TimeoutError
+
+    def exception(self, timeout: float | None = None):
+        self._wait_done(timeout)
+        return super().exception(0)
 
 @dataclass(frozen=True)
 class ServerStats:
