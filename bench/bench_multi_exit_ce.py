@@ -18,7 +18,7 @@ Providers, all doing loss + backward into fresh leaf gradients:
   copy_floor     dst.copy_(src) over all logits (one read + one write of the logits)
 Variants: fp32 with grad_out = 1 (``loss.backward()``) and 0.25 (``loss / 4``, gradient
 accumulation); bf16 (gradient-buffer mode, like fp32); fp16 with grad_out = 1 and 65536
-(GradScaler's scale; save-lse mode). The report ends with issue 20's targets, met or not.
+(GradScaler's scale; gradient buffer stored times 2^m). The report ends with issue 20's targets.
 Peak memory: CPU, each provider's one cold step in a fresh process (the in-process RSS probe
 cannot see allocations that reuse freed pages), at shapes whose logits exceed 32 MB; CUDA,
 the caching allocator's exact peak statistics around one step, in process.

@@ -30,7 +30,9 @@ TORCH_LIBRARY(ann_kernels, m) {
   // once by the caller (the op's Autograd / CompositeExplicitAutograd kernels), not here.
   // grad_mode 0: no gradient work; 1: also the gradient w_k s_ik / N_valid (p - t) as
   // [K, N, C] in the logits dtype (last output); 2: also lse [K, N] f32 (sixth output) for
-  // _multi_exit_ce_backward. Unused outputs are empty [0] tensors.
+  // _multi_exit_ce_backward; 3 (fp16): the gradient of 1 times an exact power of two 2^m
+  // that keeps it inside fp16's range (m from this call's weights only), sixth output [1]
+  // f32 {2^-m} (backward multiplies by grad_out 2^-m). Unused outputs are empty [0] tensors.
   m.def(
       "_multi_exit_ce_forward(Tensor[] logits, Tensor target, Tensor? weights, Tensor? sample_weights, "
       "int ignore_index, float label_smoothing, Tensor(a!)? ema, float momentum, int grad_mode) "

@@ -379,7 +379,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
     from ann_kernels.triton.multi_exit_ce import _multi_exit_ce_bwd_kernel, _scale_grads_kernel
 
     ptr = {"table_ptr": "*i64", "target_ptr": "*i64", "weight_ptr": "*fp32", "n_valid_ptr": "*i64",
-           "sw_ptr": "*fp32", "lse_ptr": "*fp32",
+           "sw_ptr": "*fp32", "lse_ptr": "*fp32", "grad_pow2_ptr": "*fp32",
            "per_sample_ptr": "*fp32", "confidence_ptr": "*fp32", "prediction_ptr": "*i64",
            "sums_ptr": "*fp32", "ticket_ptr": "*i32", "per_exit_ptr": "*fp32", "loss_ptr": "*fp32",
            "ema_ptr": "*fp32"}
@@ -392,7 +392,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
                                                (90, (tl.float32, "fp32"), 256, 16, True)]:
         consts = dict(DTYPE=dt, BLOCK_N=bn, BLOCK_C=bc, BLOCK_K=8, ALIGN_BYTES=16, SINGLE_CHUNK=single,
                       HAS_SMOOTHING=single, COMPUTE_GRAD=True, HAS_EMA=not single, HAS_WEIGHTS=single,
-                      HAS_SW=not single, SAVE_LSE=not single)
+                      HAS_SW=not single, SAVE_LSE=not single, GRAD_POW2=not single)
         signature = {**ptr, "grad_ptr": "*" + dt_name, **scalars, **{k: "constexpr" for k in consts}}
         assert set(signature) == set(names), set(names) ^ set(signature)
         attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in [*ptr, "grad_ptr", "C"]}

@@ -18,6 +18,11 @@ import torch  # noqa: E402
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton): Triton kernels untested")
 
 from ann_kernels import multi_exit_cross_entropy  # noqa: E402
+from tests.low_precision_helpers import (  # noqa: E402
+    check_fp16_extreme_logits,
+    check_fp16_grad_scaler_scales,
+    check_fp16_tiny_grad_out,
+)
 from tests.utils import (  # noqa: E402
     assert_same_grad_scaler_runs,
     check_ema_two_steps_and_non_finite_rows,
@@ -45,8 +50,8 @@ def test_triton_behind_cpu_ops_really_runs_triton():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("grad_out", [1.0, 2.0 ** 16, 0.125, -3.0])
 def test_op_low_precision_grad_out_on_triton(dtype, grad_out):
-    """Issue 20 on the Triton path: bf16's gradient buffer (forward) scaled in place by the
-    scale kernel, fp16's deferred backward; small grid (C = 33: three BLOCK_C = 16 chunks)."""
+    """Issue 20 on the Triton path: bf16's and fp16's gradient buffers (forward; fp16's times
+    2^m) scaled in place by the scale kernel; small grid (C = 33: three BLOCK_C = 16 chunks)."""
     with triton_behind_cpu_ops():
         check_grad_out_within_twice_torch("cpu", dtype, grad_out, num_classes=33, n=24, interpreter=True)
 
@@ -64,3 +69,15 @@ def test_op_grad_scaler_loop_on_triton(dtype):
 def test_op_ema_two_steps_and_non_finite_rows_on_triton(dtype):
     with triton_behind_cpu_ops():
         check_ema_two_steps_and_non_finite_rows("cpu", dtype)
+
+
+@pytest.mark.parametrize("check", [check_fp16_grad_scaler_scales, check_fp16_tiny_grad_out, check_fp16_extreme_logits],
+                         ids=["grad_scaler_2e16_2e24", "tiny_grad_out_2e-20", "extreme_logits_1e4"])
+def test_op_fp16_gradient_buffer_on_triton(check):
+    """Issue 20: fp16's gradient buffer (2^m chosen on the device, tests/low_precision_helpers.py)
+    on the Triton kernels: GradScaler's 2^16 / 2^24, grad_out 2^-20, +-1e4 logits."""
+    with triton_behind_cpu_ops():
+        if check is check_fp16_extreme_logits:
+            check("cpu", c=33)
+        else:
+            check("cpu", n=24, c=33)

@@ -16,16 +16,17 @@ Gradients: dz_ikc = grad_out w_k s_ik / N_valid (softmax_c - (1-e)[c = y_i] - e/
 dw_k = grad_out sum_i s_ik l_ik / N_valid (= grad_out L_k without sample weights);
 ds_ik = grad_out w_k l_ik / N_valid (summed over k for [N] sample weights).
 
-Backward for any grad_out (GradScaler's 2^16, ``loss / accumulation_steps``), two modes
-(docs/low_precision.md gives the design and the error bound):
-- gradient buffer (fp32, bf16): the forward keeps the pre-scaled gradient in the logits
-  dtype (one read of the logits + one write of the gradient in all), handed over as is for
-  grad_out = 1 and scaled in place otherwise (the same buffer, released with it): exact for
-  powers of two, else one more rounding, within 2 units of the dtype's rounding (bf16 has
-  fp32's exponent range, so nothing over- or underflows that the true gradient keeps);
-- save-lse (fp16): the forward keeps only lse [K, N]; the backward makes the gradient in
-  one pass with grad_out folded into the fp32 scale before the one rounding to fp16 (fp16's
-  range cannot hold the pre-scaled gradient for GradScaler's scale).
+Backward for any grad_out (GradScaler's 2^16, ``loss / accumulation_steps``): the gradient
+buffer (docs/low_precision.md gives the design and the error bound). The forward keeps the
+pre-scaled gradient in the logits dtype (one read of the logits + one write of the gradient
+in all), handed over as is for grad_out = 1 and scaled in place otherwise (the same buffer,
+released with it): exact for powers of two, else one more rounding, within 2 units of the
+dtype's rounding. bf16 has fp32's exponent range, so nothing over- or underflows that the
+true gradient keeps; fp16's buffer is stored times an exact power of two 2^m (largest
+possible entry just below 2^15, so no overflow and no needless subnormals) and scaled by
+grad_out 2^-m; on plain CPU tensors m follows the last power-of-two grad_out where that is
+safe, so a steady GradScaler scale needs no pass over the buffer either. The save-lse
+backend (lse only, gradient recomputed in backward) stays available as grad_mode 2.
 ``create_graph=True`` runs a backward of differentiable torch ops (double backward works).
 """
 
@@ -256,8 +257,9 @@ def multi_exit_cross_entropy(
     (0 for an exit when every row is ignored). CPU tensors run the C++ kernel, CUDA
     tensors the Triton kernel, anything else the pure-torch reference.
 
-    Training loops: any grad_out is exact (GradScaler, ``loss / accumulation_steps``: folded
-    into the fp32 scale before rounding to the logits dtype); ``create_graph=True`` gives
+    Training loops: any grad_out works (GradScaler, ``loss / accumulation_steps``): powers of
+    two exactly, others with one more rounding of the stored gradient, fp16 without overflow
+    or lost small entries (docs/low_precision.md has the bound); ``create_graph=True`` gives
     correct second derivatives; under ``no_grad`` / ``inference_mode`` no gradient is
     computed. NaN weights: rejected (ValueError) for CPU tensors; on CUDA they are not
     read (that would synchronise) and make the loss and gradients NaN.
@@ -360,8 +362,9 @@ if HAS_CPP_EXT:
     def _multi_exit_ce_forward_fake(logits, target, weights, sample_weights, ignore_index, label_smoothing, ema,
                                     momentum, grad_mode):
         n, c = logits[0].shape
-        lse = logits[0].new_empty((len(logits), n) if grad_mode == 2 else (0,), dtype=torch.float32)
-        grads = logits[0].new_empty((len(logits), n, c) if grad_mode == 1 else (0,))
+        lse_shape = (len(logits), n) if grad_mode == 2 else (1,) if grad_mode == 3 else (0,)
+        lse = logits[0].new_empty(lse_shape, dtype=torch.float32)
+        grads = logits[0].new_empty((len(logits), n, c) if grad_mode in (1, 3) else (0,))
         return *_outputs_fake(logits), lse, grads
 
     @_compat.register_fake("ann_kernels::_multi_exit_ce_backward")

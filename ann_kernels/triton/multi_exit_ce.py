@@ -1,6 +1,7 @@
 """Fused multi-exit cross-entropy on the GPU, in Triton: the launchers of the kernels in
 ``ann_kernels/triton/multi_exit_ce_kernels.py``, behind the backend ops
-``ann_kernels::_multi_exit_ce_forward`` (forward, optionally the pre-scaled gradient or lse),
+``ann_kernels::_multi_exit_ce_forward`` (forward, optionally the pre-scaled gradient, fp16's
+times 2^m, or lse),
 ``ann_kernels::_multi_exit_ce_backward`` (the gradient from lse for any grad_out) and
 ``ann_kernels::_multi_exit_ce_scale_`` (grads *= grad_out in place, nothing when it is 1).
 
@@ -130,6 +131,26 @@ def _weights_args(heads, target, weights, sample_weights):
     return (weights if has_w else dummy, has_w, sample_weights if has_sw else dummy, sw_stride, has_sw)
 
 
+def fp16_grad_pow2(w, has_w, sw, has_sw, valid, n_valid) -> torch.Tensor:
+    """[2] fp32 {2^m, 2^-m} on the device, no host sync: the power of two that fp16's gradient
+    buffer is stored times (grad_mode 3), m = 15 - e for the largest row scale
+    S = max |w_k s_ik| / N_valid = f 2^e (f in [0.5, 1)), so that |2^m S (p - t)| < 2^15 never
+    overflows fp16; m = 0 for S = 0 or not finite; clamped to [-120, 120]. The same rule as
+    ``pow2_exponent_safe`` in csrc/cpu/multi_exit_ce.cpp."""
+    inv_n = torch.where(n_valid > 0, 1.0 / n_valid.clamp(min=1).to(torch.float32), 0.0)
+    w_max = w.abs().max() if has_w else torch.ones((), dtype=torch.float32, device=valid.device)
+    if has_sw:
+        s_abs = torch.where(valid, sw.abs(), 0.0)  # [N] or [K, N]: only valid rows count
+        s_max = s_abs.amax(dim=-1) if s_abs.dim() == 2 else s_abs.max()
+        scale = ((w if has_w else w_max).abs() * inv_n * s_max).max()
+    else:
+        scale = w_max * inv_n
+    _, e = torch.frexp(scale)
+    m = torch.where(torch.isfinite(scale) & (scale > 0), 15 - e, 0).clamp(-120, 120).to(torch.int32)
+    # Built in the exponent bits (exact; exp2 need not be on every device).
+    return torch.stack([m + 127, 127 - m]).bitwise_left_shift(23).view(torch.float32)
+
+
 def _pointer_table(heads, device) -> torch.Tensor:
     # Addresses and row strides of the heads: one tiny host->device copy. On CUDA the host
     # tensor is pinned first: a copy from pageable memory synchronises the stream before it
@@ -161,7 +182,9 @@ def multi_exit_ce_forward_triton(
     Returns ``(loss [] f32, per_exit [K] f32, per_sample [K, N] f32, confidence [K, N] f32,
     prediction [K, N] int64, lse, grads)``: ``lse`` [K, N] f32 when ``grad_mode == 2`` and
     ``grads`` [K, N, C] in the logits dtype (contiguous; scaled by w_k s_ik / N_valid) when
-    ``grad_mode == 1``, else empty [0] tensors. ``ema`` is updated in place. No host sync.
+    ``grad_mode == 1``; ``grad_mode`` 3 (fp16): ``grads`` scaled by 2^m w_k s_ik / N_valid
+    and ``lse`` = [1] f32 {2^-m} (see :func:`fp16_grad_pow2`); else empty [0] tensors.
+    ``ema`` is updated in place. No host sync.
 
     Runs on the tensors' device: CUDA, or CPU under ``TRITON_INTERPRET=1`` (tests).
     ``block_c`` / ``block_n`` override the block sizes (powers of two; for tests).
@@ -190,18 +213,23 @@ def multi_exit_ce_forward_triton(
     per_sample = torch.empty(num_exits, n, **f32)
     confidence = torch.empty(num_exits, n, **f32)
     prediction = torch.empty(num_exits, n, dtype=torch.int64, device=device)
+    pow2 = grad_mode == 3
+    compute_grad = grad_mode == 1 or pow2
     lse = torch.empty((num_exits, n) if grad_mode == 2 else (0,), **f32)
-    grads = torch.empty((num_exits, n, c) if grad_mode == 1 else (0,), dtype=first.dtype, device=device)
+    grads = torch.empty((num_exits, n, c) if compute_grad else (0,), dtype=first.dtype, device=device)
+    if pow2:
+        grad_pow2 = fp16_grad_pow2(w, has_w, sw, has_sw, target != ignore_index, n_valid)
+        lse = grad_pow2[1:]  # {2^-m}
 
     bn, bc, num_warps = _pick_blocks(n, c, device.type == "cuda", block_c, block_n)
     grid = (triton.cdiv(n, bn), num_exits)
     # Triton launches on the current CUDA device: make it the tensors' device.
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         _multi_exit_ce_kernel[grid](
-            table, target, w, sw, sw_stride, n_valid, per_sample,
+            table, target, w, sw, sw_stride, n_valid, grad_pow2 if pow2 else per_sample, per_sample,
             lse if grad_mode == 2 else per_sample,  # never touched without SAVE_LSE
             confidence, prediction,
-            grads if grad_mode == 1 else per_sample,  # never touched without COMPUTE_GRAD
+            grads if compute_grad else per_sample,  # never touched without COMPUTE_GRAD
             sums, ticket, per_exit, loss,
             ema if ema is not None else per_exit,  # never touched without HAS_EMA
             ema.stride(0) if ema is not None else 0,
@@ -213,11 +241,12 @@ def multi_exit_ce_forward_triton(
             ALIGN_BYTES=_common_alignment(heads),
             SINGLE_CHUNK=c <= bc,
             HAS_SMOOTHING=label_smoothing > 0,
-            COMPUTE_GRAD=grad_mode == 1,
+            COMPUTE_GRAD=compute_grad,
             HAS_EMA=ema is not None,
             HAS_WEIGHTS=has_w,
             HAS_SW=has_sw,
             SAVE_LSE=grad_mode == 2,
+            GRAD_POW2=pow2,
             num_warps=num_warps,
         )
     # The heads (possibly fresh .contiguous() copies) and the table must outlive the

@@ -2,10 +2,11 @@
 their launchers, block sizes and host-side checks are in ``ann_kernels/triton/multi_exit_ce.py``.
 
 - ``_multi_exit_ce_kernel``: the forward of ``ann_kernels::_multi_exit_ce_forward`` for all K
-  exits in one launch (optionally the pre-scaled gradient, grad_mode 1, or lse, grad_mode 2);
+  exits in one launch (optionally the pre-scaled gradient, grad_mode 1, the same times an
+  exact power of two 2^m for fp16, grad_mode 3/4, or lse, grad_mode 2);
 - ``_multi_exit_ce_bwd_kernel``: the deferred backward from lse for any grad_out (fp16);
-- ``_scale_grads_kernel``: grads *= grad_out in place (fp32 / bf16 gradient buffers),
-  nothing when grad_out is 1.
+- ``_scale_grads_kernel``: grads *= grad_out in place (fp32 / bf16 gradient buffers; fp16's
+  with grad_out 2^-m), nothing when the factor is 1.
 
 The heads stay separate tensors (never stacked or copied): the launcher passes a small
 device table of their base addresses and row strides, and each program turns its exit's
@@ -95,6 +96,7 @@ def _multi_exit_ce_kernel(
     sw_ptr,  # sample weights, s[k * sw_stride_k + i] fp32 (unused unless HAS_SW)
     sw_stride_k,  # N for [K, N] sample weights, 0 for [N]
     n_valid_ptr,  # [] int64: number of rows with target != ignore_index
+    grad_pow2_ptr,  # [] fp32: 2^m, the fp16 buffer's power-of-two pre-scale (unused unless GRAD_POW2)
     per_sample_ptr,  # [K, N] fp32 out
     lse_ptr,  # [K, N] fp32 out (unused unless SAVE_LSE)
     confidence_ptr,  # [K, N] fp32 out
@@ -124,6 +126,7 @@ def _multi_exit_ce_kernel(
     HAS_WEIGHTS: tl.constexpr,  # False: every w_k = 1
     HAS_SW: tl.constexpr,  # sample weights given
     SAVE_LSE: tl.constexpr,  # store lse for the deferred backward
+    GRAD_POW2: tl.constexpr,  # multiply the gradient's row scale by 2^m (fp16's gradient buffer)
 ):
     # 1. Who am I: rows [pid_n * BLOCK_N, +BLOCK_N) of exit k. Rows past N (last block)
     #    recompute row N-1 instead of loading -inf padding (no NaN from -inf - -inf);
@@ -205,7 +208,11 @@ def _multi_exit_ce_kernel(
             w = tl.load(weight_ptr + k).to(tl.float32)
         else:
             w = 1.0
-        scale = tl.where(valid, w * inv_n_valid * s_ik, 0.0)
+        if GRAD_POW2:  # an exact power of two: the same roundings as without it
+            w = w * inv_n_valid * tl.load(grad_pow2_ptr)
+        else:
+            w = w * inv_n_valid
+        scale = tl.where(valid, w * s_ik, 0.0)
         a = scale / s
         b = scale * eps / C
         h = scale * (1.0 - eps)

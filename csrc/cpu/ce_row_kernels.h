@@ -319,6 +319,23 @@ inline void float_row_to_f16(const float* __restrict x, int64_t C, uint16_t* __r
     for (int64_t j = c; j < C; ++j) out[j] = tail_out[j - c];
   }
 }
+
+// g *= factor in place on an fp16 buffer: each value widened to fp32, multiplied, rounded
+// once back to fp16 (what ATen's mul_ does for fp16, 8 values per instruction).
+inline void scale_f16_in_place(uint16_t* __restrict g, int64_t n, float factor) {
+  const __m256 vf = _mm256_set1_ps(factor);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g + i))), vf);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(g + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  if (i < n) {
+    alignas(32) float tail[8];
+    f16_row_to_float(g + i, n - i, tail);
+    for (int64_t j = 0; j < n - i; ++j) tail[j] *= factor;
+    float_row_to_f16(tail, n - i, g + i);
+  }
+}
 #endif
 
 // Backward of a finite row from its saved log-sum-exp (the deferred low-precision path):

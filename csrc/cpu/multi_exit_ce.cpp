@@ -3,10 +3,11 @@
 // registered from Python).
 //
 // One pass over each logit row (k, i) gives: lse, the per-sample loss, max-probability
-// confidence, argmax and, for fp32 and bf16 logits, the gradient of the weighted, averaged loss
-//     g_ikc = w_k s_ik / N_valid * (softmax(z_ik)_c - (1-e)[c = y_i] - e/C),
-// which backward hands over for grad_out = 1 and scales in place otherwise. For fp16 the
-// forward keeps lse only and backward makes g * grad_out in one pass (rounded once).
+// confidence, argmax and the gradient of the weighted, averaged loss
+//     g_ikc = w_k s_ik / N_valid * (softmax(z_ik)_c - (1-e)[c = y_i] - e/C)
+// in the logits dtype (fp16: times an exact power of two 2^m that keeps it inside fp16's
+// range), which backward hands over for grad_out = 1 (2^m = 1) and scales in place by
+// grad_out (* 2^-m) otherwise.
 // Precision design and bound: docs/low_precision.md.
 // Row loops: multi_exit_ce_rows.h; row math: ce_row_kernels.h.
 #include <ATen/ATen.h>
@@ -110,6 +111,22 @@ namespace {
 constexpr int64_t kNoGrad = 0;    // no gradient work at all
 constexpr int64_t kGradBuffer = 1;  // the gradient w_k s_ik / N_valid (p - t), in the logits dtype
 constexpr int64_t kSaveLse = 2;   // only lse [K, N] fp32, for the deferred backward
+// fp16's gradient buffer: 2^m w_k s_ik / N_valid (p - t) in the logits dtype, m chosen per
+// call from this call's weights alone; the sixth output is then [1] fp32 {2^-m}.
+constexpr int64_t kGradBufferPow2 = 3;
+
+// The fp16 buffer's exponent: with S = max_ik |w_k s_ik / N_valid| (the largest row scale)
+// and |p - t| <= 1, m_safe = 15 - e for S = f 2^e (f in [0.5, 1)) puts every stored value
+// below 2^15 (fp16's max is 65504 ~ 2^16): no overflow whatever the weights, while the
+// stored values use fp16's range from the top, so that any later |grad_out 2^-m| <= 1
+// only shrinks them (nothing lost that the final fp16 gradient could hold). S = 0 or not
+// finite: m = 0. Clamped to [-120, 120] (2^m and 2^-m normal fp32).
+int pow2_exponent_safe(float max_scale) {
+  if (!(max_scale > 0.f) || !std::isfinite(max_scale)) return 0;
+  int e = 0;
+  std::frexp(max_scale, &e);
+  return std::clamp(15 - e, -120, 120);
+}
 
 using FwdResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 using Fwd7 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
@@ -168,14 +185,34 @@ Fwd7 multi_exit_ce_forward_cpu(at::TensorList logits, const Tensor& target, cons
   Tensor per_sample = at::empty({K, N}, f32);
   Tensor confidence = at::empty({K, N}, f32);
   Tensor prediction = at::empty({K, N}, logits[0].options().dtype(at::kLong));
-  Tensor lse = grad_mode == kSaveLse ? at::empty({K, N}, f32) : at::empty({0}, f32);
-  Tensor grads = grad_mode == kGradBuffer ? BufferPool::instance().empty({K, N, C}, logits[0].options())
-                                          : at::empty({0}, logits[0].options());
+  const bool pow2 = grad_mode == kGradBufferPow2;
+  const bool buffer = grad_mode == kGradBuffer || pow2;
+  Tensor lse = grad_mode == kSaveLse ? at::empty({K, N}, f32) : at::empty({pow2 ? 1 : 0}, f32);
+  Tensor grads = buffer ? BufferPool::instance().empty({K, N, C}, logits[0].options())
+                        : at::empty({0}, logits[0].options());
   float* loss_row = per_sample.data_ptr<float>();
   CeRowsArgs args{K, N, C, y, ignore_index, static_cast<float>(label_smoothing), inv_n_valid, w.data(),
                   has_s ? s.data_ptr<float>() : nullptr, has_s && s.dim() == 2 ? N : 0, loss_row,
                   confidence.data_ptr<float>(), prediction.data_ptr<int64_t>(),
-                  grad_mode == kSaveLse ? lse.data_ptr<float>() : nullptr, grad_mode == kGradBuffer};
+                  grad_mode == kSaveLse ? lse.data_ptr<float>() : nullptr, buffer};
+  if (pow2) {
+    // The largest row scale |w_k inv_n_valid s_ik| over valid rows, in the fp32 products
+    // row_scale forms (rounding is monotone, so the product of the maxima is the maximum).
+    float max_scale = 0.f;
+    for (int64_t k = 0; k < K; ++k) {
+      float s_max = 1.f;
+      if (has_s) {
+        s_max = 0.f;
+        for (int64_t i = 0; i < N; ++i) {
+          if (y[i] != ignore_index) s_max = std::max(s_max, std::abs(args.s[k * args.s_stride_k + i]));
+        }
+      }
+      max_scale = std::max(max_scale, std::abs(w[k] * inv_n_valid) * s_max);
+    }
+    const int m = pow2_exponent_safe(max_scale);
+    args.grad_pow2 = std::ldexp(1.f, m);
+    lse.data_ptr<float>()[0] = std::ldexp(1.f, -m);
+  }
   ANN_DISPATCH_LOGITS(logits[0].scalar_type(), ce_rows<scalar_t>(rows, grads, args));
 
   // 6. Per-exit means (unweighted) and the weighted loss sum_k w_k sum_i s_ik l_ik / N_valid,
@@ -241,6 +278,15 @@ Tensor multi_exit_ce_backward_cpu(const Tensor& grad_loss, at::TensorList logits
 void multi_exit_ce_scale_cpu(const Tensor& grads, const Tensor& grad_loss) {
   const float factor = grad_loss.item<float>();
   if (factor == 1.f) return;
+#if defined(ANN_KERNELS_F16C)
+  if (grads.scalar_type() == at::kHalf && grads.is_contiguous()) {  // fp16: g * factor in fp32, rounded once
+    uint16_t* g = reinterpret_cast<uint16_t*>(grads.data_ptr<at::Half>());
+    at::parallel_for(0, grads.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
+      scale_f16_in_place(g + begin, end - begin, factor);
+    });
+    return;
+  }
+#endif
   if (grads.scalar_type() != at::kFloat || !grads.is_contiguous()) {
     grads.mul_(static_cast<double>(factor));
     return;
@@ -335,17 +381,20 @@ class MultiExitCE : public torch::autograd::Function<MultiExitCE> {
                                const OptTensor& weights, const OptTensor& sample_weights, int64_t ignore_index,
                                double label_smoothing, const OptTensor& ema, double momentum, bool logits_need_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    // fp32 and bf16: keep the pre-scaled gradient w_k s_ik / N_valid (p - t) in the logits
-    // dtype (one read + one write of the logits in all); backward hands it over for
-    // grad_out = 1 and scales it in place otherwise (exact for powers of two; else one more
-    // rounding, inside the bound of docs/low_precision.md: bf16 has fp32's exponent range,
-    // so neither the stored nor the scaled value leaves it). fp16: keep only lse and make
-    // the gradient in backward, where grad_out is known: fp16's range cannot hold the
-    // pre-scaled gradient and its GradScaler-scaled value at once (entries below 2^-24 are
-    // lost before a 2^16 scale could save them).
+    // Keep the pre-scaled gradient w_k s_ik / N_valid (p - t) in the logits dtype (one read
+    // + one write of the logits in all); backward hands it over for grad_out = 1 and scales
+    // it in place otherwise (exact for powers of two; else one more rounding, inside the
+    // bound of docs/low_precision.md). bf16 has fp32's exponent range, so neither the stored
+    // nor the scaled value leaves it. fp16 does not (65504 .. 2^-24): its buffer is stored
+    // times 2^m, m chosen from the largest row scale so that nothing overflows and the
+    // values sit at the top of fp16's range; backward multiplies by grad_out 2^-m (one pass
+    // over the buffer). m depends on this call's weights only, never on earlier calls, so
+    // the gradient's bits are a function of (logits, target, weights, grad_out), and CPU
+    // and CUDA choose the same m.
+    const bool fp16 = logits[0].scalar_type() == at::kHalf;
     const int64_t mode = !logits_need_grad ? kNoGrad
-                         : logits[0].scalar_type() == at::kHalf ? kSaveLse
-                                                                : kGradBuffer;
+                         : !fp16           ? kGradBuffer
+                                           : kGradBufferPow2;
     auto [loss, per_exit, per_sample, confidence, prediction, lse, grads] =
         forward_op().call(logits, target, weights, sample_weights, ignore_index, label_smoothing, ema, momentum, mode);
     ctx->set_materialize_grads(false);
@@ -356,8 +405,8 @@ class MultiExitCE : public torch::autograd::Function<MultiExitCE> {
     saved.push_back(weights.has_value() ? *weights : Tensor());
     saved.push_back(sample_weights.has_value() ? *sample_weights : Tensor());
     ctx->save_for_backward(saved);
-    if (mode == kGradBuffer) ctx->saved_data["grads"] = grads;
-    if (mode == kSaveLse) ctx->saved_data["lse"] = lse;
+    if (mode != kNoGrad) ctx->saved_data["grads"] = grads;
+    if (mode != kNoGrad && mode != kGradBuffer) ctx->saved_data["lse"] = lse;  // lse, or fp16's {2^-m}
     ctx->saved_data["per_sample"] = per_sample;
     ctx->saved_data["mode"] = mode;
     ctx->saved_data["ignore_index"] = ignore_index;
@@ -394,23 +443,34 @@ class MultiExitCE : public torch::autograd::Function<MultiExitCE> {
       return result;
     }
 
-    if (mode == kGradBuffer) {
+    if (mode == kGradBuffer || mode == kGradBufferPow2) {
+      auto recompute = [&](int64_t recompute_mode) {
+        at::AutoDispatchBelowADInplaceOrView guard;
+        auto out = forward_op().call(logits, target, as_opt(weights), as_opt(sample_weights), ignore_index, eps,
+                                     std::nullopt, 0.0, recompute_mode);
+        return std::make_pair(std::get<6>(out), std::get<5>(out));
+      };
       auto it = ctx->saved_data.find("grads");
-      Tensor grads;
+      Tensor grads, pow2;
       if (it != ctx->saved_data.end()) {
         grads = it->second.toTensor();
         ctx->saved_data.erase(it);  // released with the gradient it becomes, whatever grad_out is
+        if (mode != kGradBuffer) pow2 = ctx->saved_data["lse"].toTensor();
       } else {
         // Buffer already handed to an earlier backward of this retained graph: recompute it.
-        at::AutoDispatchBelowADInplaceOrView guard;
-        grads = std::get<6>(forward_op().call(logits, target, as_opt(weights), as_opt(sample_weights), ignore_index,
-                                              eps, std::nullopt, 0.0, kGradBuffer));
+        std::tie(grads, pow2) = recompute(mode);
+      }
+      Tensor factor = grad_loss;
+      if (mode != kGradBuffer) {
+        // grad_out 2^-m in fp32: exact (a power-of-two multiply); the buffer then gets one
+        // rounding more, as bf16's fold (docs/low_precision.md).
+        factor = grad_loss.to(at::kFloat) * pow2.select(0, 0);
       }
       if (is_plain_cpu(grads) || grads.is_cuda()) {
         at::AutoDispatchBelowADInplaceOrView guard;
-        scale_op().call(grads, grad_loss);  // in place; nothing at all when grad_out == 1
+        scale_op().call(grads, factor);  // in place; nothing at all when the factor is 1
       } else {
-        grads = grads * grad_loss;  // tracing (fake / functional tensors); fp32 grad_out, one rounding
+        grads = grads * factor;  // tracing (fake / functional tensors); fp32 factor, one rounding
       }
       for (int64_t k = 0; k < K; ++k) result[k] = grads.select(0, k);
     } else if (mode == kSaveLse) {

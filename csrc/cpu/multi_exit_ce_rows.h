@@ -32,12 +32,14 @@ struct CeRowsArgs {
   int64_t* pred_row;      // [K, N] out (forward only)
   float* lse_row;         // [K, N] out, or nullptr (forward); in (backward)
   bool compute_grad;
+  float grad_pow2 = 1.f;  // 2^m: the fp16 gradient buffer's exact power-of-two pre-scale (1 otherwise)
 };
 
-// The gradient scale of row (k, i): w_k s_ik / N_valid, 0 on ignored rows.
+// The gradient scale of row (k, i): 2^m w_k s_ik / N_valid, 0 on ignored rows (2^m = 1 but
+// for the fp16 gradient buffer; a power of two, so it changes no rounding).
 inline float row_scale(const CeRowsArgs& a, int64_t k, int64_t i, bool valid) {
   if (!valid) return 0.f;
-  const float base = a.w[k] * a.inv_n_valid;
+  const float base = a.w[k] * a.inv_n_valid * a.grad_pow2;
   return a.s == nullptr ? base : base * a.s[k * a.s_stride_k + i];
 }
 
