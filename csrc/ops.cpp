@@ -31,8 +31,10 @@ TORCH_LIBRARY(ann_kernels, m) {
   // grad_mode 0: no gradient work; 1: also the gradient w_k s_ik / N_valid (p - t) as
   // [K, N, C] in the logits dtype (last output); 2: also lse [K, N] f32 (sixth output) for
   // _multi_exit_ce_backward; 3 (fp16): the gradient of 1 times an exact power of two 2^m
-  // that keeps it inside fp16's range (m from this call's weights only), sixth output [1]
-  // f32 {2^-m} (backward multiplies by grad_out 2^-m). Unused outputs are empty [0] tensors.
+  // that keeps it inside fp16's range, sixth output [2] f32 {2^-m, 2^-m_safe} (backward
+  // multiplies by grad_out 2^-m); 4: as 3, with m lowered to the last CPU backward's
+  // power-of-two grad_out where that is safe (CPU; CUDA treats 4 as 3). Unused outputs are
+  // empty [0] tensors.
   m.def(
       "_multi_exit_ce_forward(Tensor[] logits, Tensor target, Tensor? weights, Tensor? sample_weights, "
       "int ignore_index, float label_smoothing, Tensor(a!)? ema, float momentum, int grad_mode) "

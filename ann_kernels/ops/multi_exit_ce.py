@@ -362,9 +362,9 @@ if HAS_CPP_EXT:
     def _multi_exit_ce_forward_fake(logits, target, weights, sample_weights, ignore_index, label_smoothing, ema,
                                     momentum, grad_mode):
         n, c = logits[0].shape
-        lse_shape = (len(logits), n) if grad_mode == 2 else (1,) if grad_mode == 3 else (0,)
+        lse_shape = (len(logits), n) if grad_mode == 2 else (2,) if grad_mode in (3, 4) else (0,)
         lse = logits[0].new_empty(lse_shape, dtype=torch.float32)
-        grads = logits[0].new_empty((len(logits), n, c) if grad_mode in (1, 3) else (0,))
+        grads = logits[0].new_empty((len(logits), n, c) if grad_mode in (1, 3, 4) else (0,))
         return *_outputs_fake(logits), lse, grads
 
     @_compat.register_fake("ann_kernels::_multi_exit_ce_backward")

@@ -133,10 +133,11 @@ def _weights_args(heads, target, weights, sample_weights):
 
 def fp16_grad_pow2(w, has_w, sw, has_sw, valid, n_valid) -> torch.Tensor:
     """[2] fp32 {2^m, 2^-m} on the device, no host sync: the power of two that fp16's gradient
-    buffer is stored times (grad_mode 3), m = 15 - e for the largest row scale
+    buffer is stored times (grad_mode 3/4), m = 15 - e for the largest row scale
     S = max |w_k s_ik| / N_valid = f 2^e (f in [0.5, 1)), so that |2^m S (p - t)| < 2^15 never
     overflows fp16; m = 0 for S = 0 or not finite; clamped to [-120, 120]. The same rule as
-    ``pow2_exponent_safe`` in csrc/cpu/multi_exit_ce.cpp."""
+    ``pow2_exponent_safe`` in csrc/cpu/multi_exit_ce.cpp (CUDA takes no hint from past
+    grad_outs: grad_mode 4 is 3 here)."""
     inv_n = torch.where(n_valid > 0, 1.0 / n_valid.clamp(min=1).to(torch.float32), 0.0)
     w_max = w.abs().max() if has_w else torch.ones((), dtype=torch.float32, device=valid.device)
     if has_sw:
@@ -182,8 +183,8 @@ def multi_exit_ce_forward_triton(
     Returns ``(loss [] f32, per_exit [K] f32, per_sample [K, N] f32, confidence [K, N] f32,
     prediction [K, N] int64, lse, grads)``: ``lse`` [K, N] f32 when ``grad_mode == 2`` and
     ``grads`` [K, N, C] in the logits dtype (contiguous; scaled by w_k s_ik / N_valid) when
-    ``grad_mode == 1``; ``grad_mode`` 3 (fp16): ``grads`` scaled by 2^m w_k s_ik / N_valid
-    and ``lse`` = [1] f32 {2^-m} (see :func:`fp16_grad_pow2`); else empty [0] tensors.
+    ``grad_mode == 1``; ``grad_mode`` 3 or 4 (fp16): ``grads`` scaled by 2^m w_k s_ik / N_valid
+    and ``lse`` = [2] f32 {2^-m, 2^-m} (see :func:`fp16_grad_pow2`); else empty [0] tensors.
     ``ema`` is updated in place. No host sync.
 
     Runs on the tensors' device: CUDA, or CPU under ``TRITON_INTERPRET=1`` (tests).
@@ -213,13 +214,13 @@ def multi_exit_ce_forward_triton(
     per_sample = torch.empty(num_exits, n, **f32)
     confidence = torch.empty(num_exits, n, **f32)
     prediction = torch.empty(num_exits, n, dtype=torch.int64, device=device)
-    pow2 = grad_mode == 3
+    pow2 = grad_mode in (3, 4)
     compute_grad = grad_mode == 1 or pow2
     lse = torch.empty((num_exits, n) if grad_mode == 2 else (0,), **f32)
     grads = torch.empty((num_exits, n, c) if compute_grad else (0,), dtype=first.dtype, device=device)
     if pow2:
         grad_pow2 = fp16_grad_pow2(w, has_w, sw, has_sw, target != ignore_index, n_valid)
-        lse = grad_pow2[1:]  # {2^-m}
+        lse = grad_pow2[1].repeat(2)  # {2^-m, 2^-m_safe}: here m = m_safe
 
     bn, bc, num_warps = _pick_blocks(n, c, device.type == "cuda", block_c, block_n)
     grid = (triton.cdiv(n, bn), num_exits)

@@ -23,6 +23,7 @@
 #include "weight_checks.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -112,8 +113,9 @@ constexpr int64_t kNoGrad = 0;    // no gradient work at all
 constexpr int64_t kGradBuffer = 1;  // the gradient w_k s_ik / N_valid (p - t), in the logits dtype
 constexpr int64_t kSaveLse = 2;   // only lse [K, N] fp32, for the deferred backward
 // fp16's gradient buffer: 2^m w_k s_ik / N_valid (p - t) in the logits dtype, m chosen per
-// call from this call's weights alone; the sixth output is then [1] fp32 {2^-m}.
-constexpr int64_t kGradBufferPow2 = 3;
+// call; the sixth output is then [2] fp32 {2^-m, 2^-m_safe} (see pow2_exponents).
+constexpr int64_t kGradBufferPow2 = 3;        // m = m_safe
+constexpr int64_t kGradBufferPow2Hinted = 4;  // m = min(m_safe, the last backward's log2 grad_out); same bits
 
 // The fp16 buffer's exponent: with S = max_ik |w_k s_ik / N_valid| (the largest row scale)
 // and |p - t| <= 1, m_safe = 15 - e for S = f 2^e (f in [0.5, 1)) puts every stored value
@@ -126,6 +128,26 @@ int pow2_exponent_safe(float max_scale) {
   int e = 0;
   std::frexp(max_scale, &e);
   return std::clamp(15 - e, -120, 120);
+}
+
+// The last positive power-of-two grad_out a CPU fp16 backward saw, as log2 (GradScaler's
+// scale, 1, 1 / accumulation_steps), or kNoHint. The next fp16 forward stores its gradient
+// at m = min(m_safe, hint), each row computed at m_safe, rounded, then multiplied by
+// 2^(m - m_safe) and rounded again (requantize_row): when the guess is right, grad_out 2^-m
+// = 1 and backward hands the buffer over untouched (no pass over it), with exactly the bits
+// the reference path (stored at m_safe, scaled by grad_out 2^-m_safe in backward) gives.
+// When the guess is wrong (grad_out != 2^m, m < m_safe), backward recomputes the buffer at
+// m_safe and scales it: the reference path. So the hint changes speed, never a bit of the
+// gradient (tests/test_multi_exit_ce_training.py checks it against the reference path after
+// every order of grad_outs); a race on it between threads is harmless for the same reason.
+constexpr int kNoHint = std::numeric_limits<int>::min();
+std::atomic<int> fp16_grad_out_log2_hint{kNoHint};
+
+void remember_grad_out(double grad_out) {
+  int e = 0;
+  const double f = std::frexp(grad_out, &e);
+  fp16_grad_out_log2_hint.store(f == 0.5 && e - 1 >= -120 && e - 1 <= 120 ? e - 1 : kNoHint,
+                                std::memory_order_relaxed);
 }
 
 using FwdResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
@@ -185,9 +207,9 @@ Fwd7 multi_exit_ce_forward_cpu(at::TensorList logits, const Tensor& target, cons
   Tensor per_sample = at::empty({K, N}, f32);
   Tensor confidence = at::empty({K, N}, f32);
   Tensor prediction = at::empty({K, N}, logits[0].options().dtype(at::kLong));
-  const bool pow2 = grad_mode == kGradBufferPow2;
+  const bool pow2 = grad_mode == kGradBufferPow2 || grad_mode == kGradBufferPow2Hinted;
   const bool buffer = grad_mode == kGradBuffer || pow2;
-  Tensor lse = grad_mode == kSaveLse ? at::empty({K, N}, f32) : at::empty({pow2 ? 1 : 0}, f32);
+  Tensor lse = grad_mode == kSaveLse ? at::empty({K, N}, f32) : at::empty({pow2 ? 2 : 0}, f32);
   Tensor grads = buffer ? BufferPool::instance().empty({K, N, C}, logits[0].options())
                         : at::empty({0}, logits[0].options());
   float* loss_row = per_sample.data_ptr<float>();
@@ -209,9 +231,13 @@ Fwd7 multi_exit_ce_forward_cpu(at::TensorList logits, const Tensor& target, cons
       }
       max_scale = std::max(max_scale, std::abs(w[k] * inv_n_valid) * s_max);
     }
-    const int m = pow2_exponent_safe(max_scale);
-    args.grad_pow2 = std::ldexp(1.f, m);
+    const int m_safe = pow2_exponent_safe(max_scale);
+    const int hint = fp16_grad_out_log2_hint.load(std::memory_order_relaxed);
+    const int m = grad_mode == kGradBufferPow2Hinted && hint != kNoHint ? std::min(m_safe, hint) : m_safe;
+    args.grad_pow2 = std::ldexp(1.f, m_safe);
+    args.requant = std::ldexp(1.f, m - m_safe);  // exact (m - m_safe in [-240, 0]: see requantize_row)
     lse.data_ptr<float>()[0] = std::ldexp(1.f, -m);
+    lse.data_ptr<float>()[1] = std::ldexp(1.f, -m_safe);
   }
   ANN_DISPATCH_LOGITS(logits[0].scalar_type(), ce_rows<scalar_t>(rows, grads, args));
 
@@ -387,14 +413,14 @@ class MultiExitCE : public torch::autograd::Function<MultiExitCE> {
     // bound of docs/low_precision.md). bf16 has fp32's exponent range, so neither the stored
     // nor the scaled value leaves it. fp16 does not (65504 .. 2^-24): its buffer is stored
     // times 2^m, m chosen from the largest row scale so that nothing overflows and the
-    // values sit at the top of fp16's range; backward multiplies by grad_out 2^-m (one pass
-    // over the buffer). m depends on this call's weights only, never on earlier calls, so
-    // the gradient's bits are a function of (logits, target, weights, grad_out), and CPU
-    // and CUDA choose the same m.
+    // values sit at the top of fp16's range; backward multiplies by grad_out 2^-m. Plain
+    // CPU tensors also guess m from the last grad_out (kGradBufferPow2Hinted), so that a
+    // steady GradScaler scale or grad_out = 1 needs no pass over the buffer at all.
     const bool fp16 = logits[0].scalar_type() == at::kHalf;
     const int64_t mode = !logits_need_grad ? kNoGrad
                          : !fp16           ? kGradBuffer
-                                           : kGradBufferPow2;
+                         : is_plain_cpu(logits[0]) ? kGradBufferPow2Hinted
+                                                   : kGradBufferPow2;
     auto [loss, per_exit, per_sample, confidence, prediction, lse, grads] =
         forward_op().call(logits, target, weights, sample_weights, ignore_index, label_smoothing, ema, momentum, mode);
     ctx->set_materialize_grads(false);
@@ -406,7 +432,7 @@ class MultiExitCE : public torch::autograd::Function<MultiExitCE> {
     saved.push_back(sample_weights.has_value() ? *sample_weights : Tensor());
     ctx->save_for_backward(saved);
     if (mode != kNoGrad) ctx->saved_data["grads"] = grads;
-    if (mode != kNoGrad && mode != kGradBuffer) ctx->saved_data["lse"] = lse;  // lse, or fp16's {2^-m}
+    if (mode != kNoGrad && mode != kGradBuffer) ctx->saved_data["lse"] = lse;  // lse, or fp16's {2^-m, 2^-m_safe}
     ctx->saved_data["per_sample"] = per_sample;
     ctx->saved_data["mode"] = mode;
     ctx->saved_data["ignore_index"] = ignore_index;
@@ -443,7 +469,7 @@ class MultiExitCE : public torch::autograd::Function<MultiExitCE> {
       return result;
     }
 
-    if (mode == kGradBuffer || mode == kGradBufferPow2) {
+    if (mode == kGradBuffer || mode == kGradBufferPow2 || mode == kGradBufferPow2Hinted) {
       auto recompute = [&](int64_t recompute_mode) {
         at::AutoDispatchBelowADInplaceOrView guard;
         auto out = forward_op().call(logits, target, as_opt(weights), as_opt(sample_weights), ignore_index, eps,
@@ -458,10 +484,19 @@ class MultiExitCE : public torch::autograd::Function<MultiExitCE> {
         if (mode != kGradBuffer) pow2 = ctx->saved_data["lse"].toTensor();
       } else {
         // Buffer already handed to an earlier backward of this retained graph: recompute it.
-        std::tie(grads, pow2) = recompute(mode);
+        std::tie(grads, pow2) = recompute(mode == kGradBuffer ? kGradBuffer : kGradBufferPow2);
       }
       Tensor factor = grad_loss;
       if (mode != kGradBuffer) {
+        if (mode == kGradBufferPow2Hinted && is_plain_cpu(grad_loss)) {  // host reads are free
+          const double go = grad_loss.item<double>();
+          remember_grad_out(go);
+          const float* inv = pow2.data_ptr<float>();  // {2^-m, 2^-m_safe}
+          if (inv[0] != inv[1] && go * inv[0] != 1.0) {  // stored at m < m_safe, grad_out != 2^m
+            grads = Tensor();  // back to the pool first: the recompute gets the same memory
+            std::tie(grads, pow2) = recompute(kGradBufferPow2);
+          }
+        }
         // grad_out 2^-m in fp32: exact (a power-of-two multiply); the buffer then gets one
         // rounding more, as bf16's fold (docs/low_precision.md).
         factor = grad_loss.to(at::kFloat) * pow2.select(0, 0);

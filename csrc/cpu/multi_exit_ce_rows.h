@@ -32,8 +32,25 @@ struct CeRowsArgs {
   int64_t* pred_row;      // [K, N] out (forward only)
   float* lse_row;         // [K, N] out, or nullptr (forward); in (backward)
   bool compute_grad;
-  float grad_pow2 = 1.f;  // 2^m: the fp16 gradient buffer's exact power-of-two pre-scale (1 otherwise)
+  float grad_pow2 = 1.f;  // 2^m_safe: the fp16 gradient buffer's exact power-of-two pre-scale (1 otherwise)
+  float requant = 1.f;    // 2^(m - m_safe) <= 1: fp16's hinted buffer (see requantize_row); 1 otherwise
 };
+
+// fp16's hinted buffer (multi_exit_ce.cpp, kGradBufferPow2Hinted): a gradient row written at
+// 2^m_safe is multiplied in fp32 by 2^(m - m_safe) and rounded to fp16 again: the very
+// operations the backward's in-place scale by grad_out 2^-m_safe performs when grad_out =
+// 2^m. So a buffer handed over untouched has the bits of the reference path (stored at
+// m_safe, then scaled), whatever m the hint chose. The row is still in cache: no memory pass.
+template <typename scalar_t>
+inline void requantize_row(scalar_t* g, int64_t C, float factor) {
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+#if defined(ANN_KERNELS_F16C)
+    scale_f16_in_place(reinterpret_cast<uint16_t*>(g), C, factor);  // as multi_exit_ce_scale_cpu
+#else
+    for (int64_t c = 0; c < C; ++c) g[c] = static_cast<c10::Half>(static_cast<float>(g[c]) * factor);
+#endif
+  }
+}
 
 // The gradient scale of row (k, i): 2^m w_k s_ik / N_valid, 0 on ignored rows (2^m = 1 but
 // for the fp16 gradient buffer; a power of two, so it changes no rounding).
@@ -118,6 +135,9 @@ void ce_rows(const std::vector<Tensor>& rows, const Tensor& grads, const CeRowsA
           a.pred_row[r0 + l] = res.argmax;
           if (a.lse_row) a.lse_row[r0 + l] = res.lse;
         }
+        if (a.compute_grad && a.requant != 1.f) {
+          for (int l = 0; l < num_lanes; ++l) requantize_row(lanes[l].g, C, a.requant);
+        }
       }
       return;
     }
@@ -147,6 +167,7 @@ void ce_rows(const std::vector<Tensor>& rows, const Tensor& grads, const CeRowsA
         nonfinite_row(x, C, yi, valid, a.eps, scale, a.compute_grad ? g_ptr[k] + i * C : nullptr, &a.loss_row[r],
                       &a.conf_row[r], &a.pred_row[r]);
         if (a.lse_row) a.lse_row[r] = kNaN;
+        if (a.compute_grad && a.requant != 1.f) requantize_row(g_ptr[k] + i * C, C, a.requant);
         continue;
       }
       const float lse = st.max + std::log(st.sum_exp);
@@ -165,6 +186,7 @@ void ce_rows(const std::vector<Tensor>& rows, const Tensor& grads, const CeRowsA
         e[yi] -= scale * (1.f - a.eps);
       }
       if constexpr (!kFloatIn) float_to_row(e, C, g_ptr[k] + i * C);
+      if (a.requant != 1.f) requantize_row(g_ptr[k] + i * C, C, a.requant);
     }
   });
 }
