@@ -103,6 +103,14 @@ inline __m256i tail_mask(int64_t remaining) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(remaining)), lane);
 }
 
+// An fp32 row, read in place.
+struct F32Row {
+  const float* __restrict x;
+  __m256 load8(int64_t c) const { return _mm256_loadu_ps(x + c); }
+  __m256 tail8(int64_t c, int64_t n) const { return _mm256_maskload_ps(x + c, tail_mask(n)); }
+  float at(int64_t c) const { return x[c]; }
+};
+
 // Steps 1-3 of a row, 8 lanes at a time (tails masked, so C = 10 vectorises too).
 // Returns false, leaving `e` and `stats` unspecified, when the row is not finite (a NaN
 // logit, or a maximum of +-inf): the caller then takes nonfinite_row.
@@ -111,13 +119,17 @@ inline __m256i tail_mask(int64_t remaining) {
 //   2. argmax = the first index equal to the maximum (torch.argmax's tie rule), found by a
 //      scan that stops at it, so the first pass needs no per-vector index bookkeeping;
 //   3. e_c = exp(z_c - max) into `e` (the fp32 gradient row itself, or scratch) and its sum.
-inline bool row_softmax_numerator(const float* __restrict x, int64_t C, float* __restrict e, RowStats* stats) {
+// `x` is a row loader (F32Row above, or Row16 for bf16 / fp16 rows read in place): load8(c)
+// gives 8 logits as fp32, tail8(c, n) the n < 8 left with zeros in the other lanes, at(c)
+// one logit. The loads are exact, so a 16-bit row gives the bits its fp32 copy would.
+template <typename Row>
+inline bool row_softmax_numerator_in(const Row& x, int64_t C, float* __restrict e, RowStats* stats) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
   __m256 vmax0 = _mm256_set1_ps(neg_inf), vmax1 = vmax0;
   __m256 vsum0 = _mm256_setzero_ps(), vsum1 = vsum0;
   int64_t c = 0;
   for (; c + 16 <= C; c += 16) {  // 1.
-    const __m256 v0 = _mm256_loadu_ps(x + c), v1 = _mm256_loadu_ps(x + c + 8);
+    const __m256 v0 = x.load8(c), v1 = x.load8(c + 8);
     vmax0 = _mm256_max_ps(vmax0, v0);
     vmax1 = _mm256_max_ps(vmax1, v1);
     vsum0 = _mm256_add_ps(vsum0, v0);
@@ -125,7 +137,7 @@ inline bool row_softmax_numerator(const float* __restrict x, int64_t C, float* _
   }
   for (; c < C; c += 8) {
     const __m256i m = tail_mask(C - c);
-    const __m256 v = _mm256_maskload_ps(x + c, m);
+    const __m256 v = x.tail8(c, C - c);
     vmax0 = _mm256_max_ps(vmax0, _mm256_blendv_ps(_mm256_set1_ps(neg_inf), v, _mm256_castsi256_ps(m)));
     vsum0 = _mm256_add_ps(vsum0, v);  // masked-off lanes load as 0
   }
@@ -138,19 +150,19 @@ inline bool row_softmax_numerator(const float* __restrict x, int64_t C, float* _
   const __m256 vrow_max = _mm256_set1_ps(row_max);
   int64_t argmax = -1;  // 2.
   for (c = 0; c + 8 <= C; c += 8) {
-    const int hits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + c), vrow_max, _CMP_EQ_OQ));
+    const int hits = _mm256_movemask_ps(_mm256_cmp_ps(x.load8(c), vrow_max, _CMP_EQ_OQ));
     if (hits != 0) {
       argmax = c + __builtin_ctz(hits);
       break;
     }
   }
   for (; argmax < 0 && c < C; ++c) {
-    if (x[c] == row_max) argmax = c;
+    if (x.at(c) == row_max) argmax = c;
   }
   __m256 vexp0 = _mm256_setzero_ps(), vexp1 = _mm256_setzero_ps();  // 3.
   for (c = 0; c + 16 <= C; c += 16) {
-    const __m256 e0 = exp8<false>(_mm256_sub_ps(_mm256_loadu_ps(x + c), vrow_max));
-    const __m256 e1 = exp8<false>(_mm256_sub_ps(_mm256_loadu_ps(x + c + 8), vrow_max));
+    const __m256 e0 = exp8<false>(_mm256_sub_ps(x.load8(c), vrow_max));
+    const __m256 e1 = exp8<false>(_mm256_sub_ps(x.load8(c + 8), vrow_max));
     _mm256_storeu_ps(e + c, e0);
     _mm256_storeu_ps(e + c + 8, e1);
     vexp0 = _mm256_add_ps(vexp0, e0);
@@ -159,7 +171,7 @@ inline bool row_softmax_numerator(const float* __restrict x, int64_t C, float* _
   for (; c < C; c += 8) {
     const __m256i m = tail_mask(C - c);
     const __m256 ev =
-        _mm256_and_ps(exp8<false>(_mm256_sub_ps(_mm256_maskload_ps(x + c, m), vrow_max)), _mm256_castsi256_ps(m));
+        _mm256_and_ps(exp8<false>(_mm256_sub_ps(x.tail8(c, C - c), vrow_max)), _mm256_castsi256_ps(m));
     _mm256_maskstore_ps(e + c, m, ev);
     vexp0 = _mm256_add_ps(vexp0, ev);
   }
@@ -168,6 +180,9 @@ inline bool row_softmax_numerator(const float* __restrict x, int64_t C, float* _
   stats->sum_exp = hsum8(_mm256_add_ps(vexp0, vexp1));
   stats->argmax = argmax;
   return true;
+}
+inline bool row_softmax_numerator(const float* __restrict x, int64_t C, float* __restrict e, RowStats* stats) {
+  return row_softmax_numerator_in(F32Row{x}, C, e, stats);
 }
 #else
 // Portable path: the same steps, scalar (the compiler may still vectorise the exp loop).
@@ -271,18 +286,23 @@ inline void bf16_row_to_float(const uint16_t* __restrict x, int64_t C, float* __
   for (; c < C; ++c) out[c] = bf16_bits_to_float(x[c]);
 }
 
+#if defined(ANN_KERNELS_AVX2)
+// 8 floats -> 8 bf16 (round to nearest even, NaN -> 0x7FC0), as float_to_bf16_bits.
+inline __m128i float8_to_bf16(__m256 v) {
+  const __m256i b = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(nan));
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+#endif
+
 inline void float_row_to_bf16(const float* __restrict x, int64_t C, uint16_t* __restrict out) {
   int64_t c = 0;
 #if defined(ANN_KERNELS_AVX2)
   for (; c + 8 <= C; c += 8) {
-    const __m256 v = _mm256_loadu_ps(x + c);
-    const __m256i b = _mm256_castps_si256(v);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
-    const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
-    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(nan));
-    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + c), packed);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + c), float8_to_bf16(_mm256_loadu_ps(x + c)));
   }
 #endif
   for (; c < C; ++c) out[c] = float_to_bf16_bits(x[c]);
@@ -335,6 +355,82 @@ inline void scale_f16_in_place(uint16_t* __restrict g, int64_t n, float factor) 
     for (int64_t j = 0; j < n - i; ++j) tail[j] *= factor;
     float_row_to_f16(tail, n - i, g + i);
   }
+}
+#endif
+
+#if defined(ANN_KERNELS_AVX2)
+// A bf16 or (with F16C) fp16 row read in place, for row_softmax_numerator_in: the forward
+// of a 16-bit row then makes no fp32 copy of it (one pass over the row less, and 4 bytes
+// per logit less of scratch traffic). Widening is exact, so the statistics and the
+// numerator e are bit for bit those of the copied row.
+enum class Half16 { kBF16, kF16 };
+
+template <Half16 D>
+struct Row16 {
+  const uint16_t* __restrict x;
+  static __m256 widen(__m128i h) {
+    if constexpr (D == Half16::kBF16) {
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    } else {
+#if defined(ANN_KERNELS_F16C)
+      return _mm256_cvtph_ps(h);
+#else
+      static_assert(D == Half16::kBF16, "fp16 rows are read in place only with F16C");
+      return _mm256_setzero_ps();
+#endif
+    }
+  }
+  __m256 load8(int64_t c) const { return widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + c))); }
+  __m256 tail8(int64_t c, int64_t n) const {  // n < 8 values, zeros (0.0f) after them
+    alignas(16) uint16_t tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t j = 0; j < n; ++j) tail[j] = x[c + j];
+    return widen(_mm_load_si128(reinterpret_cast<const __m128i*>(tail)));
+  }
+  float at(int64_t c) const {
+    alignas(16) uint16_t one[8] = {x[c], 0, 0, 0, 0, 0, 0, 0};
+    return _mm256_cvtss_f32(widen(_mm_load_si128(reinterpret_cast<const __m128i*>(one))));
+  }
+  static __m128i narrow(__m256 v) {  // round to nearest even, as c10's conversions
+    if constexpr (D == Half16::kBF16) {
+      return float8_to_bf16(v);
+    } else {
+#if defined(ANN_KERNELS_F16C)
+      return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+      return _mm_setzero_si128();
+#endif
+    }
+  }
+};
+
+// Step 5 of a 16-bit row fused with its rounding: out_c = round(e_c a - b) in one pass over
+// the fp32 numerator e (instead of row_affine over e, then a conversion pass).
+template <Half16 D>
+inline void affine_row_to16(const float* __restrict e, int64_t C, float a, float b, uint16_t* __restrict out) {
+  const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) {
+    const __m256 g = _mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(e + c), va), vb);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + c), Row16<D>::narrow(g));
+  }
+  if (c < C) {
+    alignas(32) float tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    alignas(16) uint16_t tail_out[8];
+    for (int64_t j = c; j < C; ++j) tail[j - c] = e[j];
+    const __m256 g = _mm256_sub_ps(_mm256_mul_ps(_mm256_load_ps(tail), va), vb);
+    _mm_store_si128(reinterpret_cast<__m128i*>(tail_out), Row16<D>::narrow(g));
+    for (int64_t j = c; j < C; ++j) out[j] = tail_out[j - c];
+  }
+}
+
+// One value the way affine_row_to16 computes it (mul, then sub, in fp32; no FMA), minus
+// `extra`, rounded: the target's entry, which also loses scale (1 - eps).
+template <Half16 D>
+inline uint16_t affine_value_to16(float e, float a, float b, float extra) {
+  const __m256 g = _mm256_sub_ps(_mm256_sub_ps(_mm256_mul_ps(_mm256_set1_ps(e), _mm256_set1_ps(a)),
+                                               _mm256_set1_ps(b)),
+                                 _mm256_set1_ps(extra));
+  return static_cast<uint16_t>(_mm_extract_epi16(Row16<D>::narrow(g), 0));
 }
 #endif
 

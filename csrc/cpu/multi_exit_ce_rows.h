@@ -88,6 +88,25 @@ inline void float_to_row(const float* x, int64_t C, scalar_t* out) {
   }
 }
 
+// Which 16-bit rows ce_rows reads in place (Row16 in ce_row_kernels.h): bf16 with AVX2, fp16
+// with AVX2 + F16C; kHalf16Of names the format.
+template <typename scalar_t>
+constexpr bool kRow16InPlace =
+#if defined(ANN_KERNELS_AVX2)
+    std::is_same_v<scalar_t, c10::BFloat16>
+#if defined(ANN_KERNELS_F16C)
+    || std::is_same_v<scalar_t, c10::Half>
+#endif
+#else
+    false
+#endif
+    ;  // NOLINT(whitespace/semicolon)
+
+#if defined(ANN_KERNELS_AVX2)
+template <typename scalar_t>
+constexpr Half16 kHalf16Of = std::is_same_v<scalar_t, c10::BFloat16> ? Half16::kBF16 : Half16::kF16;
+#endif
+
 // Steps 2-5 for every (exit, row) pair, in parallel. Each row's results depend on that
 // row only and the per-exit sums happen serially afterwards, so nothing depends on the
 // thread count.
@@ -142,17 +161,22 @@ void ce_rows(const std::vector<Tensor>& rows, const Tensor& grads, const CeRowsA
       return;
     }
 #endif
+    // 16-bit rows the vector path reads in place (Row16) need no fp32 copy: scratch holds
+    // only the numerator e; other 16-bit rows are copied to fp32 first.
+    constexpr bool kInPlace16 = kRow16InPlace<scalar_t>;
     std::vector<float> scratch;
-    if (!kFloatIn || !a.compute_grad) scratch.resize(kFloatIn ? C : 2 * C);
+    if (!kFloatIn || !a.compute_grad) scratch.resize(kFloatIn || kInPlace16 ? C : 2 * C);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t k = r / N;
       const int64_t i = r - k * N;
       const scalar_t* x = x_ptr[k] + i * x_row_stride[k];
-      const float* xf;
+      const float* xf = nullptr;
       float* e;
       if constexpr (kFloatIn) {
         xf = x;
         e = a.compute_grad ? g_ptr[k] + i * C : scratch.data();
+      } else if constexpr (kInPlace16) {
+        e = scratch.data();
       } else {
         float* xs = scratch.data() + C;
         row_to_float(x, C, xs);
@@ -163,7 +187,16 @@ void ce_rows(const std::vector<Tensor>& rows, const Tensor& grads, const CeRowsA
       const bool valid = yi != a.ignore_index;
       const float scale = row_scale(a, k, i, valid);
       RowStats st;
-      if (!row_softmax_numerator(xf, C, e, &st)) {  // a NaN or infinite maximum: the IEEE path
+      bool finite;
+#if defined(ANN_KERNELS_AVX2)
+      if constexpr (kInPlace16) {
+        finite = row_softmax_numerator_in(Row16<kHalf16Of<scalar_t>>{reinterpret_cast<const uint16_t*>(x)}, C, e, &st);
+      } else  // NOLINT(readability/braces)
+#endif
+      {
+        finite = row_softmax_numerator(xf, C, e, &st);
+      }
+      if (!finite) {  // a NaN or infinite maximum: the IEEE path
         nonfinite_row(x, C, yi, valid, a.eps, scale, a.compute_grad ? g_ptr[k] + i * C : nullptr, &a.loss_row[r],
                       &a.conf_row[r], &a.pred_row[r]);
         if (a.lse_row) a.lse_row[r] = kNaN;
@@ -172,13 +205,29 @@ void ce_rows(const std::vector<Tensor>& rows, const Tensor& grads, const CeRowsA
       }
       const float lse = st.max + std::log(st.sum_exp);
       // 3. l = (1-e)(lse - z_y) + e(lse - mean_c z_c); ignored rows contribute 0.
-      a.loss_row[r] = valid ? smoothed_row_loss(lse, xf[yi], st.sum_x, C, a.eps) : 0.f;
+      const float x_target = !valid ? 0.f : kInPlace16 ? static_cast<float>(x[yi]) : static_cast<float>(xf[yi]);
+      a.loss_row[r] = valid ? smoothed_row_loss(lse, x_target, st.sum_x, C, a.eps) : 0.f;
       // 4. max softmax probability = exp(max - lse) = 1 / sum_exp.
       a.conf_row[r] = 1.f / st.sum_exp;
       a.pred_row[r] = st.argmax;
       if (a.lse_row) a.lse_row[r] = lse;
       if (!a.compute_grad) continue;
       // 5. g = scale * (e_c / sum_exp - eps / C - (1 - eps)[c = y]), scale = w_k s_ik / N_valid.
+#if defined(ANN_KERNELS_AVX2)
+      if constexpr (kInPlace16) {  // affine and rounding in one pass (affine_row_to16)
+        uint16_t* g = reinterpret_cast<uint16_t*>(g_ptr[k] + i * C);
+        if (scale == 0.f) {
+          std::fill(g, g + C, uint16_t{0});  // +0.0 in bf16 and fp16
+        } else {
+          constexpr Half16 kD = kHalf16Of<scalar_t>;
+          const float ga = scale / st.sum_exp, gb = scale * a.eps / static_cast<float>(C);
+          affine_row_to16<kD>(e, C, ga, gb, g);
+          g[yi] = affine_value_to16<kD>(e[yi], ga, gb, scale * (1.f - a.eps));
+        }
+        if (a.requant != 1.f) requantize_row(g_ptr[k] + i * C, C, a.requant);
+        continue;
+      }
+#endif
       if (scale == 0.f) {
         std::fill(e, e + C, 0.f);
       } else {
