@@ -105,23 +105,14 @@ async def _wait_all(state: ServingState, request, futures):
     gathered = asyncio.gather(*waiters)
     state.track(gathered)
     try:
-        while True:
-            done, _ = await asyncio.wait({gathered}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return gathered.result()
-            if await request.is_disconnected():
-                gathered.cancel()
-                raise asyncio.CancelledError
-    except asyncio.CancelledError:
-        if state.drain_expired:
-            raise ProtocolError(503, "server: the drain deadline passed before this request finished") from None
-        raise
-    except (TypeError, ValueError) as exc:
-        raise ProtocolError(422, str(exc)) from None
-    except ProtocolError:
-        raise
-    except Exception as exc:  # noqa: BLE001  the model failed on this request
-        raise ProtocolError(500, f"model: {type(exc).__name__}: {exc}") from None
+        with state.request_errors():
+            while True:
+                done, _ = await asyncio.wait({gathered}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    return gathered.result()
+                if await request.is_disconnected():
+                    gathered.cancel()
+                    raise asyncio.CancelledError
     finally:
         for f in futures:  # the other prompts of a failed or abandoned request stop too (no-op once done)
             f.cancel()

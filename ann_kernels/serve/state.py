@@ -18,6 +18,7 @@ Everything here runs on the app's event loop thread, so the in-flight counter ne
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 import zlib
@@ -222,21 +223,31 @@ class ServingState:
     def untrack(self, waiter: asyncio.Future) -> None:
         self._waiters.discard(waiter)
 
-    async def wait(self, future):
-        """The result of an accepted request's future; 422 for bad input the server found, 500
-        for a model failure, 503 if the drain deadline passes first."""
-        waiter = asyncio.wrap_future(future)
-        self._waiters.add(waiter)
+    @contextlib.contextmanager
+    def request_errors(self):
+        """Around the wait for an accepted request's result: a cancellation becomes 503 if the
+        drain deadline passed (else it propagates), bad input the server found 422, any other
+        failure of the model 500; a ProtocolError passes through."""
         try:
-            return await waiter
+            yield
         except asyncio.CancelledError:
             if self.drain_expired:
                 raise ProtocolError(503, "server: the drain deadline passed before this request finished") from None
+            raise
+        except ProtocolError:
             raise
         except (TypeError, ValueError) as exc:
             raise ProtocolError(422, str(exc)) from None
         except Exception as exc:  # noqa: BLE001  the model failed on this request
             raise ProtocolError(500, f"model: {type(exc).__name__}: {exc}") from None
+
+    async def wait(self, future):
+        """The result of an accepted request's future (errors as :meth:`request_errors`)."""
+        waiter = asyncio.wrap_future(future)
+        self._waiters.add(waiter)
+        try:
+            with self.request_errors():
+                return await waiter
         finally:
             self._waiters.discard(waiter)
             self.release()
