@@ -339,16 +339,6 @@ forward_op() {
   return op;
 }
 
-const c10::TypedOperatorHandle<Tensor(const Tensor&, at::TensorList, const Tensor&, const OptTensor&,
-                                      const OptTensor&, const Tensor&, int64_t, double)>&
-backward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("ann_kernels::_multi_exit_ce_backward", "")
-                             .typed<Tensor(const Tensor&, at::TensorList, const Tensor&, const OptTensor&,
-                                           const OptTensor&, const Tensor&, int64_t, double)>();
-  return op;
-}
-
 const c10::TypedOperatorHandle<void(const Tensor&, const Tensor&)>& scale_op() {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("ann_kernels::_multi_exit_ce_scale_", "")
@@ -432,7 +422,7 @@ class MultiExitCE : public torch::autograd::Function<MultiExitCE> {
     saved.push_back(sample_weights.has_value() ? *sample_weights : Tensor());
     ctx->save_for_backward(saved);
     if (mode != kNoGrad) ctx->saved_data["grads"] = grads;
-    if (mode != kNoGrad && mode != kGradBuffer) ctx->saved_data["lse"] = lse;  // lse, or fp16's {2^-m, 2^-m_safe}
+    if (mode != kNoGrad && mode != kGradBuffer) ctx->saved_data["lse"] = lse;  // fp16: {2^-m, 2^-m_safe}
     ctx->saved_data["per_sample"] = per_sample;
     ctx->saved_data["mode"] = mode;
     ctx->saved_data["ignore_index"] = ignore_index;
@@ -507,11 +497,6 @@ class MultiExitCE : public torch::autograd::Function<MultiExitCE> {
       } else {
         grads = grads * factor;  // tracing (fake / functional tensors); fp32 factor, one rounding
       }
-      for (int64_t k = 0; k < K; ++k) result[k] = grads.select(0, k);
-    } else if (mode == kSaveLse) {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      const Tensor grads = backward_op().call(grad_loss, logits, target, as_opt(weights), as_opt(sample_weights),
-                                              ctx->saved_data["lse"].toTensor(), ignore_index, eps);
       for (int64_t k = 0; k < K; ++k) result[k] = grads.select(0, k);
     }
     if (need_w || need_s) {
