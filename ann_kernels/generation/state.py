@@ -311,27 +311,29 @@ class DecodeState:
 
     # ------------------------------------------------------------------ forward
     def run_layers(self, layers, h: Tensor, qpos: Tensor, write: Tensor, *, rows=None, window: int | None = None,
-                   force_mask: bool = False) -> Tensor:
+                   force_mask: bool = False, mask: Tensor | None = None) -> Tensor:
         """Run ``layers`` on h [m, s, D] at query positions ``qpos`` [m, s] (host int64; K/V
         written at ``write`` [m, s]). ``rows``: None (slots 0..m-1), an int (slots
         rows..rows+m-1) or a device tensor of slots. The mask is built when the rows' query
-        positions differ or s > 1 (``force_mask``)."""
+        positions differ or s > 1 (``force_mask``), unless the caller passes it: ``mask``
+        [m, 1, s, window] (device bool, True = attend; ``window`` then required)."""
         ad = self.adapter
-        mask, same = None, None
-        differ = force_mask or qpos.shape[1] > 1
-        if not differ:  # one position per row: read them once as Python ints (host tensor, no sync)
-            qpos_list = qpos.reshape(-1).tolist()
-            first_pos = qpos_list[0]
-            differ = any(q != first_pos for q in qpos_list)
-            if window is None:
-                window = max(qpos_list) + 1
-        elif window is None:
-            window = int(qpos.max()) + 1
-        if differ:
-            keys = self._arange_host[:window].view(1, 1, 1, window)
-            mask = (keys <= qpos.view(qpos.shape[0], 1, qpos.shape[1], 1)).to(self.device)
-        elif write is qpos:  # one token per row, all at one position, written where it queries
-            same = first_pos
+        same = None
+        if mask is None:
+            differ = force_mask or qpos.shape[1] > 1
+            if not differ:  # one position per row: read them once as Python ints (host tensor, no sync)
+                qpos_list = qpos.reshape(-1).tolist()
+                first_pos = qpos_list[0]
+                differ = any(q != first_pos for q in qpos_list)
+                if window is None:
+                    window = max(qpos_list) + 1
+            elif window is None:
+                window = int(qpos.max()) + 1
+            if differ:
+                keys = self._arange_host[:window].view(1, 1, 1, window)
+                mask = (keys <= qpos.view(qpos.shape[0], 1, qpos.shape[1], 1)).to(self.device)
+            elif write is qpos:  # one token per row, all at one position, written where it queries
+                same = first_pos
         qpos_d = qpos.to(self.device)
         write_d = qpos_d if write is qpos else write.to(self.device)
         rope = ad.rope(qpos_d, h)
