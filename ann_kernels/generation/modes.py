@@ -40,6 +40,7 @@ from ann_kernels.generation.sampling import (
     choose_tokens,
     draw_uniform,
     filtered_probs,
+    greedy_tokens,
     sample_from_probs,
     speculative_accept,
     token_logprobs,
@@ -264,8 +265,7 @@ def step_self_speculative(st, n: int):
         target = logits.argmax(dim=-1)
         target_lp = None
     else:  # greedy: the verified token and its log-probability from one max
-        best, target = logits.max(dim=-1)
-        target_lp = best - torch.logsumexp(logits, dim=-1)
+        target, target_lp = greedy_tokens(logits)
     if st.candidates is not None:  # the verifier's top K at every position join the candidates
         st.candidates[logits.topk(min(cfg.draft_candidates, logits.shape[-1]), dim=-1).indices.reshape(-1)] = True
         st.candidates[target.reshape(-1)] = True

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["RowSampling", "filtered_probs", "sample_from_probs", "choose_tokens", "token_logprobs", "draw_uniform",
+__all__ = ["RowSampling", "filtered_probs", "sample_from_probs", "choose_tokens", "greedy_tokens", "token_logprobs", "draw_uniform",
            "speculative_accept"]
 
 
@@ -96,12 +96,20 @@ def token_logprobs(logits: Tensor, tokens: Tensor, s: RowSampling | None = None,
     return torch.where(do_sample, sampled, plain)
 
 
+def greedy_tokens(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """(argmax [...] int64, its log_softmax [...]) of ``logits`` [..., V] from one max and one
+    logsumexp (16-bit logits read as float32; ties: the first maximum, as ``argmax``)."""
+    z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    best, index = z.max(dim=-1)
+    return index, best - torch.logsumexp(z, dim=-1)
+
+
 def choose_tokens(logits: Tensor, s: RowSampling, u: Tensor | None) -> tuple[Tensor, Tensor]:
     """(next tokens [n] int64, their log-probabilities [n]): argmax for greedy rows, a draw
     (uniforms ``u`` [n]) from the filtered distribution otherwise (:func:`token_logprobs`)."""
-    greedy = logits.argmax(dim=-1)
     if not s.any_sample:
-        return greedy, token_logprobs(logits, greedy)
+        return greedy_tokens(logits)
+    greedy = logits.argmax(dim=-1)
     probs = filtered_probs(logits, s)
     tokens = torch.where(s.do_sample, sample_from_probs(probs, u), greedy)
     return tokens, token_logprobs(logits, tokens, s, probs)

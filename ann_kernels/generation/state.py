@@ -172,6 +172,7 @@ class DecodeState:
         self.row_costs: RowCosts | None = None  # measured on first need (finished_rows="auto")
         eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         self.eos = torch.tensor(eos, dtype=torch.int64)
+        self.eos_set = frozenset(eos)
         self.generator = generator
         self.counters = GenerationCounters(exit_counts=[0] * self.num_exits)
         self._arange = torch.arange(max(max_batch_size, self.T + 1), device=self.device)
@@ -440,47 +441,61 @@ class DecodeState:
     def _append(self, n: int, new_tokens: Tensor, new_exits: Tensor, counts: Tensor, logprobs: Tensor):
         """Write the step's tokens [n, c] (``counts`` [n] valid per row; ``logprobs`` [n, c])
         into the live rows, cut at EOS / max_new_tokens. One device->host copy (the float64
-        log-probabilities travel as int64 bit patterns). Returns (events of the live rows,
-        slots that finished)."""
+        log-probabilities travel as int64 bit patterns); the cuts are made on host lists (n
+        rows of at most d + 1 tokens). Returns (events of the live rows, slots that finished)."""
         c = new_tokens.shape[1]
         lp_bits = logprobs.to(torch.float64).view(torch.int64)
-        if c == 1 and not self.eos.numel() and not self.num_masked:
+        if c == 1 and not self.eos_set and not self.num_masked:
             return self._append_one(n, new_tokens[:, 0], new_exits[:, 0], lp_bits[:, 0])
-        host = torch.cat([new_tokens, new_exits, counts.to(new_tokens.device).unsqueeze(1), lp_bits], 1).cpu()
-        toks, exits, cnt = host[:, :c], host[:, c:2 * c], host[:, 2 * c]
-        lps = host[:, 2 * c + 1:].view(torch.float64)
-        j = self._arange_host[:c].unsqueeze(0)
-        live = ~self.masked[:n]
-        valid = (j < cnt.unsqueeze(1)) & live.unsqueeze(1)
-        room = (self.max_new[:n] - self.generated[:n]).unsqueeze(1)
-        valid &= j < room
-        finished_eos = torch.zeros(n, dtype=torch.bool)
-        if self.eos.numel():
-            is_eos = torch.isin(toks, self.eos) & valid
-            first_eos = torch.where(is_eos.any(1), is_eos.to(torch.int8).argmax(1), c)
-            valid &= j <= first_eos.unsqueeze(1)
-            finished_eos = is_eos.any(1)
-        kept = valid.sum(1)
-        # tokens into the device buffer at positions length .. length + kept - 1
-        pos = torch.where(valid, self.length[:n].unsqueeze(1) + j, self.T)
-        rows = self._arange_host[:n].unsqueeze(1).expand(n, c)
-        self.tokens.index_put_((rows.to(self.device), pos.to(self.device)), toks.to(self.device))
-        self.length[:n] += kept
-        self.generated[:n] += kept
-        finished = (finished_eos | (self.generated[:n] >= self.max_new[:n])) & live
-        ctr = self.counters
-        ctr.new_tokens += int(kept.sum())
-        ex = torch.where(valid, exits, 0)
-        ctr.exit_sum += int(ex.sum())
-        per_exit = torch.bincount(exits[valid], minlength=self.num_exits).tolist()
-        ctr.exit_counts = [a + b for a, b in zip(ctr.exit_counts, per_exit)]
-        tl, el, kl, fl, fe = toks.tolist(), exits.tolist(), kept.tolist(), finished.tolist(), finished_eos.tolist()
-        ll = lps.tolist()
+        # 1. the whole c-wide block into the device buffer at length .. length + c - 1 (columns
+        #    past a row's kept tokens are never read before a later step rewrites them; they
+        #    stay below T: c <= draft_len + 1, the cache's slack)
+        dev = self.device
+        length = self.length[:n]
+        cols = length.to(dev).unsqueeze(1) + self._arange[:c].unsqueeze(0)
+        self.tokens[:n].scatter_(1, cols, new_tokens)
+        # 2. the cuts, on the host
+        host = torch.cat([new_tokens, new_exits, counts.to(dev).unsqueeze(1), lp_bits], 1).cpu()
+        rows = host.tolist()
+        lps = host[:, 2 * c + 1:].view(torch.float64).tolist()
+        room = (self.max_new[:n] - self.generated[:n]).tolist()
+        dead = self.masked[:n].tolist() if self.num_masked else [False] * n
+        eos = self.eos_set
+        kept_list, events, finished = [0] * n, [], []
         ids = self.slot_ids
-        events = [StepEvent(ids[i], tl[i][: kl[i]], el[i][: kl[i]], fl[i],
-                            ("eos" if fe[i] else "length") if fl[i] else None, ll[i][: kl[i]])
-                  for i, alive in enumerate(live.tolist()) if alive]
-        return events, [i for i in range(n) if fl[i]]
+        exit_counts = list(self.counters.exit_counts)
+        exit_sum = 0
+        for i in range(n):
+            if dead[i]:
+                continue
+            row = rows[i]
+            kept = min(row[2 * c], room[i])
+            toks = row[:kept]
+            hit_eos = False
+            if eos:
+                for j, t in enumerate(toks):
+                    if t in eos:
+                        kept, hit_eos = j + 1, True
+                        toks = toks[:kept]
+                        break
+            exits = row[c:c + kept]
+            for e in exits:
+                exit_counts[e] += 1
+            exit_sum += sum(exits)
+            kept_list[i] = kept
+            done = hit_eos or kept == room[i]
+            if done:
+                finished.append(i)
+            events.append(StepEvent(ids[i], toks, exits, done, ("eos" if hit_eos else "length") if done else None,
+                                    lps[i][:kept]))
+        kept_t = torch.tensor(kept_list, dtype=torch.int64)
+        length += kept_t
+        self.generated[:n] += kept_t
+        ctr = self.counters
+        ctr.new_tokens += sum(kept_list)
+        ctr.exit_sum += exit_sum
+        ctr.exit_counts = exit_counts
+        return events, finished
 
     def _append_one(self, n: int, tokens: Tensor, exits: Tensor, lp_bits: Tensor):
         """``_append`` for one token per row, no EOS and no masked rows (the common decode
