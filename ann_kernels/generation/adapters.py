@@ -113,7 +113,9 @@ class CausalExitLMAdapter(DecoderAdapter):
 
     def embed(self, tokens: Tensor, positions: Tensor) -> Tensor:
         pos = self.embedding.position[0]
-        return self.embedding.token(tokens) + pos[positions.clamp(max=pos.shape[0] - 1)]
+        token = self.embedding.token
+        tok = F.embedding(tokens, token.weight) if token.max_norm is None else token(tokens)
+        return tok + pos[positions.clamp(max=pos.shape[0] - 1)]
 
     def qkv(self, i: int, h: Tensor, rope):
         n, s, d = h.shape

@@ -1,8 +1,8 @@
 """One decode step of every active row, per mode. Each function takes the decode state
 (:class:`ann_kernels.generation.state.DecodeState`) and the number of active rows n, runs the
 model on the cache, updates ``seg_len`` / ``hidden`` / the counters, and returns
-(tokens [n, c] int64, exits [n, c] int64, counts [n], logprobs [n, c] float): the c-wide new
-tokens of each row, the exit that produced each, how many are valid, and each token's
+(tokens [n, c] int64, exits [n, c] int64, counts [n], logprobs [n, c] float; or [n] each
+when every row gets exactly one token): the c-wide new tokens of each row, the exit that produced each, how many are valid, and each token's
 log-probability under the distribution it was drawn from (``sampling.token_logprobs``: the
 producing exit's logits, filtered when the row samples; self-speculative: the verifying
 exit's, for accepted drafts too: the distribution the output follows). The state appends
@@ -86,7 +86,7 @@ def step_static(st, n: int, exit_id: int | None = None):
     st.counters.layer_evals += n * len(layers)
     st.counters.head_evals += n
     exits, counts = st.constant_exits(n, k)
-    return tok.unsqueeze(1), exits, counts, logprob.unsqueeze(1)
+    return tok, exits, counts, logprob
 
 
 def step_full(st, n: int):
@@ -383,7 +383,7 @@ def step_confidence(st, n: int):
         rows_dev, subset = survivors, True
         rows_host = survivors.cpu()
         h = h[keep_local]
-    return prediction.unsqueeze(1), exit_index.unsqueeze(1), torch.ones(n, dtype=torch.int64), logprob.unsqueeze(1)
+    return prediction, exit_index, torch.ones(n, dtype=torch.int64), logprob
 
 
 STEP_FUNCTIONS = {"full": step_full, "static": step_static, "self_speculative": step_self_speculative,

@@ -180,6 +180,7 @@ class DecodeState:
         self._sync = self.device.type == "cuda"
         self._sampling_cache = None
         self._constant_exits: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+        self._step_exit: int | None = None  # this step's exit when every row has it (constant_exits)
         # self-speculative candidate draft head: tokens seen or ranked high by the verifier
         self.candidates = (torch.zeros(ad.vocab_size, dtype=torch.bool, device=self.device)
                            if config.mode == "self_speculative" and config.draft_candidates > 0 else None)
@@ -350,14 +351,15 @@ class DecodeState:
         return [i for seg in self.segments[first: last + 1] for i in seg]
 
     def constant_exits(self, n: int, exit_id: int) -> tuple[Tensor, Tensor]:
-        """(exits [n, 1] all ``exit_id`` on the device, counts [n] host ones) of a one-token
+        """(exits [n] all ``exit_id`` on the device, counts [n] host ones) of a one-token
         step; built once per (n, exit_id) and reused (callers only read them)."""
         key = (n, exit_id)
         got = self._constant_exits.get(key)
         if got is None:
-            got = (torch.full((n, 1), exit_id, dtype=torch.int64, device=self.device),
+            got = (torch.full((n,), exit_id, dtype=torch.int64, device=self.device),
                    torch.ones(n, dtype=torch.int64))
             self._constant_exits[key] = got
+        self._step_exit = exit_id
         return got
 
     def wait(self) -> None:
@@ -390,6 +392,7 @@ class DecodeState:
         if self.num_rows == 0:
             return []
         t0 = time.perf_counter()
+        self._step_exit = None
         new_tokens, new_exits, counts, logprobs = STEP_FUNCTIONS[self.config.mode](self, n)
         ctr = self.counters
         ctr.row_steps += n
@@ -440,13 +443,15 @@ class DecodeState:
 
     def _append(self, n: int, new_tokens: Tensor, new_exits: Tensor, counts: Tensor, logprobs: Tensor):
         """Write the step's tokens [n, c] (``counts`` [n] valid per row; ``logprobs`` [n, c])
-        into the live rows, cut at EOS / max_new_tokens. One device->host copy (the float64
-        log-probabilities travel as int64 bit patterns); the cuts are made on host lists (n
-        rows of at most d + 1 tokens). Returns (events of the live rows, slots that finished)."""
+        into the live rows, cut at EOS / max_new_tokens. One device->host copy (on a GPU the
+        float64 log-probabilities travel as int64 bit patterns); the cuts are made on host
+        lists (n rows of at most d + 1 tokens). Returns (events of the live rows, slots that
+        finished)."""
+        if new_tokens.dim() == 1:  # one token per row ([n] tensors)
+            if not self.eos_set and not self.num_masked:
+                return self._append_one(n, new_tokens, new_exits, logprobs)
+            new_tokens, new_exits, logprobs = new_tokens.unsqueeze(1), new_exits.unsqueeze(1), logprobs.unsqueeze(1)
         c = new_tokens.shape[1]
-        lp_bits = logprobs.to(torch.float64).view(torch.int64)
-        if c == 1 and not self.eos_set and not self.num_masked:
-            return self._append_one(n, new_tokens[:, 0], new_exits[:, 0], lp_bits[:, 0])
         # 1. the whole c-wide block into the device buffer at length .. length + c - 1 (columns
         #    past a row's kept tokens are never read before a later step rewrites them; they
         #    stay below T: c <= draft_len + 1, the cache's slack)
@@ -455,9 +460,13 @@ class DecodeState:
         cols = length.to(dev).unsqueeze(1) + self._arange[:c].unsqueeze(0)
         self.tokens[:n].scatter_(1, cols, new_tokens)
         # 2. the cuts, on the host
-        host = torch.cat([new_tokens, new_exits, counts.to(dev).unsqueeze(1), lp_bits], 1).cpu()
+        on_host = dev.type == "cpu"
+        parts = [new_tokens, new_exits, counts.to(dev).unsqueeze(1)]
+        if not on_host:
+            parts.append(logprobs.to(torch.float64).view(torch.int64))
+        host = torch.cat(parts, 1).cpu()
         rows = host.tolist()
-        lps = host[:, 2 * c + 1:].view(torch.float64).tolist()
+        lps = logprobs.tolist() if on_host else host[:, 2 * c + 1:].view(torch.float64).tolist()
         room = (self.max_new[:n] - self.generated[:n]).tolist()
         dead = self.masked[:n].tolist() if self.num_masked else [False] * n
         eos = self.eos_set
@@ -497,24 +506,33 @@ class DecodeState:
         ctr.exit_counts = exit_counts
         return events, finished
 
-    def _append_one(self, n: int, tokens: Tensor, exits: Tensor, lp_bits: Tensor):
+    def _append_one(self, n: int, tokens: Tensor, exits: Tensor, logprobs: Tensor):
         """``_append`` for one token per row, no EOS and no masked rows (the common decode
-        step): fewer ops. ``lp_bits`` [n]: the float64 log-probabilities viewed as int64."""
+        step): fewer ops; a constant exit (``constant_exits``) is not copied back."""
         length = self.length[:n]
         self.tokens.index_put_((self._arange[:n], length.to(self.device)), tokens)
-        host = torch.stack([tokens, exits, lp_bits]).cpu()  # the step's one device->host copy
-        tl, el = host[:2].tolist()
-        ll = host[2].view(torch.float64).tolist()
+        k = self._step_exit
+        if self.device.type == "cpu":
+            tl, ll = tokens.tolist(), logprobs.tolist()
+            el = [k] * n if k is not None else exits.tolist()
+        else:  # the step's one device->host copy
+            host = torch.stack([tokens, exits, logprobs.to(torch.float64).view(torch.int64)]).cpu()
+            tl, el = host[:2].tolist()
+            ll = host[2].view(torch.float64).tolist()
         length += 1
         generated = self.generated[:n]
         generated += 1
         finished = (generated >= self.max_new[:n]).tolist()
         ctr = self.counters
         ctr.new_tokens += n
-        ctr.exit_sum += sum(el)
         exit_counts = list(ctr.exit_counts)
-        for e in el:  # n small ints: a Python loop beats bincount + tolist
-            exit_counts[e] += 1
+        if k is not None:
+            ctr.exit_sum += k * n
+            exit_counts[k] += n
+        else:
+            ctr.exit_sum += sum(el)
+            for e in el:  # n small ints: a Python loop beats bincount + tolist
+                exit_counts[e] += 1
         ctr.exit_counts = exit_counts
         ids = self.slot_ids
         events = [StepEvent(ids[i], [tl[i]], [el[i]], finished[i], "length" if finished[i] else None, [ll[i]])
