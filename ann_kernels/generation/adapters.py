@@ -92,6 +92,10 @@ class CausalExitLMAdapter(DecoderAdapter):
         # nn.Module call machinery costs ~10% of a small model's decode step).
         self.weights = [self._block_weights(b) for b in blocks]
         self.head_weights = [self._head_weights(h) for h in self.heads]
+        self.position_table = self.embedding.position[0]  # [max_len, D] (a view: follows the parameter)
+        self.max_position = self.position_table.shape[0] - 1
+        token = self.embedding.token
+        self.token_table = token.weight if token.max_norm is None else None
 
     @staticmethod
     def _block_weights(b):
@@ -112,10 +116,9 @@ class CausalExitLMAdapter(DecoderAdapter):
         return (norm.normalized_shape, norm.weight, norm.bias, norm.eps), (lm.weight, lm.bias)
 
     def embed(self, tokens: Tensor, positions: Tensor) -> Tensor:
-        pos = self.embedding.position[0]
-        token = self.embedding.token
-        tok = F.embedding(tokens, token.weight) if token.max_norm is None else token(tokens)
-        return tok + pos[positions.clamp(max=pos.shape[0] - 1)]
+        pos = self.position_table
+        tok = self.embedding.token(tokens) if self.token_table is None else F.embedding(tokens, self.token_table)
+        return tok + pos[positions.clamp(max=self.max_position)]
 
     def qkv(self, i: int, h: Tensor, rope):
         n, s, d = h.shape

@@ -66,8 +66,14 @@ def _repeat(s: RowSampling, r: int) -> RowSampling:
 
 
 def _last_token(st, n: int):
+    """(positions p [n] host, p on the device, the rows' last tokens [n, 1]): the tokens the
+    last one-token step appended when still valid (``DecodeState.next_input``), else read
+    from the token buffer."""
     p = st.length[:n] - 1
     pd = p.to(st.device)
+    cached = st.next_input
+    if cached is not None and cached[0] == n:
+        return p, pd, cached[1].unsqueeze(1)
     return p, pd, st.tokens[:n].gather(1, pd.unsqueeze(1))
 
 

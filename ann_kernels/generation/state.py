@@ -179,6 +179,9 @@ class DecodeState:
         self._arange_host = torch.arange(max(max_batch_size, self.T + 1))
         self._sync = self.device.type == "cuda"
         self._sampling_cache = None
+        # valid until rows change (add / keep) or a step appends other than one token per row:
+        self.next_input: tuple[int, Tensor] | None = None  # (n, the rows' next input tokens [n])
+        self._min_left: int | None = None  # the fewest tokens any row has left (one-token steps)
         self._constant_exits: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
         self._step_exit: int | None = None  # this step's exit when every row has it (constant_exits)
         # self-speculative candidate draft head: tokens seen or ranked high by the verifier
@@ -243,6 +246,7 @@ class DecodeState:
             self.row_generators[s] = rp.generator
         self.slot_ids.extend(row_ids)
         self._sampling_cache = None
+        self.next_input = self._min_left = None
         last_seg = self.config.exit_index if self.config.mode == "static" else self.num_exits - 1
         t0 = time.perf_counter()
         self._prefill(n, b, lens - 1, last_seg)
@@ -290,6 +294,7 @@ class DecodeState:
         """Keep the rows of slots ``keep`` (ascending), compacted into slots 0 .. len - 1;
         masked rows not in ``keep`` leave too."""
         self._sampling_cache = None
+        self.next_input = self._min_left = None
         n, m = self.width, len(keep)
         if m == n:
             return
@@ -452,6 +457,7 @@ class DecodeState:
                 return self._append_one(n, new_tokens, new_exits, logprobs)
             new_tokens, new_exits, logprobs = new_tokens.unsqueeze(1), new_exits.unsqueeze(1), logprobs.unsqueeze(1)
         c = new_tokens.shape[1]
+        self.next_input = self._min_left = None
         # 1. the whole c-wide block into the device buffer at length .. length + c - 1 (columns
         #    past a row's kept tokens are never read before a later step rewrites them; they
         #    stay below T: c <= draft_len + 1, the cache's slack)
@@ -519,10 +525,19 @@ class DecodeState:
             host = torch.stack([tokens, exits, logprobs.to(torch.float64).view(torch.int64)]).cpu()
             tl, el = host[:2].tolist()
             ll = host[2].view(torch.float64).tolist()
+        self.next_input = (n, tokens)
+        left = self._min_left
+        if left is None:
+            left = int((self.max_new[:n] - self.generated[:n]).min())
         length += 1
         generated = self.generated[:n]
         generated += 1
-        finished = (generated >= self.max_new[:n]).tolist()
+        if left > 1:  # no row finishes in this step
+            finished = [False] * n
+            self._min_left = left - 1
+        else:
+            finished = (generated >= self.max_new[:n]).tolist()
+            self._min_left = None
         ctr = self.counters
         ctr.new_tokens += n
         exit_counts = list(ctr.exit_counts)
