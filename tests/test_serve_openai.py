@@ -153,7 +153,10 @@ def error_of(call):
 
 @pytest.mark.parametrize("kwargs, status, param", [
     ({"model": "other"}, 404, "model"),
-    ({"n": 2}, 422, "n"),
+    ({"n": 0}, 422, "n"),
+    ({"n": 17}, 422, "n"),  # over MAX_N
+    ({"prompt": ["a", "b", "c", "d", "e"], "n": 13}, 422, "n"),  # 65 choices: over MAX_PROMPTS
+    ({"n": 2, "best_of": 3}, 422, "best_of"),
     ({"temperature": 3.0}, 422, "temperature"),
     ({"max_tokens": 0}, 422, "max_tokens"),
     ({"max_tokens": 400}, 422, None),  # longer than the model's context

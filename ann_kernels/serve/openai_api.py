@@ -2,7 +2,8 @@
 the ``openai`` Python client, vLLM's and SGLang's benchmark clients and LangChain's OpenAI
 wrapper call):
 
-- ``POST /v1/completions``: bodies and answers in :mod:`.openai_schema`; ``stream: true``
+- ``POST /v1/completions``: bodies and answers in :mod:`.openai_schema` (``n`` choices per prompt:
+  one row each, in ``index`` order); ``stream: true``
   answers server-sent events (``data: {chunk}`` per decode step that gave the request new
   text or tokens, ``data: [DONE]`` last); a client that disconnects mid-stream (or
   mid-request) cancels its rows, which leave the batch before the next decode step;
@@ -68,11 +69,11 @@ def _submit_all(state: ServingState, req):
     state.accept()
     handles = []
     try:
-        for prompt in req.prompts:
+        for prompt, params in req.choices():
             if req.stream:
-                handles.append(state.server.stream(prompt, **req.params))
+                handles.append(state.server.stream(prompt, **params))
             else:
-                handles.append(state.server.submit(prompt, **req.params))
+                handles.append(state.server.submit(prompt, **params))
     except Exception as exc:
         for h in handles:
             h.cancel()
@@ -92,8 +93,9 @@ def _choice(index: int, text: str, exits, reason) -> dict:
             "finish_reason": None if reason is None else FINISH_REASON[reason], "exit_index": list(exits)}
 
 
-def _usage(completions) -> dict:
-    prompt = sum(c.prompt_tokens for c in completions)
+def _usage(completions, n: int) -> dict:
+    """OpenAI's usage: a prompt counts once however many choices it has (``n``)."""
+    prompt = sum(c.prompt_tokens for c in completions[::n])
     generated = sum(len(c.token_ids) for c in completions)
     return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
 
@@ -170,7 +172,7 @@ def add_openai_routes(app, state: ServingState) -> None:
         try:
             done = await _wait_all(state, request, handles)
             response = JSONResponse({**head, "choices": [_choice(i, c.text, c.exits, c.finish_reason)
-                                                         for i, c in enumerate(done)], "usage": _usage(done)})
+                                                         for i, c in enumerate(done)], "usage": _usage(done, req.n)})
         except ProtocolError as exc:
             response = _error(exc)
         finally:
@@ -211,7 +213,7 @@ async def _events(state: ServingState, req, streams, head: dict, started: float)
                 yield _sse({**head, "choices": [_choice(index, item.text, item.exits, item.finish_reason)]})
         if status == 200 and req.include_usage:
             done = [s.future.result() for s in streams]
-            yield _sse({**head, "choices": [], "usage": _usage(done)})
+            yield _sse({**head, "choices": [], "usage": _usage(done, req.n)})
         yield _sse(b"[DONE]")
     except BaseException:  # the client went away (the response task is cancelled) or a bug
         status = 499
