@@ -163,6 +163,8 @@ def main() -> int:
                     help="confidence: mean cost per token (fraction of full), one provider each")
     ap.add_argument("--itl-slo-ms", type=float, default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--prefill-chunk-tokens", type=int, default=None,
+                    help="the server's chunked prefill (GenerationServer prefill_chunk_tokens; default off)")
     ap.add_argument("--quick", action="store_true", help="loads 0.25 0.5 1.0 1.5, 2 s each")
     ap.add_argument("--light-only", action="store_true", help="only step 4 (one client against generate)")
     ap.add_argument("--out", default=RESULTS_DIR)
@@ -191,8 +193,9 @@ def main() -> int:
     print(f"load average {load_avg:.1f}; threads {torch.get_num_threads()}")
     csv = CsvWriter("serving_lm", args.out)
     shape = f"prompt{args.prompt_lens[0]}-{args.prompt_lens[1]}_new{args.new_tokens[0]}-{args.new_tokens[1]}"
-    notes = f"load {load_avg:.1f}; in-process submit; {args.device}"
-    server = GenerationServer(model, max_batch_size=args.max_batch_size, max_wait_s=0.002, max_queue=1 << 16)
+    notes = f"load {load_avg:.1f}; in-process submit; {args.device}; prefill chunk {args.prefill_chunk_tokens}"
+    server = GenerationServer(model, max_batch_size=args.max_batch_size, max_wait_s=0.002, max_queue=1 << 16,
+                              prefill_chunk_tokens=args.prefill_chunk_tokens)
     if args.light_only:
         try:
             light_load(model, run_dir, args, server, csv, shape, notes)

@@ -69,7 +69,8 @@ class Completion:
 @dataclass(frozen=True)
 class StepRecord:
     """One entry of the server's step log: ``index`` (0, 1, ... over the server's life),
-    ``kind`` ("prefill" or "decode"), ``mode`` (the batch's mode) and ``request_ids`` (the
+    ``kind`` ("prefill", "prefill_chunk": one chunk of a long prompt's chunked prefill, or
+    "decode"), ``mode`` (the batch's mode) and ``request_ids`` (the
     requests whose rows were in that forward, in slot order)."""
 
     index: int

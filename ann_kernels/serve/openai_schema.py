@@ -86,8 +86,8 @@ class CompletionRequest:
     def choices(self):
         """(prompt, params) of every choice in ``index`` order: prompt i's n choices are
         indices i * n .. i * n + n - 1; with a ``seed`` s, choice j of a prompt samples with
-        seed s + j (vLLM ``v1/engine/parallel_sampling.py``, ``ParentRequest``: a child's
-        ``seed = seed + index``), so choice 0 equals the n = 1 answer."""
+        seed s + j (vLLM ``v1/engine/parallel_sampling.py``,
+        ``ParentRequest._get_child_sampling_params``: a child's ``seed = seed + index``), so choice 0 equals the n = 1 answer."""
         seed = self.params.get("seed")
         for prompt in self.prompts:
             for j in range(self.n):
