@@ -1,8 +1,12 @@
 """One decode step of every active row, per mode. Each function takes the decode state
 (:class:`ann_kernels.generation.state.DecodeState`) and the number of active rows n, runs the
 model on the cache, updates ``seg_len`` / ``hidden`` / the counters, and returns
-(tokens [n, c] int64, exits [n, c] int64, counts [n]): the c-wide new tokens of each row, the
-exit that produced each, and how many are valid. The state appends them (EOS, max_new_tokens).
+(tokens [n, c] int64, exits [n, c] int64, counts [n], logprobs [n, c] float): the c-wide new
+tokens of each row, the exit that produced each, how many are valid, and each token's
+log-probability under the distribution it was drawn from (``sampling.token_logprobs``: the
+producing exit's logits, filtered when the row samples; self-speculative: the verifying
+exit's, for accepted drafts too: the distribution the output follows). The state appends
+them (EOS, max_new_tokens).
 
 - ``full`` / ``static``: the row's last token through segments 0..k, the token from exit k.
 - ``self_speculative`` (LayerSkip, ``self_speculation/self_speculation_generator.py``,
@@ -38,6 +42,7 @@ from ann_kernels.generation.sampling import (
     filtered_probs,
     sample_from_probs,
     speculative_accept,
+    token_logprobs,
 )
 from ann_kernels.ops.early_exit import criterion_code, step_function
 
@@ -75,12 +80,12 @@ def step_static(st, n: int, exit_id: int | None = None):
     h = st.run_layers(layers, ad.embed(x, pd.unsqueeze(1)), qpos, qpos)
     logits = ad.exit_logits(h[:, 0], k)
     s = st.sampling(n)
-    tok = choose_tokens(logits, s, _uniforms(st, n, 1)[:, 0] if s.any_sample else None)
+    tok, logprob = choose_tokens(logits, s, _uniforms(st, n, 1)[:, 0] if s.any_sample else None)
     st.seg_len[:n, : k + 1] = st.length[:n].unsqueeze(1)
     st.counters.layer_evals += n * len(layers)
     st.counters.head_evals += n
     exits, counts = st.constant_exits(n, k)
-    return tok.unsqueeze(1), exits, counts
+    return tok.unsqueeze(1), exits, counts, logprob.unsqueeze(1)
 
 
 def step_full(st, n: int):
@@ -192,7 +197,7 @@ def step_self_speculative(st, n: int):
         st.candidates[target.reshape(-1)] = True
     caps_d = caps.to(dev)
     m = torch.minimum((draft == target[:, :d]).to(torch.int64).cumprod(dim=1).sum(dim=1), caps_d)
-    out = target
+    out, pv = target, None
     if s.any_sample:
         vocab = logits.shape[-1]
         pv = filtered_probs(logits.reshape(n * (d + 1), vocab), _repeat(s, d + 1)).view(n, d + 1, vocab)
@@ -205,6 +210,7 @@ def step_self_speculative(st, n: int):
         m = torch.where(s.do_sample, m_s, m)
         out = torch.where(s.do_sample.unsqueeze(1), sampled, target)
     exits = torch.where(st._arange[: d + 1].unsqueeze(0) < m.unsqueeze(1), k, last)
+    logprobs = token_logprobs(logits, out, s, pv)
     # 5. crop: every segment of the row now holds positions 0 .. p + m
     m_host = m.cpu()
     st.seg_len[:n] = (p + m_host + 1).unsqueeze(1)
@@ -215,7 +221,7 @@ def step_self_speculative(st, n: int):
     ctr.verify_rows += n
     ctr.layer_evals += n * (d + 1) * (len(early) + len(deep))
     ctr.head_evals += n * (2 * d + 1)
-    return out, exits, m_host + 1
+    return out, exits, m_host + 1, logprobs
 
 
 def step_confidence(st, n: int):
@@ -228,6 +234,7 @@ def step_confidence(st, n: int):
     prediction = torch.empty(n, dtype=torch.int64, device=dev)
     exit_index = torch.empty(n, dtype=torch.int64, device=dev)
     confidence = torch.empty(n, dtype=torch.float32, device=dev)
+    logprob = torch.empty(n, dtype=torch.float64, device=dev)
     decide = step_function(dev.type)
     code = criterion_code(cfg.criterion)
     propagate = cfg.kv_policy == "propagate"
@@ -265,7 +272,7 @@ def step_confidence(st, n: int):
         threshold = -math.inf if seg == last else cfg.thresholds[seg]
         if threshold == math.inf:  # nobody can leave here: skip the head
             continue
-        logits = ad.exit_logits(h[:, 0], seg)
+        raw_logits = logits = ad.exit_logits(h[:, 0], seg)
         ctr.head_evals += m
         if logits.dtype not in _OP_DTYPES:
             logits = logits.float()
@@ -277,9 +284,12 @@ def step_confidence(st, n: int):
         leaving[keep_local] = False
         leave_local = leaving.nonzero().squeeze(1)
         leave_rows = rows_dev[leave_local]
+        leave_logits = raw_logits[leave_local]
         if s.any_sample:
-            sub = _subset(s, leave_rows)
-            prediction[leave_rows] = choose_tokens(logits[leave_local], sub, u[leave_rows])
+            tok, logprob[leave_rows] = choose_tokens(leave_logits, _subset(s, leave_rows), u[leave_rows])
+            prediction[leave_rows] = tok
+        else:
+            logprob[leave_rows] = token_logprobs(leave_logits, prediction[leave_rows]).to(logprob.dtype)
         if seg < last:
             h_leave = h[leave_local]
             if propagate:  # each skipped layer's K/V from the exit state (approximate)
@@ -300,7 +310,7 @@ def step_confidence(st, n: int):
         rows_dev, subset = survivors, True
         rows_host = survivors.cpu()
         h = h[keep_local]
-    return prediction.unsqueeze(1), exit_index.unsqueeze(1), torch.ones(n, dtype=torch.int64)
+    return prediction.unsqueeze(1), exit_index.unsqueeze(1), torch.ones(n, dtype=torch.int64), logprob.unsqueeze(1)
 
 
 STEP_FUNCTIONS = {"full": step_full, "static": step_static, "self_speculative": step_self_speculative,

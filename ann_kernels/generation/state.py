@@ -86,14 +86,16 @@ class RowParams:
 
 @dataclass
 class StepEvent:
-    """What one row got in one step: new tokens, the exit of each, and whether it finished
-    (``reason`` "eos" / "length", else None)."""
+    """What one row got in one step: new tokens, the exit of each, whether it finished
+    (``reason`` "eos" / "length", else None), and each token's log-probability (natural log,
+    under the distribution that produced it: see ``generate``'s ``out.logprobs``)."""
 
     row_id: object
     tokens: list[int]
     exits: list[int]
     finished: bool
     reason: str | None
+    logprobs: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -385,14 +387,14 @@ class DecodeState:
         if self.num_rows == 0:
             return []
         t0 = time.perf_counter()
-        new_tokens, new_exits, counts = STEP_FUNCTIONS[self.config.mode](self, n)
+        new_tokens, new_exits, counts, logprobs = STEP_FUNCTIONS[self.config.mode](self, n)
         ctr = self.counters
         ctr.row_steps += n
         ctr.live_row_steps += n - self.num_masked
         if self.num_masked:
             ctr.masked_steps += 1
             self._refresh_masked(n)
-        events, finished = self._append(n, new_tokens, new_exits, counts)
+        events, finished = self._append(n, new_tokens, new_exits, counts, logprobs)
         if finished:
             self._retire(n, finished)
         self.wait()
@@ -433,15 +435,18 @@ class DecodeState:
         return prefer_masking(self.row_costs, self.width - m, movers, left / tokens_per_row_step,
                               ctr.layer_evals / rows, ctr.head_evals / rows)
 
-    def _append(self, n: int, new_tokens: Tensor, new_exits: Tensor, counts: Tensor):
-        """Write the step's tokens [n, c] (``counts`` [n] valid per row) into the live rows, cut
-        at EOS / max_new_tokens. One device->host copy. Returns (events of the live rows, slots
-        that finished)."""
+    def _append(self, n: int, new_tokens: Tensor, new_exits: Tensor, counts: Tensor, logprobs: Tensor):
+        """Write the step's tokens [n, c] (``counts`` [n] valid per row; ``logprobs`` [n, c])
+        into the live rows, cut at EOS / max_new_tokens. One device->host copy (the float64
+        log-probabilities travel as int64 bit patterns). Returns (events of the live rows,
+        slots that finished)."""
         c = new_tokens.shape[1]
+        lp_bits = logprobs.to(torch.float64).view(torch.int64)
         if c == 1 and not self.eos.numel() and not self.num_masked:
-            return self._append_one(n, new_tokens[:, 0], new_exits[:, 0])
-        host = torch.cat([new_tokens, new_exits, counts.to(new_tokens.device).unsqueeze(1)], 1).cpu()
+            return self._append_one(n, new_tokens[:, 0], new_exits[:, 0], lp_bits[:, 0])
+        host = torch.cat([new_tokens, new_exits, counts.to(new_tokens.device).unsqueeze(1), lp_bits], 1).cpu()
         toks, exits, cnt = host[:, :c], host[:, c:2 * c], host[:, 2 * c]
+        lps = host[:, 2 * c + 1:].view(torch.float64)
         j = self._arange_host[:c].unsqueeze(0)
         live = ~self.masked[:n]
         valid = (j < cnt.unsqueeze(1)) & live.unsqueeze(1)
@@ -468,18 +473,21 @@ class DecodeState:
         per_exit = torch.bincount(exits[valid], minlength=self.num_exits).tolist()
         ctr.exit_counts = [a + b for a, b in zip(ctr.exit_counts, per_exit)]
         tl, el, kl, fl, fe = toks.tolist(), exits.tolist(), kept.tolist(), finished.tolist(), finished_eos.tolist()
+        ll = lps.tolist()
         ids = self.slot_ids
         events = [StepEvent(ids[i], tl[i][: kl[i]], el[i][: kl[i]], fl[i],
-                            ("eos" if fe[i] else "length") if fl[i] else None)
+                            ("eos" if fe[i] else "length") if fl[i] else None, ll[i][: kl[i]])
                   for i, alive in enumerate(live.tolist()) if alive]
         return events, [i for i in range(n) if fl[i]]
 
-    def _append_one(self, n: int, tokens: Tensor, exits: Tensor):
+    def _append_one(self, n: int, tokens: Tensor, exits: Tensor, lp_bits: Tensor):
         """``_append`` for one token per row, no EOS and no masked rows (the common decode
-        step): fewer ops."""
+        step): fewer ops. ``lp_bits`` [n]: the float64 log-probabilities viewed as int64."""
         length = self.length[:n]
         self.tokens.index_put_((self._arange[:n], length.to(self.device)), tokens)
-        tl, el = torch.stack([tokens, exits]).tolist()  # the step's one device->host copy
+        host = torch.stack([tokens, exits, lp_bits]).cpu()  # the step's one device->host copy
+        tl, el = host[:2].tolist()
+        ll = host[2].view(torch.float64).tolist()
         length += 1
         generated = self.generated[:n]
         generated += 1
@@ -492,6 +500,6 @@ class DecodeState:
             exit_counts[e] += 1
         ctr.exit_counts = exit_counts
         ids = self.slot_ids
-        events = [StepEvent(ids[i], [tl[i]], [el[i]], finished[i], "length" if finished[i] else None)
+        events = [StepEvent(ids[i], [tl[i]], [el[i]], finished[i], "length" if finished[i] else None, [ll[i]])
                   for i in range(n)]
         return events, [i for i in range(n) if finished[i]]
