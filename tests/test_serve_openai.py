@@ -160,7 +160,8 @@ def error_of(call):
     ({"temperature": 3.0}, 422, "temperature"),
     ({"max_tokens": 0}, 422, "max_tokens"),
     ({"max_tokens": 400}, 422, None),  # longer than the model's context
-    ({"logprobs": 2}, 422, "logprobs"),
+    ({"logprobs": 2}, 400, "logprobs"),  # top alternatives: not available
+    ({"logprobs": 6}, 422, "logprobs"),
     ({"extra_body": {"early_exit": {"mode": "fast"}}}, 422, None),
     ({"extra_body": {"early_exit": {"mode": "self_speculative"}}}, 422, None),
     ({"extra_body": {"colour": "red"}}, 422, "colour"),

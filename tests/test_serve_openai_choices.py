@@ -1,8 +1,10 @@
-"""``/v1/completions`` answers with several choices (``n``) over a ``GenerationServer``, driven
-with the real ``openai`` client over loopback: list prompts x n in OpenAI's ``index`` order,
-greedy choices equal ``ann_kernels.generate`` and each other, seeded sampled choices j equal
-``generate`` with seed + j, streamed choices equal the non-streamed ones, usage counts a prompt
-once."""
+"""``/v1/completions`` answers with several choices (``n``) and with ``logprobs`` over a
+``GenerationServer``, driven with the real ``openai`` client over loopback: list prompts x n in
+OpenAI's ``index`` order, greedy choices equal ``ann_kernels.generate`` and each other, seeded
+sampled choices j equal ``generate`` with seed + j, streamed choices equal the non-streamed
+ones, usage counts a prompt once; ``logprobs: 0`` values equal ``generate(...).logprobs``
+(greedy in three modes, seeded sampling), streamed pieces concatenate to the non-streamed
+object, ``logprobs >= 1`` is refused with 400."""
 
 from __future__ import annotations
 
@@ -83,3 +85,52 @@ def test_streamed_choices_equal_the_completion(client, model):
     assert sorted(finish) == [0, 1, 2, 3]
     assert usage.prompt_tokens == len("ab") + len("zz top") == whole.usage.prompt_tokens
     assert usage.completion_tokens == whole.usage.completion_tokens
+
+
+def logprobs_reference(model, prompt, max_tokens, **kw):
+    out = ann_kernels.generate(model, [TOK.encode(prompt)], max_new_tokens=max_tokens, eos_token_id=EOS, **kw)
+    return out.tokens[0], out.logprobs[0]
+
+
+@pytest.mark.parametrize("mode", [{}, {"mode": "self_speculative", "exit_index": 1, "draft_len": 3},
+                                  {"mode": "confidence", "threshold": 0.4}], ids=["full", "self_speculative", "confidence"])
+def test_logprobs_equal_generate(client, model, mode):
+    out = client.completions.create(model=NAME, prompt=["the cat", "zz"], n=2, max_tokens=10, temperature=0,
+                                    logprobs=0, extra_body={"early_exit": mode} if mode else None)
+    for c in out.choices:
+        prompt = ["the cat", "zz"][c.index // 2]
+        tokens, logprobs = logprobs_reference(model, prompt, 10, **mode)
+        lp = c.logprobs
+        assert lp.token_logprobs == pytest.approx(logprobs, rel=1e-9, abs=1e-12) and max(logprobs) <= 0
+        assert lp.tokens == [TOK.decode([t]) for t in tokens]  # EOS included, as ""
+        assert "".join(lp.tokens) == c.text  # no stop string: the texts add up to the choice's text
+        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(tokens))]
+        assert lp.top_logprobs is None
+    assert max(len(c.logprobs.tokens) for c in out.choices) >= 5
+    plain = client.completions.create(model=NAME, prompt="zz", max_tokens=10, temperature=0)
+    assert plain.choices[0].logprobs is None  # only when asked
+
+
+def test_streamed_sampled_logprobs_concatenate_to_the_completion(client, model):
+    args = dict(model=NAME, prompt="roll", max_tokens=12, temperature=0.8, top_p=0.9, seed=4, logprobs=0)
+    pieces = {"tokens": [], "token_logprobs": [], "text_offset": []}
+    for chunk in client.completions.create(stream=True, **args):
+        for c in chunk.choices:
+            for key in pieces:
+                pieces[key] += getattr(c.logprobs, key)
+    whole = client.completions.create(**args).choices[0].logprobs
+    assert pieces == {"tokens": whole.tokens, "token_logprobs": whole.token_logprobs,
+                      "text_offset": whole.text_offset}
+    tokens, logprobs = logprobs_reference(model, "roll", 12, do_sample=True, temperature=0.8, top_p=0.9,
+                                          generator=torch.Generator().manual_seed(4))
+    assert len(tokens) == 12 and len(set(logprobs)) > 1  # (this seed gives no early EOS)
+    assert whole.tokens == [TOK.decode([t]) for t in tokens]
+    assert whole.token_logprobs == pytest.approx(logprobs, rel=1e-9, abs=1e-12)
+
+
+def test_top_logprobs_are_refused_in_openai_error_shape(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=NAME, prompt="hi", max_tokens=3, logprobs=1)
+    body = info.value.body
+    assert info.value.status_code == 400 and body["param"] == "logprobs" and "logprobs: 0" in body["message"]
+    assert body["type"] == "invalid_request_error"

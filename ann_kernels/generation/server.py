@@ -502,12 +502,12 @@ class GenerationServer:
             if ev.finished:
                 req.state = None
             try:
-                self._on_tokens(req, ev.tokens, ev.exits, ev.reason, now)
+                self._on_tokens(req, ev.tokens, ev.exits, ev.logprobs, ev.reason, now)
             except Exception as error:  # noqa: BLE001  e.g. the tokenizer failed on this row
                 self._remove_row(req)
                 self._fail(req, error)
 
-    def _on_tokens(self, req: ServerRequest, tokens, exits, reason, now: float) -> None:
+    def _on_tokens(self, req: ServerRequest, tokens, exits, logprobs, reason, now: float) -> None:
         """Record a row's new tokens, send the chunk, finish the row when it is done."""
         t = self.totals
         t.generated_tokens += len(tokens)
@@ -521,14 +521,15 @@ class GenerationServer:
         req.last = now
         req.tokens.extend(tokens)
         req.exits.extend(exits)
+        req.logprobs.extend(logprobs)
         text, stopped = req.text.add(tokens, final=reason is not None)
         if stopped:
             self._remove_row(req)
             reason = "stop"
         if reason is not None:
-            self._finish(req, reason, TokenChunk(list(tokens), list(exits), text, reason))
+            self._finish(req, reason, TokenChunk(list(tokens), list(exits), text, reason, list(logprobs)))
         elif req.stream is not None:
-            req.stream.push(TokenChunk(list(tokens), list(exits), text, None))
+            req.stream.push(TokenChunk(list(tokens), list(exits), text, None, list(logprobs)))
 
     def _finish(self, req: ServerRequest, reason: str, last_chunk: TokenChunk | None = None) -> None:
         now = time.perf_counter()
@@ -542,7 +543,7 @@ class GenerationServer:
             text=req.text.text, finish_reason=reason,
             queue_s=(req.admitted if req.admitted is not None else now) - req.submitted,
             ttft_s=None if req.first is None else req.first - req.submitted, inter_token_s=req.itl,
-            e2e_s=now - req.submitted, mode=req.config.mode)
+            e2e_s=now - req.submitted, mode=req.config.mode, logprobs=req.logprobs)
         with self._cond:
             self._active.pop(req.id, None)
         self.totals.finished(reason)

@@ -62,7 +62,7 @@ class ServerRequest:
     """One request's life inside the server (worker-thread state, except ``future``)."""
 
     __slots__ = ("id", "prompt", "params", "config", "text", "deadline", "future", "stream", "submitted",
-                 "admitted", "first", "last", "tokens", "exits", "itl", "state", "queued", "chunked")
+                 "admitted", "first", "last", "tokens", "exits", "logprobs", "itl", "state", "queued", "chunked")
 
     def __init__(self, rid, prompt, params, config, text, deadline, future, stream):
         self.id, self.prompt, self.params, self.config = rid, prompt, params, config
@@ -72,6 +72,7 @@ class ServerRequest:
         self.admitted = self.first = self.last = None
         self.tokens: list[int] = []
         self.exits: list[int] = []
+        self.logprobs: list[float] = []
         self.itl: list[float] = []
         self.state: DecodeState | None = None  # its batch, once prefilled
         self.queued = False  # in the server's waiting deque

@@ -26,6 +26,7 @@ import time
 import uuid
 
 from ann_kernels.generation.requests import ServerBusyError
+from ann_kernels.serve.openai_logprobs import CompletionLogprobs
 from ann_kernels.serve.openai_schema import FINISH_REASON, FieldError, decode_completion_body, error_body
 from ann_kernels.serve.state import ProtocolError, ServingState
 
@@ -88,8 +89,8 @@ def _submit_all(state: ServingState, req):
     return handles
 
 
-def _choice(index: int, text: str, exits, reason) -> dict:
-    return {"index": index, "text": text, "logprobs": None,
+def _choice(index: int, text: str, exits, reason, logprobs=None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs,
             "finish_reason": None if reason is None else FINISH_REASON[reason], "exit_index": list(exits)}
 
 
@@ -171,8 +172,11 @@ def add_openai_routes(app, state: ServingState) -> None:
                                      headers={"Cache-Control": "no-cache"})
         try:
             done = await _wait_all(state, request, handles)
-            response = JSONResponse({**head, "choices": [_choice(i, c.text, c.exits, c.finish_reason)
-                                                         for i, c in enumerate(done)], "usage": _usage(done, req.n)})
+            choices = [_choice(i, c.text, c.exits, c.finish_reason,
+                               None if req.logprobs is None
+                               else CompletionLogprobs(server.decode).add(c.token_ids, c.logprobs))
+                       for i, c in enumerate(done)]
+            response = JSONResponse({**head, "choices": choices, "usage": _usage(done, req.n)})
         except ProtocolError as exc:
             response = _error(exc)
         finally:
@@ -184,6 +188,7 @@ def add_openai_routes(app, state: ServingState) -> None:
 async def _events(state: ServingState, req, streams, head: dict, started: float):
     """The server-sent events of a streamed request (module docstring)."""
     queue: asyncio.Queue = asyncio.Queue()
+    builders = None if req.logprobs is None else [CompletionLogprobs(state.server.decode) for _ in streams]
 
     async def pump(index, stream):
         try:
@@ -210,7 +215,8 @@ async def _events(state: ServingState, req, streams, head: dict, started: float)
                 yield _sse(error_body(status, f"model: {type(item).__name__}: {item}"))
                 break
             if item.text or item.token_ids or item.finish_reason is not None:
-                yield _sse({**head, "choices": [_choice(index, item.text, item.exits, item.finish_reason)]})
+                lp = None if builders is None else builders[index].add(item.token_ids, item.logprobs)
+                yield _sse({**head, "choices": [_choice(index, item.text, item.exits, item.finish_reason, lp)]})
         if status == 200 and req.include_usage:
             done = [s.future.result() for s in streams]
             yield _sse({**head, "choices": [], "usage": _usage(done, req.n)})

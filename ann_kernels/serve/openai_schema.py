@@ -17,14 +17,15 @@ Request ``POST /v1/completions``:
 | ``stream`` | bool | false | server-sent events, ``data: [DONE]`` last |
 | ``stream_options`` | ``{"include_usage": bool}`` | | a last chunk with ``usage`` and no choices |
 | ``best_of`` | null or n | null | only equal to ``n`` (no re-ranking) |
-| ``echo``, ``logprobs``, ``suffix``, penalties, ``logit_bias`` | | off | only their "off" values |
+| ``logprobs`` | null or 0 | null | 0: each choice's ``logprobs`` (tokens, token_logprobs, text_offset; ``top_logprobs`` null: :mod:`.openai_logprobs`); >= 1 (top alternatives) -> 400 |
+| ``echo``, ``suffix``, penalties, ``logit_bias`` | | off | only their "off" values |
 | ``user`` | str | | ignored |
 | ``top_k`` (extra) | int >= 0 | 0 | top-k sampling (as vLLM's extra field) |
 | ``early_exit`` (extra) | object | the server's mode | ``{"mode", "exit_index", "threshold", "draft_len", "criterion", "kv_policy"}`` |
 | ``deadline_s`` (extra) | number > 0 | none | seconds; past it the row stops (``finish_reason`` "length") |
 
 Answer: ``{"id": "cmpl-...", "object": "text_completion", "created", "model", "choices":
-[{"index", "text", "logprobs": null, "finish_reason": "stop" | "length", "exit_index": [...]}],
+[{"index", "text", "logprobs": null or {...}, "finish_reason": "stop" | "length", "exit_index": [...]}],
 "usage": {"prompt_tokens", "completion_tokens", "total_tokens"}}``. ``exit_index`` (extra) is
 the 0-based exit that produced each generated token (EOS included). ``finish_reason``: "stop"
 for EOS or a stop string, "length" for ``max_tokens`` or the deadline.
@@ -47,15 +48,16 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default
 MAX_STOP = 16
 MAX_PROMPTS = 64  # prompts x n (choices) per request
 MAX_N = 16
+MAX_LOGPROBS = 5  # OpenAI's bound for the completions API's logprobs
 # our finish reasons -> OpenAI's
 FINISH_REASON = {"eos": "stop", "stop": "stop", "length": "length", "deadline": "length", "cancelled": "stop"}
 ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
                422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 ERROR_CODES = {404: "model_not_found", 413: "request_too_large", 429: "server_busy", 503: "service_unavailable"}
 # OpenAI fields we accept only at their "off" value
-OFF_VALUES = {"echo": (False, None), "logprobs": (None,), "suffix": (None, ""),
+OFF_VALUES = {"echo": (False, None), "suffix": (None, ""),
               "presence_penalty": (0, 0.0, None), "frequency_penalty": (0, 0.0, None), "logit_bias": (None, {})}
-KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "best_of", "stream", "stream_options",
+KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "best_of", "logprobs", "stream", "stream_options",
          "user", "top_k", "early_exit", "deadline_s", *OFF_VALUES}
 EARLY_EXIT_KEYS = {"mode", "exit_index", "threshold", "draft_len", "criterion", "kv_policy"}
 
@@ -76,12 +78,14 @@ def error_body(status: int, message: str, param: str | None = None) -> dict:
 
 class CompletionRequest:
     """A decoded request: ``prompts`` (strings or token-id lists), ``params`` (GenerationServer
-    parameters, shared by the prompts), ``n`` (choices per prompt), ``stream``,
-    ``include_usage``, ``model``."""
+    parameters, shared by the prompts), ``n`` (choices per prompt), ``logprobs`` (None or 0),
+    ``stream``, ``include_usage``, ``model``."""
 
-    def __init__(self, prompts, params: dict, stream: bool, include_usage: bool, model: str, n: int = 1) -> None:
+    def __init__(self, prompts, params: dict, stream: bool, include_usage: bool, model: str, n: int = 1,
+                 logprobs: int | None = None) -> None:
         self.prompts, self.params, self.stream, self.include_usage, self.model, self.n = (
             prompts, params, stream, include_usage, model, n)
+        self.logprobs = logprobs
 
     def choices(self):
         """(prompt, params) of every choice in ``index`` order: prompt i's n choices are
@@ -188,6 +192,15 @@ def decode_completion_body(body: bytes, served_model: str) -> CompletionRequest:
     if payload.get("best_of") is not None and payload["best_of"] != n:
         raise FieldError(422, "best_of", f"best_of: only null or equal to n ({n}) is supported, got "
                                          f"{payload['best_of']!r}")
+    logprobs = payload.get("logprobs")
+    if logprobs is not None:
+        if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= MAX_LOGPROBS:
+            raise FieldError(422, "logprobs", f"logprobs: expected an integer in [0, {MAX_LOGPROBS}] or null, "
+                                              f"got {logprobs!r}")
+        if logprobs > 0:
+            raise FieldError(400, "logprobs", f"logprobs: {logprobs} top alternatives per token are not available "
+                                              "(the engine returns the chosen token's log-probability only); "
+                                              "logprobs: 0 gives tokens, token_logprobs and text_offset")
     if payload.get("deadline_s") is not None:
         params["deadline_s"] = _number(payload, "deadline_s", 0.0, 1e9, lo_open=True)
     if payload.get("early_exit") is not None:
@@ -200,4 +213,4 @@ def decode_completion_body(body: bytes, served_model: str) -> CompletionRequest:
         raise FieldError(422, "stream_options", f"stream_options: expected {{'include_usage': bool}}, got {options!r}")
     if options and not stream:
         raise FieldError(422, "stream_options", "stream_options: only with stream: true")
-    return CompletionRequest(prompts, params, bool(stream), bool(options.get("include_usage")), served_model, n)
+    return CompletionRequest(prompts, params, bool(stream), bool(options.get("include_usage")), served_model, n, logprobs)
