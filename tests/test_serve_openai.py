@@ -182,7 +182,7 @@ def test_malformed_oversized_and_unknown_routes(served):
         code, _, body = http_call(front.port, "POST", "/v1/completions", raw, {"Content-Type": "application/json"})
         error = json.loads(body)["error"]
         assert code == status and error["message"] and "type" in error and "code" in error, (raw[:20], body)
-    code, _, body = http_call(front.port, "POST", "/v1/chat/completions", b"{}")
+    code, _, body = http_call(front.port, "POST", "/v1/embeddings", b"{}")
     assert code == 404 and json.loads(body)["error"]["message"]
     code, _, body = http_call(front.port, "GET", "/stats")
     assert code == 200 and json.loads(body)["requests_submitted"] >= 1

@@ -42,7 +42,8 @@ import math
 
 from ann_kernels.serve.state import ProtocolError
 
-__all__ = ["CompletionRequest", "decode_completion_body", "error_body", "FINISH_REASON", "DEFAULT_MAX_TOKENS"]
+__all__ = ["CompletionRequest", "decode_completion_body", "decode_completion_payload", "error_body", "FieldError",
+           "FINISH_REASON", "DEFAULT_MAX_TOKENS", "parse_json_object"]
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default
 MAX_STOP = 16
@@ -139,15 +140,26 @@ def _early_exit(value) -> dict:
     return {k: v for k, v in value.items() if v is not None or k == "threshold"}
 
 
-def decode_completion_body(body: bytes, served_model: str) -> CompletionRequest:
-    """A :class:`CompletionRequest` from the body; FieldError 400 (not a JSON object), 404 (another
-    model), 422 (a field's type or value) otherwise."""
+def parse_json_object(body: bytes, required: str) -> dict:
+    """The body's JSON object; FieldError 400 when it is not valid JSON or not an object."""
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise FieldError(400, None, f"body: not valid JSON ({exc})") from None
     if not isinstance(payload, dict):
-        raise FieldError(400, None, "body: expected a JSON object with 'model' and 'prompt'")
+        raise FieldError(400, None, f"body: expected a JSON object with 'model' and '{required}'")
+    return payload
+
+
+def decode_completion_body(body: bytes, served_model: str) -> CompletionRequest:
+    """A :class:`CompletionRequest` from the body; FieldError 400 (not a JSON object), 404 (another
+    model), 422 (a field's type or value) otherwise."""
+    return decode_completion_payload(parse_json_object(body, "prompt"), served_model)
+
+
+def decode_completion_payload(payload: dict, served_model: str) -> CompletionRequest:
+    """:func:`decode_completion_body` after the JSON parse (the chat route maps its body onto
+    this one)."""
     unknown = sorted(set(payload) - KNOWN)
     if unknown:
         raise FieldError(422, unknown[0], f"body: unknown fields {unknown} (our own settings go in 'early_exit')")
