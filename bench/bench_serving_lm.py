@@ -318,6 +318,7 @@ def join_spike(model, run_dir, args, csv, notes, runs=3):
     joining = make_requests(model, run_dir, 6, (max_len - 4, max_len - 4), (4, 4), seed=12)
     gaps = {None: [], chunk: []}
     ttft = {None: [], chunk: []}
+    tokens = {None: [], chunk: []}  # every completion's tokens (greedy: whole and chunked should agree)
     for _ in range(runs):
         for c in (None, chunk):
             with GenerationServer(model, max_batch_size=16, max_wait_s=0.0, prefill_chunk_tokens=c) as srv:
@@ -328,8 +329,10 @@ def join_spike(model, run_dir, args, csv, notes, runs=3):
                 for p, n in joining:
                     futures.append(srv.submit(p, max_new_tokens=n))
                     time.sleep(0.015)
-                ttft[c] += [f.result(600).ttft_s for f in futures]
-                gaps[c] += [g for s in streams for g in s.future.result(600).inter_token_s]
+                done = [f.result(600) for f in futures] + [s.future.result(600) for s in streams]
+                ttft[c] += [d.ttft_s for d in done[:len(futures)]]
+                gaps[c] += [g for d in done[len(futures):] for g in d.inter_token_s]
+                tokens[c] += [d.token_ids for d in done]
     shape = f"running8_joining6x{max_len - 4}"
     label = {None: "whole_prefill", chunk: f"chunked_prefill_{chunk}"}
     for c in (None, chunk):
@@ -340,8 +343,10 @@ def join_spike(model, run_dir, args, csv, notes, runs=3):
               f"{1e3 * row['joining_ttft_p50']:6.1f} ms")
         for metric, value in row.items():
             csv.add("serving_lm", label[c], shape, metric, value=value, notes=notes)
+    same = sum(a == b for a, b in zip(tokens[None], tokens[chunk])) / len(tokens[None])
     print(f"join spike: chunked / whole p99 ITL {pct(gaps[chunk], 0.99) / pct(gaps[None], 0.99):.2f}x, max ITL "
-          f"{max(gaps[chunk]) / max(gaps[None]):.2f}x")
+          f"{max(gaps[chunk]) / max(gaps[None]):.2f}x; greedy completions equal whole vs chunked: {same:.3f}")
+    csv.add("serving_lm", label[chunk], shape, "exact_match_vs_whole", value=same, notes=notes)
 
 
 def plot(results, slo, path, load_avg):
