@@ -92,8 +92,10 @@ def logprobs_reference(model, prompt, max_tokens, **kw):
     return out.tokens[0], out.logprobs[0]
 
 
-@pytest.mark.parametrize("mode", [{}, {"mode": "self_speculative", "exit_index": 1, "draft_len": 3},
-                                  {"mode": "confidence", "threshold": 0.4}], ids=["full", "self_speculative", "confidence"])
+MODES = [{}, {"mode": "self_speculative", "exit_index": 1, "draft_len": 3}, {"mode": "confidence", "threshold": 0.4}]
+
+
+@pytest.mark.parametrize("mode", MODES, ids=["full", "self_speculative", "confidence"])
 def test_logprobs_equal_generate(client, model, mode):
     out = client.completions.create(model=NAME, prompt=["the cat", "zz"], n=2, max_tokens=10, temperature=0,
                                     logprobs=0, extra_body={"early_exit": mode} if mode else None)

@@ -133,7 +133,8 @@ class GenerationServer:
         else:
             self._eos = set()
         self.defaults = {**REQUEST_PARAMS, **generate_defaults, "mode": mode}
-        self._default = resolve_params(self.adapter, self.tokenizer, dict(self.defaults))[1]  # the defaults must make a valid request
+        # the defaults must make a valid request
+        self._default = resolve_params(self.adapter, self.tokenizer, dict(self.defaults))[1]
         self.step_log: deque[StepRecord] = deque(maxlen=step_log_size)
         self._cond = threading.Condition()
         self._waiting: deque[ServerRequest] = deque()
@@ -141,7 +142,7 @@ class GenerationServer:
         self._cancelled_waiting: list[ServerRequest] = []  # left the queue when cancelled; the worker answers them
         self._active: dict[int, ServerRequest] = {}
         self._states: dict[ModeConfig, DecodeState] = {}
-        self._staged: deque[ServerRequest] = deque()  # long prompts to prefill in chunks (step 4), the first in progress
+        self._staged: deque[ServerRequest] = deque()  # long prompts to prefill in chunks (step 4), first = current
         self._next_id = 0
         self._steps = 0
         self._closing = self._abort = False

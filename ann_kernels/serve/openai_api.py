@@ -205,8 +205,8 @@ async def _complete(state: ServingState, request, decode, shape):
     head = {"id": f"{shape.id_prefix}{uuid.uuid4().hex}", "object": shape.object, "created": int(time.time()),
             "model": state.model.name}
     if req.stream:
-        return StreamingResponse(_events(state, req, handles, {**head, "object": shape.chunk_object}, started, shape),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        events = _events(state, req, handles, {**head, "object": shape.chunk_object}, started, shape)
+        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     try:
         done = await _wait_all(state, request, handles)
         decode_text = state.server.decode

@@ -58,8 +58,8 @@ ERROR_CODES = {404: "model_not_found", 413: "request_too_large", 429: "server_bu
 # OpenAI fields we accept only at their "off" value
 OFF_VALUES = {"echo": (False, None), "suffix": (None, ""),
               "presence_penalty": (0, 0.0, None), "frequency_penalty": (0, 0.0, None), "logit_bias": (None, {})}
-KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "best_of", "logprobs", "stream", "stream_options",
-         "user", "top_k", "early_exit", "deadline_s", *OFF_VALUES}
+KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "best_of", "logprobs", "stream",
+         "stream_options", "user", "top_k", "early_exit", "deadline_s", *OFF_VALUES}
 EARLY_EXIT_KEYS = {"mode", "exit_index", "threshold", "draft_len", "criterion", "kv_policy"}
 
 
@@ -92,7 +92,8 @@ class CompletionRequest:
         """(prompt, params) of every choice in ``index`` order: prompt i's n choices are
         indices i * n .. i * n + n - 1; with a ``seed`` s, choice j of a prompt samples with
         seed s + j (vLLM ``v1/engine/parallel_sampling.py``,
-        ``ParentRequest._get_child_sampling_params``: a child's ``seed = seed + index``), so choice 0 equals the n = 1 answer."""
+        ``ParentRequest._get_child_sampling_params``: a child's ``seed = seed + index``), so
+        choice 0 equals the n = 1 answer."""
         seed = self.params.get("seed")
         for prompt in self.prompts:
             for j in range(self.n):
@@ -225,4 +226,5 @@ def decode_completion_payload(payload: dict, served_model: str) -> CompletionReq
         raise FieldError(422, "stream_options", f"stream_options: expected {{'include_usage': bool}}, got {options!r}")
     if options and not stream:
         raise FieldError(422, "stream_options", "stream_options: only with stream: true")
-    return CompletionRequest(prompts, params, bool(stream), bool(options.get("include_usage")), served_model, n, logprobs)
+    return CompletionRequest(prompts, params, bool(stream), bool(options.get("include_usage")), served_model, n,
+                             logprobs)
