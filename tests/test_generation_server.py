@@ -406,3 +406,23 @@ def test_a_cancelled_chunked_prefill_frees_its_slot(model):
     assert victim[0].cancelled() and stats.requests_finished["cancelled"] == 1
     assert sum(1 for r in log if victim[0].request_id in r.request_ids) == 2  # its two chunks, nothing more
     assert sum(1 for r in log if r.kind == "prefill_chunk" and follower.request_id in r.request_ids) >= 2
+
+
+def test_a_chunked_prompt_joins_a_full_batch_into_its_own_reserved_slot(model):
+    """With every other slot taken by running rows, the chunked prompt's reserved slot (the
+    last) is where the batch puts it when it joins: its prefilled cache stays in place."""
+    long = ragged_prompts(1, 40, min_len=30, max_len=31, seed=9)[0]
+    with GenerationServer(model, max_batch_size=2, max_wait_s=0, prefill_chunk_tokens=8) as server:
+        gate = WorkerGate(server)
+        running = server.stream([5, 6, 7], max_new_tokens=30)
+        next(running)
+        gate.hold()
+        assert gate.entered.wait(30)
+        joining = server.submit(long, max_new_tokens=8)
+        gate.release()
+        assert joining.result(60).token_ids == reference(model, long, max_new_tokens=8)[0]
+        assert running.future.result(60).token_ids == reference(model, [5, 6, 7], max_new_tokens=30)[0]
+        log = server.steps()
+    b = joining.request_id
+    assert sum(1 for r in log if r.kind == "prefill_chunk" and b in r.request_ids) == 4
+    assert any(r.kind == "decode" and r.request_ids == (running.request_id, b) for r in log)

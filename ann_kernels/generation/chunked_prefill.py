@@ -16,8 +16,9 @@ the chunked version from the state's public pieces, without changing the engine:
    the state's finished rows away before the first chunk (``remove_rows([])``);
 2. when every position is in, the row joins: ``add_rows`` with the last prompt token alone
    (registers the row's length, sampling and id; nothing to prefill), then
-   ``copy_slots`` moves the reserved slot's cache, tokens and hidden states onto the new row,
-   and the row's ``length`` / ``seg_len`` are set to the whole prompt's.
+   ``copy_slots`` moves the reserved slot's cache and hidden states onto the new row (no copy
+   when the batch is full and the row landed in the reserved slot itself), the row's tokens
+   are the prompt and its ``length`` / ``seg_len`` are set to the whole prompt's.
 
 Greedy tokens equal a whole-prompt prefill's (same keys and values up to the float rounding of
 a different split of the query block; the tests compare against ``generate``).
@@ -89,13 +90,16 @@ class ChunkedPrefill:
         if not self.finished:
             raise RuntimeError(f"chunked prefill: {self.done} of {self.total} positions done; cannot join yet")
         st, length = self.state, len(self.prompt)
-        if st.num_rows >= self.slot:  # add_rows puts the row after the live ones: it must not be the reserved slot
-            raise RuntimeError(f"chunked prefill: {st.num_rows} live rows leave no slot below the reserved slot "
-                               f"{self.slot}")
+        if st.num_rows > self.slot:
+            raise RuntimeError(f"chunked prefill: {st.num_rows} live rows; the row cannot join below or at its "
+                               f"reserved slot {self.slot}")
+        # add_rows puts the row after the live ones: below the reserved slot, or (every other
+        # slot taken) in it, where its one-token prompt prefills nothing and the cache stays
         st.add_rows([self.prompt[-1:]], [self.params], [self.row_id])
         dst = st.width - 1
-        st.copy_slots(torch.tensor([self.slot], device=st.device), torch.tensor([dst], device=st.device))
-        st.tokens[dst, length - 1] = self.prompt[-1]
+        if dst != self.slot:
+            st.copy_slots(torch.tensor([self.slot], device=st.device), torch.tensor([dst], device=st.device))
+        st.tokens[dst, :length] = torch.as_tensor(self.prompt, dtype=torch.int64).to(st.device)
         st.length[dst] = length
         st.seg_len[dst, : self.last_seg + 1] = length - 1
         st.counters.prefill_tokens += length - 1  # add_rows counted the last token
