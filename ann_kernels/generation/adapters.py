@@ -165,9 +165,6 @@ class LlamaAdapter(DecoderAdapter):
     ``lm_head(model.model.norm(h))`` (the last exit = the model's own logits)."""
 
     def __init__(self, model, exit_layers: Sequence[int] | None = None):
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-        self._apply_rope = apply_rotary_pos_emb
         self.model = model
         inner = model.model
         cfg = model.config
@@ -188,41 +185,81 @@ class LlamaAdapter(DecoderAdapter):
         layer_params = sum(x.numel() for x in self.layers[0].parameters())
         kv_params = attn.k_proj.weight.numel() + attn.v_proj.weight.numel()
         self.kv_flops_fraction = kv_params / layer_params
+        # Per layer, the q/k/v projections as one matrix and gate/up as one (one matmul each
+        # instead of three and two: small-M GEMMs on CPU cost mostly per call), read once per
+        # adapter (``generate`` builds one per call, so they follow the model's weights).
+        self.fused = [self._fuse(layer) for layer in self.layers]
+
+    @staticmethod
+    def _fuse(layer):
+        """((qkv weight, bias), (gate_up weight, bias), act_fn) of a layer, or None when its
+        projections are not plain ``nn.Linear`` (then the modules run as they are)."""
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+        gate_up = [getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)]
+        linears = qkv + gate_up + [getattr(mlp, "down_proj", None)]
+        if not all(type(m) is nn.Linear for m in linears) or not hasattr(mlp, "act_fn"):
+            return None
+
+        def cat(mods):
+            biases = [m.bias for m in mods]
+            if any(b is None for b in biases) and not all(b is None for b in biases):
+                return None
+            return (torch.cat([m.weight for m in mods]).detach(),
+                    None if biases[0] is None else torch.cat(biases).detach())
+
+        fused_qkv, fused_gate_up = cat(qkv), cat(gate_up)
+        if fused_qkv is None or fused_gate_up is None:
+            return None
+        return fused_qkv, fused_gate_up, mlp.act_fn
 
     def embed(self, tokens: Tensor, positions: Tensor) -> Tensor:
         return self.embed_tokens(tokens)
 
     def rope(self, positions: Tensor, like: Tensor):
-        return self.rotary(like, positions)
+        """(cos, sin) [n, s, 1, head_dim]: broadcast over the heads of [n, s, H, head_dim]."""
+        cos, sin = self.rotary(like, positions)
+        return cos.unsqueeze(2), sin.unsqueeze(2)
 
-    def _heads(self, projection, x: Tensor) -> Tensor:
-        """[n, s, heads * head_dim] projection of x -> [n, heads, s, head_dim]."""
-        n, s, _ = x.shape
-        return projection(x).view(n, s, -1, self.head_dim).transpose(1, 2)
+    @staticmethod
+    def _rotate(x: Tensor, rope) -> Tensor:
+        """RoPE on x [n, s, H, head_dim]: ``x * cos + rotate_half(x) * sin`` (the element-wise
+        math of ``transformers``' ``apply_rotary_pos_emb``, here on q and k heads at once)."""
+        cos, sin = rope
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
     def qkv(self, i: int, h: Tensor, rope):
         layer = self.layers[i]
-        attn = layer.self_attn
         x = layer.input_layernorm(h)
-        q, k, v = self._heads(attn.q_proj, x), self._heads(attn.k_proj, x), self._heads(attn.v_proj, x)
-        cos, sin = rope
-        q, k = self._apply_rope(q, k, cos, sin)
-        return q, k, v
+        n, s, _ = x.shape
+        hq, hkv = self.num_heads, self.num_kv_heads
+        fused = self.fused[i]
+        if fused is None:
+            attn = layer.self_attn
+            y = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
+        else:
+            y = F.linear(x, *fused[0])
+        y = y.view(n, s, hq + 2 * hkv, self.head_dim)
+        qk = self._rotate(y[:, :, : hq + hkv], rope)
+        return qk[:, :, :hq].transpose(1, 2), qk[:, :, hq:].transpose(1, 2), y[:, :, hq + hkv:].transpose(1, 2)
 
     def kv(self, i: int, h: Tensor, rope):
         layer = self.layers[i]
         attn = layer.self_attn
         x = layer.input_layernorm(h)
-        k, v = self._heads(attn.k_proj, x), self._heads(attn.v_proj, x)
-        cos, sin = rope
-        # apply_rotary_pos_emb rotates both arguments: rotate k alone by passing it twice.
-        k, _ = self._apply_rope(k, k, cos, sin)
-        return k, v
+        n, s, _ = x.shape
+        k = self._rotate(attn.k_proj(x).view(n, s, self.num_kv_heads, self.head_dim), rope)
+        return k.transpose(1, 2), self._heads(attn.v_proj, x)
 
     def finish_layer(self, i: int, h: Tensor, attn_out: Tensor) -> Tensor:
         layer = self.layers[i]
         h = h + layer.self_attn.o_proj(attn_out)
-        return h + layer.mlp(layer.post_attention_layernorm(h))
+        fused = self.fused[i]
+        if fused is None:
+            return h + layer.mlp(layer.post_attention_layernorm(h))
+        gate, up = F.linear(layer.post_attention_layernorm(h), *fused[1]).chunk(2, dim=-1)
+        return h + layer.mlp.down_proj(fused[2](gate) * up)
 
     def exit_logits(self, h: Tensor, exit_id: int) -> Tensor:
         return self.lm_head(self.norm(h))

@@ -20,7 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["KVCache", "cached_attention"]
+__all__ = ["KVCache", "additive_mask", "cached_attention"]
+
+
+def additive_mask(visible: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The additive attention mask of a bool mask ``visible`` (True = attend): 0 where
+    visible, -inf elsewhere, in ``dtype``. ``scaled_dot_product_attention`` turns a bool mask
+    into this on every call; building it once per step saves that conversion in every layer."""
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
 
 
 class KVCache:
@@ -44,11 +51,12 @@ class KVCache:
     def write_index(self, write_pos: Tensor, rows=None, same_position: int | None = None):
         """The ``index_put_`` index of positions ``write_pos`` [n, s] (device int64) of slots
         ``rows`` (None: 0..n-1; an int r: r..r+n-1; a device tensor [n] of slots); a plain
-        slice when ``same_position`` says every row writes one token at that position."""
-        n = write_pos.shape[0]
+        slice when ``same_position`` says every row writes positions same_position ..
+        same_position + s - 1."""
+        n, s = write_pos.shape
         if same_position is not None and (rows is None or isinstance(rows, int)):
             first = 0 if rows is None else rows
-            return (slice(first, first + n), slice(None), slice(same_position, same_position + 1))
+            return (slice(first, first + n), slice(None), slice(same_position, same_position + s))
         if rows is None or isinstance(rows, int):
             first = 0 if rows is None else rows
             slots = torch.arange(first, first + n, device=write_pos.device)
@@ -61,7 +69,7 @@ class KVCache:
         :meth:`write_index`; ``index``: that index, precomputed)."""
         if index is None:
             index = self.write_index(write_pos, rows)
-        if isinstance(index[0], slice):  # rows 0..n-1 (or from an offset) all at one position: a slice copy
+        if isinstance(index[0], slice):  # rows 0..n-1 (or from an offset) all at one run of positions: a slice copy
             self.keys[layer][index].copy_(k)
             self.values[layer][index].copy_(v)
             return
@@ -79,7 +87,8 @@ def cached_attention(cache: KVCache, layer: int, q: Tensor, k: Tensor, v: Tensor
                      index=None) -> Tensor:
     """Write k, v into the cache, then attend q [n, Hq, s, d] over positions 0..window-1 of
     slots ``rows`` (as in :meth:`KVCache.write`; a prefix or an int offset is a view, a tensor
-    of slots a gather) with ``mask`` [n, 1, s, window] (bool, True = attend; None = all).
+    of slots a gather) with ``mask`` [n, 1, s, window] (bool, True = attend, or additive float: :func:`additive_mask`;
+    None = all).
     Returns [n, s, Hq * d]."""
     cache.write(layer, write_pos, k, v, rows, index)
     n = q.shape[0]

@@ -35,6 +35,7 @@ import math
 import torch
 from torch import Tensor
 
+from ann_kernels.generation.cache import additive_mask
 from ann_kernels.generation.sampling import (
     RowSampling,
     choose_tokens,
@@ -173,7 +174,8 @@ def step_self_speculative(st, n: int):
     p_list = p.tolist()
     p_max = max(p_list)
     ragged = p_max != min(p_list)
-    mask_all = (st._arange_host[: p_max + d + 1].view(1, 1, 1, -1) <= positions.view(n, 1, d + 1, 1)).to(dev)
+    mask_all = additive_mask(st._arange_host[: p_max + d + 1].view(1, 1, 1, -1)
+                             <= positions.view(n, 1, d + 1, 1), ad.dtype).to(dev)
     pos_d = positions.to(dev)
     drafts, qs, states = [], [], []
     ctr = st.counters

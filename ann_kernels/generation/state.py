@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ann_kernels.generation.adapters import DecoderAdapter
-from ann_kernels.generation.cache import KVCache, cached_attention
+from ann_kernels.generation.cache import KVCache, additive_mask, cached_attention
 from ann_kernels.generation.modes import STEP_FUNCTIONS
 from ann_kernels.generation.row_policy import RowCosts, measure_row_costs, prefer_masking
 from ann_kernels.generation.sampling import RowSampling
@@ -326,8 +326,9 @@ class DecodeState:
         [m, 1, s, window] (device bool, True = attend; ``window`` then required)."""
         ad = self.adapter
         same = None
+        m, s = qpos.shape
         if mask is None:
-            differ = force_mask or qpos.shape[1] > 1
+            differ = force_mask or s > 1
             if not differ:  # one position per row: read them once as Python ints (host tensor, no sync)
                 qpos_list = qpos.reshape(-1).tolist()
                 first_pos = qpos_list[0]
@@ -337,9 +338,17 @@ class DecodeState:
             elif window is None:
                 window = int(qpos.max()) + 1
             if differ:
-                keys = self._arange_host[:window].view(1, 1, 1, window)
-                mask = (keys <= qpos.view(qpos.shape[0], 1, qpos.shape[1], 1)).to(self.device)
+                mask = additive_mask(self._arange_host[:window].view(1, 1, 1, window)
+                                     <= qpos.view(m, 1, s, 1), h.dtype).to(self.device)
             elif write is qpos:  # one token per row, all at one position, written where it queries
+                same = first_pos
+        if same is None and write is qpos and m * s <= 64:
+            # every row writing the same run of positions p0 .. p0 + s - 1 (batch 1, or rows in
+            # step): the cache write is a slice copy, not an index_put
+            pos_list = qpos.tolist()
+            first_pos = pos_list[0][0]
+            run = list(range(first_pos, first_pos + s))
+            if all(row == run for row in pos_list):
                 same = first_pos
         qpos_d = qpos.to(self.device)
         write_d = qpos_d if write is qpos else write.to(self.device)
