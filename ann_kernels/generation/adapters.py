@@ -189,6 +189,18 @@ class LlamaAdapter(DecoderAdapter):
         # instead of three and two: small-M GEMMs on CPU cost mostly per call), read once per
         # adapter (``generate`` builds one per call, so they follow the model's weights).
         self.fused = [self._fuse(layer) for layer in self.layers]
+        self.o_down = [(layer.self_attn.o_proj, layer.mlp.down_proj) if fused is not None else None
+                       for layer, fused in zip(self.layers, self.fused)]
+
+    @staticmethod
+    def _rms_norm(norm, x: Tensor) -> Tensor:
+        """``norm(x)`` for a ``LlamaRMSNorm``: on float32 one ``F.rms_norm`` call (the same
+        float32 math as its forward: mean of squares, rsqrt(var + eps), times the weight; equal
+        to the module's output in the HF equality tests), else the module itself."""
+        if (x.dtype == torch.float32 and type(norm).__name__ == "LlamaRMSNorm"
+                and getattr(norm, "weight", None) is not None and norm.weight.dtype == torch.float32):
+            return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+        return norm(x)
 
     @staticmethod
     def _fuse(layer):
@@ -231,7 +243,7 @@ class LlamaAdapter(DecoderAdapter):
 
     def qkv(self, i: int, h: Tensor, rope):
         layer = self.layers[i]
-        x = layer.input_layernorm(h)
+        x = self._rms_norm(layer.input_layernorm, h)
         n, s, _ = x.shape
         hq, hkv = self.num_heads, self.num_kv_heads
         fused = self.fused[i]
@@ -254,15 +266,19 @@ class LlamaAdapter(DecoderAdapter):
 
     def finish_layer(self, i: int, h: Tensor, attn_out: Tensor) -> Tensor:
         layer = self.layers[i]
-        h = h + layer.self_attn.o_proj(attn_out)
         fused = self.fused[i]
         if fused is None:
+            h = h + layer.self_attn.o_proj(attn_out)
             return h + layer.mlp(layer.post_attention_layernorm(h))
-        gate, up = F.linear(layer.post_attention_layernorm(h), *fused[1]).chunk(2, dim=-1)
-        return h + layer.mlp.down_proj(fused[2](gate) * up)
+        o_proj, down_proj = self.o_down[i]
+        h = h + F.linear(attn_out, o_proj.weight, o_proj.bias)
+        gate, up = F.linear(self._rms_norm(layer.post_attention_layernorm, h), *fused[1]).chunk(2, dim=-1)
+        return h + F.linear(fused[2](gate) * up, down_proj.weight, down_proj.bias)
 
     def exit_logits(self, h: Tensor, exit_id: int) -> Tensor:
-        return self.lm_head(self.norm(h))
+        lm = self.lm_head
+        x = self._rms_norm(self.norm, h)
+        return F.linear(x, lm.weight, lm.bias) if type(lm) is nn.Linear else lm(x)
 
     def exit_head(self, exit_id: int):
         """(norm callable, weight [V, D], bias [V] or None) of exit ``exit_id``."""
