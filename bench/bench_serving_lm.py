@@ -30,11 +30,17 @@ number of new tokens in ``--new-tokens`` (no EOS stop: the lengths are the asked
    with ``max_wait_s=0``) against ``ann_kernels.generate`` at batch 1 on the same prompts (its
    TTFT: a ``max_new_tokens=1`` call; its gap: the call's decode seconds per step).
    ``--light-only`` runs this step alone.
+5. Chunked prefill (``--join-spike-only`` runs this step alone): 8 rows decode long
+   completions while 6 long prompts (the model's context minus 4) join one after another (a
+   fixed 15 ms apart); the running rows' inter-token gaps (p50, p99, max) and the joining
+   prompts' TTFT, with whole prefill (``prefill_chunk_tokens=None``) and with chunks of
+   ``--prefill-chunk-tokens`` (default 16 here), interleaved, 3 runs each; a whole prefill of
+   a long prompt stalls every running row for its length, chunks cut that stall into pieces.
 
 ``confidence`` thresholds are calibrated on the validation split for each of ``--budgets`` (a mean
 cost per token as a fraction of the full model's; ``calibrate_generation``).
-Usage: ``python bench/bench_serving_lm.py [--quick] [--light-only] [--device cpu|cuda] [--checkpoint P] [--threads N]
-[--out DIR]``.
+Usage: ``python bench/bench_serving_lm.py [--quick] [--light-only] [--join-spike-only] [--prefill-chunk-tokens C]
+[--device cpu|cuda] [--checkpoint P] [--threads N] [--out DIR]``.
 Writes ``serving_lm.csv`` (long format, appended) and ``serving_lm.png`` (p99 inter-token
 latency and tokens/s against offered load). Numbers from a shared machine: the load average is
 printed and stored in the CSV's notes.
@@ -163,8 +169,11 @@ def main() -> int:
                     help="confidence: mean cost per token (fraction of full), one provider each")
     ap.add_argument("--itl-slo-ms", type=float, default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--prefill-chunk-tokens", type=int, default=None,
+                    help="the server's chunked prefill (GenerationServer prefill_chunk_tokens; default off)")
     ap.add_argument("--quick", action="store_true", help="loads 0.25 0.5 1.0 1.5, 2 s each")
     ap.add_argument("--light-only", action="store_true", help="only step 4 (one client against generate)")
+    ap.add_argument("--join-spike-only", action="store_true", help="only step 5 (chunked prefill vs whole)")
     ap.add_argument("--out", default=RESULTS_DIR)
     args = ap.parse_args()
     if args.quick:
@@ -191,8 +200,14 @@ def main() -> int:
     print(f"load average {load_avg:.1f}; threads {torch.get_num_threads()}")
     csv = CsvWriter("serving_lm", args.out)
     shape = f"prompt{args.prompt_lens[0]}-{args.prompt_lens[1]}_new{args.new_tokens[0]}-{args.new_tokens[1]}"
-    notes = f"load {load_avg:.1f}; in-process submit; {args.device}"
-    server = GenerationServer(model, max_batch_size=args.max_batch_size, max_wait_s=0.002, max_queue=1 << 16)
+    notes = f"load {load_avg:.1f}; in-process submit; {args.device}; prefill chunk {args.prefill_chunk_tokens}"
+    server = GenerationServer(model, max_batch_size=args.max_batch_size, max_wait_s=0.002, max_queue=1 << 16,
+                              prefill_chunk_tokens=args.prefill_chunk_tokens)
+    if args.join_spike_only:
+        server.close()
+        join_spike(model, run_dir, args, csv, notes)
+        print(f"wrote {csv.write()}")
+        return 0
     if args.light_only:
         try:
             light_load(model, run_dir, args, server, csv, shape, notes)
@@ -253,6 +268,7 @@ def main() -> int:
         light_load(model, run_dir, args, server, csv, shape, notes)
     finally:
         server.close()
+    join_spike(model, run_dir, args, csv, notes)
     path = csv.write()
     png = plot(results, slo, os.path.join(args.out, "serving_lm.png"), load_avg)
     print(f"wrote {path} and {png}")
@@ -292,6 +308,45 @@ def light_load(model, run_dir, args, server, csv, shape, notes):
             print(f"light load {metric}: {label} {1e3 * srv:.2f} ms, generate batch 1 {1e3 * ref:.2f} ms "
                   f"({srv / ref:.2f}x; target <= 1.2x)")
             csv.add("serving_lm", label, shape, f"{metric}_p50", value=srv, notes=notes)
+
+
+def join_spike(model, run_dir, args, csv, notes, runs=3):
+    """5. Long prompts joining a running batch, prefilled whole or in chunks (module docstring)."""
+    chunk = args.prefill_chunk_tokens or 16
+    max_len = int(model.max_len)
+    running = make_requests(model, run_dir, 8, (8, 8), (max_len - 16, max_len - 16), seed=11)
+    joining = make_requests(model, run_dir, 6, (max_len - 4, max_len - 4), (4, 4), seed=12)
+    gaps = {None: [], chunk: []}
+    ttft = {None: [], chunk: []}
+    tokens = {None: [], chunk: []}  # every completion's tokens (greedy: whole and chunked should agree)
+    for _ in range(runs):
+        for c in (None, chunk):
+            with GenerationServer(model, max_batch_size=16, max_wait_s=0.0, prefill_chunk_tokens=c) as srv:
+                streams = [srv.stream(p, max_new_tokens=n) for p, n in running]
+                for s in streams:
+                    next(s)  # every running row is decoding
+                futures = []
+                for p, n in joining:
+                    futures.append(srv.submit(p, max_new_tokens=n))
+                    time.sleep(0.015)
+                done = [f.result(600) for f in futures] + [s.future.result(600) for s in streams]
+                ttft[c] += [d.ttft_s for d in done[:len(futures)]]
+                gaps[c] += [g for d in done[len(futures):] for g in d.inter_token_s]
+                tokens[c] += [d.token_ids for d in done]
+    shape = f"running8_joining6x{max_len - 4}"
+    label = {None: "whole_prefill", chunk: f"chunked_prefill_{chunk}"}
+    for c in (None, chunk):
+        row = {"itl_p50": pct(gaps[c], 0.5), "itl_p99": pct(gaps[c], 0.99), "itl_max": max(gaps[c]),
+               "joining_ttft_p50": pct(ttft[c], 0.5)}
+        print(f"join spike {label[c]:20s} running rows' ITL p50 {1e3 * row['itl_p50']:6.2f} p99 "
+              f"{1e3 * row['itl_p99']:6.2f} max {1e3 * row['itl_max']:6.2f} ms; joining prompts' TTFT p50 "
+              f"{1e3 * row['joining_ttft_p50']:6.1f} ms")
+        for metric, value in row.items():
+            csv.add("serving_lm", label[c], shape, metric, value=value, notes=notes)
+    same = sum(a == b for a, b in zip(tokens[None], tokens[chunk])) / len(tokens[None])
+    print(f"join spike: chunked / whole p99 ITL {pct(gaps[chunk], 0.99) / pct(gaps[None], 0.99):.2f}x, max ITL "
+          f"{max(gaps[chunk]) / max(gaps[None]):.2f}x; greedy completions equal whole vs chunked: {same:.3f}")
+    csv.add("serving_lm", label[chunk], shape, "exact_match_vs_whole", value=same, notes=notes)
 
 
 def plot(results, slo, path, load_avg):

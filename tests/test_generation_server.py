@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 import torch
@@ -318,6 +319,8 @@ def test_bad_arguments_name_themselves(model, kwargs, match):
             server.submit([1, 99])
     with pytest.raises(ValueError, match="max_batch_size"):
         GenerationServer(model, max_batch_size=0)
+    with pytest.raises(ValueError, match="prefill_chunk_tokens"):
+        GenerationServer(model, prefill_chunk_tokens=0)
     with pytest.raises(ValueError, match="exit_index"):
         GenerationServer(model, mode="self_speculative")
 
@@ -332,3 +335,94 @@ def test_a_request_mode_does_not_inherit_the_server_mode_settings(model):
     assert (full.token_ids, full.exits) == reference(model, [2, 3], max_new_tokens=5)
     assert (confident.token_ids, confident.exits) == reference(model, [2, 3], max_new_tokens=5, mode="confidence",
                                                                threshold=0.3)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=[m["mode"] for m in MODES])
+def test_a_long_prompt_joining_a_running_batch_is_prefilled_in_chunks(model, mode):
+    """Chunked prefill: a 30-token prompt (29 positions to prefill) joining a running row is
+    prefilled in ceil(29 / 8) = 4 chunks with a decode step of the running row between each
+    two (the step log), never whole; both rows' greedy tokens equal ``generate`` alone."""
+    long = ragged_prompts(1, 40, min_len=30, max_len=31, seed=9)[0]
+    with GenerationServer(model, max_batch_size=4, max_wait_s=0, prefill_chunk_tokens=8) as server:
+        gate = WorkerGate(server)
+        running = server.stream([5, 6, 7], max_new_tokens=30)
+        next(running)  # A is generating
+        gate.hold()
+        assert gate.entered.wait(30)  # the worker is inside A's next decode step
+        joining = server.submit(long, max_new_tokens=8, **mode)
+        short = server.submit([4, 4], max_new_tokens=3)  # short: prefilled whole, at once
+        gate.release()
+        out = joining.result(60)
+        assert (out.token_ids, out.exits) == reference(model, long, max_new_tokens=8, **mode)
+        assert short.result(60).token_ids == reference(model, [4, 4], max_new_tokens=3)[0]
+        assert list(running)[-1].finish_reason == "length"
+        assert running.future.result().token_ids == reference(model, [5, 6, 7], max_new_tokens=30)[0]
+        log = server.steps()
+    a, b, c = running.request_id, joining.request_id, short.request_id
+    chunks = [r for r in log if r.kind == "prefill_chunk" and b in r.request_ids]
+    assert len(chunks) == 4 and all(r.request_ids == (b,) for r in chunks)
+    assert not any(r.kind == "prefill" and b in r.request_ids for r in log)  # never prefilled whole
+    assert any(r.kind == "prefill" and c in r.request_ids for r in log)
+    for first, then in zip(chunks, chunks[1:]):
+        assert any(r.kind == "decode" and a in r.request_ids and first.index < r.index < then.index for r in log)
+    decodes_b = [r for r in log if r.kind == "decode" and b in r.request_ids]
+    assert decodes_b and decodes_b[0].index > chunks[-1].index
+    if mode["mode"] == "full":  # it joined A's batch
+        assert a in decodes_b[0].request_ids
+
+
+def test_a_cancelled_chunked_prefill_frees_its_slot(model):
+    """A long prompt cancelled between its chunks (from inside its second chunk's forward)
+    stops there, answered "cancelled"; the next long prompt reuses the reserved slot and
+    still equals ``generate``."""
+    long = ragged_prompts(2, 40, min_len=30, max_len=31, seed=4)
+    with GenerationServer(model, max_batch_size=3, max_wait_s=0, prefill_chunk_tokens=8) as server:
+        gate = WorkerGate(server)
+        embed, calls, victim = server.adapter.embed, [], []
+
+        def cancel_in_second_chunk(tokens, positions):
+            if tokens.shape[1] > 1:  # a prefill chunk (decode steps of full mode embed one position)
+                calls.append(tokens.shape[1])
+                if len(calls) == 2:
+                    victim[0].cancel()
+            return embed(tokens, positions)
+
+        running = server.stream([5, 6, 7], max_new_tokens=40)
+        next(running)
+        gate.hold()
+        assert gate.entered.wait(30)
+        victim.append(server.submit(long[0], max_new_tokens=4))
+        server.adapter.embed = cancel_in_second_chunk
+        gate.release()
+        deadline = time.monotonic() + 60
+        while server.stats().requests_finished["cancelled"] < 1:  # the worker answered it
+            assert time.monotonic() < deadline, "the cancelled chunked prefill was never answered"
+            time.sleep(0.01)
+        follower = server.submit(long[1], max_new_tokens=5)
+        assert follower.result(60).token_ids == reference(model, long[1], max_new_tokens=5)[0]
+        assert running.future.result(60).token_ids == reference(model, [5, 6, 7], max_new_tokens=40)[0]
+        log = server.steps()
+        stats = server.stats()
+    assert victim[0].cancelled() and stats.requests_finished["cancelled"] == 1
+    assert sum(1 for r in log if victim[0].request_id in r.request_ids) == 2  # its two chunks, nothing more
+    assert sum(1 for r in log if r.kind == "prefill_chunk" and follower.request_id in r.request_ids) >= 2
+
+
+def test_a_chunked_prompt_joins_a_full_batch_into_its_own_reserved_slot(model):
+    """With every other slot taken by running rows, the chunked prompt's reserved slot (the
+    last) is where the batch puts it when it joins: its prefilled cache stays in place."""
+    long = ragged_prompts(1, 40, min_len=30, max_len=31, seed=9)[0]
+    with GenerationServer(model, max_batch_size=2, max_wait_s=0, prefill_chunk_tokens=8) as server:
+        gate = WorkerGate(server)
+        running = server.stream([5, 6, 7], max_new_tokens=30)
+        next(running)
+        gate.hold()
+        assert gate.entered.wait(30)
+        joining = server.submit(long, max_new_tokens=8)
+        gate.release()
+        assert joining.result(60).token_ids == reference(model, long, max_new_tokens=8)[0]
+        assert running.future.result(60).token_ids == reference(model, [5, 6, 7], max_new_tokens=30)[0]
+        log = server.steps()
+    b = joining.request_id
+    assert sum(1 for r in log if r.kind == "prefill_chunk" and b in r.request_ids) == 4
+    assert any(r.kind == "decode" and r.request_ids == (running.request_id, b) for r in log)

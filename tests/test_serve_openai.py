@@ -153,11 +153,15 @@ def error_of(call):
 
 @pytest.mark.parametrize("kwargs, status, param", [
     ({"model": "other"}, 404, "model"),
-    ({"n": 2}, 422, "n"),
+    ({"n": 0}, 422, "n"),
+    ({"n": 17}, 422, "n"),  # over MAX_N
+    ({"prompt": ["a", "b", "c", "d", "e"], "n": 13}, 422, "n"),  # 65 choices: over MAX_PROMPTS
+    ({"n": 2, "best_of": 3}, 422, "best_of"),
     ({"temperature": 3.0}, 422, "temperature"),
     ({"max_tokens": 0}, 422, "max_tokens"),
     ({"max_tokens": 400}, 422, None),  # longer than the model's context
-    ({"logprobs": 2}, 422, "logprobs"),
+    ({"logprobs": 2}, 400, "logprobs"),  # top alternatives: not available
+    ({"logprobs": 6}, 422, "logprobs"),
     ({"extra_body": {"early_exit": {"mode": "fast"}}}, 422, None),
     ({"extra_body": {"early_exit": {"mode": "self_speculative"}}}, 422, None),
     ({"extra_body": {"colour": "red"}}, 422, "colour"),
@@ -178,7 +182,7 @@ def test_malformed_oversized_and_unknown_routes(served):
         code, _, body = http_call(front.port, "POST", "/v1/completions", raw, {"Content-Type": "application/json"})
         error = json.loads(body)["error"]
         assert code == status and error["message"] and "type" in error and "code" in error, (raw[:20], body)
-    code, _, body = http_call(front.port, "POST", "/v1/chat/completions", b"{}")
+    code, _, body = http_call(front.port, "POST", "/v1/embeddings", b"{}")
     assert code == 404 and json.loads(body)["error"]["message"]
     code, _, body = http_call(front.port, "GET", "/stats")
     assert code == 200 and json.loads(body)["requests_submitted"] >= 1

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,11 +25,13 @@ KV_POLICIES = ("recompute", "propagate")
 class GenerationOutput:
     """``tokens``: B lists of new token ids (prompt excluded; EOS included when hit);
     ``exit_index``: B lists, the exit (0-based) whose logits produced each new token;
-    ``stats``: dict (see :func:`generate`)."""
+    ``stats``: dict (see :func:`generate`); ``logprobs``: B lists of floats, each new token's
+    natural-log probability under the distribution that produced it (see :func:`generate`)."""
 
     tokens: list[list[int]]
     exit_index: list[list[int]]
     stats: dict
+    logprobs: list[list[float]] = field(default_factory=list)
 
 
 def prompts_to_lists(prompts, attention_mask=None) -> list[list[int]]:
@@ -192,7 +194,14 @@ def generate(model, prompts, max_new_tokens=64, mode: str = "full", exit_index: 
             measured once per model and cache shape ("auto"); the output is the same.
 
     Returns:
-        :class:`GenerationOutput`. ``stats``: ``prefill_tokens``, ``prefill_s``,
+        :class:`GenerationOutput`. ``logprobs``: per new token, its log-probability under the
+        distribution it was chosen from: log_softmax of the producing exit's logits (greedy
+        rows), or the log of the producing exit's probabilities after temperature, top-k and
+        top-p (sampling rows). ``self_speculative``: always the verifying (last) exit's
+        distribution, for accepted drafts too (``exit_index`` still names the draft exit k
+        for them): greedy output equals ``full``'s and so do its log-probabilities; sampled
+        output follows that distribution (the rejection rule), so the residual a rejected
+        position draws from is not reported. ``stats``: ``prefill_tokens``, ``prefill_s``,
         ``prefill_tokens_per_s``, ``decode_s``, ``new_tokens``, ``decode_tokens_per_s``,
         ``steps``, ``mean_exit``, ``exit_counts``, ``layer_fraction`` (layer evaluations per
         new token / layers; ``propagate``'s K/V writes count as their FLOP share of a layer;
@@ -229,6 +238,7 @@ def generate(model, prompts, max_new_tokens=64, mode: str = "full", exit_index: 
                         top_k=int(top_k), top_p=float(top_p)) for m in max_new]
     tokens: list[list[int]] = [[] for _ in range(b)]
     exits: list[list[int]] = [[] for _ in range(b)]
+    logprobs: list[list[float]] = [[] for _ in range(b)]
     waiting = 0
     while waiting < b or state.num_rows:
         free = slots - state.num_rows
@@ -239,7 +249,8 @@ def generate(model, prompts, max_new_tokens=64, mode: str = "full", exit_index: 
         for ev in state.step():
             tokens[ev.row_id].extend(ev.tokens)
             exits[ev.row_id].extend(ev.exits)
-    return GenerationOutput(tokens, exits, generation_stats(state, config, adapter))
+            logprobs[ev.row_id].extend(ev.logprobs)
+    return GenerationOutput(tokens, exits, generation_stats(state, config, adapter), logprobs)
 
 
 def generation_stats(state: DecodeState, config: ModeConfig, adapter: DecoderAdapter) -> dict:

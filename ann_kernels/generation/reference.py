@@ -6,6 +6,9 @@ row (``model(tokens)``: our ``CausalExitLM``'s own forward, which returns every 
 for one row, greedy: ``full`` (the last exit's argmax), ``static`` (exit k's argmax),
 ``confidence`` (the first exit whose confidence, by the pure-torch reference of the fused op,
 reaches its threshold, on the exact states: what ``kv_policy="recompute"`` must reproduce).
+``token_logprobs_reference`` scores generated tokens the same way: one whole-row forward, the
+log-probability of each token at the exit that produced it (float64; sampling filters
+written out token by token, apart from the engine's vectorised ``sampling.filtered_probs``).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 
 from ann_kernels.ops.early_exit import exit_confidence_reference
 
-__all__ = ["generate_reference", "exit_logits_reference"]
+__all__ = ["generate_reference", "exit_logits_reference", "token_logprobs_reference"]
 
 
 @torch.inference_mode()
@@ -55,3 +58,40 @@ def generate_reference(model, prompt: list[int], max_new_tokens: int, *, mode: s
         if eos_token_id is not None and t == eos_token_id:
             break
     return out, exits
+
+
+def _filtered_log_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """log p [V] float64 after temperature, top-k (the k most probable), top-p (the most
+    probable tokens until the ones before reach top_p), renormalised; -inf outside."""
+    p = torch.softmax(logits.double() / temperature, dim=-1)
+    order = sorted(range(p.numel()), key=lambda t: -float(p[t]))
+    kept = order[:top_k] if top_k > 0 else order
+    mass = sum(float(p[t]) for t in kept)
+    chosen, before = [], 0.0
+    for t in kept:
+        if chosen and before >= top_p:
+            break
+        chosen.append(t)
+        before += float(p[t]) / mass
+    out = torch.full_like(p, -math.inf)
+    total = sum(float(p[t]) for t in chosen)
+    for t in chosen:
+        out[t] = math.log(float(p[t]) / total)
+    return out
+
+
+@torch.inference_mode()
+def token_logprobs_reference(model, prompt: list[int], tokens: list[int], exits: list[int], *,
+                             do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+                             top_p: float = 1.0) -> list[float]:
+    """Log-probabilities (float64) of the new ``tokens`` after ``prompt``, token j under exit
+    ``exits[j]``'s logits at its position (one forward of prompt + tokens[:-1]): greedy,
+    log_softmax; sampling, the log of the probabilities after temperature, top-k, top-p."""
+    row = list(prompt) + list(tokens[:-1])
+    all_logits = model(torch.tensor([row], device=next(model.parameters()).device))
+    out = []
+    for j, (t, e) in enumerate(zip(tokens, exits)):
+        z = all_logits[e][0, len(prompt) - 1 + j].double()
+        lp = _filtered_log_probs(z, temperature, top_k, top_p) if do_sample else torch.log_softmax(z, dim=-1)
+        out.append(float(lp[t]))
+    return out

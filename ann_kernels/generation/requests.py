@@ -32,7 +32,8 @@ class ServerBusyError(RuntimeError):
 @dataclass
 class TokenChunk:
     """New tokens of one request from one decode step: ``token_ids`` (EOS included when hit),
-    ``exits`` (0-based exit of each), ``text`` (the new decoded text: held back while it may
+    ``exits`` (0-based exit of each), ``logprobs`` (each token's natural-log probability under
+    the distribution that produced it: the engine's ``StepEvent.logprobs``), ``text`` (the new decoded text: held back while it may
     be the start of a stop string or an incomplete UTF-8 sequence; '' without a tokenizer),
     ``finish_reason`` (None until the request's last chunk, then one of
     :data:`FINISH_REASONS`)."""
@@ -41,6 +42,7 @@ class TokenChunk:
     exits: list[int]
     text: str
     finish_reason: str | None = None
+    logprobs: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -48,7 +50,8 @@ class Completion:
     """A finished request. ``token_ids`` / ``exits``: every generated token and its exit (EOS
     included; a stop string's tokens included, its text cut); ``text``: the decoded completion
     ('' without a tokenizer), cut before a stop string; ``finish_reason``: one of
-    :data:`FINISH_REASONS`; ``prompt_tokens``: the prompt's length. Times in seconds:
+    :data:`FINISH_REASONS`; ``prompt_tokens``: the prompt's length; ``logprobs``: each
+    generated token's log-probability (as ``ann_kernels.generate``'s ``out.logprobs``). Times in seconds:
     ``queue_s`` (submit to prefill), ``ttft_s`` (submit to first token; None without tokens),
     ``inter_token_s`` (one gap per token after the first: the gap between two decode steps
     divided by the tokens the later step gave), ``e2e_s`` (submit to finish)."""
@@ -64,12 +67,14 @@ class Completion:
     inter_token_s: list[float] = field(default_factory=list)
     e2e_s: float = 0.0
     mode: str = "full"
+    logprobs: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class StepRecord:
     """One entry of the server's step log: ``index`` (0, 1, ... over the server's life),
-    ``kind`` ("prefill" or "decode"), ``mode`` (the batch's mode) and ``request_ids`` (the
+    ``kind`` ("prefill", "prefill_chunk": one chunk of a long prompt's chunked prefill, or
+    "decode"), ``mode`` (the batch's mode) and ``request_ids`` (the
     requests whose rows were in that forward, in slot order)."""
 
     index: int

@@ -21,7 +21,13 @@ One worker thread owns the batch and the KV caches. Its loop:
    client that went away) leaves the queue in the cancelling call itself, so its ``max_queue``
    slot is free at once; the worker answers it ("cancelled", no tokens) at its next iteration
    (after the step in flight, if any), never prefilling it;
-4. one decode step of every mode's batch; each row's new tokens go to its stream; rows that
+4. chunked prefill (``prefill_chunk_tokens``): a prompt longer than that which arrives while
+   rows decode is not prefilled whole in step 2 (the running rows would wait for all of it:
+   a spike in their inter-token gaps) but in chunks of at most ``prefill_chunk_tokens``
+   positions, one chunk per iteration, between decode steps (one such prompt at a time, the
+   others wait their turn FIFO; :mod:`~ann_kernels.generation.chunked_prefill`); it joins the
+   batch after its last chunk. With no row decoding, the rest of it is prefilled at once;
+5. one decode step of every mode's batch; each row's new tokens go to its stream; rows that
    hit EOS, ``max_new_tokens`` or a stop string leave at once.
 
 Every prefill and decode step is logged (:meth:`GenerationServer.steps`, from a bounded deque of
@@ -47,7 +53,8 @@ from collections import deque
 import torch
 
 from ann_kernels.generation.adapters import as_adapter
-from ann_kernels.generation.api import build_mode_config, check_prompts, check_sampling
+from ann_kernels.generation.api import check_prompts
+from ann_kernels.generation.chunked_prefill import ChunkedPrefill
 from ann_kernels.generation.requests import (
     Completion,
     GenerationFuture,
@@ -56,39 +63,12 @@ from ann_kernels.generation.requests import (
     TokenChunk,
     TokenStream,
 )
+from ann_kernels.generation.server_intake import MODE_KEYS, REQUEST_PARAMS, ServerRequest, resolve_params
 from ann_kernels.generation.server_stats import GenerationServerStats, ServerTotals
-from ann_kernels.generation.state import DecodeState, ModeConfig, RowParams
+from ann_kernels.generation.state import DecodeState, ModeConfig
 from ann_kernels.generation.text import StopTextState, encode_text
 
 __all__ = ["GenerationServer", "REQUEST_PARAMS"]
-
-# per-request parameters (and server defaults) with their defaults
-REQUEST_PARAMS = {
-    "max_new_tokens": 64, "mode": "full", "exit_index": None, "draft_len": 4, "threshold": None,
-    "criterion": "max_prob", "kv_policy": "recompute", "verify_chunk": None, "do_sample": False,
-    "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": None, "stop": None, "deadline_s": None,
-}
-_MODE_KEYS = ("mode", "exit_index", "draft_len", "threshold", "criterion", "kv_policy", "verify_chunk")
-
-
-class _Request:
-    """One request's life inside the server (worker-thread state, except ``future``)."""
-
-    __slots__ = ("id", "prompt", "params", "config", "text", "deadline", "future", "stream", "submitted",
-                 "admitted", "first", "last", "tokens", "exits", "itl", "state", "queued")
-
-    def __init__(self, rid, prompt, params, config, text, deadline, future, stream):
-        self.id, self.prompt, self.params, self.config = rid, prompt, params, config
-        self.text: StopTextState = text
-        self.deadline, self.future, self.stream = deadline, future, stream
-        self.submitted = time.perf_counter()
-        self.admitted = self.first = self.last = None
-        self.tokens: list[int] = []
-        self.exits: list[int] = []
-        self.itl: list[float] = []
-        self.state: DecodeState | None = None
-        self.queued = False  # in the server's waiting deque
-
 
 class GenerationServer:
     """Serve one causal LM with iteration-level batching (module docstring).
@@ -107,6 +87,9 @@ class GenerationServer:
         eos_token_id: None, an id or ids that end a row.
         exit_layers: for Hugging Face models (see ``generate``).
         step_log_size: entries kept in the step log (:meth:`steps`).
+        prefill_chunk_tokens: None (every prompt prefilled whole) or the most prompt positions
+            prefilled per iteration for a long prompt joining a running batch (module
+            docstring, step 4).
         mode, **generate_defaults: the defaults of every request's parameters
             (:data:`REQUEST_PARAMS`: ``max_new_tokens``, ``mode``, ``exit_index``,
             ``draft_len``, ``threshold``, ``criterion``, ``kv_policy``, ``verify_chunk``,
@@ -120,7 +103,7 @@ class GenerationServer:
 
     def __init__(self, model, tokenizer=None, *, max_batch_size: int = 32, max_wait_s: float = 0.002,
                  mode: str = "full", max_queue: int = 1024, eos_token_id=None, exit_layers=None,
-                 step_log_size: int = 100_000, **generate_defaults) -> None:
+                 step_log_size: int = 100_000, prefill_chunk_tokens: int | None = None, **generate_defaults) -> None:
         unknown = sorted(set(generate_defaults) - set(REQUEST_PARAMS))
         if unknown:
             raise ValueError(f"generate_defaults: unknown parameters {unknown}; expected some of {sorted(REQUEST_PARAMS)}")
@@ -128,6 +111,10 @@ class GenerationServer:
                                 ("step_log_size", step_log_size, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
                 raise ValueError(f"{name}: expected an int >= {lo}, got {value!r}")
+        if prefill_chunk_tokens is not None and (isinstance(prefill_chunk_tokens, bool) or not isinstance(
+                prefill_chunk_tokens, int) or prefill_chunk_tokens < 1):
+            raise ValueError(f"prefill_chunk_tokens: expected None or an int >= 1, got {prefill_chunk_tokens!r}")
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         if isinstance(max_wait_s, bool) or not isinstance(max_wait_s, (int, float)) or not 0 <= max_wait_s < math.inf:
             raise ValueError(f"max_wait_s: expected finite seconds >= 0, got {max_wait_s!r}")
         self.adapter = as_adapter(model, exit_layers)
@@ -146,14 +133,16 @@ class GenerationServer:
         else:
             self._eos = set()
         self.defaults = {**REQUEST_PARAMS, **generate_defaults, "mode": mode}
-        self._default = self._resolve(dict(self.defaults))[1]  # the defaults must make a valid request
+        # the defaults must make a valid request
+        self._default = resolve_params(self.adapter, self.tokenizer, dict(self.defaults))[1]
         self.step_log: deque[StepRecord] = deque(maxlen=step_log_size)
         self._cond = threading.Condition()
-        self._waiting: deque[_Request] = deque()
-        self._queued_deadlines: list[tuple[float, int, _Request]] = []  # heap over waiting requests (lazy)
-        self._cancelled_waiting: list[_Request] = []  # left the queue when cancelled; the worker answers them
-        self._active: dict[int, _Request] = {}
+        self._waiting: deque[ServerRequest] = deque()
+        self._queued_deadlines: list[tuple[float, int, ServerRequest]] = []  # heap over waiting requests (lazy)
+        self._cancelled_waiting: list[ServerRequest] = []  # left the queue when cancelled; the worker answers them
+        self._active: dict[int, ServerRequest] = {}
         self._states: dict[ModeConfig, DecodeState] = {}
+        self._staged: deque[ServerRequest] = deque()  # long prompts to prefill in chunks (step 4), first = current
         self._next_id = 0
         self._steps = 0
         self._closing = self._abort = False
@@ -238,36 +227,6 @@ class GenerationServer:
         return self.totals.snapshot(running=running, waiting=waiting)
 
     # ------------------------------------------------------------------ intake
-    def _resolve(self, params: dict):
-        """(RowParams, ModeConfig, stop strings, deadline_s, max_new_tokens) of merged params."""
-        p = params
-        config = build_mode_config(self.adapter, p["mode"], exit_index=p["exit_index"], draft_len=p["draft_len"],
-                                   threshold=p["threshold"], criterion=p["criterion"], kv_policy=p["kv_policy"],
-                                   verify_chunk=p["verify_chunk"])
-        m = p["max_new_tokens"]
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise ValueError(f"max_new_tokens: expected an int >= 1, got {m!r}")
-        if p["do_sample"]:
-            check_sampling(p["temperature"], p["top_k"], p["top_p"])
-        seed, generator = p["seed"], None
-        if seed is not None:
-            if isinstance(seed, bool) or not isinstance(seed, int):
-                raise ValueError(f"seed: expected an int or None, got {seed!r}")
-            generator = torch.Generator(device=self.adapter.device).manual_seed(seed % (1 << 63))
-        stop = p["stop"]
-        stop = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
-        if any(not isinstance(s, str) or not s for s in stop):
-            raise ValueError(f"stop: expected non-empty strings, got {p['stop']!r}")
-        if stop and self.tokenizer is None:
-            raise ValueError("stop: stop strings need a tokenizer (GenerationServer(model, tokenizer))")
-        deadline = p["deadline_s"]
-        if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
-                                     or not deadline > 0):
-            raise ValueError(f"deadline_s: expected seconds > 0 or None, got {deadline!r}")
-        row = RowParams(max_new_tokens=m, do_sample=bool(p["do_sample"]), temperature=float(p["temperature"]),
-                        top_k=int(p["top_k"]), top_p=float(p["top_p"]), generator=generator)
-        return row, config, stop, deadline, m
-
     def _enqueue(self, prompt, params: dict, stream: bool) -> TokenStream:
         if self._closing:
             raise RuntimeError("server: closed (draining); send the request elsewhere")
@@ -284,8 +243,8 @@ class GenerationServer:
         ids = [int(t) for t in ids]
         base = self.defaults
         if "mode" in params:  # a request's own mode: the server's mode settings do not leak into it
-            base = {**base, **{k: REQUEST_PARAMS[k] for k in _MODE_KEYS if k not in ("mode", "criterion")}}
-        row, config, stop, deadline, max_new = self._resolve({**base, **params})
+            base = {**base, **{k: REQUEST_PARAMS[k] for k in MODE_KEYS if k not in ("mode", "criterion")}}
+        row, config, stop, deadline, max_new = resolve_params(self.adapter, self.tokenizer, {**base, **params})
         if not ids:
             raise ValueError("prompt: empty prompt (a request needs at least one token)")
         check_prompts([ids], self.adapter.vocab_size, self.max_len, [max_new])
@@ -301,7 +260,7 @@ class GenerationServer:
             future = GenerationFuture(rid)
             token_stream = TokenStream(future)
             text = StopTextState(self.tokenizer, stop, self._eos, incremental=stream or bool(stop))
-            req = _Request(rid, ids, row, config, text, None, future, token_stream if stream else None)
+            req = ServerRequest(rid, ids, row, config, text, None, future, token_stream if stream else None)
             if deadline is not None:
                 req.deadline = req.submitted + deadline
                 heapq.heappush(self._queued_deadlines, (req.deadline, rid, req))
@@ -312,7 +271,7 @@ class GenerationServer:
             self._cond.notify_all()
         return token_stream
 
-    def _on_future_done(self, req: _Request, future: GenerationFuture) -> None:
+    def _on_future_done(self, req: ServerRequest, future: GenerationFuture) -> None:
         """A request's future is done (on the thread that made it so): when it was cancelled while
         still waiting, take it out of the queue now, freeing its ``max_queue`` slot; the worker
         answers it at its next iteration."""
@@ -356,15 +315,17 @@ class GenerationServer:
             try:
                 self._admit(take)
                 self._drop_stopped()
+                self._prefill_chunks()
                 for config in list(self._states):
                     self._decode(config)
             except Exception as error:  # noqa: BLE001  a bug here must not strand requests
                 for req in list(self._active.values()):
                     self._fail(req, error)
                 self._states.clear()
+                self._staged.clear()
         self._shutdown()
 
-    def _pop_expired_waiting(self) -> list[_Request]:
+    def _pop_expired_waiting(self) -> list[ServerRequest]:
         """Waiting requests whose deadline has passed, taken out of the queue (call holding
         ``_cond``). Heap entries of requests already admitted are skipped as they surface, and
         the heap is emptied whenever the queue is, so it never outgrows the requests in flight."""
@@ -400,6 +361,7 @@ class GenerationServer:
                 req.state = None
             self._fail(req, error)
         self._states.clear()
+        self._staged.clear()
 
     def _log(self, kind: str, mode: str, ids) -> None:
         record = StepRecord(self._steps, kind, mode, tuple(ids))
@@ -415,15 +377,19 @@ class GenerationServer:
             self._states[config] = state
         return state
 
-    def _admit(self, take: list[_Request]) -> None:
+    def _admit(self, take: list[ServerRequest]) -> None:
         """Prefill the taken requests, batched per mode; a failing batch is retried row by row."""
         now = time.perf_counter()
-        groups: dict[ModeConfig, list[_Request]] = {}
+        groups: dict[ModeConfig, list[ServerRequest]] = {}
+        chunk = self.prefill_chunk_tokens
+        decoding = chunk is not None and any(st.num_rows for st in self._states.values())
         for req in take:
             if req.future.cancelled():
                 self._finish(req, "cancelled")
             elif req.deadline is not None and now >= req.deadline:
                 self._finish(req, "deadline")
+            elif decoding and len(req.prompt) - 1 > chunk:
+                self._staged.append(req)
             else:
                 groups.setdefault(req.config, []).append(req)
         for config, reqs in groups.items():
@@ -432,7 +398,7 @@ class GenerationServer:
                 for req in reqs:  # find the request that fails: the others go on
                     self._prefill(self._state_for(config), [req])
 
-    def _prefill(self, state: DecodeState, reqs: list[_Request]) -> bool:
+    def _prefill(self, state: DecodeState, reqs: list[ServerRequest]) -> bool:
         ids = [r.id for r in reqs]
         t0 = time.perf_counter()
         try:
@@ -458,7 +424,7 @@ class GenerationServer:
         return True
 
     def _drop_stopped(self) -> None:
-        """Rows cancelled or past their deadline leave their batch now."""
+        """Rows cancelled or past their deadline leave their batch (or the chunked prefill) now."""
         now = time.perf_counter()
         for req in list(self._active.values()):
             if req.future.cancelled():
@@ -468,15 +434,47 @@ class GenerationServer:
                 self._remove_row(req)
                 self._finish(req, "deadline")
 
-    def _remove_row(self, req: _Request) -> None:
+    def _remove_row(self, req: ServerRequest) -> None:
         if req.state is not None and req.id in req.state.row_ids:
             req.state.remove_rows([req.id])
         req.state = None
+        if req in self._staged:
+            self._staged.remove(req)
+        req.chunked = None
+
+    def _prefill_chunks(self) -> None:
+        """Step 4 of the module docstring: up to ``prefill_chunk_tokens`` positions of the
+        staged prompts (the first one's, then the next's), or all that is left when no row
+        decodes; a prompt whose last chunk is in joins its batch."""
+        budget = self.prefill_chunk_tokens
+        while self._staged and budget > 0:
+            req = self._staged[0]
+            t0 = time.perf_counter()
+            try:
+                if req.chunked is None:
+                    req.chunked = ChunkedPrefill(self._state_for(req.config), req.prompt, req.params, req.id)
+                state = req.chunked.state
+                if self._states.get(req.config) is not state:
+                    raise RuntimeError("server: the batch this prompt was prefilled for failed and was rebuilt")
+                if not any(st.num_rows for st in self._states.values()):
+                    budget = req.chunked.total  # nobody waits for tokens: no reason to cut it
+                budget -= req.chunked.run_chunk(budget)
+                self._log("prefill_chunk", state.config.mode, [req.id])
+                if req.chunked.finished:
+                    self._staged.popleft()
+                    req.state = state  # (a join that fails midway is undone by _remove_row)
+                    req.chunked.join()
+                    req.chunked, req.admitted = None, time.perf_counter()
+                    self.totals.prompt_tokens += len(req.prompt)
+            except Exception as error:  # noqa: BLE001  this prompt fails alone
+                self._remove_row(req)
+                self._fail(req, error)
+            self.totals.busy_s += time.perf_counter() - t0
 
     def _decode(self, config: ModeConfig) -> None:
         state = self._states[config]
         if state.num_rows == 0:
-            if config != self._default:
+            if config != self._default and not any(r.config == config for r in self._staged):
                 del self._states[config]  # free a non-default mode's cache
             return
         ids = list(state.row_ids)
@@ -505,12 +503,12 @@ class GenerationServer:
             if ev.finished:
                 req.state = None
             try:
-                self._on_tokens(req, ev.tokens, ev.exits, ev.reason, now)
+                self._on_tokens(req, ev.tokens, ev.exits, ev.logprobs, ev.reason, now)
             except Exception as error:  # noqa: BLE001  e.g. the tokenizer failed on this row
                 self._remove_row(req)
                 self._fail(req, error)
 
-    def _on_tokens(self, req: _Request, tokens, exits, reason, now: float) -> None:
+    def _on_tokens(self, req: ServerRequest, tokens, exits, logprobs, reason, now: float) -> None:
         """Record a row's new tokens, send the chunk, finish the row when it is done."""
         t = self.totals
         t.generated_tokens += len(tokens)
@@ -524,16 +522,17 @@ class GenerationServer:
         req.last = now
         req.tokens.extend(tokens)
         req.exits.extend(exits)
+        req.logprobs.extend(logprobs)
         text, stopped = req.text.add(tokens, final=reason is not None)
         if stopped:
             self._remove_row(req)
             reason = "stop"
         if reason is not None:
-            self._finish(req, reason, TokenChunk(list(tokens), list(exits), text, reason))
+            self._finish(req, reason, TokenChunk(list(tokens), list(exits), text, reason, list(logprobs)))
         elif req.stream is not None:
-            req.stream.push(TokenChunk(list(tokens), list(exits), text, None))
+            req.stream.push(TokenChunk(list(tokens), list(exits), text, None, list(logprobs)))
 
-    def _finish(self, req: _Request, reason: str, last_chunk: TokenChunk | None = None) -> None:
+    def _finish(self, req: ServerRequest, reason: str, last_chunk: TokenChunk | None = None) -> None:
         now = time.perf_counter()
         if req.stream is not None:
             req.stream.push(last_chunk if last_chunk is not None else TokenChunk([], [], req.text.flush(), reason))
@@ -545,7 +544,7 @@ class GenerationServer:
             text=req.text.text, finish_reason=reason,
             queue_s=(req.admitted if req.admitted is not None else now) - req.submitted,
             ttft_s=None if req.first is None else req.first - req.submitted, inter_token_s=req.itl,
-            e2e_s=now - req.submitted, mode=req.config.mode)
+            e2e_s=now - req.submitted, mode=req.config.mode, logprobs=req.logprobs)
         with self._cond:
             self._active.pop(req.id, None)
         self.totals.finished(reason)
@@ -560,7 +559,7 @@ class GenerationServer:
             except Exception:  # noqa: BLE001  a metrics bug must not break serving
                 pass
 
-    def _fail(self, req: _Request, error: BaseException) -> None:
+    def _fail(self, req: ServerRequest, error: BaseException) -> None:
         if req.stream is not None:
             req.stream.push(error)
         with self._cond:

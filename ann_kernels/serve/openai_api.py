@@ -2,10 +2,14 @@
 the ``openai`` Python client, vLLM's and SGLang's benchmark clients and LangChain's OpenAI
 wrapper call):
 
-- ``POST /v1/completions``: bodies and answers in :mod:`.openai_schema`; ``stream: true``
+- ``POST /v1/completions``: bodies and answers in :mod:`.openai_schema` (``n`` choices per prompt:
+  one row each, in ``index`` order); ``stream: true``
   answers server-sent events (``data: {chunk}`` per decode step that gave the request new
   text or tokens, ``data: [DONE]`` last); a client that disconnects mid-stream (or
   mid-request) cancels its rows, which leave the batch before the next decode step;
+- ``POST /v1/chat/completions``: the same over a conversation (``messages`` made into one
+  prompt by the tokenizer's chat template or a minimal one: :mod:`.openai_chat`), answered in
+  the chat shape;
 - ``GET /v1/models`` and ``GET /v1/models/{name}``: the served model (``max_model_len``,
   ``num_exits`` extra);
 - ``GET /stats``: :meth:`GenerationServer.stats`; ``GET /healthz``: 200, or 503 while draining.
@@ -25,6 +29,8 @@ import time
 import uuid
 
 from ann_kernels.generation.requests import ServerBusyError
+from ann_kernels.serve.openai_chat import ChatShape, decode_chat_body
+from ann_kernels.serve.openai_logprobs import CompletionLogprobs
 from ann_kernels.serve.openai_schema import FINISH_REASON, FieldError, decode_completion_body, error_body
 from ann_kernels.serve.state import ProtocolError, ServingState
 
@@ -68,11 +74,11 @@ def _submit_all(state: ServingState, req):
     state.accept()
     handles = []
     try:
-        for prompt in req.prompts:
+        for prompt, params in req.choices():
             if req.stream:
-                handles.append(state.server.stream(prompt, **req.params))
+                handles.append(state.server.stream(prompt, **params))
             else:
-                handles.append(state.server.submit(prompt, **req.params))
+                handles.append(state.server.submit(prompt, **params))
     except Exception as exc:
         for h in handles:
             h.cancel()
@@ -87,13 +93,32 @@ def _submit_all(state: ServingState, req):
     return handles
 
 
-def _choice(index: int, text: str, exits, reason) -> dict:
-    return {"index": index, "text": text, "logprobs": None,
+def _choice(index: int, text: str, exits, reason, logprobs=None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs,
             "finish_reason": None if reason is None else FINISH_REASON[reason], "exit_index": list(exits)}
 
 
-def _usage(completions) -> dict:
-    prompt = sum(c.prompt_tokens for c in completions)
+class CompletionShape:
+    """How ``/v1/completions`` answers look: the object names and a choice of a finished
+    :class:`~ann_kernels.generation.requests.Completion` or of a streamed chunk (``lp``: its
+    :class:`CompletionLogprobs` object or None); :class:`.openai_chat.ChatShape` is the chat
+    route's."""
+
+    object = chunk_object = "text_completion"
+    id_prefix = "cmpl-"
+
+    @staticmethod
+    def choice(index: int, completion, lp) -> dict:
+        return _choice(index, completion.text, completion.exits, completion.finish_reason, lp)
+
+    @staticmethod
+    def chunk_choice(index: int, chunk, lp, first: bool) -> dict:
+        return _choice(index, chunk.text, chunk.exits, chunk.finish_reason, lp)
+
+
+def _usage(completions, n: int) -> dict:
+    """OpenAI's usage: a prompt counts once however many choices it has (``n``)."""
+    prompt = sum(c.prompt_tokens for c in completions[::n])
     generated = sum(len(c.token_ids) for c in completions)
     return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
 
@@ -124,9 +149,10 @@ def _sse(payload) -> bytes:
 
 
 def add_openai_routes(app, state: ServingState) -> None:
-    """Register ``/v1/completions``, ``/v1/models``, ``/stats`` and ``/healthz`` on ``app``."""
+    """Register ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``, ``/stats`` and
+    ``/healthz`` on ``app``."""
     import fastapi
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse
 
     server = state.server
     created = int(time.time())
@@ -154,34 +180,53 @@ def add_openai_routes(app, state: ServingState) -> None:
 
     @app.post("/v1/completions")
     async def completions(request: fastapi.Request):
-        started = time.perf_counter()
-        try:
-            req = decode_completion_body(await state.read_body(request), state.model.name)
-            handles = _submit_all(state, req)
-        except ProtocolError as exc:
-            response = _error(exc, {"Retry-After": "1"} if exc.status == 429 else None)
-            state.finish(PROTOCOL, exc.status, started)
-            return response
-        cid = f"cmpl-{uuid.uuid4().hex}"
-        head = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": state.model.name}
-        if req.stream:
-            return StreamingResponse(_events(state, req, handles, head, started), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        try:
-            done = await _wait_all(state, request, handles)
-            response = JSONResponse({**head, "choices": [_choice(i, c.text, c.exits, c.finish_reason)
-                                                         for i, c in enumerate(done)], "usage": _usage(done)})
-        except ProtocolError as exc:
-            response = _error(exc)
-        finally:
-            state.release()
-        state.finish(PROTOCOL, response.status_code, started)
+        return await _complete(state, request, lambda body: decode_completion_body(body, state.model.name),
+                               CompletionShape)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: fastapi.Request):
+        return await _complete(state, request, lambda body: decode_chat_body(body, state.model.name, server),
+                               ChatShape)
+
+
+async def _complete(state: ServingState, request, decode, shape):
+    """One completions-style request: ``decode(body)`` -> CompletionRequest, answered in
+    ``shape`` (:class:`CompletionShape` or :class:`.openai_chat.ChatShape`)."""
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    started = time.perf_counter()
+    try:
+        req = decode(await state.read_body(request))
+        handles = _submit_all(state, req)
+    except ProtocolError as exc:
+        response = _error(exc, {"Retry-After": "1"} if exc.status == 429 else None)
+        state.finish(PROTOCOL, exc.status, started)
         return response
+    head = {"id": f"{shape.id_prefix}{uuid.uuid4().hex}", "object": shape.object, "created": int(time.time()),
+            "model": state.model.name}
+    if req.stream:
+        events = _events(state, req, handles, {**head, "object": shape.chunk_object}, started, shape)
+        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    try:
+        done = await _wait_all(state, request, handles)
+        decode_text = state.server.decode
+        choices = [shape.choice(i, c, None if req.logprobs is None
+                                else CompletionLogprobs(decode_text).add(c.token_ids, c.logprobs))
+                   for i, c in enumerate(done)]
+        response = JSONResponse({**head, "choices": choices, "usage": _usage(done, req.n)})
+    except ProtocolError as exc:
+        response = _error(exc)
+    finally:
+        state.release()
+    state.finish(PROTOCOL, response.status_code, started)
+    return response
 
 
-async def _events(state: ServingState, req, streams, head: dict, started: float):
+async def _events(state: ServingState, req, streams, head: dict, started: float, shape=CompletionShape):
     """The server-sent events of a streamed request (module docstring)."""
     queue: asyncio.Queue = asyncio.Queue()
+    builders = None if req.logprobs is None else [CompletionLogprobs(state.server.decode) for _ in streams]
+    first = [True] * len(streams)  # the chat shape names the role in a choice's first delta
 
     async def pump(index, stream):
         try:
@@ -208,10 +253,12 @@ async def _events(state: ServingState, req, streams, head: dict, started: float)
                 yield _sse(error_body(status, f"model: {type(item).__name__}: {item}"))
                 break
             if item.text or item.token_ids or item.finish_reason is not None:
-                yield _sse({**head, "choices": [_choice(index, item.text, item.exits, item.finish_reason)]})
+                lp = None if builders is None else builders[index].add(item.token_ids, item.logprobs)
+                yield _sse({**head, "choices": [shape.chunk_choice(index, item, lp, first[index])]})
+                first[index] = False
         if status == 200 and req.include_usage:
             done = [s.future.result() for s in streams]
-            yield _sse({**head, "choices": [], "usage": _usage(done)})
+            yield _sse({**head, "choices": [], "usage": _usage(done, req.n)})
         yield _sse(b"[DONE]")
     except BaseException:  # the client went away (the response task is cancelled) or a bug
         status = 499

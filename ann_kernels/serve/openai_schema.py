@@ -13,17 +13,19 @@ Request ``POST /v1/completions``:
 | ``top_p`` | number in (0, 1] | 1 | nucleus sampling |
 | ``stop`` | str, [str] (<= 16) or null | null | stop strings (not returned) |
 | ``seed`` | int or null | null | the row's own generator: reproducible sampling |
-| ``n`` | 1 | 1 | only 1 |
+| ``n`` | int in [1, 16] | 1 | choices per prompt (each its own row); choice ``index`` = prompt position x n + j (as OpenAI and vLLM order list prompts x n); with ``seed`` s, choice j samples with seed s + j (vLLM's rule), so each is reproducible |
 | ``stream`` | bool | false | server-sent events, ``data: [DONE]`` last |
 | ``stream_options`` | ``{"include_usage": bool}`` | | a last chunk with ``usage`` and no choices |
-| ``echo``, ``logprobs``, ``best_of``, ``suffix``, penalties, ``logit_bias`` | | off | only their "off" values |
+| ``best_of`` | null or n | null | only equal to ``n`` (no re-ranking) |
+| ``logprobs`` | null or 0 | null | 0: each choice's ``logprobs`` (tokens, token_logprobs, text_offset; ``top_logprobs`` null: :mod:`.openai_logprobs`); >= 1 (top alternatives) -> 400 |
+| ``echo``, ``suffix``, penalties, ``logit_bias`` | | off | only their "off" values |
 | ``user`` | str | | ignored |
 | ``top_k`` (extra) | int >= 0 | 0 | top-k sampling (as vLLM's extra field) |
 | ``early_exit`` (extra) | object | the server's mode | ``{"mode", "exit_index", "threshold", "draft_len", "criterion", "kv_policy"}`` |
 | ``deadline_s`` (extra) | number > 0 | none | seconds; past it the row stops (``finish_reason`` "length") |
 
 Answer: ``{"id": "cmpl-...", "object": "text_completion", "created", "model", "choices":
-[{"index", "text", "logprobs": null, "finish_reason": "stop" | "length", "exit_index": [...]}],
+[{"index", "text", "logprobs": null or {...}, "finish_reason": "stop" | "length", "exit_index": [...]}],
 "usage": {"prompt_tokens", "completion_tokens", "total_tokens"}}``. ``exit_index`` (extra) is
 the 0-based exit that produced each generated token (EOS included). ``finish_reason``: "stop"
 for EOS or a stop string, "length" for ``max_tokens`` or the deadline.
@@ -40,21 +42,24 @@ import math
 
 from ann_kernels.serve.state import ProtocolError
 
-__all__ = ["CompletionRequest", "decode_completion_body", "error_body", "FINISH_REASON", "DEFAULT_MAX_TOKENS"]
+__all__ = ["CompletionRequest", "decode_completion_body", "decode_completion_payload", "error_body", "FieldError",
+           "FINISH_REASON", "DEFAULT_MAX_TOKENS", "parse_json_object"]
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default
 MAX_STOP = 16
-MAX_PROMPTS = 64
+MAX_PROMPTS = 64  # prompts x n (choices) per request
+MAX_N = 16
+MAX_LOGPROBS = 5  # OpenAI's bound for the completions API's logprobs
 # our finish reasons -> OpenAI's
 FINISH_REASON = {"eos": "stop", "stop": "stop", "length": "length", "deadline": "length", "cancelled": "stop"}
 ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
                422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 ERROR_CODES = {404: "model_not_found", 413: "request_too_large", 429: "server_busy", 503: "service_unavailable"}
 # OpenAI fields we accept only at their "off" value
-OFF_VALUES = {"echo": (False, None), "logprobs": (None,), "best_of": (1, None), "suffix": (None, ""),
+OFF_VALUES = {"echo": (False, None), "suffix": (None, ""),
               "presence_penalty": (0, 0.0, None), "frequency_penalty": (0, 0.0, None), "logit_bias": (None, {})}
-KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream", "stream_options",
-         "user", "top_k", "early_exit", "deadline_s", *OFF_VALUES}
+KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "best_of", "logprobs", "stream",
+         "stream_options", "user", "top_k", "early_exit", "deadline_s", *OFF_VALUES}
 EARLY_EXIT_KEYS = {"mode", "exit_index", "threshold", "draft_len", "criterion", "kv_policy"}
 
 
@@ -74,11 +79,25 @@ def error_body(status: int, message: str, param: str | None = None) -> dict:
 
 class CompletionRequest:
     """A decoded request: ``prompts`` (strings or token-id lists), ``params`` (GenerationServer
-    parameters, shared by the prompts), ``stream``, ``include_usage``, ``model``."""
+    parameters, shared by the prompts), ``n`` (choices per prompt), ``logprobs`` (None or 0),
+    ``stream``, ``include_usage``, ``model``."""
 
-    def __init__(self, prompts, params: dict, stream: bool, include_usage: bool, model: str) -> None:
-        self.prompts, self.params, self.stream, self.include_usage, self.model = (
-            prompts, params, stream, include_usage, model)
+    def __init__(self, prompts, params: dict, stream: bool, include_usage: bool, model: str, n: int = 1,
+                 logprobs: int | None = None) -> None:
+        self.prompts, self.params, self.stream, self.include_usage, self.model, self.n = (
+            prompts, params, stream, include_usage, model, n)
+        self.logprobs = logprobs
+
+    def choices(self):
+        """(prompt, params) of every choice in ``index`` order: prompt i's n choices are
+        indices i * n .. i * n + n - 1; with a ``seed`` s, choice j of a prompt samples with
+        seed s + j (vLLM ``v1/engine/parallel_sampling.py``,
+        ``ParentRequest._get_child_sampling_params``: a child's ``seed = seed + index``), so
+        choice 0 equals the n = 1 answer."""
+        seed = self.params.get("seed")
+        for prompt in self.prompts:
+            for j in range(self.n):
+                yield prompt, (self.params if seed is None or j == 0 else {**self.params, "seed": seed + j})
 
 
 def _number(payload, name, lo, hi, *, lo_open=False):
@@ -122,15 +141,26 @@ def _early_exit(value) -> dict:
     return {k: v for k, v in value.items() if v is not None or k == "threshold"}
 
 
-def decode_completion_body(body: bytes, served_model: str) -> CompletionRequest:
-    """A :class:`CompletionRequest` from the body; FieldError 400 (not a JSON object), 404 (another
-    model), 422 (a field's type or value) otherwise."""
+def parse_json_object(body: bytes, required: str) -> dict:
+    """The body's JSON object; FieldError 400 when it is not valid JSON or not an object."""
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise FieldError(400, None, f"body: not valid JSON ({exc})") from None
     if not isinstance(payload, dict):
-        raise FieldError(400, None, "body: expected a JSON object with 'model' and 'prompt'")
+        raise FieldError(400, None, f"body: expected a JSON object with 'model' and '{required}'")
+    return payload
+
+
+def decode_completion_body(body: bytes, served_model: str) -> CompletionRequest:
+    """A :class:`CompletionRequest` from the body; FieldError 400 (not a JSON object), 404 (another
+    model), 422 (a field's type or value) otherwise."""
+    return decode_completion_payload(parse_json_object(body, "prompt"), served_model)
+
+
+def decode_completion_payload(payload: dict, served_model: str) -> CompletionRequest:
+    """:func:`decode_completion_body` after the JSON parse (the chat route maps its body onto
+    this one)."""
     unknown = sorted(set(payload) - KNOWN)
     if unknown:
         raise FieldError(422, unknown[0], f"body: unknown fields {unknown} (our own settings go in 'early_exit')")
@@ -166,8 +196,24 @@ def decode_completion_body(body: bytes, served_model: str) -> CompletionRequest:
             raise FieldError(422, "stop", f"stop: expected a non-empty string or up to {MAX_STOP} of them, "
                                           f"got {payload['stop']!r}")
         params["stop"] = stop
-    if payload.get("n", 1) != 1:
-        raise FieldError(422, "n", f"n: only n = 1 is supported, got {payload['n']!r}")
+    n = 1 if payload.get("n") is None else _int(payload, "n", 1)
+    if n > MAX_N:
+        raise FieldError(422, "n", f"n: at most {MAX_N} choices per prompt, got {n}")
+    if len(prompts) * n > MAX_PROMPTS:
+        raise FieldError(422, "n", f"n: {len(prompts)} prompts x n {n} = {len(prompts) * n} choices; at most "
+                                   f"{MAX_PROMPTS} per request")
+    if payload.get("best_of") is not None and payload["best_of"] != n:
+        raise FieldError(422, "best_of", f"best_of: only null or equal to n ({n}) is supported, got "
+                                         f"{payload['best_of']!r}")
+    logprobs = payload.get("logprobs")
+    if logprobs is not None:
+        if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= MAX_LOGPROBS:
+            raise FieldError(422, "logprobs", f"logprobs: expected an integer in [0, {MAX_LOGPROBS}] or null, "
+                                              f"got {logprobs!r}")
+        if logprobs > 0:
+            raise FieldError(400, "logprobs", f"logprobs: {logprobs} top alternatives per token are not available "
+                                              "(the engine returns the chosen token's log-probability only); "
+                                              "logprobs: 0 gives tokens, token_logprobs and text_offset")
     if payload.get("deadline_s") is not None:
         params["deadline_s"] = _number(payload, "deadline_s", 0.0, 1e9, lo_open=True)
     if payload.get("early_exit") is not None:
@@ -180,4 +226,5 @@ def decode_completion_body(body: bytes, served_model: str) -> CompletionRequest:
         raise FieldError(422, "stream_options", f"stream_options: expected {{'include_usage': bool}}, got {options!r}")
     if options and not stream:
         raise FieldError(422, "stream_options", "stream_options: only with stream: true")
-    return CompletionRequest(prompts, params, bool(stream), bool(options.get("include_usage")), served_model)
+    return CompletionRequest(prompts, params, bool(stream), bool(options.get("include_usage")), served_model, n,
+                             logprobs)
