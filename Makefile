@@ -15,10 +15,14 @@ $(PY):
 
 # torch==2.13.0 is the CPU wheel that lies on this machine's disk; an unpinned torch
 # would pull a multi-GB CUDA build. Install it only when the venv has no torch yet.
+# kserve 0.21 (its V2 REST client is a test oracle) needs protobuf < 7; ray[serve]'s unbounded
+# grpcio-reflection needs protobuf >= 7 from 1.82 on, so it is held below 1.82 (also in a venv
+# made before these pins, where pip would otherwise keep a newer one).
 $(VENV)/.deps: pyproject.toml | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	$(PIP) install -q setuptools wheel numpy pybind11 ninja tqdm matplotlib pytest hypothesis triton tokenizers \
-		fastapi uvicorn prometheus_client transformers openai 'tritonclient[http]' 'ray[serve]'
+		fastapi uvicorn prometheus_client transformers openai 'tritonclient[http]' 'ray[serve]' \
+		kserve==0.21.0 'protobuf>=6.33.5,<7' 'grpcio-reflection<1.82'
 	touch $@
 
 # --no-build-isolation: compile against the torch installed above.

@@ -23,7 +23,8 @@ Per batch size (1, 8, 32), interleaved rounds over every provider (``bench/commo
   wall time, prefill included on both sides), and ``assistant_early_exit`` at batch 1;
 - engine overhead at batch 8: a ``full`` decode step against the same layer calls on the same
   shapes with nothing else (no cache writes, masks, sampling or bookkeeping), interleaved rep by
-  rep with the engine steps.
+  rep with the engine steps; on CPU with ``--threads 1`` both timed in this thread's CPU time
+  (``time.thread_time``), so other processes' load on a shared machine does not count.
 
 Decode tokens/s come from ``out.stats`` (prefill apart); medians over rounds.
 Usage: ``python bench/bench_generate.py [--quick] [--checkpoint P] [--batch-sizes 1 8 32]
@@ -97,8 +98,11 @@ def median_stat(outs, key):
 def engine_overhead(model, prompts, new_tokens, reps):
     """(engine step s, bare layer-calls s) medians of full decode steps at this batch. The two
     are interleaved rep by rep (one bare pass at the state's current window, then one engine
-    step), so load swings on a shared machine hit both alike."""
+    step), so load swings on a shared machine hit both alike; on CPU with one thread the clock
+    is this thread's CPU time (time spent descheduled by other processes is not counted)."""
     ad = as_adapter(model)
+    # one CPU thread: its CPU time; else (intra-op threads, a GPU) wall time
+    clock = time.thread_time if ad.device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
     b = len(prompts)
     st = DecodeState(ad, ModeConfig("full"), max_batch_size=b, max_positions=max(map(len, prompts)) + new_tokens + reps)
     st.add_rows(prompts, [RowParams(new_tokens + reps)] * b, list(range(b)))
@@ -107,7 +111,7 @@ def engine_overhead(model, prompts, new_tokens, reps):
     for _ in range(reps):
         window = int(st.length[:b].max())
         pos = torch.full((b, 1), window - 1)
-        t0 = time.perf_counter()
+        t0 = clock()
         h = ad.embed(x, pos)
         for i in range(ad.num_layers):
             q, k, v = ad.qkv(i, h, None)
@@ -115,10 +119,10 @@ def engine_overhead(model, prompts, new_tokens, reps):
             a = torch.nn.functional.scaled_dot_product_attention(q, keys, values)
             h = ad.finish_layer(i, h, a.transpose(1, 2).reshape(b, 1, -1))
         ad.exit_logits(h[:, 0], ad.num_exits - 1).argmax(-1).tolist()
-        bare.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
+        bare.append(clock() - t0)
+        t0 = clock()
         st.step()
-        steps.append(time.perf_counter() - t0)
+        steps.append(clock() - t0)
     return statistics.median(steps), statistics.median(bare)
 
 

@@ -26,13 +26,14 @@ alone at the full batch (p20), against the best of several interleaved saturatio
 (machine load only ever slows a round); target: measured gain >= 0.85 x the time-ideal gain.
 
 Usage: ``python bench/bench_serving.py [--device cpu] [--quick] [--out DIR] [--threads 1]
-[--slo-ms 50] [--checkpoint runs/x/last.pt] [--nets resann mlp] [--gc-freeze]``. Writes ``serving.csv`` (long format,
+[--slo-ms 50] [--checkpoint runs/x/last.pt] [--nets resann mlp] [--gc-freeze] [--gc-threshold N]``. Writes ``serving.csv`` (long format,
 appended) and ``serving.png`` (p99 latency vs offered load) to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import queue
@@ -315,7 +316,14 @@ def main(argv=None) -> int:
                         help="gc.freeze() after building the models, as a deployment would after loading: the "
                              "cyclic collector then no longer rescans torch's ~10^5 long-lived objects while "
                              "requests allocate their futures and results")
+    parser.add_argument("--gc-threshold", type=int, default=None,
+                        help="gc.set_threshold(N) for the young generation (Python's default: 700 net "
+                             "allocations of tracked objects per young collection; the others unchanged)")
     args = parser.parse_args(argv)
+    if args.gc_threshold is not None:
+        if args.gc_threshold < 1:
+            parser.error(f"--gc-threshold: expected a positive int, got {args.gc_threshold}")
+        gc.set_threshold(args.gc_threshold, *gc.get_threshold()[1:])
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device")
     args.seconds = args.seconds or (0.6 if args.quick else 2.0)
@@ -339,8 +347,6 @@ def main(argv=None) -> int:
             model, pool = mlp_ann(), torch.randn(4096, 256)
         print(f"{net}: ...", flush=True)
         if args.gc_freeze:
-            import gc
-
             gc.collect()
             gc.freeze()
         bench_network(net, model, pool, args, csv, summary, device)
@@ -348,7 +354,9 @@ def main(argv=None) -> int:
     png = os.path.join(args.out, "serving.png")
     plot(summary, png, args.slo_ms)
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} thread(s), device {args.device}, "
-          f"max batch {MAX_BATCH}, max wait {args.max_wait_ms} ms, SLO p99 {args.slo_ms} ms, commit {csv.commit}")
+          f"max batch {MAX_BATCH}, max wait {args.max_wait_ms} ms, SLO p99 {args.slo_ms} ms, commit {csv.commit}, "
+          f"gc.freeze {'on' if args.gc_freeze else 'off'}, gc thresholds {gc.get_threshold()}, "
+          f"load average {os.getloadavg()[0]:.1f}")
     for s in summary:
         sat = s["sat"]
         print(f"{s['net']:>6}: saturation rows/s early-exit {sat['server_early_exit']:.0f}, full-depth "

@@ -1,13 +1,13 @@
 """Train the benchmark early-exit LM that generation benchmarks load (issue 17, item 5).
 
-An early-exit causal transformer (6 layers, width 128, an exit after every layer, one LM
+An early-exit causal transformer (8 layers, width 192, an exit after every layer, one LM
 head tied to the embedding, LayerSkip's recipe: layer dropout rising with depth to 0.1 and
 the early-exit loss with ``sum`` scales and the ``gradual`` curriculum) trained on the
-CPython standard library's source (byte-level BPE, 2048 tokens, split by file): 300 steps,
-estimated ~5-8 minutes on 2 idle CPU cores (0.8-1.7 s per step measured at load ~1 for a
-4096-token variant); about 55 minutes on the shared machine at load ~17. That budget was
-sized for the shared machine and is too small for the exits to differ much (measured numbers
-in ``docs/lm_training.md``); ``--epochs`` / ``--limit-train`` train longer (a larger budget is
+CPython standard library's source (byte-level BPE, 2048 tokens, split by file): 1600 steps,
+an estimated 10-15 minutes on 2 idle CPU cores (0.37 s per step measured idle in the first
+epoch), about 50 minutes on a machine shared with four other jobs. Its exits differ usefully
+(test perplexity 80 at the first exit, 40 at the last; numbers in ``docs/lm_training.md``);
+``--epochs`` / ``--limit-train`` train longer (a larger budget is
 a different run: it goes to another ``--out`` or needs ``--force``).
 
     python scripts/train_bench_lm.py                 # train (or reuse) runs/bench_lm/
@@ -35,11 +35,11 @@ import torch
 from ann_kernels.nn.causal_lm import causal_exit_lm
 from ann_kernels.train.lm import LM_FORMAT, evaluate_lm, load_text_data, plot_lm, train_lm
 
-# 2 epochs x 150 steps x 16 sequences x 128 tokens = 0.6 M training tokens (sized for a shared
-# 2-core machine: ~1.2 CPU-s per step with 2 threads).
-BENCH = {"vocab_size": 2048, "seq_len": 128, "batch_size": 16, "epochs": 2, "limit_train": 2400, "limit_eval": 100,
-         "lr": 3e-3, "warmup_steps": 30,
-         "model": {"dim": 128, "layers": 6, "heads": 4, "layer_dropout": 0.1, "layer_dropout_scale": "exp"},
+# 4 epochs x 400 steps x 16 sequences x 128 tokens = 3.3 M training tokens: the budget at which
+# the exits separate (first exit's perplexity 2x the last's) within ~15 minutes on 2 idle cores.
+BENCH = {"vocab_size": 2048, "seq_len": 128, "batch_size": 16, "epochs": 4, "limit_train": 6400, "limit_eval": 100,
+         "lr": 3e-3, "warmup_steps": 60,
+         "model": {"dim": 192, "layers": 8, "heads": 4, "layer_dropout": 0.1, "layer_dropout_scale": "exp"},
          "weighting_kwargs": {"scale": "sum", "curriculum": "gradual"}}
 SHORT = {"vocab_size": 512, "seq_len": 32, "batch_size": 8, "epochs": 1, "limit_train": 64, "limit_eval": 16,
          "lr": 3e-3, "warmup_steps": 2,

@@ -102,6 +102,51 @@ def test_batch_drafts_while_some_row_can_use_a_draft(exact_draft_model):
     assert state.counters.drafted == (1 + 4 + 3) + 3
 
 
+@pytest.mark.parametrize("max_new, early_rows, head_rows", [
+    ([9, 2, 2, 2], [4, 4, 1, 1, 1], [4, 1, 1, 1]),  # the row still drafting is slot 0: a prefix (views)
+    ([2, 2, 2, 9], [4, 4, 1, 1, 1], [4, 1, 1, 1]),  # slot 3 alone: gathered
+    ([9, 2, 9, 2], [4, 4, 2, 2, 2], [4, 2, 2, 2]),  # half the rows: gathered
+    ([2, 9, 9, 9], [4, 4, 4, 4, 4], [4, 3, 3, 3]),  # 3 of 4 scattered: the stopped row rides along
+])
+def test_rows_that_stopped_drafting_are_skipped(exact_draft_model, max_new, early_rows, head_rows):
+    """Draft passes run only the rows that still draft (when that is a prefix or at most
+    half the batch), the draft head only the rows that draft a token; output and
+    log-probabilities stay equal to full's, and a sampling row with its own generator draws
+    the same tokens whether the rows beside it ride along or are skipped."""
+    ps = ragged_prompts(4, V, min_len=2, max_len=6, seed=4)
+    full = ann_kernels.generate(exact_draft_model, ps, max_new_tokens=max_new)
+    ad = as_adapter(exact_draft_model)
+
+    def run(rows, sample_row=None):
+        state = DecodeState(ad, ModeConfig("self_speculative", exit_index=0, draft_len=4, finished_rows="mask"),
+                            max_batch_size=len(rows), max_positions=20)
+        params = [RowParams(max_new[i], do_sample=True, temperature=0.9,
+                            generator=torch.Generator().manual_seed(2)) if i == sample_row else RowParams(max_new[i])
+                  for i in rows]
+        state.add_rows([ps[i] for i in rows], params, rows)
+        got = {i: ([], []) for i in rows}
+        first = True
+        while state.num_rows:
+            for ev in state.step():
+                got[ev.row_id][0].extend(ev.tokens)
+                got[ev.row_id][1].extend(ev.logprobs)
+            if first and len(rows) == 4:  # step 1: early layers (2) per run row per pass, the deep
+                # layer and the verify head over 4 x 5 positions, a draft head per drafting row
+                assert state.counters.layer_evals == 2 * sum(early_rows) + 4 * 5
+                assert state.counters.head_evals == sum(head_rows) + 4 * 5
+            first = False
+        return got
+
+    got = run([0, 1, 2, 3])
+    assert [got[i][0] for i in range(4)] == full.tokens
+    for i in range(4):
+        assert got[i][1] == pytest.approx(full.logprobs[i], abs=1e-9)
+    long_row = max(range(4), key=lambda i: max_new[i])
+    mixed = run([0, 1, 2, 3], sample_row=long_row)
+    alone = run([long_row], sample_row=long_row)
+    assert mixed[long_row] == alone[long_row] and len(alone[long_row][0]) == 9
+
+
 MODES = [("full", {}), ("static", {"exit_index": 1}), ("self_speculative", {"exit_index": 1, "draft_len": 3}),
          ("confidence", {"threshold": 0.8, "kv_policy": "recompute"}),
          ("confidence", {"threshold": 0.8, "kv_policy": "propagate"})]

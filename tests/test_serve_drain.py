@@ -1,11 +1,13 @@
 """Graceful drain: SIGTERM to a real ``ann-kernels serve`` process with requests in flight
-(readiness 503 at once, new requests 503, every accepted request answered, exit 0), and the
-drain deadline (requests still waiting are answered 503, never dropped)."""
+(readiness 503 at once, new requests 503, every accepted request answered, exit 0; the
+objects alive after loading were frozen out of the garbage collector first), and the drain
+deadline (requests still waiting are answered 503, never dropped)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -93,6 +95,8 @@ def test_sigterm_drains_a_real_serve_process(mlp_checkpoint):  # noqa: F811
         assert process.wait(30) == 0
         output = process.stdout.read().decode()
         assert "drained in" in output and "6 requests completed, 0 failed, all accepted" in output, output
+        frozen = re.search(r"gc: froze (\d+) objects alive after loading", output)  # --no-gc-freeze not given
+        assert frozen and int(frozen.group(1)) > 10000, output  # torch alone tracks ~10^5
     finally:
         if process.poll() is None:
             process.kill()
@@ -164,7 +168,8 @@ def test_serve_flags_model_name_default_and_replicas_need_ray(mlp_checkpoint, ca
     add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["serve", "--checkpoint", str(mlp_checkpoint)])
     assert model_name_of(args) == "run" and args.backend == "local" and args.replicas == 1  # runs/<name>/last.pt
-    assert args.drain_timeout_s == 30.0
+    assert args.drain_timeout_s == 30.0 and args.gc_freeze is True
+    assert parser.parse_args(["serve", "--checkpoint", "x/last.pt", "--no-gc-freeze"]).gc_freeze is False
     assert model_name_of(parser.parse_args(["serve", "--checkpoint", "x/last.pt", "--model-name", "m"])) == "m"
     assert cli.main(["serve", "--checkpoint", str(mlp_checkpoint), "--replicas", "2"]) == 2
     assert "replicas: 2 replicas need --backend ray" in capsys.readouterr().err

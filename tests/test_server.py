@@ -446,7 +446,8 @@ def test_burst_futures_share_a_condition_and_behave_as_futures():
 
     condition = threading.Condition()
     first, second, third = (BurstFuture(condition) for _ in range(3))
-    assert set(vars(first)) == set(vars(Future()))  # Future.__init__'s fields (guards a Python change)
+    # Future.__init__'s fields (guards a Python change); the callback list is made on first use
+    assert set(vars(first)) | {"_done_callbacks"} == set(vars(Future()))
     got = {}
 
     def waiter():
@@ -486,3 +487,55 @@ def test_burst_futures_share_a_condition_and_behave_as_futures():
         return await asyncio.wrap_future(future)
 
     assert asyncio.run(via_asyncio()) == "async"
+
+
+def test_set_results_resolves_bursts_as_set_result_would(caplog):
+    """server_state.set_results (how the worker answers): futures of two bursts in one call;
+    threads in result(), concurrent.futures.wait and as_completed are woken with the right
+    results; done callbacks run in order after the lock (a raising one is logged, the next
+    still runs); a future already done is refused, its result kept."""
+    from concurrent.futures import ALL_COMPLETED, as_completed, wait
+
+    from ann_kernels.inference.server_state import BurstFuture, set_results
+
+    first_burst, second_burst = threading.Condition(), threading.Condition()
+    futures = [BurstFuture(first_burst, True) for _ in range(3)] + [BurstFuture(second_burst, True) for _ in range(2)]
+    assert all(f.running() and not f.done() and not f.cancel() for f in futures)
+    calls = []
+    futures[0].add_done_callback(lambda f: calls.append(("a", f.result(timeout=0))))
+    futures[0].add_done_callback(lambda f: 1 / 0)
+    futures[0].add_done_callback(lambda f: calls.append(("c", f.result(timeout=0))))
+    futures[4].add_done_callback(lambda f: calls.append(("d", f.result(timeout=0))))
+    got = {}
+
+    def in_result(i):
+        got[f"result{i}"] = futures[i].result(timeout=60)  # woken by the notify, long before that
+
+    def in_wait():
+        got["wait"] = wait(futures, timeout=60, return_when=ALL_COMPLETED)
+
+    def in_as_completed():
+        got["as_completed"] = sorted(f.result(timeout=0) for f in as_completed(futures[1:4], timeout=60))
+
+    threads = [threading.Thread(target=in_result, args=(2,)), threading.Thread(target=in_result, args=(3,)),
+               threading.Thread(target=in_wait), threading.Thread(target=in_as_completed)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.05)  # all four are waiting
+    with caplog.at_level("ERROR", logger="concurrent.futures"):
+        set_results(futures, ["r0", "r1", "r2", "r3", "r4"])
+        for thread in threads:
+            thread.join(10)
+    assert not any(thread.is_alive() for thread in threads), "a waiter was not woken"
+    assert got["result2"] == "r2" and got["result3"] == "r3"
+    assert len(got["wait"].done) == 5 and not got["wait"].not_done
+    assert got["as_completed"] == ["r1", "r2", "r3"]
+    assert calls == [("a", "r0"), ("c", "r0"), ("d", "r4")]
+    assert "ZeroDivisionError" in caplog.text
+    assert [f.result(timeout=0) for f in futures] == ["r0", "r1", "r2", "r3", "r4"]
+    late = []
+    futures[1].add_done_callback(late.append)  # done: called at once
+    assert late == [futures[1]]
+    with pytest.raises(RuntimeError, match="already done"):
+        set_results(futures[:1], ["again"])
+    assert futures[0].result(timeout=0) == "r0"

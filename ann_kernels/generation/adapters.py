@@ -91,6 +91,11 @@ class CausalExitLMAdapter(DecoderAdapter):
         # The blocks' tensors, read once: the decode loop calls F.* on them directly (the
         # nn.Module call machinery costs ~10% of a small model's decode step).
         self.weights = [self._block_weights(b) for b in blocks]
+        self.head_weights = [self._head_weights(h) for h in self.heads]
+        self.position_table = self.embedding.position[0]  # [max_len, D] (a view: follows the parameter)
+        self.max_position = self.position_table.shape[0] - 1
+        token = self.embedding.token
+        self.token_table = token.weight if token.max_norm is None else None
 
     @staticmethod
     def _block_weights(b):
@@ -102,9 +107,18 @@ class CausalExitLMAdapter(DecoderAdapter):
                 (b.norm2.normalized_shape, b.norm2.weight, b.norm2.bias, b.norm2.eps),
                 (fc1.weight, fc1.bias), act.approximate, (fc2.weight, fc2.bias))
 
+    @staticmethod
+    def _head_weights(head):
+        """(norm shape, weight, bias, eps, lm_head weight, bias) of a LayerNorm + Linear exit, else None."""
+        norm, lm = getattr(head, "norm", None), getattr(head, "lm_head", None)
+        if not (isinstance(norm, nn.LayerNorm) and isinstance(lm, nn.Linear)):
+            return None
+        return (norm.normalized_shape, norm.weight, norm.bias, norm.eps), (lm.weight, lm.bias)
+
     def embed(self, tokens: Tensor, positions: Tensor) -> Tensor:
-        pos = self.embedding.position[0]
-        return self.embedding.token(tokens) + pos[positions.clamp(max=pos.shape[0] - 1)]
+        pos = self.position_table
+        tok = self.embedding.token(tokens) if self.token_table is None else F.embedding(tokens, self.token_table)
+        return tok + pos[positions.clamp(max=self.max_position)]
 
     def qkv(self, i: int, h: Tensor, rope):
         n, s, d = h.shape
@@ -135,7 +149,10 @@ class CausalExitLMAdapter(DecoderAdapter):
         return h + F.linear(F.gelu(F.linear(F.layer_norm(h, *w[3]), *w[4]), approximate=w[5]), *w[6])
 
     def exit_logits(self, h: Tensor, exit_id: int) -> Tensor:
-        return self.heads[exit_id](h)
+        w = self.head_weights[exit_id]
+        if w is None:
+            return self.heads[exit_id](h)
+        return F.linear(F.layer_norm(h, *w[0]), *w[1])
 
     def exit_head(self, exit_id: int):
         """(norm callable, weight [V, D], bias [V] or None) of exit ``exit_id``."""

@@ -1,8 +1,8 @@
 """One decode step of every active row, per mode. Each function takes the decode state
 (:class:`ann_kernels.generation.state.DecodeState`) and the number of active rows n, runs the
 model on the cache, updates ``seg_len`` / ``hidden`` / the counters, and returns
-(tokens [n, c] int64, exits [n, c] int64, counts [n], logprobs [n, c] float): the c-wide new
-tokens of each row, the exit that produced each, how many are valid, and each token's
+(tokens [n, c] int64, exits [n, c] int64, counts [n], logprobs [n, c] float; or [n] each
+when every row gets exactly one token): the c-wide new tokens of each row, the exit that produced each, how many are valid, and each token's
 log-probability under the distribution it was drawn from (``sampling.token_logprobs``: the
 producing exit's logits, filtered when the row samples; self-speculative: the verifying
 exit's, for accepted drafts too: the distribution the output follows). The state appends
@@ -40,6 +40,7 @@ from ann_kernels.generation.sampling import (
     choose_tokens,
     draw_uniform,
     filtered_probs,
+    greedy_tokens,
     sample_from_probs,
     speculative_accept,
     token_logprobs,
@@ -65,8 +66,14 @@ def _repeat(s: RowSampling, r: int) -> RowSampling:
 
 
 def _last_token(st, n: int):
+    """(positions p [n] host, p on the device, the rows' last tokens [n, 1]): the tokens the
+    last one-token step appended when still valid (``DecodeState.next_input``), else read
+    from the token buffer."""
     p = st.length[:n] - 1
     pd = p.to(st.device)
+    cached = st.next_input
+    if cached is not None and cached[0] == n:
+        return p, pd, cached[1].unsqueeze(1)
     return p, pd, st.tokens[:n].gather(1, pd.unsqueeze(1))
 
 
@@ -85,7 +92,7 @@ def step_static(st, n: int, exit_id: int | None = None):
     st.counters.layer_evals += n * len(layers)
     st.counters.head_evals += n
     exits, counts = st.constant_exits(n, k)
-    return tok.unsqueeze(1), exits, counts, logprob.unsqueeze(1)
+    return tok, exits, counts, logprob
 
 
 def step_full(st, n: int):
@@ -119,6 +126,22 @@ def candidate_head(st, exit_id: int):
     return norm, weight.index_select(0, ids), None if bias is None else bias.index_select(0, ids), ids
 
 
+def _draft_rows(caps_list: list[int], i: int, n: int):
+    """The rows that run draft pass i: those with a cap >= i (they still need the exit state
+    at position p + i: a draft to verify, or the last one's state for the bonus token), as
+    (run list or None = all n rows, whether the run rows are the prefix 0 .. m - 1). Rows that
+    stopped drafting ride along (their extra drafts are never accepted) unless skipping them
+    is cheap: they are the last rows (the pass reads a prefix of the cache: views) or at least
+    half of the batch (a gather of the rest's cache beats the wasted row passes)."""
+    run = [r for r in range(n) if caps_list[r] >= i]
+    m = len(run)
+    if m == n:
+        return None, True
+    if run[-1] == m - 1:
+        return run, True
+    return (run, False) if 2 * m <= n else (None, True)
+
+
 def step_self_speculative(st, n: int):
     """Draft up to ``draft_len`` tokens from exit ``exit_index``, verify, accept per row.
 
@@ -126,72 +149,129 @@ def step_self_speculative(st, n: int):
     and not past a drafted EOS (its later drafts could never be kept; LayerSkip also stops a
     draft at EOS), nor, with ``draft_confidence`` set, past a draft whose probability under
     the draft exit is below it (Hugging Face's ``assistant_confidence_threshold``:
-    ``generation/stopping_criteria.py``, ``ConfidenceCriteria``; greedy output unchanged). Rows that stopped ride along in the batched passes; their extra drafts are
-    never accepted (m <= the row's own draft count)."""
+    ``generation/stopping_criteria.py``, ``ConfidenceCriteria``; greedy output unchanged).
+    A draft pass runs the rows that still draft (:func:`_draft_rows`) and the draft head only
+    the rows that draft a token in it; rows that stopped and ride along are never accepted
+    past their own drafts (m <= the row's own draft count). One attention mask (ragged rows)
+    serves every draft pass and the verify pass."""
     ad, cfg = st.adapter, st.config
     k, last = cfg.exit_index, st.num_exits - 1
     dev = st.device
     p, pd, x = _last_token(st, n)
     s = st.sampling(n)
     early, deep = st.segment_layers(0, k), st.segment_layers(k + 1, last)
-    caps = draft_caps(st, n)
-    caps_list = caps.tolist()
-    d = max(caps_list)  # draft steps this round (shrinks when every row has drafted an EOS)
+    caps_list = draft_caps(st, n).tolist()
+    d = max(caps_list)  # draft steps this round (shrinks when every row has stopped drafting)
     # a row's draws do not depend on the batch: always draft_len (+ 1) uniforms per row
     u_draft = _uniforms(st, n, cfg.draft_len) if s.any_sample else None
     check_eos = bool(st.eos.numel()) and d > 0
     stop_below = cfg.draft_confidence if d > 0 else None
-    drafts, qs, states = [], [], []
     head = candidate_head(st, k) if not s.any_sample and d > 0 else None
+    # 0. the positions p .. p + d of every row, and (rows at different positions) one mask for
+    #    every pass: mask[r, 0, i, j] = key j visible from position p_r + i
+    positions = p.unsqueeze(1) + st._arange_host[: d + 1].unsqueeze(0)  # host [n, d + 1]
+    p_list = p.tolist()
+    p_max = max(p_list)
+    ragged = p_max != min(p_list)
+    mask_all = (st._arange_host[: p_max + d + 1].view(1, 1, 1, -1) <= positions.view(n, 1, d + 1, 1)).to(dev)
+    pos_d = positions.to(dev)
+    drafts, qs, states = [], [], []
+    ctr = st.counters
     # 1. draft with the early layers, one position per pass, keeping each position's exit state
-    i = 0
+    i, run, run_d, prefix = 0, None, None, True
     while True:
-        qpos = (p + i).unsqueeze(1)
-        h = st.run_layers(early, ad.embed(x, (pd + i).unsqueeze(1)), qpos, qpos)
-        states.append(h)
+        qpos = positions[:, i:i + 1]
+        window = p_max + i + 1
+        if run is None:
+            mask = mask_all[:, :, i:i + 1, :window] if ragged else None
+            h = st.run_layers(early, ad.embed(x, pos_d[:, i:i + 1]), qpos, qpos, window=window, mask=mask)
+            states.append(h)
+        else:  # the rows that still draft; the others' states stay zero (never accepted)
+            m_run = len(run)
+            q_sel = qpos[:m_run] if prefix else qpos[torch.tensor(run)]
+            mask = None
+            if ragged:
+                mask = (mask_all[:m_run] if prefix else mask_all[run_d])[:, :, i:i + 1, :window]
+            h = st.run_layers(early, ad.embed(x, q_sel.to(dev)), q_sel, q_sel, window=window, mask=mask,
+                              rows=None if prefix else run_d)
+            full = h.new_zeros(n, 1, h.shape[-1])
+            full[run_d] = h
+            states.append(full)
+        ctr.layer_evals += (n if run is None else len(run)) * len(early)
         if i == d:  # 2. the last position only needed its early layers (for the verify pass)
             break
+        # the draft head: only rows that draft a token here (cap > i)
+        drafting = [r for r in (range(n) if run is None else run) if caps_list[r] > i]
+        m_run = n if run is None else len(run)
+        if len(drafting) < m_run:
+            local = [j for j, r in enumerate(range(n) if run is None else run) if caps_list[r] > i]
+            h_head = h[torch.tensor(local, device=dev)]
+        else:
+            h_head = h
+        ctr.head_evals += len(drafting)
         if head is not None:  # greedy: argmax over the candidate set (the verify keeps it exact)
             norm, w_c, b_c, ids = head
-            logits = torch.nn.functional.linear(norm(h[:, 0]), w_c, b_c)
-            tok = ids[logits.argmax(dim=-1)]
+            logits = torch.nn.functional.linear(norm(h_head[:, 0]), w_c, b_c)
+            local_tok = logits.argmax(dim=-1)
+            tok = ids[local_tok]
         else:
-            logits = ad.exit_logits(h[:, 0], k)
+            logits = ad.exit_logits(h_head[:, 0], k)
             tok = logits.argmax(dim=-1)
+        all_rows = len(drafting) == n
+        d_sel = None if all_rows else torch.tensor(drafting, device=dev)
         if s.any_sample:
-            q = filtered_probs(logits, s)
+            sub = s if all_rows else _subset(s, d_sel)
+            q = filtered_probs(logits, sub)
+            tok = torch.where(sub.do_sample, sample_from_probs(q, u_draft[:, i] if all_rows else u_draft[d_sel, i]), tok)
+            if not all_rows:
+                q = q.new_zeros(n, q.shape[-1]).index_copy_(0, d_sel, q)
             qs.append(q)
-            tok = torch.where(s.do_sample, sample_from_probs(q, u_draft[:, i]), tok)
+        if not all_rows:
+            tok = torch.zeros(n, dtype=torch.int64, device=dev).index_copy_(0, d_sel, tok)
         drafts.append(tok)
-        x = tok.unsqueeze(1)
         i += 1
         if check_eos or stop_below is not None:
             # a row that drafted EOS, or a token below the draft confidence, drafts no further
             # (the token itself stays a draft); the batch stops when no row drafts on
-            stop = torch.zeros(n, dtype=torch.bool, device=dev)
+            t_rows = tok if all_rows else tok[d_sel]
+            stop = torch.zeros(len(drafting), dtype=torch.bool, device=dev)
             if check_eos:
-                stop |= torch.isin(tok, st.eos.to(dev))
-            if stop_below is not None:
-                p_tok = torch.softmax(logits.float(), dim=-1).gather(1, tok.unsqueeze(1)).squeeze(1)
+                stop |= torch.isin(t_rows, st.eos.to(dev))
+            if stop_below is not None:  # the probability among the logits' own columns
+                col = local_tok if head is not None else t_rows
+                p_tok = torch.softmax(logits.float(), dim=-1).gather(1, col.unsqueeze(1)).squeeze(1)
                 stop |= p_tok < stop_below
-            hit = stop.tolist()
-            caps_list = [min(c, i) if e else c for c, e in zip(caps_list, hit)]
+            for r, hit in zip(drafting, stop.tolist()):
+                if hit:
+                    caps_list[r] = min(caps_list[r], i)
             d = min(d, max(caps_list))
+        run, prefix = _draft_rows(caps_list, i, n)
+        if run is None:
+            x = tok.unsqueeze(1)
+        else:
+            run_d = torch.tensor(run, device=dev)
+            x = tok[run_d].unsqueeze(1)
     caps = torch.tensor(caps_list, dtype=torch.int64)
     # 3. the deep layers over the d + 1 positions p .. p + d from their exit states
-    positions = p.unsqueeze(1) + st._arange_host[: d + 1].unsqueeze(0)
     h_in = states[0] if d == 0 else torch.cat(states, dim=1)
     chunk = cfg.verify_chunk or (d + 1)
     outs = []
     for c0 in range(0, d + 1, chunk):
-        pc = positions[:, c0:c0 + chunk]
-        outs.append(st.run_layers(deep, h_in[:, c0:c0 + chunk], pc, pc))
+        c1 = min(c0 + chunk, d + 1)
+        pc = positions[:, c0:c1]
+        window = p_max + c1
+        mask = mask_all[:, :, c0:c1, :window] if ragged or c1 - c0 > 1 else None
+        outs.append(st.run_layers(deep, h_in[:, c0:c1], pc, pc, window=window, mask=mask))
     h_out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
     logits = ad.exit_logits(h_out, last)  # [n, d + 1, V]
     # 4. accept per row: the longest agreeing prefix m (at most the row's own drafts), then one
     #    verified token
     draft = torch.stack(drafts, dim=1) if d else torch.empty(n, 0, dtype=torch.int64, device=dev)
-    target = logits.argmax(dim=-1)
+    if s.any_sample:
+        target = logits.argmax(dim=-1)
+        target_lp = None
+    else:  # greedy: the verified token and its log-probability from one max
+        target, target_lp = greedy_tokens(logits)
     if st.candidates is not None:  # the verifier's top K at every position join the candidates
         st.candidates[logits.topk(min(cfg.draft_candidates, logits.shape[-1]), dim=-1).indices.reshape(-1)] = True
         st.candidates[target.reshape(-1)] = True
@@ -210,17 +290,16 @@ def step_self_speculative(st, n: int):
         m = torch.where(s.do_sample, m_s, m)
         out = torch.where(s.do_sample.unsqueeze(1), sampled, target)
     exits = torch.where(st._arange[: d + 1].unsqueeze(0) < m.unsqueeze(1), k, last)
-    logprobs = token_logprobs(logits, out, s, pv)
+    logprobs = token_logprobs(logits, out, s, pv) if target_lp is None else target_lp
     # 5. crop: every segment of the row now holds positions 0 .. p + m
     m_host = m.cpu()
     st.seg_len[:n] = (p + m_host + 1).unsqueeze(1)
-    ctr = st.counters
-    ctr.drafted += int(caps.sum())
+    ctr.drafted += sum(caps_list)
     ctr.draft_steps += d
     ctr.accepted += int(m_host.sum())
     ctr.verify_rows += n
-    ctr.layer_evals += n * (d + 1) * (len(early) + len(deep))
-    ctr.head_evals += n * (2 * d + 1)
+    ctr.layer_evals += n * (d + 1) * len(deep)
+    ctr.head_evals += n * (d + 1)
     return out, exits, m_host + 1, logprobs
 
 
@@ -310,7 +389,7 @@ def step_confidence(st, n: int):
         rows_dev, subset = survivors, True
         rows_host = survivors.cpu()
         h = h[keep_local]
-    return prediction.unsqueeze(1), exit_index.unsqueeze(1), torch.ones(n, dtype=torch.int64), logprob.unsqueeze(1)
+    return prediction, exit_index, torch.ones(n, dtype=torch.int64), logprob
 
 
 STEP_FUNCTIONS = {"full": step_full, "static": step_static, "self_speculative": step_self_speculative,

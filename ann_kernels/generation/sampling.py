@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["RowSampling", "filtered_probs", "sample_from_probs", "choose_tokens", "token_logprobs", "draw_uniform",
+__all__ = ["RowSampling", "filtered_probs", "sample_from_probs", "choose_tokens", "greedy_tokens", "token_logprobs", "draw_uniform",
            "speculative_accept"]
 
 
@@ -80,13 +80,13 @@ def token_logprobs(logits: Tensor, tokens: Tensor, s: RowSampling | None = None,
                    probs: Tensor | None = None) -> Tensor:
     """Log-probabilities of ``tokens`` [n, ...] (int64) under the distributions that produced
     them, from ``logits`` [n, ..., V]: greedy rows (``s`` None, or ``do_sample`` False) get
-    log_softmax of the raw logits (the token's logit minus the row's logsumexp: no [n, V]
-    result is written); sampling rows get the log of their filtered probabilities
+    log_softmax of the raw logits (one fused pass on CPU: cheaper than a separate max and
+    logsumexp); sampling rows get the log of their filtered probabilities
     (temperature, top-k, top-p: :func:`filtered_probs`; pass them as ``probs`` [n, ..., V] when
     already computed). Returns [n, ...] in the logits' dtype (float32 for 16-bit logits)."""
     z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
     index = tokens.unsqueeze(-1)
-    plain = z.gather(-1, index).squeeze(-1) - torch.logsumexp(z, dim=-1)
+    plain = torch.log_softmax(z, dim=-1).gather(-1, index).squeeze(-1)
     if s is None or not s.any_sample:
         return plain
     if probs is None:
@@ -96,12 +96,22 @@ def token_logprobs(logits: Tensor, tokens: Tensor, s: RowSampling | None = None,
     return torch.where(do_sample, sampled, plain)
 
 
+def greedy_tokens(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """(argmax [...] int64, its log_softmax [...]) of ``logits`` [..., V]: the logits' own
+    argmax (not log_softmax's, whose rounding could tie near-equal logits), one log_softmax
+    (16-bit logits read as float32) and one gather. On CPU log_softmax is a fused vectorised
+    pass, cheaper than ``torch.logsumexp`` and than ``argmax`` itself."""
+    z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    index = z.argmax(dim=-1)
+    return index, torch.log_softmax(z, dim=-1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
+
+
 def choose_tokens(logits: Tensor, s: RowSampling, u: Tensor | None) -> tuple[Tensor, Tensor]:
     """(next tokens [n] int64, their log-probabilities [n]): argmax for greedy rows, a draw
     (uniforms ``u`` [n]) from the filtered distribution otherwise (:func:`token_logprobs`)."""
-    greedy = logits.argmax(dim=-1)
     if not s.any_sample:
-        return greedy, token_logprobs(logits, greedy)
+        return greedy_tokens(logits)
+    greedy = logits.argmax(dim=-1)
     probs = filtered_probs(logits, s)
     tokens = torch.where(s.do_sample, sample_from_probs(probs, u), greedy)
     return tokens, token_logprobs(logits, tokens, s, probs)

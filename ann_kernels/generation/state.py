@@ -172,13 +172,18 @@ class DecodeState:
         self.row_costs: RowCosts | None = None  # measured on first need (finished_rows="auto")
         eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         self.eos = torch.tensor(eos, dtype=torch.int64)
+        self.eos_set = frozenset(eos)
         self.generator = generator
         self.counters = GenerationCounters(exit_counts=[0] * self.num_exits)
         self._arange = torch.arange(max(max_batch_size, self.T + 1), device=self.device)
         self._arange_host = torch.arange(max(max_batch_size, self.T + 1))
         self._sync = self.device.type == "cuda"
         self._sampling_cache = None
+        # valid until rows change (add / keep) or a step appends other than one token per row:
+        self.next_input: tuple[int, Tensor] | None = None  # (n, the rows' next input tokens [n])
+        self._min_left: int | None = None  # the fewest tokens any row has left (one-token steps)
         self._constant_exits: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+        self._step_exit: int | None = None  # this step's exit when every row has it (constant_exits)
         # self-speculative candidate draft head: tokens seen or ranked high by the verifier
         self.candidates = (torch.zeros(ad.vocab_size, dtype=torch.bool, device=self.device)
                            if config.mode == "self_speculative" and config.draft_candidates > 0 else None)
@@ -241,6 +246,7 @@ class DecodeState:
             self.row_generators[s] = rp.generator
         self.slot_ids.extend(row_ids)
         self._sampling_cache = None
+        self.next_input = self._min_left = None
         last_seg = self.config.exit_index if self.config.mode == "static" else self.num_exits - 1
         t0 = time.perf_counter()
         self._prefill(n, b, lens - 1, last_seg)
@@ -288,6 +294,7 @@ class DecodeState:
         """Keep the rows of slots ``keep`` (ascending), compacted into slots 0 .. len - 1;
         masked rows not in ``keep`` leave too."""
         self._sampling_cache = None
+        self.next_input = self._min_left = None
         n, m = self.width, len(keep)
         if m == n:
             return
@@ -311,27 +318,29 @@ class DecodeState:
 
     # ------------------------------------------------------------------ forward
     def run_layers(self, layers, h: Tensor, qpos: Tensor, write: Tensor, *, rows=None, window: int | None = None,
-                   force_mask: bool = False) -> Tensor:
+                   force_mask: bool = False, mask: Tensor | None = None) -> Tensor:
         """Run ``layers`` on h [m, s, D] at query positions ``qpos`` [m, s] (host int64; K/V
         written at ``write`` [m, s]). ``rows``: None (slots 0..m-1), an int (slots
         rows..rows+m-1) or a device tensor of slots. The mask is built when the rows' query
-        positions differ or s > 1 (``force_mask``)."""
+        positions differ or s > 1 (``force_mask``), unless the caller passes it: ``mask``
+        [m, 1, s, window] (device bool, True = attend; ``window`` then required)."""
         ad = self.adapter
-        mask, same = None, None
-        differ = force_mask or qpos.shape[1] > 1
-        if not differ:  # one position per row: read them once as Python ints (host tensor, no sync)
-            qpos_list = qpos.reshape(-1).tolist()
-            first_pos = qpos_list[0]
-            differ = any(q != first_pos for q in qpos_list)
-            if window is None:
-                window = max(qpos_list) + 1
-        elif window is None:
-            window = int(qpos.max()) + 1
-        if differ:
-            keys = self._arange_host[:window].view(1, 1, 1, window)
-            mask = (keys <= qpos.view(qpos.shape[0], 1, qpos.shape[1], 1)).to(self.device)
-        elif write is qpos:  # one token per row, all at one position, written where it queries
-            same = first_pos
+        same = None
+        if mask is None:
+            differ = force_mask or qpos.shape[1] > 1
+            if not differ:  # one position per row: read them once as Python ints (host tensor, no sync)
+                qpos_list = qpos.reshape(-1).tolist()
+                first_pos = qpos_list[0]
+                differ = any(q != first_pos for q in qpos_list)
+                if window is None:
+                    window = max(qpos_list) + 1
+            elif window is None:
+                window = int(qpos.max()) + 1
+            if differ:
+                keys = self._arange_host[:window].view(1, 1, 1, window)
+                mask = (keys <= qpos.view(qpos.shape[0], 1, qpos.shape[1], 1)).to(self.device)
+            elif write is qpos:  # one token per row, all at one position, written where it queries
+                same = first_pos
         qpos_d = qpos.to(self.device)
         write_d = qpos_d if write is qpos else write.to(self.device)
         rope = ad.rope(qpos_d, h)
@@ -347,14 +356,15 @@ class DecodeState:
         return [i for seg in self.segments[first: last + 1] for i in seg]
 
     def constant_exits(self, n: int, exit_id: int) -> tuple[Tensor, Tensor]:
-        """(exits [n, 1] all ``exit_id`` on the device, counts [n] host ones) of a one-token
+        """(exits [n] all ``exit_id`` on the device, counts [n] host ones) of a one-token
         step; built once per (n, exit_id) and reused (callers only read them)."""
         key = (n, exit_id)
         got = self._constant_exits.get(key)
         if got is None:
-            got = (torch.full((n, 1), exit_id, dtype=torch.int64, device=self.device),
+            got = (torch.full((n,), exit_id, dtype=torch.int64, device=self.device),
                    torch.ones(n, dtype=torch.int64))
             self._constant_exits[key] = got
+        self._step_exit = exit_id
         return got
 
     def wait(self) -> None:
@@ -387,6 +397,7 @@ class DecodeState:
         if self.num_rows == 0:
             return []
         t0 = time.perf_counter()
+        self._step_exit = None
         new_tokens, new_exits, counts, logprobs = STEP_FUNCTIONS[self.config.mode](self, n)
         ctr = self.counters
         ctr.row_steps += n
@@ -437,67 +448,106 @@ class DecodeState:
 
     def _append(self, n: int, new_tokens: Tensor, new_exits: Tensor, counts: Tensor, logprobs: Tensor):
         """Write the step's tokens [n, c] (``counts`` [n] valid per row; ``logprobs`` [n, c])
-        into the live rows, cut at EOS / max_new_tokens. One device->host copy (the float64
-        log-probabilities travel as int64 bit patterns). Returns (events of the live rows,
-        slots that finished)."""
+        into the live rows, cut at EOS / max_new_tokens. One device->host copy (on a GPU the
+        float64 log-probabilities travel as int64 bit patterns); the cuts are made on host
+        lists (n rows of at most d + 1 tokens). Returns (events of the live rows, slots that
+        finished)."""
+        if new_tokens.dim() == 1:  # one token per row ([n] tensors)
+            if not self.eos_set and not self.num_masked:
+                return self._append_one(n, new_tokens, new_exits, logprobs)
+            new_tokens, new_exits, logprobs = new_tokens.unsqueeze(1), new_exits.unsqueeze(1), logprobs.unsqueeze(1)
         c = new_tokens.shape[1]
-        lp_bits = logprobs.to(torch.float64).view(torch.int64)
-        if c == 1 and not self.eos.numel() and not self.num_masked:
-            return self._append_one(n, new_tokens[:, 0], new_exits[:, 0], lp_bits[:, 0])
-        host = torch.cat([new_tokens, new_exits, counts.to(new_tokens.device).unsqueeze(1), lp_bits], 1).cpu()
-        toks, exits, cnt = host[:, :c], host[:, c:2 * c], host[:, 2 * c]
-        lps = host[:, 2 * c + 1:].view(torch.float64)
-        j = self._arange_host[:c].unsqueeze(0)
-        live = ~self.masked[:n]
-        valid = (j < cnt.unsqueeze(1)) & live.unsqueeze(1)
-        room = (self.max_new[:n] - self.generated[:n]).unsqueeze(1)
-        valid &= j < room
-        finished_eos = torch.zeros(n, dtype=torch.bool)
-        if self.eos.numel():
-            is_eos = torch.isin(toks, self.eos) & valid
-            first_eos = torch.where(is_eos.any(1), is_eos.to(torch.int8).argmax(1), c)
-            valid &= j <= first_eos.unsqueeze(1)
-            finished_eos = is_eos.any(1)
-        kept = valid.sum(1)
-        # tokens into the device buffer at positions length .. length + kept - 1
-        pos = torch.where(valid, self.length[:n].unsqueeze(1) + j, self.T)
-        rows = self._arange_host[:n].unsqueeze(1).expand(n, c)
-        self.tokens.index_put_((rows.to(self.device), pos.to(self.device)), toks.to(self.device))
-        self.length[:n] += kept
-        self.generated[:n] += kept
-        finished = (finished_eos | (self.generated[:n] >= self.max_new[:n])) & live
-        ctr = self.counters
-        ctr.new_tokens += int(kept.sum())
-        ex = torch.where(valid, exits, 0)
-        ctr.exit_sum += int(ex.sum())
-        per_exit = torch.bincount(exits[valid], minlength=self.num_exits).tolist()
-        ctr.exit_counts = [a + b for a, b in zip(ctr.exit_counts, per_exit)]
-        tl, el, kl, fl, fe = toks.tolist(), exits.tolist(), kept.tolist(), finished.tolist(), finished_eos.tolist()
-        ll = lps.tolist()
+        self.next_input = self._min_left = None
+        # 1. the whole c-wide block into the device buffer at length .. length + c - 1 (columns
+        #    past a row's kept tokens are never read before a later step rewrites them; they
+        #    stay below T: c <= draft_len + 1, the cache's slack)
+        dev = self.device
+        length = self.length[:n]
+        cols = length.to(dev).unsqueeze(1) + self._arange[:c].unsqueeze(0)
+        self.tokens[:n].scatter_(1, cols, new_tokens)
+        # 2. the cuts, on the host
+        on_host = dev.type == "cpu"
+        parts = [new_tokens, new_exits, counts.to(dev).unsqueeze(1)]
+        if not on_host:
+            parts.append(logprobs.to(torch.float64).view(torch.int64))
+        host = torch.cat(parts, 1).cpu()
+        rows = host.tolist()
+        lps = logprobs.tolist() if on_host else host[:, 2 * c + 1:].view(torch.float64).tolist()
+        room = (self.max_new[:n] - self.generated[:n]).tolist()
+        dead = self.masked[:n].tolist() if self.num_masked else [False] * n
+        eos = self.eos_set
+        kept_list, events, finished = [0] * n, [], []
         ids = self.slot_ids
-        events = [StepEvent(ids[i], tl[i][: kl[i]], el[i][: kl[i]], fl[i],
-                            ("eos" if fe[i] else "length") if fl[i] else None, ll[i][: kl[i]])
-                  for i, alive in enumerate(live.tolist()) if alive]
-        return events, [i for i in range(n) if fl[i]]
+        exit_counts = list(self.counters.exit_counts)
+        exit_sum = 0
+        for i in range(n):
+            if dead[i]:
+                continue
+            row = rows[i]
+            kept = min(row[2 * c], room[i])
+            toks = row[:kept]
+            hit_eos = False
+            if eos:
+                for j, t in enumerate(toks):
+                    if t in eos:
+                        kept, hit_eos = j + 1, True
+                        toks = toks[:kept]
+                        break
+            exits = row[c:c + kept]
+            for e in exits:
+                exit_counts[e] += 1
+            exit_sum += sum(exits)
+            kept_list[i] = kept
+            done = hit_eos or kept == room[i]
+            if done:
+                finished.append(i)
+            events.append(StepEvent(ids[i], toks, exits, done, ("eos" if hit_eos else "length") if done else None,
+                                    lps[i][:kept]))
+        kept_t = torch.tensor(kept_list, dtype=torch.int64)
+        length += kept_t
+        self.generated[:n] += kept_t
+        ctr = self.counters
+        ctr.new_tokens += sum(kept_list)
+        ctr.exit_sum += exit_sum
+        ctr.exit_counts = exit_counts
+        return events, finished
 
-    def _append_one(self, n: int, tokens: Tensor, exits: Tensor, lp_bits: Tensor):
+    def _append_one(self, n: int, tokens: Tensor, exits: Tensor, logprobs: Tensor):
         """``_append`` for one token per row, no EOS and no masked rows (the common decode
-        step): fewer ops. ``lp_bits`` [n]: the float64 log-probabilities viewed as int64."""
+        step): fewer ops; a constant exit (``constant_exits``) is not copied back."""
         length = self.length[:n]
         self.tokens.index_put_((self._arange[:n], length.to(self.device)), tokens)
-        host = torch.stack([tokens, exits, lp_bits]).cpu()  # the step's one device->host copy
-        tl, el = host[:2].tolist()
-        ll = host[2].view(torch.float64).tolist()
+        k = self._step_exit
+        if self.device.type == "cpu":
+            tl, ll = tokens.tolist(), logprobs.tolist()
+            el = [k] * n if k is not None else exits.tolist()
+        else:  # the step's one device->host copy
+            host = torch.stack([tokens, exits, logprobs.to(torch.float64).view(torch.int64)]).cpu()
+            tl, el = host[:2].tolist()
+            ll = host[2].view(torch.float64).tolist()
+        self.next_input = (n, tokens)
+        left = self._min_left
+        if left is None:
+            left = int((self.max_new[:n] - self.generated[:n]).min())
         length += 1
         generated = self.generated[:n]
         generated += 1
-        finished = (generated >= self.max_new[:n]).tolist()
+        if left > 1:  # no row finishes in this step
+            finished = [False] * n
+            self._min_left = left - 1
+        else:
+            finished = (generated >= self.max_new[:n]).tolist()
+            self._min_left = None
         ctr = self.counters
         ctr.new_tokens += n
-        ctr.exit_sum += sum(el)
         exit_counts = list(ctr.exit_counts)
-        for e in el:  # n small ints: a Python loop beats bincount + tolist
-            exit_counts[e] += 1
+        if k is not None:
+            ctr.exit_sum += k * n
+            exit_counts[k] += n
+        else:
+            ctr.exit_sum += sum(el)
+            for e in el:  # n small ints: a Python loop beats bincount + tolist
+                exit_counts[e] += 1
         ctr.exit_counts = exit_counts
         ids = self.slot_ids
         events = [StepEvent(ids[i], [tl[i]], [el[i]], finished[i], "length" if finished[i] else None, [ll[i]])

@@ -392,6 +392,9 @@ def add_parser(subparsers) -> None:
                    help="the Open Inference Protocol model name (/v2/models/NAME; default: the run directory's name)")
     p.add_argument("--drain-timeout-s", type=float, default=30.0,
                    help="on SIGTERM: readiness 503, new requests 503, wait this long for the accepted ones, exit")
+    p.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
+                   help="do not gc.freeze() the objects alive after loading (default: freeze them, so the "
+                        "cyclic collector's full passes stop rescanning the model and libraries; docs/serving.md)")
     p.add_argument("--backend", choices=("local", "ray"), default="local",
                    help="local: one process (uvicorn); ray: replicas on a local Ray Serve instance (extra [ray])")
     p.add_argument("--replicas", type=int, default=1, help="server replicas (--backend ray)")

@@ -72,7 +72,7 @@ from ann_kernels.inference.rows import gather_rest, gather_rows
 from ann_kernels.inference.server_deadlines import DeadlineExits
 from ann_kernels.inference.server_queues import StageScheduler
 from ann_kernels.inference.server_results import ResultBuffers
-from ann_kernels.inference.server_state import BurstFuture, QueuePiece, Request, ServerStats
+from ann_kernels.inference.server_state import BurstFuture, QueuePiece, Request, ServerStats, set_results
 
 __all__ = ["EarlyExitServer", "ServedResult", "ServerStats"]
 
@@ -231,10 +231,8 @@ class EarlyExitServer(DeadlineExits):
         ``deadline_s`` (seconds from now) applies to each request."""
         submitted = time.perf_counter()
         xs = list(xs)
-        condition = threading.Condition()  # one for the burst (BurstFuture)
-        futures = [BurstFuture(condition) for _ in xs]
-        for future in futures:
-            future.set_running_or_notify_cancel()
+        condition = threading.Condition()  # one for the burst (BurstFuture), running from the start
+        futures = [BurstFuture(condition, True) for _ in xs]
         try:
             deadline_s = check_seconds(deadline_s, "deadline_s", allow_none=True)
         except ValueError as error:
@@ -552,8 +550,7 @@ class EarlyExitServer(DeadlineExits):
             for j, c in enumerate(totals):
                 self._rows_per_exit[j] += c
             self._latencies.extend(res.stats.total_seconds for res in results)
-        for r, result in zip(finished, results):
-            r.future.set_result(result)
+        set_results([r.future for r in finished], results)  # one lock and one wake-up per burst
 
     def _fail(self, request: Request, error: BaseException) -> None:
         if request.done:

@@ -54,7 +54,12 @@ class ResultBuffers:
         self.next_position = start + rows
         offset = start
         for request, n in segments:
-            request.ranges.append((offset, n))
+            if n == request.rows:  # all its rows in this run
+                request.start = offset
+            elif request.ranges is None:
+                request.ranges = [(offset, n)]
+            else:
+                request.ranges.append((offset, n))
             offset += n
             if request.started is None:
                 request.started = started
@@ -75,7 +80,9 @@ class ResultBuffers:
     def release(self, request: Request) -> None:
         """Free the positions of ``request`` (answered or failed)."""
         occupied = self.occupied
-        for a, n in request.ranges:
+        if request.start >= 0:
+            occupied[request.start:request.start + request.rows] = bytes(request.rows)
+        for a, n in request.ranges or ():
             occupied[a:a + n] = bytes(n)
 
     def collect(self, finished: list[Request], exit_flops, executed_costs, per_row_seconds, now: float):
@@ -95,9 +102,14 @@ class ResultBuffers:
             n = r.rows
             sizes.append(n)
             owner += [i * num_exits] * n
-            for a, m in r.ranges:
-                index += range(a, a + m)
-                occupied[a:a + m] = bytes(m)
+            a = r.start
+            if a >= 0:
+                index += range(a, a + n)
+                occupied[a:a + n] = bytes(n)
+            else:
+                for a, m in r.ranges:
+                    index += range(a, a + m)
+                    occupied[a:a + m] = bytes(m)
         total = len(index)
         index_t = int64_tensor(index).to(self.device)
         # 2. one gather per buffer, split into per-request views

@@ -11,9 +11,27 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = ["BurstFuture", "QueuePiece", "Request", "ServerStats"]
+__all__ = ["BurstFuture", "QueuePiece", "Request", "ServerStats", "set_results"]
 
-_PENDING = Future()._state  # the state a new Future starts in
+
+
+def _future_states() -> tuple[str, str, str, frozenset]:
+    """concurrent.futures' state values (PENDING, RUNNING, FINISHED, the done ones), read off
+    real futures rather than its private module."""
+    future = Future()
+    pending = future._state
+    future.set_running_or_notify_cancel()
+    running = future._state
+    future.set_result(None)
+    cancelled = Future()
+    cancelled.cancel()
+    states = {future._state, cancelled._state}
+    cancelled.set_running_or_notify_cancel()  # CANCELLED -> CANCELLED_AND_NOTIFIED
+    return pending, running, future._state, frozenset(states | {cancelled._state})
+
+
+_PENDING, _RUNNING, _FINISHED, _DONE = _future_states()
+_NO_CALLBACKS: tuple = ()
 
 
 class BurstFuture(Future):
@@ -23,33 +41,77 @@ class BurstFuture(Future):
     A plain Future makes its own Condition (an RLock, a deque and five bound methods): ~10
     objects per request that live as long as the client holds the future, each of which the
     cyclic garbage collector scans again and again (in a saturated MLP server the collector
-    cost more than the routing). Here they exist once per burst. Everything else is the
-    standard Future (callbacks, ``cancel``, ``concurrent.futures.wait``, ``asyncio.wrap_future``);
-    since resolving any future of the burst wakes a thread waiting on another one, ``result``
-    and ``exception`` wait until their own future is done (the base class waits once and
-    would report a timeout).
+    cost more than the routing). Here they exist once per burst, and the list of done
+    callbacks is made by the first :meth:`add_done_callback` (most futures get none).
+    Everything else is the standard Future (callbacks, ``cancel``,
+    ``concurrent.futures.wait``, ``asyncio.wrap_future``); since resolving any future of the
+    burst wakes a thread waiting on another one, ``result`` and ``exception`` wait until their
+    own future is done (the base class waits once and would report a timeout). A finished
+    future answers ``result`` / ``exception`` / ``done`` without taking the lock (its state
+    never changes again). ``running=True`` starts it in the RUNNING state, as
+    ``set_running_or_notify_cancel`` would put it (the server's futures are running from the
+    start: a request is queued at once and cannot be cancelled).
     """
 
-    def __init__(self, condition: threading.Condition) -> None:  # Future.__init__, shared condition
+    _done_callbacks = _NO_CALLBACKS  # the instance's own list once a callback is added
+
+    def __init__(self, condition: threading.Condition, running: bool = False) -> None:
+        # Future.__init__'s fields, with the shared condition
         self._condition = condition
-        self._state = _PENDING
+        self._state = _RUNNING if running else _PENDING
         self._result = None
         self._exception = None
         self._waiters = []
-        self._done_callbacks = []
+
+    def done(self) -> bool:
+        return self._state in _DONE  # one attribute read: atomic under the GIL, no lock needed
+
+    def add_done_callback(self, fn) -> None:
+        with self._condition:
+            if self._state not in _DONE:
+                self._done_callbacks = [*self._done_callbacks, fn]  # Future.add_done_callback's append
+                return
+        super().add_done_callback(fn)  # done: the base class calls fn now (and logs its exception)
 
     def _wait_done(self, timeout: float | None) -> None:
-        if not self.done():  # the common case of a client collecting answers: no wait
+        if self._state not in _DONE:  # the common case of a client collecting answers: no wait
             with self._condition:
                 self._condition.wait_for(self.done, timeout)
 
     def result(self, timeout: float | None = None):
+        if self._state == _FINISHED and self._exception is None:
+            return self._result
         self._wait_done(timeout)
         return super().result(0)  # done: the result / exception / CancelledError; else TimeoutError
 
     def exception(self, timeout: float | None = None):
         self._wait_done(timeout)
         return super().exception(0)
+
+
+def set_results(futures, results) -> None:
+    """``future.set_result(result)`` for each pair of the running :class:`BurstFuture` s
+    ``futures`` and ``results``, with one lock and one ``notify_all`` per run of futures that
+    share a condition (a burst) instead of one per future; the waiters of
+    ``concurrent.futures.wait`` / ``as_completed`` are told as ``Future.set_result`` tells
+    them, and the done callbacks run after the lock is released, in order."""
+    n, i = len(futures), 0
+    while i < n:
+        condition, j = futures[i]._condition, i
+        with condition:
+            while j < n and futures[j]._condition is condition:
+                future = futures[j]
+                if future._state in _DONE:
+                    raise RuntimeError(f"set_results: future {j} is already done ({future._state})")
+                future._result, future._state = results[j], _FINISHED
+                for waiter in future._waiters:
+                    waiter.add_result(future)
+                j += 1
+            condition.notify_all()
+        for future in futures[i:j]:
+            if future._done_callbacks:
+                future._invoke_callbacks()
+        i = j
 
 @dataclass(frozen=True)
 class ServerStats:
@@ -93,17 +155,21 @@ class ServerStats:
 
 class Request:
     """One submitted batch: its future, input, submit time, absolute deadline (perf_counter
-    seconds, inf = none), rows not yet exited, result-buffer ranges, the first exit a deadline
-    cut off, when its first stage run started, and whether it is resolved."""
+    seconds, inf = none), rows not yet exited, result-buffer positions, the first exit a
+    deadline cut off, when its first stage run started, and whether it is resolved.
 
-    __slots__ = ("future", "x", "rows", "submitted", "deadline", "remaining", "ranges", "deadline_exit", "done",
-                 "started")
+    Positions: ``start`` when all its rows ran stage 0 in one run (the common case: no list
+    per request), else ``ranges``, one (first position, rows) per stage-0 run."""
+
+    __slots__ = ("future", "x", "rows", "submitted", "deadline", "remaining", "start", "ranges", "deadline_exit",
+                 "done", "started")
 
     def __init__(self, future: Future, x: torch.Tensor, submitted: float, deadline: float) -> None:
         self.future, self.x, self.rows = future, x, x.shape[0]
         self.submitted, self.deadline = submitted, deadline
         self.remaining = self.rows
-        self.ranges: list[tuple[int, int]] = []  # (first position, rows) in the result buffers
+        self.start = -1  # first position in the result buffers of its rows (one stage-0 run), -1: none
+        self.ranges: list[tuple[int, int]] | None = None  # (first position, rows) per stage-0 run, if several
         self.deadline_exit: int | None = None
         self.done = False  # resolved (result or exception)
         self.started: float | None = None  # perf_counter() of the first stage run with its rows
