@@ -18,9 +18,10 @@ TORCH_LIBRARY(ann_kernels, m) {
       "multi_exit_ce(Tensor[] logits, Tensor target, Tensor? weights, int ignore_index, "
       "float label_smoothing, Tensor(a!)? ema, float momentum, Tensor? sample_weights=None) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // Older backend entry (L2W): the same outputs plus, when compute_grad, the gradient of
-  // the loss w.r.t. the logits as one [K, N, C] tensor in the logits dtype (already scaled
-  // by w_k / N_valid; an empty [0] tensor otherwise). One tensor, not Tensor[]:
+  // Older backend entry: the same outputs plus, when compute_grad, the gradient of the
+  // loss w.r.t. the logits for grad_out = 1 as one [K, N, C] tensor (already scaled by
+  // w_k / N_valid; an empty [0] tensor otherwise), in the logits dtype, but fp32 for fp16
+  // logits (fp16 would flush the entries a caller's grad_out needs). One tensor, not Tensor[]:
   // functionalization (torch.compile) rejects list outputs beside a mutated input.
   m.def(
       "multi_exit_ce_fwd(Tensor[] logits, Tensor target, Tensor weights, int ignore_index, "

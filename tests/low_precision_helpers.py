@@ -129,3 +129,25 @@ def check_fp16_extreme_logits(device, *, c=300):
     weights = torch.tensor([0.3, 1.0, 2.0], device=device)
     for grad_out in (1.0, 2.0 ** 16):
         check_fp16_case(heads, target, weights, grad_out)
+
+
+def check_fp16_legacy_entry(device, *, n=48, c=300):
+    """The older entry ``multi_exit_ce_fwd`` returns the gradient for grad_out = 1, which its
+    caller multiplies by its own grad_out and rounds to fp16. For fp16 logits it comes in
+    fp32 (from the 2^m-scaled buffer, exactly), so for grad_out in {1, 2^16, 1/8, -3} that
+    result keeps the two-rounding bound entry by entry and 2x torch's error against float64.
+    An fp16 gradient (what the entry returned before) has flushed the entries below 2^-24
+    that GradScaler's 2^16 brings back into range."""
+    heads, target = _heads(n, c, device, seed=8), _target(n, c, device, seed=9)
+    weights = torch.tensor([0.3, 1.0, 2.0], device=device)
+    out = torch.ops.ann_kernels.multi_exit_ce_fwd(heads, target, weights, -100, 0.05, None, 0.9, True)
+    grads = out[5]
+    for grad_out in (1.0, 2.0 ** 16, 0.125, -3.0):
+        ours = [(g * grad_out).to(torch.float16) for g in grads.unbind(0)]
+        truth = fp64_truth(heads, target, weights, grad_out, label_smoothing=0.05)
+        assert_fp16_two_roundings(ours, truth, target, weights, grad_out)
+        theirs = torch_own_grads(heads, target, weights, grad_out, label_smoothing=0.05)
+        for g, t, r in zip(ours, theirs, truth):
+            err, bound = low_precision_bound(g.cpu(), t, r, floor=2.0 ** -23)
+            assert err <= bound, (grad_out, err, bound)
+    assert grads.dtype == torch.float32 and grads.shape == (3, n, c)

@@ -295,9 +295,10 @@ def test_inference_mode_and_no_grad():
     assert out.loss.grad_fn is None
 
 
-@pytest.mark.parametrize("op_name", ["multi_exit_ce", "multi_exit_ce_fwd"])
-def test_opcheck(op_name):
-    heads = make_logits(3, 5, 7, requires_grad=op_name == "multi_exit_ce")
+@pytest.mark.parametrize("op_name, dtype", [("multi_exit_ce", torch.float32), ("multi_exit_ce_fwd", torch.float32),
+                                             ("multi_exit_ce_fwd", torch.float16)])  # fp16: an fp32 gradient
+def test_opcheck(op_name, dtype):
+    heads = make_logits(3, 5, 7, dtype, requires_grad=op_name == "multi_exit_ce")
     target = make_target(5, 7, ignore_frac=0.3)
     weights = torch.tensor([0.2, 1.0, 0.5])
     op = getattr(torch.ops.ann_kernels, op_name).default

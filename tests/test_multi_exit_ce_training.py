@@ -18,6 +18,7 @@ from tests.low_precision_helpers import (
     check_fp16_case,
     check_fp16_extreme_logits,
     check_fp16_grad_scaler_scales,
+    check_fp16_legacy_entry,
     check_fp16_tiny_grad_out,
 )
 from tests.utils import (
@@ -117,6 +118,15 @@ def test_fp16_gradient_buffer_within_two_roundings(device, check):
     torch keeps, +-1e4 logits and dominating rows stay exact; each case within the
     two-rounding bound entry by entry and 2x torch's error (tests/low_precision_helpers.py)."""
     check(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp16_legacy_entry_gradient_survives_any_grad_out(device):
+    """The older entry ``multi_exit_ce_fwd`` (the gradient for grad_out = 1, scaled by its
+    caller): fp16 logits get it in fp32 from the 2^m-scaled buffer, so GradScaler's 2^16,
+    1/8 and -3 applied by the caller stay within two roundings and 2x torch's error; an fp16
+    gradient would have flushed the small entries (tests/low_precision_helpers.py)."""
+    check_fp16_legacy_entry(device)
 
 
 def test_fp16_gradient_bits_do_not_depend_on_the_grad_out_hint():

@@ -256,6 +256,19 @@ def test_zero_weight_exits_skip_their_gemm():
         assert _logits_gemm_rows(events, H, V) == active * N, weights
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_chunks_have_equal_sizes(dtype):
+    """The rows of one call go in chunks of equal size (within one row): a short last chunk
+    would cost a whole pass over W and grad_W for a few rows. 200 rows, a budget of 70 rows
+    of the vocabulary: 67 + 67 + 66 (not 70 + 70 + 60)."""
+    K, N, H, V = 2, 100, 8, 64
+    hidden, weight, b, target = make_case(K, N, H, V, dtype=dtype, seed=7)
+    budget_mb = 70 * V * weight.element_size() / 2**20
+    events = profiled_ops(lambda: fused(hidden, weight, target, memory_budget_mb=budget_mb).loss.backward())
+    rows = [e.shapes()[0][0] for e in events if e.name() == "aten::mm" and list(e.shapes()[1]) == [H, V]]
+    assert sorted(rows) == [66, 67, 67]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_peak_memory_within_target(device, dtype):

@@ -54,7 +54,8 @@ def test_serve_an_lm_checkpoint(tmp_path):
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "ann_kernels", "serve", "--checkpoint", str(checkpoint), "--port", str(port),
-         "--threads", "1", "--mode", "self_speculative", "--exit-index", "0", "--draft-len", "2"],
+         "--threads", "1", "--mode", "self_speculative", "--exit-index", "0", "--draft-len", "2",
+         "--prefill-chunk-tokens", "3"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=ROOT)
     try:
         wait_until(lambda: http_call(port, "GET", "/healthz")[0] == 200, 90, "serve did not turn ready", process)
@@ -85,3 +86,20 @@ def test_serve_an_lm_checkpoint(tmp_path):
     assert metric(text, "ann_kernels:time_to_first_token_seconds_count") == 3
     assert metric(text, "ann_kernels_requests_total", protocol="openai", outcome="success") == 2
     assert 0 <= metric(text, "ann_kernels:spec_decode_acceptance_rate") <= 1
+
+
+def test_serve_passes_prefill_chunk_tokens_to_the_lm_server(tmp_path):
+    from ann_kernels.cli import build_parser
+    from ann_kernels.serve.lm_command import build_lm_server
+
+    checkpoint = write_lm_checkpoint(tmp_path / "tinylm")
+    args = build_parser().parse_args(["serve", "--checkpoint", str(checkpoint), "--prefill-chunk-tokens", "5"])
+    server, _ = build_lm_server(args)
+    try:
+        assert server.prefill_chunk_tokens == 5
+    finally:
+        server.close()
+    assert build_parser().parse_args(["serve", "--checkpoint", str(checkpoint)]).prefill_chunk_tokens is None
+    args = build_parser().parse_args(["serve", "--checkpoint", str(checkpoint), "--prefill-chunk-tokens", "0"])
+    with pytest.raises(ValueError, match="prefill_chunk_tokens: expected None or an int >= 1, got 0"):
+        build_lm_server(args)

@@ -21,6 +21,7 @@ from ann_kernels import multi_exit_cross_entropy  # noqa: E402
 from tests.low_precision_helpers import (  # noqa: E402
     check_fp16_extreme_logits,
     check_fp16_grad_scaler_scales,
+    check_fp16_legacy_entry,
     check_fp16_tiny_grad_out,
 )
 from tests.utils import (  # noqa: E402
@@ -81,3 +82,13 @@ def test_op_fp16_gradient_buffer_on_triton(check):
             check("cpu", c=33)
         else:
             check("cpu", n=24, c=33)
+
+
+def test_fp16_legacy_entry_on_triton():
+    """Issue 20: the older entry ``multi_exit_ce_fwd`` on the Triton kernels: fp16's gradient
+    for grad_out = 1 in fp32 (from the buffer stored at 2^m on the device), scaled by the
+    caller's 2^16, 1/8 or -3 within two roundings and 2x torch's error. C = 300 as on C++: at
+    C = 33 torch's own fp16 error is about one rounding, and two roundings sat at 2.04x it
+    for grad_out = -3 (within the two-rounding bound)."""
+    with triton_behind_cpu_ops():
+        check_fp16_legacy_entry("cpu", n=24, c=300)

@@ -405,6 +405,9 @@ def add_parser(subparsers) -> None:
     lm.add_argument("--threshold", type=float, default=None, help="confidence: the exit threshold")
     lm.add_argument("--draft-len", type=int, default=None, help="self_speculative: drafted tokens per step")
     lm.add_argument("--max-queue", type=int, default=1024, help="waiting requests beyond which requests get 429")
+    lm.add_argument("--prefill-chunk-tokens", type=int, default=None,
+                    help="prefill a prompt that joins running rows in chunks of at most this many positions, "
+                         "with decode steps between them (default: whole; docs/serving_lm.md)")
     p.set_defaults(func=cmd_serve)
 
 

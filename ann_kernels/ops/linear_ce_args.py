@@ -26,13 +26,13 @@ def default_budget_bytes(elem_size: int = 2, logits_elements: int = 0) -> int:
     of the vocabulary, in the input dtype of ``elem_size`` bytes) for a call whose K x N x V
     logits have ``logits_elements`` elements: ``ANN_KERNELS_LINEAR_CE_BUDGET_MB`` when set
     (the C++ kernel reads the same variable), else 16 Mi logits (32 MiB in bf16 / fp16,
-    64 MiB in fp32: about 0.13x the logits at (4, 1024, 256, 32000) either way) or 1/10 of
+    64 MiB in fp32: about 0.13x the logits at (4, 1024, 256, 32000) either way) or 1/8 of
     the call's logits when that is more (large vocabularies: fewer chunks, so W is packed
     and grad_W read and written fewer times). With the whole vocabulary in one tile when
     >= 64 rows fit, else vocabulary tiles of 64 rows."""
     if "ANN_KERNELS_LINEAR_CE_BUDGET_MB" in os.environ:
         return int(float(os.environ["ANN_KERNELS_LINEAR_CE_BUDGET_MB"]) * 2**20)
-    return max(_DEFAULT_TILE_ELEMENTS, logits_elements // 10) * elem_size
+    return max(_DEFAULT_TILE_ELEMENTS, logits_elements // 8) * elem_size
 
 
 def gpu_chunk_budget_bytes(total_rows: int, vocab: int, elem_size: int, device: torch.device) -> int:

@@ -356,7 +356,9 @@ if HAS_CPP_EXT:
     def _multi_exit_ce_fwd_fake(logits, target, weights, ignore_index, label_smoothing, ema, momentum, compute_grad):
         out = _multi_exit_ce_fake(logits, target, weights, ignore_index, label_smoothing, ema, momentum)
         n, c = logits[0].shape
-        return *out, logits[0].new_empty((len(logits), n, c) if compute_grad else (0,))
+        fp32 = compute_grad and logits[0].dtype == torch.float16  # fp16's gradient comes in fp32
+        return *out, logits[0].new_empty((len(logits), n, c) if compute_grad else (0,),
+                                         dtype=torch.float32 if fp32 else logits[0].dtype)
 
     @_compat.register_fake("ann_kernels::_multi_exit_ce_forward")
     def _multi_exit_ce_forward_fake(logits, target, weights, sample_weights, ignore_index, label_smoothing, ema,

@@ -72,7 +72,8 @@ def build_lm_server(args):
     lm = load_servable_lm(args)
     server = GenerationServer(lm.model, lm.tokenizer, max_batch_size=args.max_batch_size or LM_DEFAULT_MAX_BATCH_SIZE,
                               max_wait_s=args.max_wait_ms / 1e3, max_queue=args.max_queue,
-                              eos_token_id=lm.eos_token_id, max_new_tokens=16, **mode)
+                              eos_token_id=lm.eos_token_id, max_new_tokens=16,
+                              prefill_chunk_tokens=args.prefill_chunk_tokens, **mode)
     described = ", ".join(f"{k}={v}" for k, v in mode.items())
     return server, {"checkpoint": str(args.checkpoint), "mode": described}
 

@@ -258,7 +258,9 @@ def multi_exit_ce_forward_triton(
 def multi_exit_ce_fwd_triton(logits, target, weights, ignore_index, label_smoothing, ema, momentum, compute_grad,
                              *, block_c=None, block_n=None):
     """The older 6-output form (``multi_exit_ce_fwd``): :func:`multi_exit_ce_forward_triton`
-    with grad_mode 1 (compute_grad) or 0, without lse."""
+    with grad_mode 1 (compute_grad) or 0, without lse: the gradient in the logits dtype in
+    every dtype (the op ``multi_exit_ce_fwd`` itself gives fp16 logits an fp32 gradient from
+    grad_mode 3's 2^m-scaled buffer, ``csrc/cpu/multi_exit_ce.cpp``)."""
     out = multi_exit_ce_forward_triton(logits, target, weights, None, ignore_index, label_smoothing, ema, momentum,
                                        1 if compute_grad else 0, block_c=block_c, block_n=block_n)
     return out[:5] + out[6:]

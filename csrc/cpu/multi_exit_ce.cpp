@@ -557,17 +557,22 @@ Out5 multi_exit_ce_no_grad(at::TensorList logits, const Tensor& target, const Op
   return forward_without_grad(logits, target, weights, sample_weights, ignore_index, label_smoothing, ema, momentum);
 }
 
-// The older backend entry `multi_exit_ce_fwd` (the gradient pre-scaled in the logits dtype
-// for grad_out = 1; used by L2W): the shared check, then the backend forward.
+// The older backend entry `multi_exit_ce_fwd`: the gradient for grad_out = 1 (w_k / N_valid
+// (p - t)), which a caller scales by its grad_out. bf16 / fp32: in the logits dtype. fp16: in
+// fp32, the buffer stored at 2^m_safe (kGradBufferPow2) times 2^-m_safe, exact: fp16 itself
+// would flush the small entries (w / N_valid p < 2^-24) that GradScaler's 2^16 needs; so the
+// caller's grad_out multiply and rounding give the op's own bound (docs/low_precision.md).
 FwdResult multi_exit_ce_fwd_composite(at::TensorList logits, const Tensor& target, const Tensor& weights,
                                       int64_t ignore_index, double label_smoothing, const OptTensor& ema,
                                       double momentum, bool compute_grad) {
   check_multi_exit_ce_inputs(logits, target, weights, std::nullopt, label_smoothing, ema, momentum);
   at::AutoDispatchBelowADInplaceOrView guard;
-  auto [loss, per_exit, per_sample, confidence, prediction, lse, grads] =
+  const bool fp16 = compute_grad && logits[0].scalar_type() == at::kHalf;
+  auto [loss, per_exit, per_sample, confidence, prediction, pow2, grads] =
       forward_op().call(logits, target, weights, std::nullopt, ignore_index, label_smoothing, ema, momentum,
-                        compute_grad ? kGradBuffer : kNoGrad);
+                        !compute_grad ? kNoGrad : fp16 ? kGradBufferPow2 : kGradBuffer);
   bump_ema_version(ema);
+  if (fp16) grads = grads.to(at::kFloat).mul_(pow2.select(0, 0));  // pow2 = {2^-m, 2^-m_safe}, m = m_safe
   return {loss, per_exit, per_sample, confidence, prediction, grads};
 }
 

@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 
 #include "ce_row_kernels.h"
+#include "row16.h"
 
 #include <algorithm>
 #include <cmath>
@@ -59,53 +60,6 @@ inline float row_scale(const CeRowsArgs& a, int64_t k, int64_t i, bool valid) {
   const float base = a.w[k] * a.inv_n_valid * a.grad_pow2;
   return a.s == nullptr ? base : base * a.s[k * a.s_stride_k + i];
 }
-
-// A logits row -> fp32 and an fp32 gradient row -> the logits dtype (vectorised for bf16
-// and, with F16C, fp16; otherwise c10's scalar conversions).
-template <typename scalar_t>
-inline void row_to_float(const scalar_t* x, int64_t C, float* out) {
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    bf16_row_to_float(reinterpret_cast<const uint16_t*>(x), C, out);
-#if defined(ANN_KERNELS_F16C)
-  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-    f16_row_to_float(reinterpret_cast<const uint16_t*>(x), C, out);
-#endif
-  } else {
-    for (int64_t c = 0; c < C; ++c) out[c] = static_cast<float>(x[c]);
-  }
-}
-
-template <typename scalar_t>
-inline void float_to_row(const float* x, int64_t C, scalar_t* out) {
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    float_row_to_bf16(x, C, reinterpret_cast<uint16_t*>(out));
-#if defined(ANN_KERNELS_F16C)
-  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-    float_row_to_f16(x, C, reinterpret_cast<uint16_t*>(out));
-#endif
-  } else {
-    for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(x[c]);
-  }
-}
-
-// Which 16-bit rows ce_rows reads in place (Row16 in ce_row_kernels.h): bf16 with AVX2, fp16
-// with AVX2 + F16C; kHalf16Of names the format.
-template <typename scalar_t>
-constexpr bool kRow16InPlace =
-#if defined(ANN_KERNELS_AVX2)
-    std::is_same_v<scalar_t, c10::BFloat16>
-#if defined(ANN_KERNELS_F16C)
-    || std::is_same_v<scalar_t, c10::Half>
-#endif
-#else
-    false
-#endif
-    ;  // NOLINT(whitespace/semicolon)
-
-#if defined(ANN_KERNELS_AVX2)
-template <typename scalar_t>
-constexpr Half16 kHalf16Of = std::is_same_v<scalar_t, c10::BFloat16> ? Half16::kBF16 : Half16::kF16;
-#endif
 
 // Steps 2-5 for every (exit, row) pair, in parallel. Each row's results depend on that
 // row only and the per-exit sums happen serially afterwards, so nothing depends on the

@@ -26,7 +26,7 @@
 //
 // Chunk sizes come from a memory budget for the logits tile (bytes; 0 = the default,
 // ANN_KERNELS_LINEAR_CE_BUDGET_MB or 16 Mi logits, 32 MiB in bf16 / fp16 and 64 MiB in fp32,
-// or 1/10 of the call's logits when that is more):
+// or 1/8 of the call's logits when that is more; chunks of equal size):
 // the whole vocabulary in one tile when at least kMinRows rows fit, else tiles of the
 // vocabulary for kMinRows rows.
 #include <ATen/ATen.h>

@@ -22,6 +22,7 @@
 #include <ATen/Parallel.h>
 
 #include "multi_exit_linear_ce_rows.h"
+#include "row16.h"
 
 #include <algorithm>
 #include <cstring>
@@ -32,55 +33,41 @@
 namespace ann_kernels {
 namespace linear_ce_detail {
 
-// Row conversions between the input dtype and fp32 (8 lanes at a time where the ISA has
-// them: bf16 by shifts with round-to-nearest-even, fp16 by F16C).
-inline void to_f32(const c10::BFloat16* src, float* dst, int64_t n) {
-  int64_t c = 0;
+// One-tile plans with gradients: row x [V]'s statistics and the softmax part of its
+// gradient, rounded once back into the row (what stats_and_softmax_grad_row does to an fp32
+// row, see multi_exit_linear_ce_rows.h). `scratch` holds V floats.
+//   bf16, and fp16 with F16C (kRow16InPlace): the row is read as 16-bit values (exact
+//   widening, so the statistics are those of its fp32 copy), e = exp(x - max) goes to the
+//   scratch, and g = round(a e - b) is written over the row (affine_row_to16): three passes
+//   over the row and no fp32 copy of it;
+//   otherwise: the row converted into the scratch, processed there, rounded back.
+template <typename scalar_t>
+inline RowState softmax_grad_row_lowp(scalar_t* x, int64_t V, int64_t y, float scale, const Args& a,
+                                      float* scratch) {
 #if defined(ANN_KERNELS_AVX2)
-  for (; c + 8 <= n; c += 8) {
-    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + c)));
-    _mm256_storeu_ps(dst + c, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+  if constexpr (kRow16InPlace<scalar_t>) {
+    constexpr Half16 D = kHalf16Of<scalar_t>;
+    uint16_t* bits = reinterpret_cast<uint16_t*>(x);
+    RowStats rs;
+    if (!row_softmax_numerator_in(Row16<D>{bits}, V, scratch, &rs)) {  // NaN or +-inf max
+      std::fill(x, x + V, static_cast<scalar_t>(scale == 0.f ? 0.f : std::numeric_limits<float>::quiet_NaN()));
+      return RowState{-std::numeric_limits<float>::infinity(), 0.f, 0.f, 0.f, 0, false};
+    }
+    const float x_target = y >= 0 && y < V ? static_cast<float>(x[y]) : 0.f;
+    if (scale == 0.f) {
+      std::fill(x, x + V, static_cast<scalar_t>(0.f));
+    } else {
+      const float lse = rs.max + std::log(rs.sum_exp);
+      affine_row_to16<D>(scratch, V, scale * (1.f + 2.f * a.z * lse) / rs.sum_exp,
+                         scale * a.eps / static_cast<float>(V), bits);
+    }
+    return RowState{rs.max, rs.sum_exp, rs.sum_x, x_target, rs.argmax, true};
   }
 #endif
-  for (; c < n; ++c) dst[c] = static_cast<float>(src[c]);
-}
-
-inline void from_f32(const float* src, c10::BFloat16* dst, int64_t n) {
-  int64_t c = 0;
-#if defined(ANN_KERNELS_AVX2)
-  const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7fff), qnan = _mm256_set1_epi32(0x7fc0);
-  for (; c + 8 <= n; c += 8) {
-    const __m256 v = _mm256_loadu_ps(src + c);
-    const __m256i u = _mm256_castps_si256(v);
-    __m256i r = _mm256_srli_epi32(
-        _mm256_add_epi32(u, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(u, 16), one))), 16);
-    r = _mm256_blendv_epi8(r, qnan, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
-    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xd8);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + c), _mm256_castsi256_si128(packed));
-  }
-#endif
-  for (; c < n; ++c) dst[c] = static_cast<c10::BFloat16>(src[c]);
-}
-
-inline void to_f32(const c10::Half* src, float* dst, int64_t n) {
-  int64_t c = 0;
-#if defined(__F16C__)
-  for (; c + 8 <= n; c += 8) {
-    _mm256_storeu_ps(dst + c, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + c))));
-  }
-#endif
-  for (; c < n; ++c) dst[c] = static_cast<float>(src[c]);
-}
-
-inline void from_f32(const float* src, c10::Half* dst, int64_t n) {
-  int64_t c = 0;
-#if defined(__F16C__)
-  for (; c + 8 <= n; c += 8) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + c),
-                     _mm256_cvtps_ph(_mm256_loadu_ps(src + c), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  }
-#endif
-  for (; c < n; ++c) dst[c] = static_cast<c10::Half>(src[c]);
+  row_to_float(x, V, scratch);
+  const RowState s = stats_and_softmax_grad_row(scratch, V, y, scale, a);
+  float_to_row(scratch, V, x);
+  return s;
 }
 
 // Buffers of one low-precision call (reused by every chunk).
@@ -143,7 +130,7 @@ void run_chunk_lowp(int64_t r0, int64_t R, const Plan& plan, const std::vector<a
     const scalar_t* part = gh_part.data_ptr<scalar_t>();
     float* acc = gh_acc.data_ptr<float>();
     if (v0 == 0) {
-      to_f32(part, acc, R * H);
+      row_to_float(part, R * H, acc);
     } else {
       gh_acc.add_(gh_part);
     }
@@ -155,17 +142,15 @@ void run_chunk_lowp(int64_t r0, int64_t R, const Plan& plan, const std::vector<a
   };
   std::vector<float> lse(R);
   if (one_tile && a.compute_grad) {
-    // 2-4. One tile covering V: each row converted to fp32 once, its statistics and g_soft
-    //      formed in one visit (stats_and_softmax_grad_row: one exp per logit), rounded
+    // 2-4. One tile covering V: each row's statistics and g_soft formed in one visit
+    //      (softmax_grad_row_lowp: the 16-bit row read in place, one exp per logit), rounded
     //      once back into the tile; the per-row results; the gradient GEMMs.
     at::Tensor z = logits_tile(0, V);
     scalar_t* zp = z.data_ptr<scalar_t>();
     at::parallel_for(0, R, grain, [&](int64_t b, int64_t e) {
-      std::vector<float> row(V);
+      std::vector<float> scratch(V);
       for (int64_t r = b; r < e; ++r) {
-        to_f32(zp + r * V, row.data(), V);
-        st[r] = stats_and_softmax_grad_row(row.data(), V, ty[r], row_scale[r0 + r], a);
-        from_f32(row.data(), zp + r * V, V);
+        st[r] = softmax_grad_row_lowp(zp + r * V, V, ty[r], row_scale[r0 + r], a, scratch.data());
       }
     });
     finish_rows(r0, R, a, st, ty, lse, out);
@@ -180,7 +165,7 @@ void run_chunk_lowp(int64_t r0, int64_t R, const Plan& plan, const std::vector<a
         std::vector<float> row(vt);
         for (int64_t r = b; r < e; ++r) {
           if (!st[r].finite) continue;
-          to_f32(zp + r * vt, row.data(), vt);
+          row_to_float(zp + r * vt, vt, row.data());
           merge_tile_row(row.data(), vt, v0, ty[r], st[r], false);
         }
       });
@@ -205,10 +190,10 @@ void run_chunk_lowp(int64_t r0, int64_t R, const Plan& plan, const std::vector<a
                       static_cast<scalar_t>(scale == 0.f ? 0.f : std::numeric_limits<float>::quiet_NaN()));
             continue;
           }
-          to_f32(x, row.data(), vt);
+          row_to_float(x, vt, row.data());
           grad_row(row.data(), vt, scale * (1.f + 2.f * a.z * lse[r]), scale * a.eps / static_cast<float>(V), true,
                    lse[r]);
-          from_f32(row.data(), x, vt);
+          float_to_row(row.data(), vt, x);
         }
       });
       gradient_gemms(v0, vt, z);
@@ -227,7 +212,7 @@ void run_chunk_lowp(int64_t r0, int64_t R, const Plan& plan, const std::vector<a
       for (int64_t j = 0; j < H; ++j) gr[j] -= c * static_cast<float>(wy[j * ws1]);
     }
     const int64_t g = r0 + r, k = a.active[g / N], i = g % N;
-    from_f32(gr, dst + (k * N + i) * H, H);
+    float_to_row(gr, H, dst + (k * N + i) * H);
   }
 }
 
