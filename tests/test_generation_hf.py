@@ -120,3 +120,32 @@ def test_filtered_probs_match_hf_logits_warpers(temperature, top_k, top_p):
     s = RowSampling(torch.ones(n, dtype=torch.bool), torch.full((n,), temperature), torch.full((n,), top_k),
                     torch.full((n,), top_p), True, top_k == 0 and top_p == 1.0)
     torch.testing.assert_close(filtered_probs(logits, s), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_adapter_layers_match_hf_hidden_states_on_a_sharp_model():
+    """The adapter's own layer math (fused q/k/v and gate/up, RoPE on q and k at once, RMSNorm)
+    against HF's forward at every layer, on weights large enough that attention is far from
+    uniform and positions matter (the default 0.02 init hides RoPE errors from token tests)."""
+    from ann_kernels.generation import as_adapter
+
+    torch.manual_seed(1)
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   initializer_range=0.3, bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    sharp = transformers.LlamaForCausalLM(cfg).eval()
+    tokens = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(2))
+    ad = as_adapter(sharp, [0, 1])
+    with torch.no_grad():
+        hs = sharp(tokens, output_hidden_states=True).hidden_states
+        pos = torch.arange(9).expand(2, 9)
+        h = ad.embed(tokens, pos)
+        rope = ad.rope(pos, h)
+        for i in range(3):
+            q, k, v = ad.qkv(i, h, rope)
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=ad.scaling,
+                                                                 enable_gqa=True)
+            h = ad.finish_layer(i, h, a.transpose(1, 2).reshape(2, 9, -1))
+            if i < 2:  # HF's last hidden state already has the final norm: checked through the logits
+                torch.testing.assert_close(h, hs[i + 1], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(ad.exit_logits(h, i), sharp.lm_head(sharp.model.norm(h)), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ad.exit_logits(h, 2), sharp.lm_head(hs[3]), atol=1e-4, rtol=1e-5)
