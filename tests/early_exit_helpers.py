@@ -1,10 +1,12 @@
 """Shared helpers of the early-exit engine, stream, server and HTTP tests: small multi-exit
 networks (an MLP, a tuple-hidden-state net, sleeping stages), inputs, the full-network
 simulation oracle, thresholds that sit in gaps between confidences, and a checkpoint
-fixture in the trainer's format."""
+fixture in the trainer's format, and the Open Inference Protocol front over the small MLP
+that the tritonclient and KServe client tests share."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
@@ -137,3 +139,27 @@ def mlp_checkpoint(tmp_path):
     path.parent.mkdir()
     torch.save({"format": CHECKPOINT_FORMAT, "spec": spec, "model": model.state_dict(), "epoch": 0}, path)
     return path
+
+
+@contextlib.contextmanager
+def mlp_http_front(thresholds, model_name: str, **http_kwargs):
+    """The small MLP (``small_mlp(seed=31)``, samples of shape (16,)) behind an
+    ``EarlyExitServer`` (``thresholds``, batches of <= 64 rows, 1 ms wait) and its HTTP front
+    (``start_http(server, model_name=..., **http_kwargs)``) on one torch thread; yields
+    ``(http_front, engine, server)`` and closes both after."""
+    from ann_kernels import EarlyExitEngine
+    from ann_kernels.inference import EarlyExitServer
+    from ann_kernels.serve import start_http
+
+    torch.set_num_threads(1)
+    engine = EarlyExitEngine(small_mlp(seed=31))
+    server = EarlyExitServer(engine, thresholds=thresholds, max_batch_size=64, max_wait_s=0.001,
+                             sample_shape=(16,)).start()
+    try:
+        http_front = start_http(server, model_name=model_name, **http_kwargs)
+        try:
+            yield http_front, engine, server
+        finally:
+            http_front.close()
+    finally:
+        server.close()

@@ -16,9 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from ann_kernels import EarlyExitEngine
-from ann_kernels.inference import EarlyExitServer
-from tests.early_exit_helpers import inputs, small_mlp
+from tests.early_exit_helpers import inputs, mlp_http_front
 from tests.utils import requires_ext
 
 try:
@@ -37,16 +35,8 @@ MODEL = "mlp"
 
 @pytest.fixture(scope="module")
 def front():
-    from ann_kernels.serve import start_http
-
-    torch.set_num_threads(1)
-    engine = EarlyExitEngine(small_mlp(seed=31))
-    server = EarlyExitServer(engine, thresholds=THRESHOLDS, max_batch_size=64, max_wait_s=0.001,
-                             sample_shape=(16,)).start()
-    http_front = start_http(server, model_name=MODEL)
-    yield SimpleNamespace(url=http_front.url, engine=engine)
-    http_front.close()
-    server.close()
+    with mlp_http_front(THRESHOLDS, MODEL) as (http_front, engine, _):
+        yield SimpleNamespace(url=http_front.url, engine=engine)
 
 
 def call(method: str, *args, **kwargs):

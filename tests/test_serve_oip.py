@@ -16,7 +16,7 @@ import torch
 
 from ann_kernels import EarlyExitEngine
 from ann_kernels.inference import EarlyExitServer
-from tests.early_exit_helpers import inputs, small_mlp
+from tests.early_exit_helpers import inputs, mlp_http_front, small_mlp
 from tests.utils import http_call, requires_ext
 
 tritonclient_http = pytest.importorskip(
@@ -31,18 +31,12 @@ MODEL = "mlp"
 
 @pytest.fixture(scope="module")
 def front():
-    from ann_kernels.serve import start_http
-
-    torch.set_num_threads(1)
-    engine = EarlyExitEngine(small_mlp(seed=31))
-    server = EarlyExitServer(engine, thresholds=THRESHOLDS, max_batch_size=64, max_wait_s=0.001,
-                             sample_shape=(16,)).start()
-    http_front = start_http(server, model_name=MODEL, max_body_bytes=64 * 1024)
-    client = tritonclient_http.InferenceServerClient(f"127.0.0.1:{http_front.port}", network_timeout=60.0)
-    yield SimpleNamespace(port=http_front.port, engine=engine, server=server, client=client)
-    client.close()
-    http_front.close()
-    server.close()
+    with mlp_http_front(THRESHOLDS, MODEL, max_body_bytes=64 * 1024) as (http_front, engine, server):
+        client = tritonclient_http.InferenceServerClient(f"127.0.0.1:{http_front.port}", network_timeout=60.0)
+        try:
+            yield SimpleNamespace(port=http_front.port, engine=engine, server=server, client=client)
+        finally:
+            client.close()
 
 
 def expected(front, x: np.ndarray):
