@@ -203,13 +203,10 @@ def step_self_speculative(st, n: int):
         if i == d:  # 2. the last position only needed its early layers (for the verify pass)
             break
         # the draft head: only rows that draft a token here (cap > i)
-        drafting = [r for r in (range(n) if run is None else run) if caps_list[r] > i]
-        m_run = n if run is None else len(run)
-        if len(drafting) < m_run:
-            local = [j for j, r in enumerate(range(n) if run is None else run) if caps_list[r] > i]
-            h_head = h[torch.tensor(local, device=dev)]
-        else:
-            h_head = h
+        ran = range(n) if run is None else run  # the rows of h, in order
+        local = [j for j, r in enumerate(ran) if caps_list[r] > i]  # their places in h
+        drafting = [ran[j] for j in local]
+        h_head = h[torch.tensor(local, device=dev)] if len(local) < len(ran) else h
         ctr.head_evals += len(drafting)
         if head is not None:  # greedy: argmax over the candidate set (the verify keeps it exact)
             norm, w_c, b_c, ids = head
